@@ -1,0 +1,65 @@
+// swift-tools-version: 6.0
+import PackageDescription
+
+// The target list is the architecture (see docs/ARCHITECTURE.md): lower targets never import higher ones.
+let package = Package(
+    name: "vdisk",
+    platforms: [.macOS(.v15)],
+    products: [
+        .library(name: "BlockIO", targets: ["BlockIO"]),
+        .library(name: "VImage", targets: ["VImage"]),
+        .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
+        .library(name: "NBDServer", targets: ["NBDServer"]),
+        .executable(name: "vimg", targets: ["vimg"]),
+        .executable(name: "vdisk", targets: ["vdisk"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    ],
+    targets: [
+        .target(name: "CBlockIO"),
+        .target(name: "BlockIO", dependencies: ["CBlockIO"]),
+        .target(name: "VImage", dependencies: ["BlockIO"]),
+        .target(
+            name: "NBDProtocol",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        .target(
+            name: "NBDServer",
+            dependencies: [
+                "NBDProtocol", "BlockIO", "VImage",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
+        .executableTarget(
+            name: "vimg",
+            dependencies: ["BlockIO", "VImage", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+        ),
+        .executableTarget(
+            name: "vdisk",
+            dependencies: [
+                "BlockIO", "VImage", "NBDServer",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
+        .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "VImageTestSupport"]),
+        .testTarget(name: "VImageTests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
+        .testTarget(
+            name: "NBDProtocolTests",
+            dependencies: [
+                "NBDProtocol", "NBDServer", "BlockIO", "VImageTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+            ]
+        ),
+        .testTarget(name: "CLITests", dependencies: ["VImageTestSupport"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

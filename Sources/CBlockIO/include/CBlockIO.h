@@ -1,0 +1,23 @@
+// Linux file calls that Swift's Glibc module hides behind _GNU_SOURCE. Imported only by
+// Sources/BlockIO/FileDevice.swift.
+#ifndef CBLOCKIO_H
+#define CBLOCKIO_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <fcntl.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+
+static const int CBlockIO_FALLOC_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
+static const int CBlockIO_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
+static const int CBlockIO_FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
+static const int CBlockIO_SEEK_DATA = SEEK_DATA;
+static const int CBlockIO_SEEK_HOLE = SEEK_HOLE;
+
+static inline int CBlockIO_fallocate(int fd, int mode, long long offset, long long length) {
+    return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}
+
+#endif

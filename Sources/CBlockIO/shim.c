@@ -1,0 +1,1 @@
+// Empty: the module is header-only (include/CBlockIO.h).

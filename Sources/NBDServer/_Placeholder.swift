@@ -1,0 +1,1 @@
+// Placeholder until the target has code; delete when it does.

@@ -1,0 +1,501 @@
+// Design notes
+// ------------
+// Guest I/O is split at cluster boundaries into runs that share one plan:
+//
+//   guest:  |  head  |   body (whole clusters)   |  tail  |
+//   plan:   in place (cluster owned, refcount 1): write straight to the host cluster
+//           allocate (unallocated, zero, compressed, shared): new clusters, fill head and tail from the old
+//           content (backing, zeroes, decompressed, shared copy), write, then commit the L2 entries
+//
+// A run never crosses an L2 table, so a plan touches one table.
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockIO
+
+/// How a piece of a guest read is satisfied.
+enum ReadSource {
+    case host(UInt64)
+    case zero
+    case backing(UInt64)
+    case compressed(CompressedDescriptor, inCluster: Int)
+}
+
+/// One cluster of a write that needs a new host cluster.
+struct Allocation {
+    var guestCluster: UInt64
+    var hostCluster: UInt64
+    var old: L2Entry
+    var isFresh: Bool
+}
+
+enum WritePlan {
+    /// Write `length` bytes straight to `host`.
+    case inPlace(host: UInt64, length: Int)
+    /// Write `length` bytes into newly allocated clusters, filling the rest of each cluster.
+    case allocate([Allocation], length: Int)
+
+    var length: Int {
+        switch self {
+        case .inPlace(_, let length), .allocate(_, let length): return length
+        }
+    }
+}
+
+extension VImage {
+    // MARK: Read
+
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try checkRange(offset: offset, count: UInt64(buffer.count), operation: .read)
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            // Plan a batch of pieces under the lock, then do the I/O outside it.
+            let pieces = try monitor.withLock { () -> [(ReadSource, Int)] in
+                try checkOpen()
+                return try wrapIO(path) { try planRead(at: offset + UInt64(done), count: buffer.count - done) }
+            }
+            for (source, length) in pieces {
+                let target = UnsafeMutableRawBufferPointer(start: base + done, count: length)
+                try wrapIO(path) { try readPiece(source, into: target, guestOffset: offset + UInt64(done)) }
+                done += length
+            }
+        }
+    }
+
+    /// Up to 64 pieces, coalescing host-contiguous clusters. Lock held.
+    func planRead(at offset: UInt64, count: Int) throws -> [(ReadSource, Int)] {
+        var pieces: [(ReadSource, Int)] = []
+        var position = offset
+        let end = offset + UInt64(count)
+        while position < end && pieces.count < 64 {
+            let cluster = geometry.clusterIndex(position)
+            let inCluster = geometry.offsetInCluster(position)
+            let length = Int(min(UInt64(geometry.clusterSize - inCluster), end - position))
+            let source: ReadSource
+            switch try l2Entry(guestCluster: cluster) {
+            case .unallocated: source = backing == nil ? .zero : .backing(position)
+            case .zero: source = .zero
+            case .normal(let host, _): source = .host(host.rawValue + UInt64(inCluster))
+            case .compressed(let d): source = .compressed(d, inCluster: inCluster)
+            }
+            if let (last, lastLength) = pieces.last {
+                var merge = false
+                switch (last, source) {
+                case (.host(let a), .host(let b)): merge = a + UInt64(lastLength) == b
+                case (.backing(let a), .backing(let b)): merge = a + UInt64(lastLength) == b
+                case (.zero, .zero): merge = true
+                default: break
+                }
+                if merge {
+                    pieces[pieces.count - 1].1 += length
+                    position += UInt64(length)
+                    continue
+                }
+            }
+            pieces.append((source, length))
+            position += UInt64(length)
+        }
+        return pieces
+    }
+
+    func readPiece(_ source: ReadSource, into target: UnsafeMutableRawBufferPointer, guestOffset: UInt64) throws {
+        switch source {
+        case .host(let offset): try host.read(into: target, at: offset)
+        case .zero: target.initializeMemory(as: UInt8.self, repeating: 0)
+        case .backing(let offset): try readBacking(into: target, at: offset)
+        case .compressed(let d, let inCluster):
+            let cluster = try decompress(d)
+            cluster.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inCluster..<inCluster + target.count])) }
+        }
+    }
+
+    /// Reads from the backing image; what lies past its end reads as zeroes.
+    func readBacking(into target: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        guard let backing else {
+            target.initializeMemory(as: UInt8.self, repeating: 0)
+            return
+        }
+        let backingSize = backing.size
+        let available = offset >= backingSize ? 0 : Int(min(UInt64(target.count), backingSize - offset))
+        if available > 0 { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: target[0..<available]), at: offset) }
+        if available < target.count {
+            UnsafeMutableRawBufferPointer(rebasing: target[available...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+    }
+
+    /// The uncompressed content of a compressed cluster.
+    func decompress(_ d: CompressedDescriptor) throws -> [UInt8] {
+        throw VImageError(.unsupportedFeature, path: path, offset: d.hostOffset, message: "compressed clusters are not supported by this build")
+    }
+
+    // MARK: Write
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+        try checkWritable(offset: offset, count: UInt64(buffer.count), operation: .write)
+        guard let base = buffer.baseAddress else { return }
+        var done = 0
+        while done < buffer.count {
+            let position = offset + UInt64(done)
+            let plan = try monitor.withLock { () -> WritePlan in
+                try checkOpen()
+                return try wrapIO(path) { try planWrite(at: position, count: buffer.count - done) }
+            }
+            let chunk = UnsafeRawBufferPointer(start: base + done, count: plan.length)
+            try execute(plan, data: chunk, at: position)
+            done += plan.length
+        }
+        if fua { try flush() }
+    }
+
+    func checkWritable(offset: UInt64, count: UInt64, operation: BlockIOError.Operation) throws {
+        if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
+        try checkRange(offset: offset, count: count, operation: operation)
+    }
+
+    /// Plans a prefix of a write: a run of clusters that are all owned and host-contiguous, or all need
+    /// allocation. Waits while the first cluster is being allocated by another request. Lock held.
+    func planWrite(at offset: UInt64, count: Int) throws -> WritePlan {
+        let first = geometry.clusterIndex(offset)
+        while inflight.contains(first) { monitor.wait() }
+        let end = offset + UInt64(count)
+        let lastCluster = geometry.clusterIndex(end - 1)
+        // Stay inside one L2 table, and bound a single plan to 32 MiB.
+        let tableEnd = (first / UInt64(geometry.l2Entries) + 1) * UInt64(geometry.l2Entries) - 1
+        let maxClusters = UInt64(max(1, (32 << 20) >> geometry.clusterBits))
+        let runEnd = min(lastCluster, tableEnd, first + maxClusters - 1)
+        let lengthThrough = { (cluster: UInt64) -> Int in Int(min(end, self.geometry.offset(ofCluster: cluster + 1)) - offset) }
+
+        let entry = try l2Entry(guestCluster: first)
+        if case .normal(let host, copied: true) = entry {
+            let start = host.rawValue + UInt64(geometry.offsetInCluster(offset))
+            var cluster = first
+            var expected = host.rawValue
+            while cluster < runEnd {
+                expected += UInt64(geometry.clusterSize)
+                guard !inflight.contains(cluster + 1),
+                    case .normal(let next, copied: true) = try l2Entry(guestCluster: cluster + 1), next.rawValue == expected
+                else { break }
+                cluster += 1
+            }
+            return .inPlace(host: start, length: lengthThrough(cluster))
+        }
+
+        // Allocation run: every cluster that is not owned in place, up to the first that is (or is busy).
+        _ = try writableL2Table(guestCluster: first)  // allocate or unshare the table before its clusters
+        var allocations: [Allocation] = []
+        var cluster = first
+        var previousHost: UInt64? = nil
+        while cluster <= runEnd {
+            if cluster != first {
+                if inflight.contains(cluster) { break }
+                if case .normal(_, copied: true) = try l2Entry(guestCluster: cluster) { break }
+            }
+            let old = try l2Entry(guestCluster: cluster)
+            // Only a cluster taken from the end of the file is known to read as zeroes (a reused one holds old data).
+            let endBefore = hostEnd
+            let newHost = try allocateCluster(after: previousHost)
+            if let previousHost, newHost != previousHost + 1 {
+                // Not contiguous: give it back (it was never referenced) and end the run here.
+                try decrementRefcount(newHost)
+                break
+            }
+            allocations.append(Allocation(guestCluster: cluster, hostCluster: newHost, old: old, isFresh: newHost >= endBefore))
+            inflight.insert(cluster)
+            previousHost = newHost
+            cluster += 1
+        }
+        return .allocate(allocations, length: lengthThrough(allocations.last!.guestCluster))
+    }
+
+    func execute(_ plan: WritePlan, data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        switch plan {
+        case .inPlace(let host, _):
+            try wrapIO(path) { try self.host.write(data, at: host, fua: false) }
+        case .allocate(let allocations, _):
+            do {
+                try wrapIO(path) { try writeAllocated(allocations, data: data, at: offset) }
+            } catch {
+                monitor.withLock {
+                    // Never referenced: the clusters can be released at once.
+                    for a in allocations {
+                        try? decrementRefcount(a.hostCluster)
+                        inflight.remove(a.guestCluster)
+                    }
+                    monitor.broadcast()
+                }
+                throw error
+            }
+            try monitor.withLock {
+                defer {
+                    for a in allocations { inflight.remove(a.guestCluster) }
+                    monitor.broadcast()
+                }
+                try wrapIO(path) { try commit(allocations) }
+            }
+        }
+    }
+
+    /// Writes guest data into new clusters, completing partial head and tail clusters with their old content.
+    func writeAllocated(_ allocations: [Allocation], data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        let cs = geometry.clusterSize
+        let inFirst = geometry.offsetInCluster(offset)
+        let runBytes = allocations.count * cs
+        let tailGap = runBytes - inFirst - data.count
+        let hostStart = geometry.offset(ofCluster: allocations[0].hostCluster)
+        func readsZero(_ a: Allocation) -> Bool {
+            switch a.old {
+            case .zero: return true
+            case .unallocated: return backing == nil
+            default: return false
+            }
+        }
+        // Fresh clusters past the old end of file already read as zeroes: write only the guest bytes.
+        let headNeedsFill = inFirst > 0 && !(readsZero(allocations[0]) && allocations[0].isFresh)
+        let tailNeedsFill = tailGap > 0 && !(readsZero(allocations[allocations.count - 1]) && allocations[allocations.count - 1].isFresh)
+        if !headNeedsFill && !tailNeedsFill {
+            try host.write(data, at: hostStart + UInt64(inFirst), fua: false)
+            return
+        }
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: runBytes, alignment: 4096)
+        defer { buffer.deallocate() }
+        if headNeedsFill {
+            try fillOldContent(allocations[0], into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<cs]))
+        }
+        if tailNeedsFill && (allocations.count > 1 || !headNeedsFill) {
+            try fillOldContent(allocations[allocations.count - 1], into: UnsafeMutableRawBufferPointer(rebasing: buffer[(runBytes - cs)...]))
+        }
+        if !headNeedsFill && inFirst > 0 {
+            UnsafeMutableRawBufferPointer(rebasing: buffer[0..<inFirst]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        if !tailNeedsFill && tailGap > 0 {
+            UnsafeMutableRawBufferPointer(rebasing: buffer[(runBytes - tailGap)...]).initializeMemory(as: UInt8.self, repeating: 0)
+        }
+        UnsafeMutableRawBufferPointer(rebasing: buffer[inFirst..<inFirst + data.count]).copyMemory(from: data)
+        try host.write(UnsafeRawBufferPointer(buffer), at: hostStart, fua: false)
+    }
+
+    /// The content a cluster had before this write: backing data, zeroes, decompressed or shared bytes.
+    func fillOldContent(_ a: Allocation, into target: UnsafeMutableRawBufferPointer) throws {
+        let guestOffset = geometry.offset(ofCluster: a.guestCluster)
+        switch a.old {
+        case .unallocated: try readBacking(into: target, at: guestOffset)
+        case .zero: target.initializeMemory(as: UInt8.self, repeating: 0)
+        case .normal(let host, _): try self.host.read(into: target, at: host.rawValue)
+        case .compressed(let d): try decompress(d).withUnsafeBytes { target.copyMemory(from: $0) }
+        }
+    }
+
+    /// Points the L2 entries at the written clusters and queues the old references for release. Lock held.
+    func commit(_ allocations: [Allocation]) throws {
+        let table = try writableL2Table(guestCluster: allocations[0].guestCluster)
+        for a in allocations {
+            let index = geometry.l2Index(guestCluster: a.guestCluster)
+            // Re-read: a snapshot or another table copy may have changed the entry since planning.
+            let current = L2Entry(raw: table.entries[index])
+            queueFree(current)
+            table.entries[index] = L2Entry.normal(HostOffset(geometry.offset(ofCluster: a.hostCluster)), copied: true).rawValue
+        }
+        table.isDirty = true
+        if pendingFrees.count > 65536 { try writeBack() }
+    }
+
+    // MARK: Zeroes and discard
+
+    public func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
+        try checkWritable(offset: offset, count: count, operation: .writeZeroes)
+        try zeroRange(offset: offset, count: count, mode: mayUnmap ? .unmap : .keep)
+    }
+
+    public func discard(at offset: UInt64, count: UInt64) throws {
+        try checkWritable(offset: offset, count: count, operation: .discard)
+        try zeroRange(offset: offset, count: count, mode: .discard)
+    }
+
+    enum ZeroMode { case keep, unmap, discard }
+
+    /// Whole clusters become zero (or unallocated) entries; partial clusters get zeroes written, except
+    /// for discard, which is advisory and leaves them alone.
+    func zeroRange(offset: UInt64, count: UInt64, mode: ZeroMode) throws {
+        guard count > 0 else { return }
+        let end = offset + count
+        let cs = UInt64(geometry.clusterSize)
+        let alignedStart = (offset + cs - 1) / cs * cs
+        let alignedEnd = end / cs * cs
+        // Partial clusters, except where the range ends at the end of the disk.
+        let wholeEnd = end == size ? max(alignedStart, (end + cs - 1) / cs * cs) : alignedEnd
+        if alignedStart >= wholeEnd {
+            if mode != .discard { try writeZeroBytes(at: offset, count: count) }
+            return
+        }
+        if mode != .discard {
+            if offset < alignedStart { try writeZeroBytes(at: offset, count: alignedStart - offset) }
+            if wholeEnd < end { try writeZeroBytes(at: wholeEnd, count: end - wholeEnd) }
+        }
+        var cluster = geometry.clusterIndex(alignedStart)
+        let last = geometry.clusterIndex(wholeEnd - 1)
+        while cluster <= last {
+            try monitor.withLock {
+                try checkOpen()
+                try wrapIO(path) {
+                    // One L2 table at a time, waiting for in-flight allocations in it.
+                    let tableLast = min(last, (cluster / UInt64(geometry.l2Entries) + 1) * UInt64(geometry.l2Entries) - 1)
+                    while (cluster...tableLast).contains(where: { inflight.contains($0) }) { monitor.wait() }
+                    let l1Index = geometry.l1Index(guestCluster: cluster)
+                    let hasTable = L1Entry(rawValue: l1[l1Index]).l2Table != nil
+                    if !hasTable && backing == nil {
+                        cluster = tableLast + 1  // already reads as zeroes and holds nothing
+                        return
+                    }
+                    let table = try writableL2Table(guestCluster: cluster)
+                    for c in cluster...tableLast {
+                        let index = geometry.l2Index(guestCluster: c)
+                        let old = L2Entry(raw: table.entries[index])
+                        let new: L2Entry
+                        switch (mode, old) {
+                        case (.keep, .normal(let host, copied: true)), (.keep, .zero(preallocated: .some(let host), copied: true)):
+                            new = .zero(preallocated: host, copied: true)  // keep the storage for later writes
+                        default:
+                            new = backing == nil ? .unallocated : .zero(preallocated: nil, copied: false)
+                        }
+                        if new == old { continue }
+                        if new.hostCluster != old.hostCluster { queueFree(old) }
+                        table.entries[index] = new.rawValue
+                        table.isDirty = true
+                    }
+                    cluster = tableLast + 1
+                    if pendingFrees.count > 65536 { try writeBack() }
+                }
+            }
+        }
+    }
+
+    private func writeZeroBytes(at offset: UInt64, count: UInt64) throws {
+        let zeroes = [UInt8](repeating: 0, count: Int(count))
+        try zeroes.withUnsafeBytes { try write($0, at: offset, fua: false) }
+    }
+
+    // MARK: Extents
+
+    public func extents(at offset: UInt64, count: UInt64) throws -> [Extent] {
+        try checkRange(offset: offset, count: count, operation: .extents)
+        var result: [Extent] = []
+        for m in try mapping(at: offset, count: count) {
+            let flags: ExtentFlags
+            switch m.kind {
+            case .data, .compressed: flags = []
+            case .zero(let allocated): flags = allocated ? [.zero] : [.hole, .zero]
+            case .unallocated:
+                if let backing {
+                    for e in try backingExtents(backing, at: m.offset, count: m.length) { append(&result, e) }
+                    continue
+                }
+                flags = [.hole, .zero]
+            }
+            append(&result, Extent(offset: m.offset, length: m.length, flags: flags))
+        }
+        return result
+    }
+
+    private func backingExtents(_ backing: any BlockDevice, at offset: UInt64, count: UInt64) throws -> [Extent] {
+        let size = backing.size
+        var result: [Extent] = []
+        if offset < size {
+            let n = min(count, size - offset)
+            var position = offset
+            while position < offset + n {
+                let chunk = try backing.extents(at: position, count: offset + n - position)
+                guard let last = chunk.last, last.end > position else { break }
+                // A backing hole is not ours either; but "allocated" data there is data for us.
+                result += chunk.map { Extent(offset: $0.offset, length: $0.length, flags: $0.flags) }
+                position = last.end
+            }
+        }
+        if offset + count > max(offset, size) {
+            let start = max(offset, size)
+            result.append(Extent(offset: start, length: offset + count - start, flags: [.hole, .zero]))
+        }
+        return result
+    }
+
+    private func append(_ result: inout [Extent], _ extent: Extent) {
+        if var last = result.last, last.flags == extent.flags, last.end == extent.offset {
+            last.length += extent.length
+            result[result.count - 1] = last
+        } else {
+            result.append(extent)
+        }
+    }
+
+    /// One run of guest clusters with the same kind of mapping in this image (not its backing chain).
+    public struct MappingExtent: Sendable, Hashable {
+        public enum Kind: Sendable, Hashable {
+            /// Data at a host offset (contiguous across the run).
+            case data(host: UInt64)
+            case compressed
+            case zero(allocated: Bool)
+            /// Not allocated here: from the backing image, or zeroes without one.
+            case unallocated
+        }
+        public var offset: UInt64
+        public var length: UInt64
+        public var kind: Kind
+    }
+
+    /// How `offset ..< offset + count` maps onto this image's file, merged into runs.
+    public func mapping(at offset: UInt64, count: UInt64) throws -> [MappingExtent] {
+        try checkRange(offset: offset, count: count, operation: .extents)
+        var result: [MappingExtent] = []
+        var position = offset
+        let end = offset + count
+        while position < end {
+            try monitor.withLock {
+                try checkOpen()
+                try wrapIO(path) {
+                    var steps = 0
+                    while position < end && steps < 65536 {
+                        steps += 1
+                        let cluster = geometry.clusterIndex(position)
+                        let l1Index = geometry.l1Index(guestCluster: cluster)
+                        if l1Index < l1.count, L1Entry(rawValue: l1[l1Index]).l2Table == nil {
+                            // No table: the whole table range is unallocated.
+                            let rangeEnd = min(end, UInt64(l1Index + 1) * geometry.bytesPerL2)
+                            add(&result, MappingExtent(offset: position, length: rangeEnd - position, kind: .unallocated))
+                            position = rangeEnd
+                            continue
+                        }
+                        let inCluster = UInt64(geometry.offsetInCluster(position))
+                        let length = min(UInt64(geometry.clusterSize) - inCluster, end - position)
+                        let kind: MappingExtent.Kind
+                        switch try l2Entry(guestCluster: cluster) {
+                        case .unallocated: kind = .unallocated
+                        case .zero(let host, _): kind = .zero(allocated: host != nil)
+                        case .normal(let host, _): kind = .data(host: host.rawValue + inCluster)
+                        case .compressed: kind = .compressed
+                        }
+                        add(&result, MappingExtent(offset: position, length: length, kind: kind))
+                        position += length
+                    }
+                }
+            }
+        }
+        return result
+    }
+
+    private func add(_ result: inout [MappingExtent], _ m: MappingExtent) {
+        if var last = result.last, last.offset + last.length == m.offset {
+            var merge = false
+            switch (last.kind, m.kind) {
+            case (.data(let a), .data(let b)): merge = a + last.length == b
+            default: merge = last.kind == m.kind
+            }
+            if merge {
+                last.length += m.length
+                result[result.count - 1] = last
+                return
+            }
+        }
+        result.append(m)
+    }
+}

@@ -1,0 +1,90 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import BlockIO
+
+/// The one public error of `VImage`: a stable code, a message, where it happened, and what caused it.
+public struct VImageError: ErrnoConvertible, CustomStringConvertible, Sendable {
+    public enum Code: String, Sendable {
+        /// The file is not a valid image (bad magic, malformed header, tables outside the file...).
+        case invalidImage
+        /// The image needs a version or an incompatible feature this build does not implement.
+        case unsupportedFeature
+        /// Metadata is inconsistent; the image is marked corrupt and needs `vimg check -r all`.
+        case corrupt
+        /// A write to a read-only image (or snapshot view).
+        case readOnly
+        /// A request past the end of the virtual disk.
+        case outOfRange
+        /// A caller mistake: bad size, bad option, bad name.
+        case invalidArgument
+        /// A limit of the format or of this implementation was reached.
+        case limitExceeded
+        /// The image is in use by another process.
+        case locked
+        /// A named thing (snapshot, backing file) does not exist.
+        case notFound
+        /// A file or name that must not exist yet already exists.
+        case alreadyExists
+        /// The underlying storage failed; see `cause`.
+        case io
+        /// The image was closed.
+        case closed
+    }
+
+    public var code: Code
+    public var message: String
+    public var path: String?
+    public var offset: UInt64?
+    public var cause: (any Error & Sendable)?
+
+    public init(
+        _ code: Code, path: String? = nil, offset: UInt64? = nil, message: String, cause: (any Error & Sendable)? = nil
+    ) {
+        self.code = code
+        self.message = message
+        self.path = path
+        self.offset = offset
+        self.cause = cause
+    }
+
+    public var errnoCode: Int32 {
+        switch code {
+        case .invalidImage, .corrupt, .io: return (cause as? ErrnoConvertible)?.errnoCode ?? EIO
+        case .unsupportedFeature: return ENOTSUP
+        case .readOnly: return EPERM
+        case .outOfRange: return EINVAL
+        case .invalidArgument: return EINVAL
+        case .limitExceeded: return EFBIG
+        case .locked: return EAGAIN
+        case .notFound: return ENOENT
+        case .alreadyExists: return EEXIST
+        case .closed: return ESHUTDOWN
+        }
+    }
+
+    public var description: String {
+        var text = ""
+        if let path { text += "\(path): " }
+        text += message
+        if let offset { text += " (at offset \(offset))" }
+        if let cause { text += ": \(cause)" }
+        return text
+    }
+}
+
+/// Wraps any storage error thrown inside the engine so callers get one error type with context.
+func wrapIO<T>(_ path: String?, _ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let error as VImageError {
+        throw error
+    } catch let error as BlockIOError {
+        if error.code == .locked {
+            throw VImageError(.locked, path: path, message: error.message)
+        }
+        throw VImageError(.io, path: path, offset: error.offset, message: "I/O error", cause: error)
+    } catch {
+        throw VImageError(.io, path: path, message: "I/O error: \(error)")
+    }
+}

@@ -1,0 +1,2 @@
+// Placeholder entry point; replaced by the real vdisk command.
+@main struct VdiskPlaceholder { static func main() {} }

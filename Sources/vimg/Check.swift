@@ -1,0 +1,86 @@
+import ArgumentParser
+import BlockIO
+import VImage
+
+extension Vimg {
+    struct Check: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Check an image's metadata for leaks and corruption.",
+            discussion: """
+                Exit codes (as qemu-img check): 0 no problems, 1 the check could not complete,
+                2 corruptions found, 3 only leaked clusters found.
+                """)
+
+        @OptionGroup var output: OutputOptions
+
+        @Argument(help: "The image file.")
+        var file: String
+
+        func run() throws {
+            var code: Int32 = 0
+            try runReportingErrors {
+                let report = try ImageCheck.check(path: file)
+                if output.format == .json {
+                    var fields: [(String, JSON)] = [
+                        ("image-end-offset", .uint(report.imageEndOffset)), ("total-clusters", .uint(report.totalClusters)),
+                        ("check-errors", .int(Int64(report.checkErrors))),
+                    ]
+                    if report.leaks > 0 { fields.append(("leaks", .int(Int64(report.leaks)))) }
+                    if report.corruptions > 0 { fields.append(("corruptions", .int(Int64(report.corruptions)))) }
+                    fields += [
+                        ("allocated-clusters", .uint(report.allocatedClusters)),
+                        ("filename", .string(file)), ("format", .string("vimg")),
+                        ("fragmented-clusters", .uint(report.fragmentedClusters)),
+                        ("compressed-clusters", .uint(report.compressedClusters)),
+                        ("dirty-flag", .bool(report.isDirty)),
+                        ("findings", .array(report.findings.map { f in
+                            var item: [(String, JSON)] = [("kind", .string(f.kind)), ("severity", .string(f.severity.rawValue)), ("message", .string(f.message))]
+                            if let offset = f.hostOffset { item.append(("offset", .uint(offset))) }
+                            return .object(item)
+                        })),
+                    ]
+                    if let reason = report.incompleteReason { fields.append(("error", .string(reason))) }
+                    print(JSON.object(fields).render())
+                } else {
+                    printHuman(report)
+                }
+                code = report.exitCode
+            }
+            if code != 0 { throw ExitCode(code) }
+        }
+
+        func printHuman(_ r: CheckReport) {
+            for f in r.findings {
+                switch f.severity {
+                case .corruption: print("ERROR \(f.message)")
+                case .leak: print("Leaked: \(f.message)")
+                case .info: print("Note: \(f.message)")
+                }
+            }
+            if r.findings.count < r.corruptions + r.leaks {
+                print("(\(r.corruptions + r.leaks - r.findings.count) more findings not shown)")
+            }
+            if let reason = r.incompleteReason {
+                print("\nThe check could not complete: \(reason)")
+                return
+            }
+            if r.corruptions > 0 {
+                print("\n\(r.corruptions) errors were found on the image.")
+                print("Data may be corrupted, or further writes to the image may corrupt it.")
+            }
+            if r.leaks > 0 {
+                print("\n\(r.leaks) leaked clusters were found on the image.")
+                print("This means waste of disk space, but no harm to data.")
+            }
+            if r.corruptions == 0 && r.leaks == 0 { print("No errors were found on the image.") }
+            func pct(_ n: UInt64) -> String {
+                guard r.totalClusters > 0 else { return "0.00" }
+                let hundredths = (n * 10000 + r.totalClusters / 2) / r.totalClusters
+                let frac = hundredths % 100
+                return "\(hundredths / 100).\(frac < 10 ? "0" : "")\(frac)"
+            }
+            print("\(r.allocatedClusters)/\(r.totalClusters) = \(pct(r.allocatedClusters))% allocated, \(pct(r.fragmentedClusters))% fragmented, \(pct(r.compressedClusters))% compressed clusters")
+            print("Image end offset: \(r.imageEndOffset)")
+        }
+    }
+}

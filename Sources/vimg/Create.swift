@@ -1,0 +1,102 @@
+import ArgumentParser
+import BlockIO
+import VImage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Vimg {
+    struct Create: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Create a new disk image.",
+            discussion: """
+                Examples:
+                  vimg create disk.vimg 10G
+                  vimg create -o cluster_size=4096 small.vimg 512M
+                  vimg create -f raw disk.raw 1G
+                  vimg create -b base.vimg -F vimg child.vimg
+                """)
+
+        @Option(name: .short, help: "Image format: vimg or raw.")
+        var format: String = "vimg"
+
+        @Option(name: .short, help: "Format options, comma separated: cluster_size=SIZE.")
+        var options: [String] = []
+
+        @Option(name: .short, help: "Backing file: the new image is a clone over it.")
+        var backing: String?
+
+        @Option(name: .customShort("F"), help: "Backing file format (vimg or raw).")
+        var backingFormat: String?
+
+        @Flag(name: .short, help: "Quiet: print nothing on success.")
+        var quiet = false
+
+        @Argument(help: "The image file to create.")
+        var file: String
+
+        @Argument(help: "Virtual size (512M, 10G, 1T...); defaults to the backing file's size.")
+        var size: String?
+
+        func validate() throws {
+            guard ["vimg", "raw"].contains(format) else { throw ValidationError("unknown format '\(format)' (use vimg or raw)") }
+            if format == "raw" && backing != nil { throw ValidationError("raw images cannot have a backing file") }
+            if size == nil && backing == nil { throw ValidationError("missing SIZE (required without -b)") }
+        }
+
+        func run() throws {
+            try runReportingErrors {
+                var clusterBits = 16
+                for item in options.flatMap({ $0.split(separator: ",") }) {
+                    let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+                    guard parts.count == 2, parts[0] == "cluster_size" else {
+                        throw ValidationError("unknown option '\(item)' (supported: cluster_size=SIZE)")
+                    }
+                    let value = try parseSize(parts[1], what: "cluster size")
+                    guard value.nonzeroBitCount == 1, value >= 4096, value <= 2 << 20 else {
+                        throw ValidationError("cluster_size must be a power of two from 4K to 2M")
+                    }
+                    clusterBits = value.trailingZeroBitCount
+                }
+                var virtualSize: UInt64
+                if let size {
+                    virtualSize = try parseSize(size)
+                } else {
+                    let base = try DiskImage.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
+                    virtualSize = base.size
+                    try base.close()
+                }
+                if format == "raw" {
+                    let file = try FileDevice.open(path: file, readOnly: false, create: true, growable: true, lock: .exclusive)
+                    try file.truncate(to: virtualSize)
+                    try file.close()
+                } else {
+                    if let backing {
+                        // Fail early and clearly if the backing file cannot be opened.
+                        let base = try DiskImage.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
+                        try base.close()
+                        _ = backing
+                    }
+                    try VImage.create(
+                        path: file, virtualSize: virtualSize,
+                        options: .init(clusterBits: clusterBits, backingFile: backing, backingFormat: backingFormat))
+                    virtualSize = (virtualSize + 511) & ~511
+                }
+                if !quiet {
+                    var line = "Formatting '\(file)', fmt=\(format)"
+                    if format == "vimg" { line += " cluster_size=\(1 << clusterBits)" }
+                    if let backing { line += " backing_file=\(backing)" }
+                    if let backingFormat { line += " backing_fmt=\(backingFormat)" }
+                    print(line + " size=\(virtualSize)")
+                }
+            }
+        }
+
+        /// A relative backing name is relative to the new image's folder.
+        func resolveBacking() -> String {
+            guard let backing, !backing.hasPrefix("/"), let slash = file.lastIndex(of: "/") else { return backing ?? "" }
+            return String(file[...slash]) + backing
+        }
+    }
+}

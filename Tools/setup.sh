@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Installs what building and testing vdisk needs on Debian (idempotent; needs root or sudo for apt).
+# Swift itself is expected at /opt/swift or on PATH (see README).
+set -euo pipefail
+
+packages=(
+    qemu-utils      # qemu-img, qemu-io, qemu-nbd: the peers our tests and benchmarks compare against
+    libnbd-bin      # nbdinfo, nbdcopy, nbdsh: real NBD clients for the interop tests
+    python3-libnbd  # nbdsh's Python binding (Debian's /usr/bin/python3)
+    fio             # benchmarks (its nbd engine)
+    liblz4-dev      # LZ4 compressed clusters
+    libfuse3-dev fuse3  # the FUSE + loop device path of vdisk plug
+    e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup for end-to-end tests
+)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]}"
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+if ! command -v swift >/dev/null 2>&1; then
+    if [ -x /opt/swift/usr/bin/swift ]; then
+        echo "setup: add /opt/swift/usr/bin to PATH" >&2
+    else
+        echo "setup: Swift 6 is required (https://swift.org/install), not found on PATH" >&2
+    fi
+    exit 1
+fi
