@@ -48,6 +48,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .executableTarget(name: "vimg-bench", dependencies: ["BlockIO", "VImage"], path: "Benchmarks/vimg-bench"),
         .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "VImageTestSupport"]),
         .testTarget(name: "VImageTests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
         .testTarget(

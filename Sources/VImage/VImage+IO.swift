@@ -64,38 +64,48 @@ extension VImage {
         }
     }
 
-    /// Up to 64 pieces, coalescing host-contiguous clusters. Lock held.
+    /// Up to 64 pieces, coalescing host-contiguous clusters; each L2 table is looked up once per run of
+    /// clusters it maps. Lock held.
     func planRead(at offset: UInt64, count: Int) throws -> [(ReadSource, Int)] {
         var pieces: [(ReadSource, Int)] = []
         var position = offset
         let end = offset + UInt64(count)
+        let perTable = UInt64(geometry.l2Entries)
         while position < end && pieces.count < 64 {
             let cluster = geometry.clusterIndex(position)
-            let inCluster = geometry.offsetInCluster(position)
-            let length = Int(min(UInt64(geometry.clusterSize - inCluster), end - position))
-            let source: ReadSource
-            switch try l2Entry(guestCluster: cluster) {
-            case .unallocated: source = backing == nil ? .zero : .backing(position)
-            case .zero: source = .zero
-            case .normal(let host, _): source = .host(host.rawValue + UInt64(inCluster))
-            case .compressed(let d): source = .compressed(d, inCluster: inCluster)
+            let l1Index = geometry.l1Index(guestCluster: cluster)
+            let tableEnd = min(end, geometry.offset(ofCluster: (cluster / perTable + 1) * perTable))
+            var entries: [UInt64]? = nil
+            if l1Index < l1.count, let tableOffset = L1Entry(rawValue: l1[l1Index]).l2Table {
+                entries = try l2Table(at: tableOffset.rawValue).entries
             }
-            if let (last, lastLength) = pieces.last {
-                var merge = false
-                switch (last, source) {
-                case (.host(let a), .host(let b)): merge = a + UInt64(lastLength) == b
-                case (.backing(let a), .backing(let b)): merge = a + UInt64(lastLength) == b
-                case (.zero, .zero): merge = true
-                default: break
+            while position < tableEnd && pieces.count < 64 {
+                let inCluster = geometry.offsetInCluster(position)
+                let length = Int(min(UInt64(geometry.clusterSize - inCluster), tableEnd - position))
+                let entry = entries.map { L2Entry(raw: $0[geometry.l2Index(guestCluster: geometry.clusterIndex(position))]) } ?? .unallocated
+                let source: ReadSource
+                switch entry {
+                case .unallocated: source = backing == nil ? .zero : .backing(position)
+                case .zero: source = .zero
+                case .normal(let host, _): source = .host(host.rawValue + UInt64(inCluster))
+                case .compressed(let d): source = .compressed(d, inCluster: inCluster)
                 }
-                if merge {
-                    pieces[pieces.count - 1].1 += length
-                    position += UInt64(length)
-                    continue
+                position += UInt64(length)
+                if let (last, lastLength) = pieces.last {
+                    var merge = false
+                    switch (last, source) {
+                    case (.host(let a), .host(let b)): merge = a + UInt64(lastLength) == b
+                    case (.backing(let a), .backing(let b)): merge = a + UInt64(lastLength) == b
+                    case (.zero, .zero): merge = true
+                    default: break
+                    }
+                    if merge {
+                        pieces[pieces.count - 1].1 += length
+                        continue
+                    }
                 }
+                pieces.append((source, length))
             }
-            pieces.append((source, length))
-            position += UInt64(length)
         }
         return pieces
     }
