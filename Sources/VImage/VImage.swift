@@ -79,6 +79,9 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     var refcountCache: TableCache<UInt16>
     /// Host clusters whose reference was dropped; decremented after the next flush makes that durable.
     var pendingFrees: [UInt64] = []
+    /// L2 tables whose reference was dropped (after a copy); released after the next flush, together
+    /// with the clusters they map if that was their last reference.
+    var pendingTableFrees: [UInt64] = []
     /// Guest clusters being allocated by a request in progress.
     var inflight: Set<UInt64> = []
     /// First host cluster never handed out: allocation at the end of the file starts here.
@@ -90,6 +93,8 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Whether fixed header fields changed in memory and must be written at the next flush.
     var headerChanged = false
     var isClosed = false
+    /// The snapshot table, decoded.
+    var snapshots: [SnapshotEntry] = []
 
     /// The backing image, for clones.
     let backing: (any BlockDevice)?
@@ -250,8 +255,12 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         do {
             let image = try open(host: file, ownsHost: true, path: path, readOnly: readOnly, backing: nil, chain: chain, options: options)
             if let snapshot {
-                defer { try? image.close() }
-                return try image.snapshotView(named: snapshot, options: options)
+                do {
+                    try image.selectSnapshot(named: snapshot)
+                } catch {
+                    try? image.close()
+                    throw error
+                }
             }
             return image
         } catch {
@@ -296,6 +305,17 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             path: path, host: host, ownsHost: ownsHost, readOnly: readOnly, header: header, l1: l1,
             refcountTable: refcountTable, hostEnd: fileClusters, backing: backingDevice, options: options)
         image.ownsBacking = ownedBacking
+        if header.snapshotCount > 0 {
+            image.snapshots = try wrapIO(path) {
+                let bytes = try host.read(count: Int(header.snapshotTableSize), at: header.snapshotTableOffset.rawValue)
+                do {
+                    return try SnapshotTable.decode(bytes, count: Int(header.snapshotCount), geometry: header.geometry, fileSize: fileSize)
+                } catch var error as VImageError {
+                    error.path = path
+                    throw error
+                }
+            }
+        }
         // Clusters past the end of the file may already be counted (allocated, not yet written when the
         // last writer crashed): allocation at the end must start after the last counted cluster.
         try image.monitor.withLock {
@@ -348,11 +368,6 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         }
     }
 
-    /// A read-only view of an internal snapshot.
-    func snapshotView(named name: String, options: OpenOptions) throws -> VImage {
-        throw VImageError(.notFound, path: path, message: "snapshot '\(name)' not found")
-    }
-
     // MARK: Flush and close
 
     public func flush() throws {
@@ -403,7 +418,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Writes all dirty metadata in the order the format requires, syncs, then applies queued frees.
     /// Called with the lock held.
     func writeBack() throws {
-        let metadataDirty = !dirtyL1Sectors.isEmpty || headerChanged || l2Cache.hasDirty || refcountCache.hasDirty
+        let metadataDirty = !dirtyL1Sectors.isEmpty || !pendingTableFrees.isEmpty || headerChanged || l2Cache.hasDirty || refcountCache.hasDirty
             || !dirtyRefcountTableSectors.isEmpty
         if metadataDirty { try setDirtyBit() }
         try writeBackRefcounts()
@@ -428,6 +443,8 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         // The dropped references are durable now, so their clusters may be counted down and reused.
         for cluster in pendingFrees { try decrementRefcount(cluster) }
         pendingFrees.removeAll()
+        for table in pendingTableFrees { try releaseL2Table(table) }
+        pendingTableFrees.removeAll()
     }
 
     /// Refcount blocks, then the refcount table, each made durable: both must be on disk before any L2
@@ -504,11 +521,17 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     }
 
     /// The L2 entry of a guest cluster (`.unallocated` when its range has no L2 table). Lock held.
+    ///
+    /// In a table shared with a snapshot (its L1 entry lacks COPIED) no cluster is owned, whatever the
+    /// entry's own COPIED bit says, so the entry is returned without it.
     func l2Entry(guestCluster: UInt64) throws -> L2Entry {
         let l1Index = geometry.l1Index(guestCluster: guestCluster)
-        guard l1Index < l1.count, let tableOffset = L1Entry(rawValue: l1[l1Index]).l2Table else { return .unallocated }
+        guard l1Index < l1.count else { return .unallocated }
+        let l1Entry = L1Entry(rawValue: l1[l1Index])
+        guard let tableOffset = l1Entry.l2Table else { return .unallocated }
         let table = try l2Table(at: tableOffset.rawValue)
-        return L2Entry(raw: table.entries[geometry.l2Index(guestCluster: guestCluster)])
+        let raw = table.entries[geometry.l2Index(guestCluster: guestCluster)]
+        return L2Entry(raw: l1Entry.isCopied ? raw : raw & ~copiedFlag)
     }
 
     /// The writable L2 table for a guest cluster, allocating or copying it as needed. Lock held.
@@ -533,7 +556,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             try makeRoomInL2Cache()
             l2Cache.insert(table)
             setL1(l1Index, L1Entry(l2Table: HostOffset(table.offset), copied: true))
-            pendingFrees.append(geometry.clusterIndex(offset.rawValue))
+            pendingTableFrees.append(offset.rawValue)
             return table
         }
         let newCluster = try allocateCluster()

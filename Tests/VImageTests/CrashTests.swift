@@ -32,6 +32,11 @@ import VImageTestSupport
         var durable = current
         // 512-byte sectors changed since the last acknowledged flush: their content is unspecified.
         var touched = Set<Int>()
+        // Snapshots whose creation was acknowledged and whose deletion was not started, and their content.
+        var snapshots: [String: [UInt8]] = [:]
+        // Snapshots that may or may not exist after the crash (an operation on them was cut short).
+        var uncertain = Set<String>()
+        var nextSnapshot = 0
         func touch(_ offset: Int, _ length: Int) {
             for s in (offset / 512)...((offset + length - 1) / 512) { touched.insert(s) }
         }
@@ -42,7 +47,32 @@ import VImageTestSupport
           do {
             let offset = Int.random(in: 0..<size, using: &rng)
             let length = Int.random(in: 1...min(size - offset, cs * 3), using: &rng)
-            switch Int.random(in: 0..<10, using: &rng) {
+            switch Int.random(in: 0..<13, using: &rng) {
+            case 10:
+                let name = "s\(nextSnapshot)"
+                nextSnapshot += 1
+                uncertain.insert(name)
+                try image.createSnapshot(named: name)  // includes a flush
+                uncertain.remove(name)
+                snapshots[name] = current.bytes
+                durable = current
+                touched.removeAll()
+            case 11:
+                guard let name = snapshots.keys.sorted().randomElement(using: &rng) else { continue }
+                snapshots[name] = nil
+                uncertain.insert(name)
+                try image.deleteSnapshot(named: name)
+                uncertain.remove(name)
+                durable = current
+                touched.removeAll()
+            case 12:
+                guard let name = snapshots.keys.sorted().randomElement(using: &rng) else { continue }
+                touch(0, size)
+                try image.applySnapshot(named: name)
+                current = ReferenceDisk(size: size)
+                current.write(snapshots[name]!, at: 0)
+                durable = current
+                touched.removeAll()
             case 0..<6:
                 let data = Pattern.bytes(count: length, offset: UInt64(offset), seed: seed &+ UInt64(step))
                 touch(offset, length)  // before the call: a write cut short leaves its range unspecified
@@ -82,6 +112,19 @@ import VImageTestSupport
                 Issue.record("seed \(seed) \(mode): flushed sector \(sector) differs after the crash")
                 break
             }
+        }
+        // Each snapshot reads entirely as it was created; acknowledged ones all exist.
+        let present = Set(image.snapshotList.map(\.name))
+        for name in snapshots.keys {
+            #expect(present.contains(name), "seed \(seed) \(mode): snapshot \(name) lost")
+        }
+        for name in present {
+            #expect(snapshots[name] != nil || uncertain.contains(name), "seed \(seed) \(mode): unexpected snapshot \(name)")
+            guard let content = snapshots[name] else { continue }
+            let view = try VImage.open(host: crashed, readOnly: true, options: options)
+            try view.selectSnapshot(named: name)
+            #expect(firstDifference(try view.read(count: size, at: 0)[...], content[...]) == nil, "seed \(seed) \(mode): snapshot \(name) differs")
+            try view.close()
         }
         // Still fully usable: write everywhere touched, close, check.
         let data = Pattern.bytes(count: size, offset: 0, seed: seed ^ 0xABCD)
