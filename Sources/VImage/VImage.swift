@@ -239,21 +239,24 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         host: any BlockDevice, path: String? = nil, readOnly: Bool, backing: (any BlockDevice)? = nil,
         options: OpenOptions = .init()
     ) throws -> VImage {
-        try open(host: host, ownsHost: false, path: path, readOnly: readOnly, backing: backing, chain: [], options: options)
+        try open(host: host, ownsHost: false, path: path, readOnly: readOnly, backing: backing, resolveBacking: backing == nil, options: options)
     }
 
     /// Opens the image file at `path`, taking an exclusive lock for writing or a shared one for reading.
     /// - Parameter snapshot: expose this internal snapshot (read-only) instead of the active state.
     public static func open(path: String, readOnly: Bool, snapshot: String? = nil, options: OpenOptions = .init()) throws -> VImage {
-        try open(path: path, readOnly: readOnly, chain: [], options: options, snapshot: snapshot)
+        try open(path: path, readOnly: readOnly, backing: nil, resolveBacking: true, options: options, snapshot: snapshot)
     }
 
-    static func open(path: String, readOnly: Bool, chain: [String], options: OpenOptions, snapshot: String? = nil) throws -> VImage {
+    static func open(
+        path: String, readOnly: Bool, backing: (any BlockDevice)?, resolveBacking: Bool, options: OpenOptions, snapshot: String? = nil
+    ) throws -> VImage {
         let file = try wrapIO(path) {
             try FileDevice.open(path: path, readOnly: readOnly, growable: true, lock: readOnly ? .shared : .exclusive)
         }
         do {
-            let image = try open(host: file, ownsHost: true, path: path, readOnly: readOnly, backing: nil, chain: chain, options: options)
+            let image = try open(
+                host: file, ownsHost: true, path: path, readOnly: readOnly, backing: backing, resolveBacking: resolveBacking, options: options)
             if let snapshot {
                 do {
                     try image.selectSnapshot(named: snapshot)
@@ -271,7 +274,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     private static func open(
         host: any BlockDevice, ownsHost: Bool, path: String?, readOnly: Bool, backing: (any BlockDevice)?,
-        chain: [String], options: OpenOptions
+        resolveBacking: Bool, options: OpenOptions
     ) throws -> VImage {
         let fileSize = host.size
         let (header, l1, refcountTable) = try wrapIO(path) { () throws -> (ImageHeader, [UInt64], [UInt64]) in
@@ -295,8 +298,8 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         }
         var backingDevice = backing
         var ownedBacking = false
-        if backingDevice == nil, let name = header.backingFileName {
-            backingDevice = try openBacking(name: name, format: header.backingFileFormat, childPath: path, chain: chain, options: options)
+        if backingDevice == nil, resolveBacking, let name = header.backingFileName {
+            backingDevice = try openBackingChain(name: name, format: header.backingFileFormat, childPath: path, options: options)
             ownedBacking = true
         }
         let geometry = header.geometry
@@ -337,35 +340,66 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Whether `close()` closes the backing device too.
     var ownsBacking = false
 
-    private static func openBacking(
-        name: String, format: String?, childPath: String?, chain: [String], options: OpenOptions
-    ) throws -> any BlockDevice {
-        var resolved = name
-        if !name.hasPrefix("/"), let childPath, let slash = childPath.lastIndex(of: "/") {
-            resolved = String(childPath[...slash]) + name
-        }
-        let canonical = realPath(resolved) ?? resolved
-        let chainHere = chain + [childPath.flatMap(realPath) ?? childPath ?? ""]
-        guard access(resolved, F_OK) == 0 else {
-            throw VImageError(.notFound, path: childPath, message: "backing file '\(name)' not found (looked for \(resolved))")
-        }
-        if chainHere.contains(canonical) {
-            throw VImageError(.invalidImage, path: childPath, message: "backing chain loops back to \(canonical)")
-        }
-        if chainHere.count > maxBackingDepth {
-            throw VImageError(.limitExceeded, path: childPath, message: "backing chain is deeper than \(maxBackingDepth) images")
-        }
-        let kind = try format.map { text -> DiskImage.Format in
-            guard let f = DiskImage.Format(rawValue: text) else {
-                throw VImageError(.invalidImage, path: childPath, message: "unknown backing format '\(text)'")
+    /// Opens a backing chain without recursion (a crafted chain cannot deepen the stack): walk the
+    /// headers top-down to find every level, checking for missing files, loops and excess depth, then
+    /// open the levels bottom-up, each over the one below.
+    private static func openBackingChain(name: String, format: String?, childPath: String?, options: OpenOptions) throws -> any BlockDevice {
+        var levels: [(path: String, format: DiskImage.Format)] = []
+        var seen: Set<String> = [childPath.flatMap(realPath) ?? childPath ?? ""]
+        var next: (name: String, format: String?, child: String?)? = (name, format, childPath)
+        while let (name, format, child) = next {
+            var resolved = name
+            if !name.hasPrefix("/"), let child, let slash = child.lastIndex(of: "/") {
+                resolved = String(child[...slash]) + name
             }
-            return f
-        } ?? DiskImage.probe(path: resolved)
-        switch kind {
-        case .vimg: return try VImage.open(path: resolved, readOnly: true, chain: chainHere, options: options)
-        case .raw: return try wrapIO(resolved) { try FileDevice.open(path: resolved, readOnly: true, lock: .shared) }
-        case .qcow2: throw VImageError(.unsupportedFeature, path: resolved, message: "qcow2 backing files are not supported yet")
+            guard access(resolved, F_OK) == 0 else {
+                throw VImageError(.notFound, path: child, message: "backing file '\(name)' not found (looked for \(resolved))")
+            }
+            let canonical = realPath(resolved) ?? resolved
+            guard seen.insert(canonical).inserted else {
+                throw VImageError(.invalidImage, path: child, message: "backing chain loops back to \(canonical)")
+            }
+            guard levels.count < maxBackingDepth else {
+                throw VImageError(.limitExceeded, path: childPath, message: "backing chain is deeper than \(maxBackingDepth) images")
+            }
+            let kind = try format.map { text -> DiskImage.Format in
+                guard let f = DiskImage.Format(rawValue: text) else {
+                    throw VImageError(.invalidImage, path: child, message: "unknown backing format '\(text)'")
+                }
+                return f
+            } ?? DiskImage.probe(path: resolved)
+            levels.append((resolved, kind))
+            next = nil
+            if kind == .vimg {
+                let header = try wrapIO(resolved) { () -> ImageHeader in
+                    let file = try FileDevice.open(path: resolved, readOnly: true)
+                    defer { try? file.close() }
+                    var header = try ImageHeader.decode(try file.read(count: Int(min(file.size, UInt64(1 << ImageHeader.maxClusterBits))), at: 0))
+                    header.extensions = header.extensions.filter { $0.type <= HeaderExtension.backingFileFormat }
+                    return header
+                }
+                if let name = header.backingFileName { next = (name, header.backingFileFormat, resolved) }
+            }
         }
+        var device: (any BlockDevice)? = nil
+        do {
+            for level in levels.reversed() {
+                switch level.format {
+                case .vimg:
+                    let image = try VImage.open(path: level.path, readOnly: true, backing: device, resolveBacking: false, options: options)
+                    image.ownsBacking = true
+                    device = image
+                case .raw:
+                    device = try wrapIO(level.path) { try FileDevice.open(path: level.path, readOnly: true, lock: .shared) }
+                case .qcow2:
+                    throw VImageError(.unsupportedFeature, path: level.path, message: "qcow2 backing files are not supported yet")
+                }
+            }
+        } catch {
+            try? device?.close()
+            throw error
+        }
+        return device!
     }
 
     // MARK: Flush and close

@@ -98,7 +98,13 @@ public enum TestEnvironment {
 
     /// Removes a directory tree.
     public static func remove(_ path: String) {
-        _ = run("/bin/rm", ["-rf", path])
+        var pid: pid_t = 0
+        let words: [String] = ["/bin/rm", "-rf", path]
+        let argv: [UnsafeMutablePointer<CChar>?] = words.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        guard posix_spawn(&pid, "/bin/rm", nil, nil, argv, environ) == 0 else { return }
+        var status: Int32 = 0
+        while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
     }
 }
 

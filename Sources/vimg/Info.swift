@@ -11,15 +11,40 @@ extension Vimg {
         @Option(name: .short, help: "Image format (vimg or raw); probed when omitted.")
         var format: String?
 
+        @Flag(help: "Show every image of the backing chain, top first.")
+        var backingChain = false
+
         @Argument(help: "The image file.")
         var file: String
 
         func run() throws {
             try runReportingErrors {
-                let kind = try format.map { name -> DiskImage.Format in
-                    guard let f = DiskImage.Format(rawValue: name) else { throw ValidationError("unknown format '\(name)'") }
-                    return f
-                } ?? DiskImage.probe(path: file)
+                var path: String? = file
+                var kind = try formatNamed(format)
+                var outputs: [(lines: [String], fields: [(String, JSON)])] = []
+                var seen = Set<String>()
+                while let current = path {
+                    guard seen.insert(realPath(current) ?? current).inserted, seen.count <= VImage.maxBackingDepth + 1 else {
+                        throw VImageError(.invalidImage, path: current, message: "backing chain loops or is too deep")
+                    }
+                    let (lines, fields, backing, backingFormat) = try describe(current, kind)
+                    outputs.append((lines, fields))
+                    path = backingChain ? backing : nil
+                    kind = try formatNamed(backingFormat)
+                }
+                if output.format == .json {
+                    print(backingChain ? JSON.array(outputs.map { .object($0.fields) }).render() : JSON.object(outputs[0].fields).render())
+                } else {
+                    print(outputs.map { $0.lines.joined(separator: "\n") }.joined(separator: "\n\n"))
+                }
+            }
+        }
+
+        /// Text lines and JSON fields for one image, and its backing file (path as resolved, format).
+        func describe(_ file: String, _ format: DiskImage.Format?) throws -> ([String], [(String, JSON)], String?, String?) {
+                var backingPath: String? = nil
+                var backingFormat: String? = nil
+                let kind = try format ?? DiskImage.probe(path: file)
                 let actual = (try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
                     defer { try? f.close() }
                     return f.allocatedBytes()
@@ -38,6 +63,8 @@ extension Vimg {
                         "disk size: \(ByteSize.format(actual))",
                         "cluster_size: \(h.clusterSize)",
                     ]
+                    backingPath = image.backingPath
+                    backingFormat = h.backingFileFormat
                     if let backing = h.backingFileName {
                         lines.append("backing file: \(backing)")
                         if let f = h.backingFileFormat { lines.append("backing file format: \(f)") }
@@ -80,8 +107,7 @@ extension Vimg {
                 case .qcow2:
                     throw VImageError(.unsupportedFeature, path: file, message: "qcow2 images are not supported by info yet")
                 }
-                print(output.format == .json ? JSON.object(fields).render() : lines.joined(separator: "\n"))
-            }
+                return (lines, fields, backingPath, backingFormat)
         }
     }
 }
