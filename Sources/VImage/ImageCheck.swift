@@ -90,8 +90,7 @@ public enum ImageCheck {
 
     private static func run(host: any BlockDevice, report: inout CheckReport) throws {
         let fileSize = host.size
-        let prefix = try host.read(count: Int(min(fileSize, UInt64(1 << ImageHeader.maxClusterBits))), at: 0)
-        let header = try ImageHeader.decode(prefix)
+        let header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
         try header.validate(fileSize: fileSize)
         let g = header.geometry
         let cs = UInt64(g.clusterSize)

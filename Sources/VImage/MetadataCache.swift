@@ -26,15 +26,26 @@ struct TableCache<Entry: FixedWidthInteger> {
     private(set) var tables: [UInt64: CachedTable<Entry>] = [:]
     let capacity: Int
     private var clock: UInt64 = 0
+    /// A direct-mapped front for the dictionary: most lookups are an array index and one compare. It
+    /// matters on reads through deep clone chains, which look up one table per level.
+    private var hot: [CachedTable<Entry>?] = Array(repeating: nil, count: 256)
 
     init(capacity: Int) { self.capacity = max(4, capacity) }
+
+    private static func slot(_ offset: UInt64) -> Int { Int(truncatingIfNeeded: (offset >> 12) ^ (offset >> 20)) & 255 }
 
     var isFull: Bool { tables.count >= capacity }
 
     mutating func lookup(_ offset: UInt64) -> CachedTable<Entry>? {
-        guard let table = tables[offset] else { return nil }
+        let slot = Self.slot(offset)
         clock &+= 1
+        if let table = hot[slot], table.offset == offset {
+            table.lastUse = clock
+            return table
+        }
+        guard let table = tables[offset] else { return nil }
         table.lastUse = clock
+        hot[slot] = table
         return table
     }
 
@@ -42,9 +53,14 @@ struct TableCache<Entry: FixedWidthInteger> {
         clock &+= 1
         table.lastUse = clock
         tables[table.offset] = table
+        hot[Self.slot(table.offset)] = table
     }
 
-    mutating func remove(_ offset: UInt64) { tables[offset] = nil }
+    mutating func remove(_ offset: UInt64) {
+        tables[offset] = nil
+        let slot = Self.slot(offset)
+        if hot[slot]?.offset == offset { hot[slot] = nil }
+    }
 
     /// The least recently used table (linear scan: eviction is rare next to lookups).
     func leastRecentlyUsed() -> CachedTable<Entry>? { tables.values.min { $0.lastUse < $1.lastUse } }
@@ -54,5 +70,8 @@ struct TableCache<Entry: FixedWidthInteger> {
 
     var hasDirty: Bool { tables.values.contains { $0.isDirty } }
 
-    mutating func removeAll() { tables.removeAll() }
+    mutating func removeAll() {
+        tables.removeAll()
+        hot = Array(repeating: nil, count: 256)
+    }
 }

@@ -64,7 +64,7 @@ extension VImage {
                 l1TableOffset: HostOffset(geometry.offset(ofCluster: copy)), l1Size: UInt32(l1.count),
                 virtualSize: header.virtualSize, createdNanoseconds: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec),
                 id: (snapshots.map(\.id).max() ?? 0) + 1, name: name)
-            try writeBackRefcounts()
+            try writeBackRefcounts(sync: false)  // synced with the table below, before the header switch
             if !l1.isEmpty { try host.write(encodeTable(l1.map { $0 & ~copiedFlag }[...]), at: entry.l1TableOffset.rawValue) }
             try switchSnapshotTable(to: snapshots + [entry], beforeSwitch: { try self.writeL1Sectors() })
         }
@@ -193,7 +193,7 @@ extension VImage {
         if !entries.isEmpty {
             let start = try allocateRun(geometry.clusters(covering: UInt64(bytes.count)))
             newOffset = geometry.offset(ofCluster: start)
-            try writeBackRefcounts()
+            try writeBackRefcounts(sync: false)  // the flush below covers it: all before the header switch
             try host.write(bytes, at: newOffset)
         }
         try beforeSwitch()

@@ -49,6 +49,30 @@ extension VImage {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkRange(offset: offset, count: UInt64(buffer.count), operation: .read)
         guard let base = buffer.baseAddress else { return }
+        if geometry.offsetInCluster(offset) + buffer.count <= geometry.clusterSize {
+            // Fast path for the common small read inside one cluster: no plan array, one lookup. This is
+            // what keeps a read through a deep clone chain cheap (one of these per level).
+            // Down a clone chain, walk the levels here instead of recursing through each one's read().
+            try wrapIO(path) {
+                var level = self
+                while true {
+                    level.monitor.lock()
+                    let source: ReadSource
+                    do {
+                        defer { level.monitor.unlock() }
+                        try level.checkOpen()
+                        source = try level.readSource(at: offset)
+                    }
+                    if case .backing = source, let next = level.backingImage, offset + UInt64(buffer.count) <= next.size {
+                        level = next
+                        continue
+                    }
+                    try level.readPiece(source, into: buffer, guestOffset: offset)
+                    return
+                }
+            }
+            return
+        }
         var done = 0
         while done < buffer.count {
             // Plan a batch of pieces under the lock, then do the I/O outside it.
@@ -108,6 +132,17 @@ extension VImage {
             }
         }
         return pieces
+    }
+
+    /// Where the byte at `offset` comes from. Lock held.
+    func readSource(at offset: UInt64) throws -> ReadSource {
+        let inCluster = geometry.offsetInCluster(offset)
+        switch try l2Entry(guestCluster: geometry.clusterIndex(offset)) {
+        case .unallocated: return backing == nil ? .zero : .backing(offset)
+        case .zero: return .zero
+        case .normal(let host, _): return .host(host.rawValue + UInt64(inCluster))
+        case .compressed(let d): return .compressed(d, inCluster: inCluster)
+        }
     }
 
     func readPiece(_ source: ReadSource, into target: UnsafeMutableRawBufferPointer, guestOffset: UInt64) throws {

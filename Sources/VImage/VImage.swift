@@ -23,6 +23,7 @@
 import Glibc
 #endif
 import BlockIO
+import Synchronization
 
 /// A VIMG image opened for reading or writing.
 public final class VImage: BlockDevice, @unchecked Sendable {
@@ -67,7 +68,11 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     // MARK: State guarded by `monitor`
 
-    var header: ImageHeader
+    var header: ImageHeader {
+        didSet { virtualSize.store(header.virtualSize, ordering: .relaxed) }
+    }
+    /// The virtual size, readable without the lock (every request checks its range against it).
+    let virtualSize: Atomic<UInt64>
     /// The active L1 table, decoded.
     var l1: [UInt64]
     /// 512-byte sectors of the L1 table with changes not yet on disk.
@@ -98,11 +103,13 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     /// The backing image, for clones.
     let backing: (any BlockDevice)?
+    /// `backing` when it is a VIMG image (reads walk such chains without a dynamic cast per level).
+    let backingImage: VImage?
     /// The image was not closed cleanly by its last writer (it may have leaked clusters).
     public let wasDirtyAtOpen: Bool
 
     /// The virtual disk size in bytes.
-    public var size: UInt64 { monitor.withLock { header.virtualSize } }
+    public var size: UInt64 { virtualSize.load(ordering: .relaxed) }
 
     public var capabilities: BlockDeviceCapabilities {
         var caps: BlockDeviceCapabilities = [.flush, .discard, .writeZeroes, .fastZero, .extents, .multiConnection]
@@ -122,11 +129,13 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         self.ownsHost = ownsHost
         self.isReadOnly = readOnly
         self.header = header
+        self.virtualSize = Atomic(header.virtualSize)
         self.geometry = header.geometry
         self.l1 = l1
         self.refcountTable = refcountTable
         self.hostEnd = hostEnd
         self.backing = backing
+        self.backingImage = backing as? VImage
         self.wasDirtyAtOpen = header.incompatibleFeatures.contains(.dirty)
         self.dirtyBitOnDisk = header.incompatibleFeatures.contains(.dirty)
         self.l2Cache = TableCache(capacity: options.l2CacheBytes / header.clusterSize)
@@ -278,10 +287,9 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     ) throws -> VImage {
         let fileSize = host.size
         let (header, l1, refcountTable) = try wrapIO(path) { () throws -> (ImageHeader, [UInt64], [UInt64]) in
-            let prefix = try host.read(count: Int(min(fileSize, UInt64(1 << ImageHeader.maxClusterBits))), at: 0)
             var header: ImageHeader
             do {
-                header = try ImageHeader.decode(prefix)
+                header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
                 try header.validate(fileSize: fileSize)
             } catch var error as VImageError {
                 error.path = path
@@ -374,7 +382,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
                 let header = try wrapIO(resolved) { () -> ImageHeader in
                     let file = try FileDevice.open(path: resolved, readOnly: true)
                     defer { try? file.close() }
-                    var header = try ImageHeader.decode(try file.read(count: Int(min(file.size, UInt64(1 << ImageHeader.maxClusterBits))), at: 0))
+                    var header = try ImageHeader.decode(try readHeaderCluster(file, fileSize: file.size))
                     header.extensions = header.extensions.filter { $0.type <= HeaderExtension.backingFileFormat }
                     return header
                 }
@@ -483,21 +491,22 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     /// Refcount blocks, then the refcount table, each made durable: both must be on disk before any L2
     /// entry that relies on them.
-    func writeBackRefcounts() throws {
+    /// - Parameter sync: false when the caller syncs itself before pointing at anything new (saves one
+    ///   flush); a new block is still made durable before the refcount table points at it.
+    func writeBackRefcounts(sync: Bool = true) throws {
         let dirtyBlocks = refcountCache.dirtyTables()
-        if !dirtyBlocks.isEmpty || !dirtyRefcountTableSectors.isEmpty { try setDirtyBit() }
-        if !dirtyBlocks.isEmpty {
-            for block in dirtyBlocks { try writeTable(block) }
-            try host.flush()
-        }
+        if dirtyBlocks.isEmpty && dirtyRefcountTableSectors.isEmpty { return }
+        try setDirtyBit()
+        for block in dirtyBlocks { try writeTable(block) }
         if !dirtyRefcountTableSectors.isEmpty {
+            if !dirtyBlocks.isEmpty { try host.flush() }
             for sector in dirtyRefcountTableSectors.sorted() {
                 let first = sector * 64
                 try host.write(encodeTable(refcountTable[first..<first + 64]), at: header.refcountTableOffset.rawValue + UInt64(sector * 512))
             }
             dirtyRefcountTableSectors.removeAll()
-            try host.flush()
         }
+        if sync { try host.flush() }
     }
 
     func writeTable<E>(_ table: CachedTable<E>) throws {
@@ -819,6 +828,15 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         // The header no longer points at the old table (durably), so it can be freed right away.
         for c in 0..<oldClusters { try decrementRefcount(geometry.clusterIndex(oldOffset) + c) }
     }
+}
+
+/// The bytes of cluster 0 (or of the whole file, if shorter): the fixed header tells the cluster size.
+func readHeaderCluster(_ host: any BlockDevice, fileSize: UInt64) throws -> [UInt8] {
+    let first = try host.read(count: Int(min(fileSize, UInt64(ImageHeader.fixedSize))), at: 0)
+    guard first.count == ImageHeader.fixedSize else { return first }
+    let bits = UInt32(first[12]) << 24 | UInt32(first[13]) << 16 | UInt32(first[14]) << 8 | UInt32(first[15])
+    let clusterSize = UInt64(1) << UInt64(min(max(bits, ImageHeader.minClusterBits), ImageHeader.maxClusterBits))
+    return try host.read(count: Int(min(fileSize, clusterSize)), at: 0)
 }
 
 func realPath(_ path: String) -> String? {
