@@ -88,7 +88,27 @@ public enum ImageCheck {
         return check(host: file)
     }
 
-    private static func run(host: any BlockDevice, report: inout CheckReport) throws {
+    /// What a check learned, kept for repair.
+    struct Analysis {
+        var header: ImageHeader
+        var fileClusters: UInt64
+        /// References per host cluster (inside the file) and past its end.
+        var expected: [UInt32]
+        var beyond: [UInt64: UInt32]
+        var stored: [UInt16]
+        var storedBeyond: [UInt64: UInt16]
+        /// Existing refcount block per table index.
+        var blockOffsets: [UInt64?]
+        /// Entries to rewrite for `-r all`: host offset of a big-endian u64 and its trusted value.
+        var entryFixes: [(offset: UInt64, value: UInt64)] = []
+        /// The snapshot table cannot be trusted: `-r all` drops it.
+        var dropSnapshots = false
+        /// Clusters of the refcount structure itself (table and blocks).
+        var refcountStructure: [UInt64] = []
+    }
+
+    @discardableResult
+    static func run(host: any BlockDevice, report: inout CheckReport) throws -> Analysis {
         let fileSize = host.size
         let header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
         try header.validate(fileSize: fileSize)
@@ -118,20 +138,34 @@ public enum ImageCheck {
                 beyond[cluster, default: 0] &+= 1
             }
         }
+        // Metadata clusters, to find data or tables placed on top of them: the header, refcount structure,
+        // L1 tables and snapshot table ("structural"), and L2 tables.
+        var structural: Set<UInt64> = [0]
+        var l2Tables = Set<UInt64>()
+        var l2References: [(entry: UInt64, cluster: UInt64, what: String)] = []
+        var dataReferences: [(entry: UInt64, cluster: UInt64, what: String)] = []
         /// References a metadata area, which must be cluster aligned and inside the file.
-        func referenceMetadata(_ offset: UInt64, bytes: UInt64, _ what: String, report: inout CheckReport) -> Bool {
+        func referenceMetadata(_ offset: UInt64, bytes: UInt64, _ what: String, isL2: Bool = false, report: inout CheckReport) -> Bool {
             let (end, overflow) = offset.addingReportingOverflow(bytes)
             guard g.isAligned(offset), offset != 0, !overflow, end <= fileSize else {
                 report.add(.corruption, "outside-file", "\(what) at 0x\(String(offset, radix: 16)) is misaligned or outside the file", at: offset)
                 return false
             }
-            for c in g.clusterIndex(offset)..<g.clusters(covering: end) { reference(c) }
+            for c in g.clusterIndex(offset)..<g.clusters(covering: end) {
+                reference(c)
+                if isL2 { l2Tables.insert(c) } else { structural.insert(c) }
+            }
             return true
         }
 
         reference(0)
         let rtBytes = UInt64(header.refcountTableClusters) * cs
-        _ = referenceMetadata(header.refcountTableOffset.rawValue, bytes: rtBytes, "refcount table", report: &report)
+        var entryFixes: [(offset: UInt64, value: UInt64)] = []
+        var dropSnapshots = false
+        var refcountStructure: [UInt64] = []
+        if referenceMetadata(header.refcountTableOffset.rawValue, bytes: rtBytes, "refcount table", report: &report) {
+            refcountStructure += Array(g.clusterIndex(header.refcountTableOffset.rawValue)..<g.clusters(covering: header.refcountTableOffset.rawValue + rtBytes))
+        }
         let table = try host.read(count: Int(rtBytes), at: header.refcountTableOffset.rawValue).withUnsafeBytes {
             decodeTable($0, as: UInt64.self)
         }
@@ -141,37 +175,69 @@ public enum ImageCheck {
                 report.add(.corruption, "reserved-bits", "refcount table entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))")
             }
             let offset = raw & hostOffsetMask
-            if referenceMetadata(offset, bytes: cs, "refcount block \(i)", report: &report) { blockOffsets[i] = offset }
+            if referenceMetadata(offset, bytes: cs, "refcount block \(i)", report: &report) {
+                blockOffsets[i] = offset
+                refcountStructure.append(g.clusterIndex(offset))
+            }
         }
 
         // The L1 tables: the active one, then each snapshot's.
         var visitedL2 = Set<UInt64>()
-        var copiedChecks: [(cluster: UInt64, copied: Bool, what: String)] = []
+        var copiedChecks: [(cluster: UInt64, copied: Bool, what: String, entry: UInt64, raw: UInt64)] = []
         var lastHost: UInt64? = nil
         func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String, report: inout CheckReport) throws {
             guard l1Size > 0 else { return }
-            guard referenceMetadata(l1Offset, bytes: UInt64(l1Size) * 8, "\(name) L1 table", report: &report) else { return }
+            guard referenceMetadata(l1Offset, bytes: UInt64(l1Size) * 8, "\(name) L1 table", report: &report) else {
+                if !active { dropSnapshots = true }
+                return
+            }
             let l1 = try host.read(count: Int(l1Size) * 8, at: l1Offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
             for (i, raw) in l1.enumerated() where raw != 0 {
                 let entry = L1Entry(rawValue: raw)
+                let entryOffset = l1Offset + UInt64(i * 8)
                 if entry.reservedBits != 0 {
-                    report.add(.corruption, "reserved-bits", "\(name) L1 entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))")
+                    report.add(.corruption, "reserved-bits", "\(name) L1 entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
+                    entryFixes.append((entryOffset, raw & (hostOffsetMask | copiedFlag)))
                 }
                 guard let l2 = entry.l2Table?.rawValue else { continue }
-                guard referenceMetadata(l2, bytes: cs, "\(name) L2 table \(i)", report: &report) else { continue }
-                if active { copiedChecks.append((g.clusterIndex(l2), entry.isCopied, "L1 entry \(i)")) }
+                guard referenceMetadata(l2, bytes: cs, "\(name) L2 table \(i)", isL2: true, report: &report) else {
+                    entryFixes.append((entryOffset, 0))
+                    continue
+                }
+                l2References.append((entryOffset, g.clusterIndex(l2), "\(name) L1 entry \(i)"))
+                if active { copiedChecks.append((g.clusterIndex(l2), entry.isCopied, "L1 entry \(i)", entryOffset, raw)) }
                 guard visitedL2.insert(l2).inserted else { continue }
                 let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
                 for (j, raw) in entries.enumerated() where raw != 0 {
                     let where_ = "\(name) L2 table \(i) entry \(j)"
+                    let entryOffset = l2 + UInt64(j * 8)
                     if L2Entry.reservedBits(raw) != 0 {
-                        report.add(.corruption, "reserved-bits", "\(where_) has reserved bits set (0x\(String(raw, radix: 16)))", at: l2 + UInt64(j * 8))
+                        report.add(.corruption, "reserved-bits", "\(where_) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
+                        entryFixes.append((entryOffset, raw & ~L2Entry.reservedBits(raw)))
                     }
-                    let e = L2Entry(raw: raw)
+                    let e = L2Entry(raw: raw & ~L2Entry.reservedBits(raw))
+                    if let host = e.hostCluster?.rawValue, host >= fileSize {
+                        // Past the end: never written (a crash between the metadata and the data). Reads as
+                        // zeroes; `-r all` drops the reference so the refcounts need not cover it.
+                        entryFixes.append((entryOffset, 0))
+                    }
                     if let host = e.hostCluster?.rawValue {
                         reference(g.clusterIndex(host))
+                        dataReferences.append((entryOffset, g.clusterIndex(host), where_))
                         if active && entry.isCopied {
-                            copiedChecks.append((g.clusterIndex(host), raw & copiedFlag != 0, where_))
+                            copiedChecks.append((g.clusterIndex(host), raw & copiedFlag != 0, where_, entryOffset, raw))
+                        }
+                    }
+                    if case .compressed(let d) = e {
+                        let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
+                        if overflow || end > fileSize || d.hostOffset == 0 {
+                            report.add(.corruption, "compressed-out-of-range", "\(where_): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file", at: d.hostOffset)
+                            entryFixes.append((entryOffset, 0))
+                        } else {
+                            for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) {
+                                reference(c)
+                                dataReferences.append((entryOffset, c, where_))
+                            }
                         }
                     }
                     guard active else { continue }
@@ -180,15 +246,9 @@ public enum ImageCheck {
                         report.allocatedClusters += 1
                         if let lastHost, host.rawValue != lastHost + cs { report.fragmentedClusters += 1 }
                         lastHost = host.rawValue
-                    case .compressed(let d):
+                    case .compressed:
                         report.allocatedClusters += 1
                         report.compressedClusters += 1
-                        let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
-                        if overflow || end > fileSize || d.hostOffset == 0 {
-                            report.add(.corruption, "compressed-out-of-range", "\(where_): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file", at: d.hostOffset)
-                        } else {
-                            for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) { reference(c) }
-                        }
                     default: break
                     }
                 }
@@ -206,8 +266,21 @@ public enum ImageCheck {
                     }
                 } catch let error as VImageError {
                     report.add(.corruption, "snapshot-table", error.message, at: header.snapshotTableOffset.rawValue)
+                    dropSnapshots = true
                 }
+            } else {
+                dropSnapshots = true
             }
+        }
+
+        // Tables or data placed on metadata: whatever is written through them overwrites the metadata.
+        for r in l2References where structural.contains(r.cluster) {
+            report.add(.corruption, "metadata-overlap", "\(r.what) points at metadata (cluster \(r.cluster))", at: r.entry)
+            entryFixes.append((r.entry, 0))
+        }
+        for r in dataReferences where structural.contains(r.cluster) || l2Tables.contains(r.cluster) {
+            report.add(.corruption, "metadata-overlap", "\(r.what) maps data onto metadata (cluster \(r.cluster))", at: r.entry)
+            entryFixes.append((r.entry, 0))
         }
 
         // Compare with the stored refcounts.
@@ -255,7 +328,175 @@ public enum ImageCheck {
                 report.add(.corruption, "copied-flag",
                     "\(check.what): COPIED flag is set but the cluster has \(references) references",
                     at: check.cluster * cs)
+                entryFixes.append((check.entry, check.raw & ~copiedFlag))
             }
         }
+        return Analysis(
+            header: header, fileClusters: fileClusters, expected: expected, beyond: beyond, stored: stored,
+            storedBeyond: storedBeyond, blockOffsets: blockOffsets, entryFixes: entryFixes, dropSnapshots: dropSnapshots,
+            refcountStructure: refcountStructure)
+    }
+}
+
+// MARK: Repair
+
+/// What `vimg check -r` repairs.
+public enum RepairMode: String, Sendable, CaseIterable {
+    /// Free leaked clusters (refcounts higher than their references).
+    case leaks
+    /// Also drop references that cannot be trusted and rebuild every refcount from the references.
+    case all
+}
+
+/// The outcome of a repair: the report before, the actions (done, or planned with `dryRun`), the report after.
+public struct RepairResult: Sendable {
+    public var before: CheckReport
+    public var actions: [String]
+    public var after: CheckReport
+}
+
+extension ImageCheck {
+    /// Checks and repairs the image file at `path` (opened read-write with an exclusive lock).
+    /// - Parameters:
+    ///   - mode: `.leaks` or `.all`.
+    ///   - dryRun: report what would be done, change nothing.
+    public static func repair(path: String, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
+        let host = try wrapIO(path) { try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive) }
+        defer { try? host.close() }
+        return try wrapIO(path) { try repair(host: host, mode: mode, dryRun: dryRun) }
+    }
+
+    /// Repairs the image stored on `host`.
+    public static func repair(host: any BlockDevice, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
+        var before = CheckReport()
+        let analysis: Analysis
+        do {
+            analysis = try run(host: host, report: &before)
+        } catch {
+            before.checkErrors += 1
+            before.incompleteReason = "\(error)"
+            return RepairResult(before: before, actions: [], after: before)
+        }
+        var actions: [String] = []
+        var header = analysis.header
+        let g = header.geometry
+        let cs = UInt64(g.clusterSize)
+        switch mode {
+        case .leaks:
+            let perBlock = g.refcountBlockEntries
+            var changes: [Int: [(Int, UInt16)]] = [:]
+            for c in 0..<Int(analysis.fileClusters) where UInt32(analysis.stored[c]) > analysis.expected[c] {
+                let tableIndex = c / perBlock
+                guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else { continue }
+                actions.append("cluster \(c): refcount \(analysis.stored[c]) -> \(analysis.expected[c])")
+                changes[tableIndex, default: []].append((c % perBlock, UInt16(analysis.expected[c])))
+            }
+            for (cluster, count) in analysis.storedBeyond where UInt32(count) > analysis.beyond[cluster] ?? 0 {
+                let tableIndex = Int(cluster / UInt64(perBlock))
+                guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else { continue }
+                actions.append("cluster \(cluster): refcount \(count) -> \(analysis.beyond[cluster] ?? 0)")
+                changes[tableIndex, default: []].append((Int(cluster % UInt64(perBlock)), UInt16(analysis.beyond[cluster] ?? 0)))
+            }
+            if dryRun { return RepairResult(before: before, actions: actions, after: before) }
+            for (tableIndex, updates) in changes {
+                let offset = analysis.blockOffsets[tableIndex]!
+                var block = try host.read(count: Int(cs), at: offset).withUnsafeBytes { decodeTable($0, as: UInt16.self) }
+                for (index, value) in updates { block[index] = value }
+                try host.write(encodeTable(block[...]), at: offset)
+            }
+            try host.flush()
+            if before.corruptions == 0 && header.incompatibleFeatures.contains(.dirty) {
+                header.incompatibleFeatures.remove(.dirty)
+                try host.write(header.encodeFixed(), at: 0)
+                try host.flush()
+                actions.append("cleared the dirty bit")
+            }
+        case .all:
+            // Each round drops or mends what cannot be trusted, then rebuilds the refcounts; a mended
+            // entry can expose the next problem, so a few rounds run until the image checks clean.
+            var analysis = analysis
+            for round in 0..<4 {
+                var fixes: [UInt64: UInt64] = [:]
+                for fix in analysis.entryFixes {
+                    // Fixes of one entry combine: each clears bits; dropping the entry (0) wins.
+                    fixes[fix.offset] = (fixes[fix.offset] ?? UInt64.max) & fix.value
+                }
+                for (offset, value) in fixes.sorted(by: { $0.key < $1.key }) {
+                    actions.append(value == 0 ? "drop the untrusted entry at 0x\(String(offset, radix: 16))" : "rewrite the entry at 0x\(String(offset, radix: 16)) as 0x\(String(value, radix: 16))")
+                }
+                if analysis.dropSnapshots { actions.append("drop the snapshot table (it cannot be trusted)") }
+                if round == 0 { actions.append("rebuild all refcounts from the references") }
+                if dryRun { return RepairResult(before: before, actions: actions, after: before) }
+                for (offset, value) in fixes {
+                    var w = ByteWriter()
+                    w.write(value)
+                    try host.write(w.bytes, at: offset)
+                }
+                if analysis.dropSnapshots {
+                    header.snapshotCount = 0
+                    header.snapshotTableOffset = .zero
+                    header.snapshotTableSize = 0
+                    try host.write(header.encodeFixed(), at: 0)
+                }
+                try host.flush()
+                var scratch = CheckReport()
+                let fixed = try run(host: host, report: &scratch)
+                header = fixed.header
+                try rebuildRefcounts(host: host, analysis: fixed, header: &header)
+                var next = CheckReport()
+                analysis = try run(host: host, report: &next)
+                if next.isClean { break }
+            }
+        }
+        let after = check(host: host)
+        return RepairResult(before: before, actions: actions, after: after)
+    }
+
+    /// Writes a new refcount table and blocks at the end of the file holding exactly the references
+    /// found, syncs, switches the header to them (clearing the corrupt and dirty bits), and syncs.
+    /// The old refcount structure becomes free space.
+    private static func rebuildRefcounts(host: any BlockDevice, analysis: Analysis, header: inout ImageHeader) throws {
+        let g = header.geometry
+        let cs = UInt64(g.clusterSize)
+        let perBlock = UInt64(g.refcountBlockEntries)
+        var counts = analysis.expected
+        for c in analysis.refcountStructure where c < UInt64(counts.count) && counts[Int(c)] > 0 { counts[Int(c)] -= 1 }
+        let start = analysis.fileClusters
+        var blocks: UInt64 = 1
+        var tableClusters: UInt64 = 1
+        while true {
+            let total = start + blocks + tableClusters
+            let needBlocks = (total + perBlock - 1) / perBlock
+            let needTable = g.clusters(covering: needBlocks * 8)
+            if needBlocks == blocks && needTable == tableClusters { break }
+            blocks = needBlocks
+            tableClusters = needTable
+        }
+        guard tableClusters * cs / 8 <= ImageHeader.maxRefcountTableEntries else {
+            throw VImageError(.limitExceeded, message: "the rebuilt refcount table would exceed its limit")
+        }
+        let end = start + blocks + tableClusters
+        var table = [UInt64](repeating: 0, count: Int(tableClusters * cs / 8))
+        for b in 0..<blocks {
+            table[Int(b)] = (start + b) * cs
+            var block = [UInt16](repeating: 0, count: Int(perBlock))
+            for i in 0..<perBlock {
+                let c = b * perBlock + i
+                if c < start {
+                    block[Int(i)] = UInt16(min(counts[Int(c)], UInt32(UInt16.max)))
+                } else if c < end {
+                    block[Int(i)] = 1
+                }
+            }
+            try host.write(encodeTable(block[...]), at: (start + b) * cs)
+        }
+        try host.write(encodeTable(table[...]), at: (start + blocks) * cs)
+        try host.flush()
+        header.refcountTableOffset = HostOffset((start + blocks) * cs)
+        header.refcountTableClusters = UInt32(tableClusters)
+        header.incompatibleFeatures.remove(.corrupt)
+        header.incompatibleFeatures.remove(.dirty)
+        try host.write(header.encodeFixed(), at: 0)
+        try host.flush()
     }
 }

@@ -8,10 +8,21 @@ extension Vimg {
             abstract: "Check an image's metadata for leaks and corruption.",
             discussion: """
                 Exit codes (as qemu-img check): 0 no problems, 1 the check could not complete,
-                2 corruptions found, 3 only leaked clusters found.
+                2 corruptions found, 3 only leaked clusters found. With -r, the codes describe the image
+                after the repair.
+
+                -r leaks frees leaked clusters. -r all also drops references that cannot be trusted and
+                rebuilds every refcount from the references; it clears the corrupt and dirty bits.
+                --dry-run prints what -r would do and changes nothing.
                 """)
 
         @OptionGroup var output: OutputOptions
+
+        @Option(name: .customShort("r"), help: "Repair: leaks or all.")
+        var repair: RepairMode?
+
+        @Flag(help: "With -r: print the repair plan, change nothing.")
+        var dryRun = false
 
         @Argument(help: "The image file.")
         var file: String
@@ -19,7 +30,25 @@ extension Vimg {
         func run() throws {
             var code: Int32 = 0
             try runReportingErrors {
-                let report = try ImageCheck.check(path: file)
+                var report: CheckReport
+                var repairActions: [String]? = nil
+                if let repair {
+                    let result = try ImageCheck.repair(path: file, mode: repair, dryRun: dryRun)
+                    repairActions = result.actions
+                    report = result.after
+                    if output.format == .human {
+                        for action in result.actions { print(dryRun ? "Plan: \(action)" : "Repaired: \(action)") }
+                        if !result.actions.isEmpty { print("") }
+                        if !dryRun && result.before.corruptions + result.before.leaks > 0 {
+                            print("The following inconsistencies were found and repaired:\n")
+                            print("    \(result.before.leaks) leaked clusters")
+                            print("    \(result.before.corruptions) corruptions\n")
+                            print("Double checking the fixed image now...")
+                        }
+                    }
+                } else {
+                    report = try ImageCheck.check(path: file)
+                }
                 if output.format == .json {
                     var fields: [(String, JSON)] = [
                         ("image-end-offset", .uint(report.imageEndOffset)), ("total-clusters", .uint(report.totalClusters)),
@@ -40,6 +69,7 @@ extension Vimg {
                         })),
                     ]
                     if let reason = report.incompleteReason { fields.append(("error", .string(reason))) }
+                    if let repairActions { fields.append((dryRun ? "repair-plan" : "repairs", .array(repairActions.map { .string($0) }))) }
                     print(JSON.object(fields).render())
                 } else {
                     printHuman(report)
@@ -47,6 +77,10 @@ extension Vimg {
                 code = report.exitCode
             }
             if code != 0 { throw ExitCode(code) }
+        }
+
+        func validate() throws {
+            if dryRun && repair == nil { throw ValidationError("--dry-run goes with -r leaks or -r all") }
         }
 
         func printHuman(_ r: CheckReport) {

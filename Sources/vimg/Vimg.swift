@@ -17,6 +17,8 @@ struct Vimg: ParsableCommand {
     )
 }
 
+extension RepairMode: ExpressibleByArgument {}
+
 /// `--output=human|json`, shared by the subcommands scripts read.
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {
     case human, json
