@@ -20,9 +20,13 @@ let package = Package(
     ],
     targets: [
         .target(name: "CBlockIO"),
+        .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
+        .systemLibrary(name: "CFUSE", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         .target(name: "BlockIO", dependencies: ["CBlockIO"]),
         .target(
-            name: "VImage", dependencies: ["BlockIO"],
+            name: "VImage", dependencies: ["BlockIO", "CLZ4"],
             // Metadata state is only touched under the engine's lock; the runtime exclusivity checks cost
             // about a tenth of a small read in release builds (debug builds keep them).
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
@@ -40,6 +44,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
@@ -48,7 +53,7 @@ let package = Package(
         .executableTarget(
             name: "vdisk",
             dependencies: [
-                "BlockIO", "VImage", "NBDServer",
+                "BlockIO", "VImage", "NBDServer", "FUSEExport",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -65,6 +70,7 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
             ]
         ),
+        .testTarget(name: "FUSEExportTests", dependencies: ["FUSEExport", "BlockIO", "VImageTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["VImageTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

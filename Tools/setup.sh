@@ -9,6 +9,7 @@ packages=(
     python3-libnbd  # nbdsh's Python binding (Debian's /usr/bin/python3)
     fio             # benchmarks (its nbd engine)
     liblz4-dev      # LZ4 compressed clusters
+    zlib1g-dev libzstd-dev  # reading qcow2 compressed clusters (zlib, zstd)
     libfuse3-dev fuse3  # the FUSE + loop device path of vdisk plug
     e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup for end-to-end tests
 )

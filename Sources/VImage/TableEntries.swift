@@ -91,6 +91,12 @@ public enum L2Entry: Hashable, Sendable {
         return raw & ~(hostOffsetMask | copiedFlag | zeroFlag)
     }
 
+    /// Whether the entry points at a compressed record (which holds references on every cluster it spans).
+    public var isCompressed: Bool {
+        if case .compressed = self { return true }
+        return false
+    }
+
     /// The host cluster this entry owns a reference to (normal or preallocated zero), if any.
     public var hostCluster: HostOffset? {
         switch self {

@@ -170,11 +170,6 @@ extension VImage {
         }
     }
 
-    /// The uncompressed content of a compressed cluster.
-    func decompress(_ d: CompressedDescriptor) throws -> [UInt8] {
-        throw VImageError(.unsupportedFeature, path: path, offset: d.hostOffset, message: "compressed clusters are not supported by this build")
-    }
-
     // MARK: Write
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
@@ -405,7 +400,8 @@ extension VImage {
                             new = backing == nil ? .unallocated : .zero(preallocated: nil, copied: false)
                         }
                         if new == old { continue }
-                        if new.hostCluster != old.hostCluster { queueFree(old) }
+                        // A compressed record has no `hostCluster` but holds references all the same.
+                        if new.hostCluster != old.hostCluster || old.isCompressed { queueFree(old) }
                         table.entries[index] = new.rawValue
                         table.isDirty = true
                     }

@@ -100,7 +100,7 @@ extension VImage {
                 let index = geometry.l2Index(guestCluster: c)
                 let old = L2Entry(raw: table.entries[index])
                 guard old.isAllocated, old != replacement else { continue }
-                if old.hostCluster != nil || { if case .compressed = old { return true } else { return false } }() {
+                if old.hostCluster != nil || old.isCompressed {
                     dropped += UInt64(geometry.clusterSize)
                 }
                 queueFree(old)

@@ -98,6 +98,8 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Whether fixed header fields changed in memory and must be written at the next flush.
     var headerChanged = false
     var isClosed = false
+    /// Where the next compressed record goes (inside a cluster set aside for compressed data), if any.
+    var compressedCursor: UInt64? = nil
     /// The snapshot table, decoded.
     var snapshots: [SnapshotEntry] = []
 
@@ -485,6 +487,8 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         // The dropped references are durable now, so their clusters may be counted down and reused.
         for cluster in pendingFrees { try decrementRefcount(cluster) }
         pendingFrees.removeAll()
+        // A cluster of compressed records may just have been freed: never append to it again.
+        compressedCursor = nil
         for table in pendingTableFrees { try releaseL2Table(table) }
         pendingTableFrees.removeAll()
     }

@@ -47,7 +47,13 @@ import VImageTestSupport
           do {
             let offset = Int.random(in: 0..<size, using: &rng)
             let length = Int.random(in: 1...min(size - offset, cs * 3), using: &rng)
-            switch Int.random(in: 0..<13, using: &rng) {
+            switch Int.random(in: 0..<14, using: &rng) {
+            case 13:
+                let cluster = Int.random(in: 0..<size / cs, using: &rng)
+                let data = compressible(cs, seed: seed &+ UInt64(step), rng: &rng)
+                touch(cluster * cs, cs)
+                try data.withUnsafeBytes { try image.writeCompressed(cluster: UInt64(cluster), data: $0) }
+                current.write(data, at: cluster * cs)
             case 10:
                 let name = "s\(nextSnapshot)"
                 nextSnapshot += 1
