@@ -1,0 +1,1 @@
+// Placeholder until the FUSE export tests land.
