@@ -71,7 +71,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "FUSEExportTests", dependencies: ["FUSEExport", "BlockIO", "VImageTestSupport"]),
-        .testTarget(name: "CLITests", dependencies: ["VImageTestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

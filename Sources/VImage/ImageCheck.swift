@@ -186,8 +186,9 @@ public enum ImageCheck {
         var copiedChecks: [(cluster: UInt64, copied: Bool, what: String, entry: UInt64, raw: UInt64)] = []
         var lastHost: UInt64? = nil
         func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String, report: inout CheckReport) throws {
-            guard l1Size > 0 else { return }
-            guard referenceMetadata(l1Offset, bytes: UInt64(l1Size) * 8, "\(name) L1 table", report: &report) else {
+            // An empty L1 table may still own the cluster reserved for it (a 0-byte image).
+            guard l1Size > 0 || l1Offset != 0 else { return }
+            guard referenceMetadata(l1Offset, bytes: max(8, UInt64(l1Size) * 8), "\(name) L1 table", report: &report) else {
                 if !active { dropSnapshots = true }
                 return
             }

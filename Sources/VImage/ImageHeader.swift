@@ -173,8 +173,9 @@ public struct ImageHeader: Sendable, Hashable {
             throw VImageError(.invalidImage, offset: 12, message: "cluster_bits \(clusterBits) is outside 12...21")
         }
         let clusterSize = 1 << Int(clusterBits)
-        guard headerSize >= UInt32(fixedSize), headerSize <= UInt32(clusterSize) else {
-            throw VImageError(.invalidImage, offset: 8, message: "header_size \(headerSize) is outside \(fixedSize)...\(clusterSize)")
+        // Version 1 has exactly 96 fixed bytes; new fields come as extensions or with a new version.
+        guard headerSize == UInt32(fixedSize) else {
+            throw VImageError(.invalidImage, offset: 8, message: "header_size \(headerSize) is not \(fixedSize)")
         }
         let unknown = IncompatibleFeatures(rawValue: incompatible).subtracting(.known)
         guard unknown.isEmpty else {

@@ -160,6 +160,7 @@ extension VImage {
             while !inflight.isEmpty { monitor.wait() }
             try wrapIO(path) {
                 try writeBack()
+                try setDirtyBit()  // rule 4: before any metadata write, even when nothing else is pending
                 try body()
                 try writeBack()
             }

@@ -149,7 +149,9 @@ extension VImage {
                     throw VImageError(.invalidArgument, path: path, message: "the header does not fit in one cluster")
                 }
                 try setDirtyBit()
+                // setDirtyBit changed the dirty and autoclear fields; keep its values, not the copy's.
                 updated.incompatibleFeatures = header.incompatibleFeatures
+                updated.autoclearFeatures = header.autoclearFeatures
                 try host.write(updated.encode(), at: 0)
                 try host.flush()
                 header = updated

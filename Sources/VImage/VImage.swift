@@ -108,7 +108,11 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// `backing` when it is a VIMG image (reads walk such chains without a dynamic cast per level).
     let backingImage: VImage?
     /// The image was not closed cleanly by its last writer (it may have leaked clusters).
-    public let wasDirtyAtOpen: Bool
+    /// Whether the image was not closed cleanly before this open (a read-write open then frees the
+    /// leaked clusters, as `vimg check -r leaks` would, so a clean close can clear the bit).
+    public internal(set) var wasDirtyAtOpen: Bool
+    /// Dirty on disk at open and not repaired: a clean close must not hide the leaks `check` should see.
+    let leftDirty: Bool
 
     /// The virtual disk size in bytes.
     public var size: UInt64 { virtualSize.load(ordering: .relaxed) }
@@ -139,6 +143,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         self.backing = backing
         self.backingImage = backing as? VImage
         self.wasDirtyAtOpen = header.incompatibleFeatures.contains(.dirty)
+        self.leftDirty = header.incompatibleFeatures.contains(.dirty)
         self.dirtyBitOnDisk = header.incompatibleFeatures.contains(.dirty)
         self.l2Cache = TableCache(capacity: options.l2CacheBytes / header.clusterSize)
         self.refcountCache = TableCache(capacity: options.refcountCacheBytes / header.clusterSize)
@@ -285,7 +290,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     private static func open(
         host: any BlockDevice, ownsHost: Bool, path: String?, readOnly: Bool, backing: (any BlockDevice)?,
-        resolveBacking: Bool, options: OpenOptions
+        resolveBacking: Bool, options: OpenOptions, repairedDirty: Bool = false
     ) throws -> VImage {
         let fileSize = host.size
         let (header, l1, refcountTable) = try wrapIO(path) { () throws -> (ImageHeader, [UInt64], [UInt64]) in
@@ -305,6 +310,19 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         }
         if !readOnly && header.incompatibleFeatures.contains(.corrupt) {
             throw VImageError(.corrupt, path: path, message: "image is marked corrupt; open it read-only, or repair it with 'vimg check -r all'")
+        }
+        if !readOnly && !repairedDirty && header.incompatibleFeatures.contains(.dirty) {
+            // Not closed cleanly: refcounts may be too high. Free the leaks now (refcounts are only ever
+            // lowered to what the metadata references), then open the repaired image; if the check finds
+            // a corruption the image is opened anyway and stays dirty, as `vimg check` will report.
+            let result = try wrapIO(path) { try ImageCheck.repair(host: host, mode: .leaks) }
+            if result.after.corruptions == 0 && result.after.checkErrors == 0 {
+                let image = try open(
+                    host: host, ownsHost: ownsHost, path: path, readOnly: readOnly, backing: backing,
+                    resolveBacking: resolveBacking, options: options, repairedDirty: true)
+                image.wasDirtyAtOpen = true
+                return image
+            }
         }
         var backingDevice = backing
         var ownedBacking = false
@@ -438,7 +456,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
                         try writeBack()
                         // The frees applied by writeBack are in the refcount cache; write them too.
                         try writeBackRefcounts()
-                        if dirtyBitOnDisk && !wasDirtyAtOpen {
+                        if dirtyBitOnDisk && !leftDirty {
                             header.incompatibleFeatures.remove(.dirty)
                             try host.write(header.encodeFixed(), at: 0)
                             try host.flush()

@@ -83,6 +83,13 @@ func wrapIO<T>(_ path: String?, _ body: () throws -> T) throws -> T {
         if error.code == .locked {
             throw VImageError(.locked, path: path, message: error.message)
         }
+        // The common cases of opening a file get a plain sentence, not an I/O error.
+        switch error.errno {
+        case EEXIST: throw VImageError(.alreadyExists, path: path, message: "file already exists")
+        case ENOENT: throw VImageError(.notFound, path: path, message: "no such file or directory")
+        case EACCES, EPERM: throw VImageError(.io, path: path, message: "permission denied", cause: error)
+        default: break
+        }
         throw VImageError(.io, path: path, offset: error.offset, message: "I/O error", cause: error)
     } catch {
         throw VImageError(.io, path: path, message: "I/O error: \(error)")
