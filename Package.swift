@@ -45,6 +45,7 @@ let package = Package(
             ]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
+        .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "FUSEExport"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
@@ -53,7 +54,7 @@ let package = Package(
         .executableTarget(
             name: "vdisk",
             dependencies: [
-                "BlockIO", "VImage", "NBDServer", "FUSEExport",
+                "BlockIO", "VImage", "NBDServer", "FUSEExport", "VDiskBus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -1,0 +1,89 @@
+import BlockIO
+import Foundation
+import VImage
+
+/// An opened backend: the device the front ends see, and what must be closed (top first) on unplug.
+struct OpenedBackend {
+    var device: any BlockDevice
+    var format: String
+    /// The VIMG image, when snapshots of the plugged disk are possible.
+    var image: VImage?
+    /// Devices to close on unplug, in order.
+    var owned: [any BlockDevice]
+    /// The canonical source: an absolute path, a URI, or "ram".
+    var source: String
+
+    func close() -> [String] {
+        var problems: [String] = []
+        for device in owned {
+            do { try device.close() } catch { problems.append("\(error)") }
+        }
+        return problems
+    }
+}
+
+enum Backends {
+    /// Opens what `request` names. Nothing is left open when it throws.
+    static func open(_ request: PlugRequest, opener: BusOpener) throws -> OpenedBackend {
+        var base: OpenedBackend
+        if let size = request.ramSize {
+            guard request.source == nil else { throw BusError("give either a source or --ram, not both") }
+            guard size > 0, size % 512 == 0, size <= 1 << 44 else {
+                throw BusError("a RAM disk needs a size that is a positive multiple of 512 bytes (at most 16 TiB)")
+            }
+            guard request.snapshot == nil, !request.overlay else { throw BusError("a RAM disk has no snapshots or overlays") }
+            let ram = MemoryDevice(size: size, growable: false, readOnly: request.readOnly)
+            return OpenedBackend(device: ram, format: "ram", image: nil, owned: [ram], source: "ram")
+        }
+        guard let source = request.source, !source.isEmpty else { throw BusError("nothing to plug: give an image, an nbd:// URI or --ram SIZE") }
+        if source.hasPrefix("nbd://") || source.hasPrefix("nbd+unix://") {
+            guard request.snapshot == nil else { throw BusError("--snapshot needs a VIMG image, not an NBD export") }
+            let remote = try opener.openRemote(source, request.readOnly || request.overlay)
+            base = OpenedBackend(device: remote, format: "nbd", image: nil, owned: [remote], source: source)
+        } else {
+            let path = URL(fileURLWithPath: source).standardizedFileURL.resolvingSymlinksInPath().path
+            guard FileManager.default.fileExists(atPath: path) else { throw BusError("\(source): no such file") }
+            let readOnly = request.readOnly || request.overlay || request.snapshot != nil
+            let device = try opener.openImage(path, request.format, readOnly, request.snapshot)
+            let format = request.format ?? ((try? DiskImage.probe(path: path))?.rawValue ?? "raw")
+            if format == "qcow2" && !request.readOnly && !request.overlay {
+                try? device.close()
+                throw BusError("\(source): qcow2 images plug read-only; add --read-only, or --overlay for a throwaway writable layer")
+            }
+            base = OpenedBackend(device: device, format: format, image: device as? VImage, owned: [device], source: path)
+            if request.snapshot != nil && !request.readOnly && !request.overlay {
+                _ = base.close()
+                throw BusError("a snapshot plugs read-only; add --read-only, or --overlay to write on top of it")
+            }
+        }
+        guard request.overlay else { return base }
+        // The overlay: a VIMG image in RAM whose backing device is the source, opened read-only.
+        do {
+            let host = MemoryDevice(size: 0, growable: true)
+            try VImage.create(on: host, virtualSize: base.device.size)
+            let overlay = try VImage.open(host: host, path: nil, readOnly: false, backing: base.device)
+            return OpenedBackend(
+                device: overlay, format: base.format + "+overlay", image: nil, owned: [overlay] + base.owned, source: base.source)
+        } catch {
+            _ = base.close()
+            throw error
+        }
+    }
+
+}
+
+/// How the bus opens sources: injected by the executable, which knows every image format and the NBD client.
+public struct BusOpener: Sendable {
+    /// (absolute path, format or nil to probe, read-only, snapshot) -> device
+    public var openImage: @Sendable (String, String?, Bool, String?) throws -> any BlockDevice
+    /// (nbd:// or nbd+unix:// URI, read-only) -> device
+    public var openRemote: @Sendable (String, Bool) throws -> any BlockDevice
+
+    public init(
+        openImage: @escaping @Sendable (String, String?, Bool, String?) throws -> any BlockDevice,
+        openRemote: @escaping @Sendable (String, Bool) throws -> any BlockDevice
+    ) {
+        self.openImage = openImage
+        self.openRemote = openRemote
+    }
+}

@@ -1,0 +1,186 @@
+// Design notes
+// ------------
+// The control protocol of the bus (docs/BUS.md): one unix stream socket, root only (mode 0600, and the
+// peer's uid is checked with SO_PEERCRED). A client writes one request as a single line of JSON and reads
+// one response line back; it may send several requests on one connection. Every response has `ok`; a
+// failed request carries `error`, a sentence meant for the user. Unknown fields are ignored, so old
+// clients keep working when fields are added.
+//
+//   -> {"op":"plug","plug":{"source":"/srv/disk.vimg","readOnly":false,"overlay":false,"device":"auto"}}
+//   <- {"ok":true,"disk":{"name":"disk","device":"/dev/loop3",...}}
+
+import Foundation
+
+/// Which kernel block device a plugged disk gets.
+public enum DeviceKind: String, Codable, Sendable, CaseIterable {
+    /// `/dev/nbdN` where the kernel has NBD, else a FUSE file behind `/dev/loopN`.
+    case auto
+    /// `/dev/nbdN` through the kernel NBD driver (fails where there is none).
+    case nbd
+    /// A FUSE-exported file behind `/dev/loopN`.
+    case loop
+    /// No kernel device: the disk is only an NBD export on the bus's socket.
+    case none
+}
+
+/// What to plug.
+public struct PlugRequest: Codable, Sendable, Hashable {
+    /// An image path (VIMG, raw, qcow2) or an `nbd://` / `nbd+unix://` URI; nil for a RAM disk.
+    public var source: String?
+    /// The size of a RAM disk (with `source` nil).
+    public var ramSize: UInt64?
+    /// The disk's name on the bus (defaults to the file's base name, or "ramN").
+    public var name: String?
+    /// The image format, or nil to probe.
+    public var format: String?
+    public var readOnly: Bool = false
+    /// Expose an internal snapshot of a VIMG image (read-only unless `overlay`).
+    public var snapshot: String?
+    /// A throwaway writable layer in RAM over the source, dropped on unplug.
+    public var overlay: Bool = false
+    public var device: DeviceKind = .auto
+
+    public init(
+        source: String? = nil, ramSize: UInt64? = nil, name: String? = nil, format: String? = nil, readOnly: Bool = false,
+        snapshot: String? = nil, overlay: Bool = false, device: DeviceKind = .auto
+    ) {
+        self.source = source
+        self.ramSize = ramSize
+        self.name = name
+        self.format = format
+        self.readOnly = readOnly
+        self.snapshot = snapshot
+        self.overlay = overlay
+        self.device = device
+    }
+}
+
+/// I/O counters of a plugged disk, as seen by the engine (all front ends together).
+public struct IOCounters: Codable, Sendable, Hashable {
+    public var reads: UInt64 = 0
+    public var writes: UInt64 = 0
+    public var bytesRead: UInt64 = 0
+    public var bytesWritten: UInt64 = 0
+    public var zeroes: UInt64 = 0
+    public var discards: UInt64 = 0
+    public var flushes: UInt64 = 0
+    public var errors: UInt64 = 0
+    public init() {}
+}
+
+/// One plugged disk, as `vdisk list` shows it.
+public struct DiskInfo: Codable, Sendable, Hashable {
+    public var name: String
+    /// The kernel block device (`/dev/loop3`, `/dev/nbd0`), or nil with `--device none`.
+    public var device: String?
+    /// What the kernel device is: "loop", "nbd" or "none".
+    public var frontEnd: String
+    /// Where the data lives: an absolute path, an NBD URI, or "ram".
+    public var source: String
+    public var format: String
+    public var size: UInt64
+    public var readOnly: Bool
+    public var overlay: Bool
+    public var snapshot: String?
+    /// The NBD URI that reaches this disk through the bus.
+    public var nbdURI: String?
+    public var counters: IOCounters
+}
+
+/// A request to the bus.
+public struct BusRequest: Codable, Sendable {
+    public enum Operation: String, Codable, Sendable {
+        case plug, unplug, list, snapshot, ping, shutdown
+    }
+
+    public var op: Operation
+    public var plug: PlugRequest?
+    /// A disk's name or device path (unplug, snapshot).
+    public var target: String?
+    /// Unplug even while mounted (unmounting first).
+    public var force: Bool?
+    /// Unplug every disk.
+    public var all: Bool?
+    /// The snapshot name (snapshot).
+    public var snapshotName: String?
+
+    public init(op: Operation, plug: PlugRequest? = nil, target: String? = nil, force: Bool? = nil, all: Bool? = nil, snapshotName: String? = nil) {
+        self.op = op
+        self.plug = plug
+        self.target = target
+        self.force = force
+        self.all = all
+        self.snapshotName = snapshotName
+    }
+}
+
+/// The bus's answer.
+public struct BusResponse: Codable, Sendable {
+    public var ok: Bool
+    public var error: String?
+    public var disk: DiskInfo?
+    public var disks: [DiskInfo]?
+    /// Informational lines for the user (what a forced unplug unmounted, ...).
+    public var notes: [String]?
+    /// The bus's process id (ping).
+    public var pid: Int32?
+
+    public init(ok: Bool, error: String? = nil, disk: DiskInfo? = nil, disks: [DiskInfo]? = nil, notes: [String]? = nil, pid: Int32? = nil) {
+        self.ok = ok
+        self.error = error
+        self.disk = disk
+        self.disks = disks
+        self.notes = notes
+        self.pid = pid
+    }
+
+    public static func failure(_ message: String) -> BusResponse { BusResponse(ok: false, error: message) }
+}
+
+/// The errors of the bus library: a sentence for the user.
+public struct BusError: Error, CustomStringConvertible, Sendable {
+    public var message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// Where a bus keeps its sockets, mountpoints and state.
+public struct BusPaths: Sendable, Hashable {
+    /// The runtime folder (default `/run/vdisk`, or `$VDISK_RUNTIME_DIR`).
+    public var runtimeDirectory: String
+
+    public init(runtimeDirectory: String? = nil) {
+        if let runtimeDirectory {
+            self.runtimeDirectory = runtimeDirectory
+        } else if let env = ProcessInfo.processInfo.environment["VDISK_RUNTIME_DIR"], !env.isEmpty {
+            self.runtimeDirectory = env
+        } else {
+            self.runtimeDirectory = "/run/vdisk"
+        }
+    }
+
+    /// The control socket.
+    public var controlSocket: String { runtimeDirectory + "/bus.sock" }
+    /// The NBD socket every plugged disk is exported on.
+    public var nbdSocket: String { runtimeDirectory + "/nbd.sock" }
+    /// Held (flock) by the running bus.
+    public var lockFile: String { runtimeDirectory + "/bus.lock" }
+    /// The bus's log when it was started on demand.
+    public var logFile: String { runtimeDirectory + "/bus.log" }
+    /// FUSE mountpoints, one folder per disk.
+    public var mountDirectory: String { runtimeDirectory + "/mnt" }
+    /// The remembered disks (with `vdisk bus --persist`).
+    public var stateFile: String { runtimeDirectory + "/disks.json" }
+}
+
+enum Wire {
+    static func encode<T: Encodable>(_ value: T) throws -> [UInt8] {
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+        return Array(try encoder.encode(value)) + [0x0A]
+    }
+
+    static func decode<T: Decodable>(_ type: T.Type, from line: [UInt8]) throws -> T {
+        try JSONDecoder().decode(type, from: Data(line))
+    }
+}

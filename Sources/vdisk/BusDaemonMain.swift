@@ -1,0 +1,25 @@
+import BlockIO
+import Foundation
+import VDiskBus
+import VImage
+
+/// Runs the bus in this process until it is told to stop.
+func runBusDaemon(paths: BusPaths, persist: Bool) throws {
+    let log: @Sendable (String) -> Void = { printToStandardError("vdisk bus: \($0)") }
+    let opener = BusOpener(
+        openImage: { path, format, readOnly, snapshot in
+            let format = try format.map { name -> DiskImage.Format in
+                guard let f = DiskImage.Format(rawValue: name) else { throw BusError("unknown format '\(name)' (use vimg, raw or qcow2)") }
+                return f
+            }
+            return try DiskImage.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot)
+        },
+        openRemote: { uri, _ in throw BusError("\(uri): remote NBD exports are not supported by this build") })
+    let bus = Bus(paths: paths, opener: opener, exporter: nil, persist: persist, log: log)
+    let daemon = try BusDaemon(bus: bus)
+    try daemon.prepare()
+    log("listening on \(paths.controlSocket) (pid \(getpid()))")
+    bus.restoreState()
+    daemon.run()
+    log("stopped")
+}
