@@ -30,7 +30,27 @@ public enum ImageFormats {
     public static func open(path: String, format: Format? = nil, readOnly: Bool, snapshot: String? = nil) throws -> any BlockDevice {
         let format = try format ?? probe(path: path)
         switch format {
-        case .raw, .vimg:
+        case .raw:
+            return try DiskImage.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot)
+        case .vimg:
+            if snapshot == nil, let backing = try qcow2Backing(ofVImage: path) {
+                // VImage opens VIMG and raw backing files itself; a qcow2 one is opened here and handed in.
+                let device = try openQcow2(path: backing)
+                let host: FileDevice
+                do {
+                    host = try withPath(path) { try FileDevice.open(path: path, readOnly: readOnly, growable: true, lock: readOnly ? .shared : .exclusive) }
+                } catch {
+                    try? device.close()
+                    throw error
+                }
+                do {
+                    return try VImage.open(host: host, path: path, readOnly: readOnly, backing: device)
+                } catch {
+                    try? host.close()
+                    try? device.close()
+                    throw error
+                }
+            }
             return try DiskImage.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot)
         case .qcow2:
             guard readOnly else {
@@ -38,6 +58,21 @@ public enum ImageFormats {
             }
             return try openQcow2(path: path, snapshot: snapshot)
         }
+    }
+
+    /// The resolved path of a VIMG image's backing file when that file is qcow2.
+    static func qcow2Backing(ofVImage path: String) throws -> String? {
+        let header = try withPath(path) { () -> ImageHeader? in
+            let file = try FileDevice.open(path: path, readOnly: true)
+            defer { try? file.close() }
+            let bytes = try file.read(count: Int(min(file.size, 2 << 20)), at: 0)
+            return try? ImageHeader.decode(bytes)
+        }
+        guard let header, let name = header.backingFileName else { return nil }
+        let resolved = ImageConverter.resolve(name, relativeTo: path)
+        if let format = header.backingFileFormat { return format == "qcow2" ? resolved : nil }
+        guard access(resolved, F_OK) == 0 else { return nil }
+        return try probe(path: resolved) == .qcow2 ? resolved : nil
     }
 
     /// Guesses a file's format from its magic bytes.

@@ -71,7 +71,7 @@ public struct Qcow2Snapshot: Sendable, Hashable {
 
     /// Reads `header.snapshotCount` entries from the snapshot table, one field group at a time (the
     /// table's size is not stored, so nothing is read before it is known to be needed).
-    static func readTable(from file: any BlockDevice, header: Qcow2Header, path: String?) throws -> [Qcow2Snapshot] {
+    static func readTable(from file: any BlockDevice, header: Qcow2Header, path: String?) throws -> (entries: [Qcow2Snapshot], bytes: UInt64) {
         let fileSize = file.size
         let cs = UInt64(header.clusterSize)
         var position = header.snapshotsOffset
@@ -121,6 +121,6 @@ public struct Qcow2Snapshot: Sendable, Hashable {
                 l1TableOffset: l1Offset, l1Size: l1Size, id: id, name: name, dateSeconds: seconds, dateNanoseconds: nanoseconds,
                 vmClockNanoseconds: clock, vmStateSize: vmState, virtualSize: size))
         }
-        return result
+        return (result, position - header.snapshotsOffset)
     }
 }

@@ -29,6 +29,8 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     public let header: Qcow2Header
     /// The image's internal snapshots.
     public let snapshots: [Qcow2Snapshot]
+    /// The snapshot table's length in bytes.
+    public let snapshotTableBytes: UInt64
     /// The snapshot being read, if one was chosen at open.
     public let snapshot: Qcow2Snapshot?
     /// The backing device, if the image has one.
@@ -38,6 +40,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     /// The host file.
     public let file: any BlockDevice
     let fileSize: UInt64
+    /// The L1 table being read (the active one, or the chosen snapshot's).
     let l1: [UInt64]
     public let size: UInt64
     private let cache = Mutex<[UInt64: [UInt64]]>([:])
@@ -71,7 +74,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         } else {
             backingPath = nil
         }
-        snapshots = header.snapshotCount > 0 ? try Qcow2Snapshot.readTable(from: file, header: header, path: path) : []
+        let table: (entries: [Qcow2Snapshot], bytes: UInt64) = header.snapshotCount > 0 ? try Qcow2Snapshot.readTable(from: file, header: header, path: path) : ([], 0)
+        snapshots = table.entries
+        snapshotTableBytes = table.bytes
         var l1Offset = header.l1TableOffset
         var l1Size = header.l1Size
         var size = header.virtualSize
@@ -281,6 +286,59 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
             case .normal, .compressed:
                 append(&result, Extent(offset: position, length: runEnd - position, flags: []))
             }
+            position = runEnd
+        }
+        return result
+    }
+
+    /// One run of guest clusters with the same kind of mapping in this image (not its backing chain).
+    public struct MappingRun: Sendable, Hashable {
+        public enum Kind: Sendable, Hashable {
+            /// Data at a host offset (contiguous across the run).
+            case data(host: UInt64)
+            case compressed
+            case zero(allocated: Bool)
+            case unallocated
+        }
+        public var offset: UInt64
+        public var length: UInt64
+        public var kind: Kind
+    }
+
+    /// How `offset ..< offset + count` maps onto this image's file, merged into runs.
+    public func mapping(at offset: UInt64, count: UInt64) throws -> [MappingRun] {
+        try checkRange(offset: offset, count: count, operation: .extents)
+        var result: [MappingRun] = []
+        let cs = UInt64(header.clusterSize)
+        let end = offset + count
+        var position = offset
+        while position < end {
+            let index = position / cs
+            let l1Index = index / UInt64(header.l2Entries)
+            var runEnd = min(end, (index + 1) * cs)
+            let kind: MappingRun.Kind
+            if l1Index >= UInt64(l1.count) || l1[Int(l1Index)] & qcow2OffsetMask == 0 {
+                kind = .unallocated
+                runEnd = min(end, (l1Index + 1) * header.bytesPerL2)
+            } else {
+                switch try cluster(index) {
+                case .unallocated: kind = .unallocated
+                case .zero(let allocated): kind = .zero(allocated: allocated)
+                case .normal(let host): kind = .data(host: host + position % cs)
+                case .compressed: kind = .compressed
+                }
+            }
+            if var last = result.last, last.offset + last.length == position {
+                var merge = last.kind == kind
+                if case .data(let a) = last.kind, case .data(let b) = kind { merge = a + last.length == b }
+                if merge {
+                    last.length += runEnd - position
+                    result[result.count - 1] = last
+                    position = runEnd
+                    continue
+                }
+            }
+            result.append(MappingRun(offset: position, length: runEnd - position, kind: kind))
             position = runEnd
         }
         return result

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 #if canImport(Glibc)
@@ -232,9 +233,9 @@ extension Vimg {
         func run() throws {
             var code: Int32 = 0
             do {
-                let a = try DiskImage.open(path: first, format: formatNamed(firstFormat), readOnly: true)
+                let a = try ImageFormats.open(path: first, format: formatNamed(firstFormat), readOnly: true)
                 defer { try? a.close() }
-                let b = try DiskImage.open(path: second, format: formatNamed(secondFormat), readOnly: true)
+                let b = try ImageFormats.open(path: second, format: formatNamed(secondFormat), readOnly: true)
                 defer { try? b.close() }
                 code = try compare(a, b)
             } catch let error as ExitCode {

@@ -14,7 +14,7 @@ struct Vimg: ParsableCommand {
         abstract: "Create, inspect and check VIMG copy-on-write disk images.",
         discussion: "Habits follow qemu-img: -f/-O for formats, --output=json for scripts, qemu-img check's exit codes.",
         version: "0.1.0",
-        subcommands: [Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self, Resize.self, Compare.self, Convert.self]
+        subcommands: [Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self, Resize.self, Compare.self, Convert.self, Measure.self]
     )
 }
 
