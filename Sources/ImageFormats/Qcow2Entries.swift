@@ -104,7 +104,7 @@ public struct Qcow2Snapshot: Sendable, Hashable {
             let id = String(decoding: try bytes(UInt64(idLength)), as: UTF8.self)
             let name = String(decoding: try bytes(UInt64(nameLength)), as: UTF8.self)
             let used = position - entryStart
-            _ = try bytes((8 - used % 8) % 8)
+            position += (8 - used % 8) % 8  // padding; the last entry's may be cut by the end of the file
             guard l1Size <= Qcow2Header.maxL1Entries else {
                 throw ImageFormatError(.limitExceeded, path: path, offset: entryStart + 8, message: "snapshot '\(name)' has an L1 table of \(l1Size) entries (limit 4 Mi)")
             }
@@ -121,6 +121,6 @@ public struct Qcow2Snapshot: Sendable, Hashable {
                 l1TableOffset: l1Offset, l1Size: l1Size, id: id, name: name, dateSeconds: seconds, dateNanoseconds: nanoseconds,
                 vmClockNanoseconds: clock, vmStateSize: vmState, virtualSize: size))
         }
-        return (result, position - header.snapshotsOffset)
+        return (result, min(position, fileSize) - header.snapshotsOffset)
     }
 }

@@ -81,6 +81,26 @@ public struct Qcow2Header: Sendable, Hashable {
     /// Feature names from the feature name table: (type, bit) -> name.
     public var featureNames: [UInt16: String] = [:]
 
+    public init(
+        version: UInt32, backingFileOffset: UInt64, backingFileSize: UInt32, clusterBits: UInt32, virtualSize: UInt64,
+        cryptMethod: UInt32, l1Size: UInt32, l1TableOffset: UInt64, refcountTableOffset: UInt64, refcountTableClusters: UInt32,
+        snapshotCount: UInt32, snapshotsOffset: UInt64, headerLength: UInt32
+    ) {
+        self.version = version
+        self.backingFileOffset = backingFileOffset
+        self.backingFileSize = backingFileSize
+        self.clusterBits = clusterBits
+        self.virtualSize = virtualSize
+        self.cryptMethod = cryptMethod
+        self.l1Size = l1Size
+        self.l1TableOffset = l1TableOffset
+        self.refcountTableOffset = refcountTableOffset
+        self.refcountTableClusters = refcountTableClusters
+        self.snapshotCount = snapshotCount
+        self.snapshotsOffset = snapshotsOffset
+        self.headerLength = headerLength
+    }
+
     public var clusterSize: Int { 1 << Int(clusterBits) }
     /// Entries in one L2 table (standard 64-bit entries).
     public var l2Entries: Int { clusterSize / 8 }
