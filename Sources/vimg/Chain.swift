@@ -88,7 +88,7 @@ extension Vimg {
                 if let base, realPath(base) != realPath(backingPath) {
                     throw VImageError(.invalidArgument, path: file, message: "'\(base)' is not the image's backing file (\(backingPath)); commit one level at a time")
                 }
-                let target = try DiskImage.open(path: backingPath, format: backingFormat, readOnly: false)
+                let target = try ImageFormats.open(path: backingPath, format: backingFormat, readOnly: false)
                 let image: VImage
                 do {
                     image = try openVImage(path: file, backing: target)
@@ -149,7 +149,7 @@ extension Vimg {
                 }
                 let image = try VImage.open(path: file, readOnly: false)
                 defer { try? image.close() }
-                let newBase: (any BlockDevice)? = try newName.map { _ in try DiskImage.open(path: resolved, format: formatNamed(baseFormat), readOnly: true) }
+                let newBase: (any BlockDevice)? = try newName.map { _ in try ImageFormats.open(path: resolved, format: formatNamed(baseFormat), readOnly: true) }
                 defer { try? newBase?.close() }
                 var bar: Progress? = nil
                 try image.rebase(onto: newBase, name: newName, format: baseFormat) { done, total in
@@ -182,7 +182,7 @@ extension Vimg {
         func run() throws {
             try runReportingErrors {
                 let kind = try formatNamed(format) ?? DiskImage.probe(path: file)
-                let device = try DiskImage.open(path: file, format: kind, readOnly: false)
+                let device = try ImageFormats.open(path: file, format: kind, readOnly: false)
                 defer { try? device.close() }
                 let current = device.size
                 var target: UInt64
