@@ -247,22 +247,42 @@ protocol ConvertSink: Sendable {
     func abandon()
 }
 
-/// A sparse raw file: ftruncated to size, then only non-zero runs written.
+/// A sparse raw file: ftruncated to size, then only non-zero runs written. Plain pwrite on a descriptor
+/// of its own: `FileDevice.close` syncs, and like qemu-img convert this leaves writeback to the kernel.
 final class RawSink: ConvertSink, @unchecked Sendable {
-    let file: FileDevice
+    let path: String
+    let fd: Int32
     let sparseSize: Int
     var unitSize: Int { 1 << 20 }
 
     init(path: String, size: UInt64, sparseSize: Int) throws {
-        file = try withPath(path) { try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive) }
+        self.path = path
+        fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw ImageFormatError(.io, path: path, message: "cannot create: \(describeErrno(errno))") }
         self.sparseSize = sparseSize
-        try withPath(path) { try file.truncate(to: size) }
+        guard ftruncate(fd, off_t(size)) == 0 else {
+            let code = errno
+            Glibc.close(fd)
+            throw ImageFormatError(.io, path: path, message: "cannot set the size to \(size): \(describeErrno(code))")
+        }
+    }
+
+    private func put(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        var done = 0
+        while done < data.count {
+            let n = pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + UInt64(done)))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw ImageFormatError(.io, path: path, offset: offset + UInt64(done), message: "write failed: \(describeErrno(errno))")
+            }
+            done += n
+        }
     }
 
     func write(unit index: UInt64, data: UnsafeRawBufferPointer, length: Int) throws {
         let base = index * UInt64(unitSize)
         guard sparseSize > 0 else {
-            try withPath(file.path) { try file.write(UnsafeRawBufferPointer(rebasing: data[0..<length]), at: base, fua: false) }
+            try put(UnsafeRawBufferPointer(rebasing: data[0..<length]), at: base)
             return
         }
         // Write the non-zero runs; zero blocks of `sparseSize` bytes (aligned) stay holes.
@@ -272,7 +292,7 @@ final class RawSink: ConvertSink, @unchecked Sendable {
             let end = min(length, (position / sparseSize + 1) * sparseSize)
             let zero = isAllZero(UnsafeRawBufferPointer(rebasing: data[position..<end]))
             if zero, let s = start {
-                try withPath(file.path) { try file.write(UnsafeRawBufferPointer(rebasing: data[s..<position]), at: base + UInt64(s), fua: false) }
+                try put(UnsafeRawBufferPointer(rebasing: data[s..<position]), at: base + UInt64(s))
                 start = nil
             } else if !zero && start == nil {
                 start = position
@@ -280,20 +300,17 @@ final class RawSink: ConvertSink, @unchecked Sendable {
             position = end
         }
         if let s = start {
-            try withPath(file.path) { try file.write(UnsafeRawBufferPointer(rebasing: data[s..<length]), at: base + UInt64(s), fua: false) }
+            try put(UnsafeRawBufferPointer(rebasing: data[s..<length]), at: base + UInt64(s))
         }
     }
 
     func writeZeroes(unit index: UInt64, length: Int) throws {}
 
     func finish() throws {
-        try withPath(file.path) {
-            try file.flush()
-            try file.close()
-        }
+        guard Glibc.close(fd) == 0 else { throw ImageFormatError(.io, path: path, message: "close failed: \(describeErrno(errno))") }
     }
 
-    func abandon() { try? file.close() }
+    func abandon() { Glibc.close(fd) }
 }
 
 /// A new VIMG image, optionally LZ4-compressed, optionally a clone over the backing file.
