@@ -8,6 +8,7 @@ let package = Package(
     products: [
         .library(name: "BlockIO", targets: ["BlockIO"]),
         .library(name: "VImage", targets: ["VImage"]),
+        .library(name: "ImageFormats", targets: ["ImageFormats"]),
         .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .executable(name: "vimg", targets: ["vimg"]),
@@ -31,6 +32,7 @@ let package = Package(
             // about a tenth of a small read in release builds (debug builds keep them).
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
         ),
+        .target(name: "ImageFormats", dependencies: ["BlockIO", "VImage", "CZlib", "CZstd"]),
         .target(
             name: "NBDProtocol",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")]
@@ -49,7 +51,7 @@ let package = Package(
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
-            dependencies: ["BlockIO", "VImage", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: ["BlockIO", "VImage", "ImageFormats", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         .executableTarget(
             name: "vdisk",
@@ -72,6 +74,7 @@ let package = Package(
             ]
         ),
         .testTarget(name: "FUSEExportTests", dependencies: ["FUSEExport", "BlockIO", "VImageTestSupport"]),
+        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -42,6 +42,8 @@ public struct CheckReport: Sendable {
 
     public static let maxFindings = 1000
 
+    public init() {}
+
     /// qemu-img check's exit codes: 0 clean, 1 check not completed, 2 corruptions, 3 leaks only.
     public var exitCode: Int32 {
         if checkErrors > 0 { return 1 }
@@ -52,7 +54,8 @@ public struct CheckReport: Sendable {
 
     public var isClean: Bool { exitCode == 0 }
 
-    mutating func add(_ severity: Severity, _ kind: String, _ message: String, at offset: UInt64? = nil) {
+    /// Counts a finding and keeps it if fewer than `maxFindings` are kept (for checkers of other formats).
+    public mutating func add(_ severity: Severity, _ kind: String, _ message: String, at offset: UInt64? = nil) {
         switch severity {
         case .corruption: corruptions += 1
         case .leak: leaks += 1

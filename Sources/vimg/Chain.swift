@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 #if canImport(Glibc)
@@ -87,7 +88,7 @@ extension Vimg {
                 if let base, realPath(base) != realPath(backingPath) {
                     throw VImageError(.invalidArgument, path: file, message: "'\(base)' is not the image's backing file (\(backingPath)); commit one level at a time")
                 }
-                let target = try DiskImage.open(path: backingPath, format: backingFormat, readOnly: false)
+                let target = try ImageFormats.open(path: backingPath, format: backingFormat, readOnly: false)
                 let image: VImage
                 do {
                     image = try openVImage(path: file, backing: target)
@@ -148,7 +149,7 @@ extension Vimg {
                 }
                 let image = try VImage.open(path: file, readOnly: false)
                 defer { try? image.close() }
-                let newBase: (any BlockDevice)? = try newName.map { _ in try DiskImage.open(path: resolved, format: formatNamed(baseFormat), readOnly: true) }
+                let newBase: (any BlockDevice)? = try newName.map { _ in try ImageFormats.open(path: resolved, format: formatNamed(baseFormat), readOnly: true) }
                 defer { try? newBase?.close() }
                 var bar: Progress? = nil
                 try image.rebase(onto: newBase, name: newName, format: baseFormat) { done, total in
@@ -181,7 +182,7 @@ extension Vimg {
         func run() throws {
             try runReportingErrors {
                 let kind = try formatNamed(format) ?? DiskImage.probe(path: file)
-                let device = try DiskImage.open(path: file, format: kind, readOnly: false)
+                let device = try ImageFormats.open(path: file, format: kind, readOnly: false)
                 defer { try? device.close() }
                 let current = device.size
                 var target: UInt64
@@ -232,9 +233,9 @@ extension Vimg {
         func run() throws {
             var code: Int32 = 0
             do {
-                let a = try DiskImage.open(path: first, format: formatNamed(firstFormat), readOnly: true)
+                let a = try ImageFormats.open(path: first, format: formatNamed(firstFormat), readOnly: true)
                 defer { try? a.close() }
-                let b = try DiskImage.open(path: second, format: formatNamed(secondFormat), readOnly: true)
+                let b = try ImageFormats.open(path: second, format: formatNamed(secondFormat), readOnly: true)
                 defer { try? b.close() }
                 code = try compare(a, b)
             } catch let error as ExitCode {

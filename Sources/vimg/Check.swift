@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 extension Vimg {
@@ -32,7 +33,13 @@ extension Vimg {
             try runReportingErrors {
                 var report: CheckReport
                 var repairActions: [String]? = nil
-                if let repair {
+                let kind = try ImageFormats.probe(path: file)
+                if kind == .qcow2 && repair != nil {
+                    throw VImageError(.unsupportedFeature, path: file, message: "qcow2 images are read-only in vdisk; repair them with 'qemu-img check -r'")
+                }
+                if kind == .qcow2 {
+                    report = try Qcow2Check.check(path: file)
+                } else if let repair {
                     let result = try ImageCheck.repair(path: file, mode: repair, dryRun: dryRun)
                     repairActions = result.actions
                     report = result.after
@@ -58,7 +65,7 @@ extension Vimg {
                     if report.corruptions > 0 { fields.append(("corruptions", .int(Int64(report.corruptions)))) }
                     fields += [
                         ("allocated-clusters", .uint(report.allocatedClusters)),
-                        ("filename", .string(file)), ("format", .string("vimg")),
+                        ("filename", .string(file)), ("format", .string(kind.rawValue)),
                         ("fragmented-clusters", .uint(report.fragmentedClusters)),
                         ("compressed-clusters", .uint(report.compressedClusters)),
                         ("dirty-flag", .bool(report.isDirty)),

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 #if canImport(Glibc)
@@ -63,7 +64,7 @@ extension Vimg {
                 if let size {
                     virtualSize = try parseSize(size)
                 } else {
-                    let base = try DiskImage.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
+                    let base = try ImageFormats.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
                     virtualSize = base.size
                     try base.close()
                 }
@@ -74,7 +75,7 @@ extension Vimg {
                 } else {
                     if let backing {
                         // Fail early and clearly if the backing file cannot be opened.
-                        let base = try DiskImage.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
+                        let base = try ImageFormats.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
                         try base.close()
                         _ = backing
                     }

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 extension Vimg {
@@ -105,9 +106,86 @@ extension Vimg {
                         ("actual-size", .uint(actual)), ("dirty-flag", .bool(false)),
                     ]
                 case .qcow2:
-                    throw VImageError(.unsupportedFeature, path: file, message: "qcow2 images are not supported by info yet")
+                    let device = try withFile(file) { try FileDevice.open(path: file, readOnly: true, lock: .shared) }
+                    let image: Qcow2Image
+                    do {
+                        image = try Qcow2Image(file: device, path: file, backing: nil)
+                    } catch {
+                        try? device.close()
+                        throw error
+                    }
+                    defer { try? image.close() }
+                    let h = image.header
+                    lines += [
+                        "virtual size: \(ByteSize.format(h.virtualSize)) (\(h.virtualSize) bytes)",
+                        "disk size: \(ByteSize.format(actual))",
+                        "cluster_size: \(h.clusterSize)",
+                    ]
+                    backingPath = image.backingPath
+                    backingFormat = h.backingFormat
+                    if let backing = h.backingFile {
+                        lines.append("backing file: \(backing)")
+                        if let f = h.backingFormat { lines.append("backing file format: \(f)") }
+                    }
+                    if !image.snapshots.isEmpty {
+                        lines.append("Snapshot list:")
+                        lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
+                        for s in image.snapshots {
+                            lines.append("\(s.id.padding(10))\(s.name.padding(18))\(ByteSize.format(s.vmStateSize).padding(23))\(s.dateSeconds)")
+                        }
+                    }
+                    let compat = h.version == 2 ? "0.10" : "1.1"
+                    lines += ["Format specific information:", "    compat: \(compat)"]
+                    if h.version >= 3 { lines.append("    compression type: \(h.compressionType)") }
+                    lines += [
+                        "    lazy refcounts: \(h.compatibleFeatures & 1 != 0)",
+                        "    refcount bits: \(1 << h.refcountOrder)",
+                        "    corrupt: \(h.isCorrupt)",
+                        "    extended l2: false",
+                    ]
+                    fields = [
+                        ("virtual-size", .uint(h.virtualSize)), ("filename", .string(file)),
+                        ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("qcow2")),
+                        ("actual-size", .uint(actual)), ("dirty-flag", .bool(h.isDirty)),
+                    ]
+                    if let backing = h.backingFile {
+                        fields.append(("backing-filename", .string(backing)))
+                        if let f = h.backingFormat { fields.append(("backing-filename-format", .string(f))) }
+                    }
+                    if !image.snapshots.isEmpty {
+                        fields.append(("snapshots", .array(image.snapshots.map { s in
+                            .object([
+                                ("id", .string(s.id)), ("name", .string(s.name)), ("vm-state-size", .uint(s.vmStateSize)),
+                                ("date-sec", .uint(UInt64(s.dateSeconds))), ("date-nsec", .uint(UInt64(s.dateNanoseconds))),
+                                ("vm-clock-nsec", .uint(s.vmClockNanoseconds)),
+                            ])
+                        })))
+                    }
+                    fields.append(("format-specific", .object([
+                        ("type", .string("qcow2")),
+                        ("data", .object([
+                            ("compat", .string(compat)), ("compression-type", .string("\(h.compressionType)")),
+                            ("lazy-refcounts", .bool(h.compatibleFeatures & 1 != 0)),
+                            ("refcount-bits", .uint(1 << UInt64(h.refcountOrder))), ("corrupt", .bool(h.isCorrupt)),
+                            ("extended-l2", .bool(false)),
+                        ])),
+                    ])))
                 }
                 return (lines, fields, backingPath, backingFormat)
         }
+    }
+}
+
+extension String {
+    /// Left-aligned in a column of `width` characters (at least one space after).
+    func padding(_ width: Int) -> String { count >= width ? self + " " : self + String(repeating: " ", count: width - count) }
+}
+
+/// Runs a file operation, giving a plain error for a missing file.
+func withFile<T>(_ path: String, _ body: () throws -> T) throws -> T {
+    do {
+        return try body()
+    } catch let error as BlockIOError {
+        throw VImageError(.io, path: path, message: error.message)
     }
 }

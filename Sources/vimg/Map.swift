@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 extension Vimg {
@@ -26,11 +27,11 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                let kind = try DiskImage.probe(path: file)
-                guard kind == .vimg else {
-                    throw VImageError(.unsupportedFeature, path: file, message: "map reads VIMG images (this is \(kind.rawValue))")
+                let kind = try ImageFormats.probe(path: file)
+                guard kind != .raw else {
+                    throw VImageError(.unsupportedFeature, path: file, message: "map reads VIMG and qcow2 images (this is \(kind.rawValue))")
                 }
-                let image = try VImage.open(path: file, readOnly: true)
+                let image = try ImageFormats.open(path: file, format: kind, readOnly: true)
                 defer { try? image.close() }
                 var rows: [Row] = []
                 try collect(image, name: file, depth: 0, offset: 0, count: image.size, into: &rows)
@@ -68,6 +69,28 @@ extension Vimg {
                         add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: true, data: false, offset: nil, file: name))
                     case .unallocated:
                         if let backing = image.backingDevice {
+                            let size = backing.size
+                            let inside = m.offset < size ? min(m.length, size - m.offset) : 0
+                            try collect(backing, name: image.backingPath ?? "backing", depth: depth + 1, offset: m.offset, count: inside, into: &rows)
+                            if inside < m.length {
+                                add(&rows, Row(start: m.offset + inside, length: m.length - inside, depth: depth + 1, present: false, zero: true, data: false, offset: nil, file: name))
+                            }
+                        } else {
+                            add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: false, zero: true, data: false, offset: nil, file: name))
+                        }
+                    }
+                }
+            } else if let image = device as? Qcow2Image {
+                for m in try image.mapping(at: offset, count: count) {
+                    switch m.kind {
+                    case .data(let host):
+                        add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: false, data: true, offset: host, file: name))
+                    case .compressed:
+                        add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: false, data: true, offset: nil, file: name))
+                    case .zero:
+                        add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: true, data: false, offset: nil, file: name))
+                    case .unallocated:
+                        if let backing = image.backing {
                             let size = backing.size
                             let inside = m.offset < size ? min(m.length, size - m.offset) : 0
                             try collect(backing, name: image.backingPath ?? "backing", depth: depth + 1, offset: m.offset, count: inside, into: &rows)

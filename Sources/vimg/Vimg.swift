@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 #if canImport(Glibc)
@@ -13,7 +14,7 @@ struct Vimg: ParsableCommand {
         abstract: "Create, inspect and check VIMG copy-on-write disk images.",
         discussion: "Habits follow qemu-img: -f/-O for formats, --output=json for scripts, qemu-img check's exit codes.",
         version: "0.1.0",
-        subcommands: [Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self, Resize.self, Compare.self]
+        subcommands: [Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self, Resize.self, Compare.self, Convert.self, Measure.self]
     )
 }
 
@@ -39,6 +40,9 @@ func runReportingErrors(_ body: () throws -> Void) throws {
         printError(error.description)
         throw ExitCode.failure
     } catch let error as BlockIOError {
+        printError(error.description)
+        throw ExitCode.failure
+    } catch let error as ImageFormatError {
         printError(error.description)
         throw ExitCode.failure
     }

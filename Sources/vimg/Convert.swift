@@ -1,0 +1,99 @@
+import ArgumentParser
+import BlockIO
+import ImageFormats
+import VImage
+
+/// Parses `-o` format options: `cluster_size=SIZE` (others are refused by name).
+func parseFormatOptions(_ options: [String], format: ImageFormats.Format) throws -> Int? {
+    var clusterBits: Int? = nil
+    for item in options.flatMap({ $0.split(separator: ",") }) {
+        let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+        guard parts.count == 2, parts[0] == "cluster_size" else {
+            throw ValidationError("unknown option '\(item)' (supported: cluster_size=SIZE)")
+        }
+        let value = try parseSize(parts[1], what: "cluster size")
+        let minimum: UInt64 = format == .qcow2 ? 512 : 4096
+        guard value.nonzeroBitCount == 1, value >= minimum, value <= 2 << 20 else {
+            throw ValidationError("cluster_size must be a power of two from \(minimum == 512 ? "512" : "4K") to 2M for \(format.rawValue)")
+        }
+        clusterBits = value.trailingZeroBitCount
+    }
+    return clusterBits
+}
+
+/// The progress bar, shared with the converter's worker threads (which call it serialized).
+final class SharedProgress: @unchecked Sendable {
+    var bar: Progress? = nil
+    func update(_ done: UInt64, _ total: UInt64) {
+        if bar == nil { bar = Progress(total: total) }
+        bar?.advance(by: done - (bar?.done ?? 0))
+    }
+}
+
+extension Vimg {
+    struct Convert: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Convert an image to another format (raw, vimg, qcow2).",
+            discussion: """
+                Reads only the source's allocated ranges and keeps the output sparse. The output is written under
+                a temporary name next to DST and renamed when complete.
+                Examples:
+                  vimg convert -O vimg -c disk.raw disk.vimg       # LZ4-compressed, on all cores
+                  vimg convert -f qcow2 -O raw -l snap1 vm.qcow2 snap1.raw
+                  vimg convert -O vimg -B base.vimg new.raw clone.vimg
+                """)
+
+        @Option(name: .customShort("f"), help: "Source format (raw, vimg, qcow2); probed when omitted.")
+        var sourceFormat: String?
+        @Option(name: .customShort("O"), help: "Output format: raw (default), vimg or qcow2.")
+        var outputFormat: String = "raw"
+        @Flag(name: .customShort("c"), help: "Compress the output (VIMG: LZ4 clusters).")
+        var compress = false
+        @Flag(name: .customShort("p"), help: "Show progress.")
+        var progress = false
+        @Option(name: .customShort("S"), help: "Minimum run of zero bytes to leave sparse (default 4K; 0 disables).")
+        var sparseSize: String = "4096"
+        @Option(name: .customShort("o"), help: "Output format options: cluster_size=SIZE.")
+        var options: [String] = []
+        @Option(name: .customShort("l"), help: "Convert this internal snapshot (name or id) of the source.")
+        var snapshot: String?
+        @Option(name: .customShort("B"), help: "Make the output a clone over this backing file, holding only what differs.")
+        var backing: String?
+        @Option(name: .customShort("F"), help: "Backing file format.")
+        var backingFormat: String?
+        @Flag(name: .short, help: "Quiet.")
+        var quiet = false
+        @Argument(help: "The source image.")
+        var source: String
+        @Argument(help: "The image to write.")
+        var destination: String
+
+        func validate() throws {
+            guard ["raw", "vimg", "qcow2"].contains(outputFormat) else { throw ValidationError("unknown output format '\(outputFormat)' (use raw, vimg or qcow2)") }
+            if compress && outputFormat != "vimg" { throw ValidationError("-c (compression) is supported for -O vimg only") }
+            if backing != nil && outputFormat == "raw" { throw ValidationError("raw images cannot have a backing file (-B)") }
+            if backingFormat != nil && backing == nil { throw ValidationError("-F goes with -B") }
+        }
+
+        func run() throws {
+            try runReportingErrors {
+                var opts = ConvertOptions()
+                opts.sourceFormat = try formatNamed(sourceFormat)
+                opts.outputFormat = try formatNamed(outputFormat)!
+                opts.compress = compress
+                opts.sparseSize = try parseSize(sparseSize, what: "sparse size")
+                opts.clusterBits = try parseFormatOptions(options, format: opts.outputFormat)
+                opts.snapshot = snapshot
+                opts.backingFile = backing
+                opts.backingFormat = try formatNamed(backingFormat)
+                let shared = progress ? SharedProgress() : nil
+                var callback: (@Sendable (UInt64, UInt64) -> Void)? = nil
+                if let shared {
+                    callback = { done, total in shared.update(done, total) }
+                }
+                try ImageConverter.convert(source: source, destination: destination, options: opts, progress: callback)
+                shared?.bar?.finish()
+            }
+        }
+    }
+}
