@@ -56,7 +56,7 @@ let package = Package(
         .executableTarget(
             name: "vdisk",
             dependencies: [
-                "BlockIO", "VImage", "NBDServer", "FUSEExport", "VDiskBus",
+                "BlockIO", "VImage", "ImageFormats", "NBDServer", "FUSEExport", "VDiskBus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

@@ -24,7 +24,9 @@ struct OpenedBackend {
 
 enum Backends {
     /// Opens what `request` names. Nothing is left open when it throws.
-    static func open(_ request: PlugRequest, opener: BusOpener) throws -> OpenedBackend {
+    /// - Parameter alongside: whether the bus already has this path open as a VIMG image (a snapshot of it
+    ///   is then opened without the image's lock).
+    static func open(_ request: PlugRequest, opener: BusOpener, alongside: (String) -> Bool) throws -> OpenedBackend {
         var base: OpenedBackend
         if let size = request.ramSize {
             guard request.source == nil else { throw BusError("give either a source or --ram, not both") }
@@ -44,8 +46,12 @@ enum Backends {
             let path = URL(fileURLWithPath: source).standardizedFileURL.resolvingSymlinksInPath().path
             guard FileManager.default.fileExists(atPath: path) else { throw BusError("\(source): no such file") }
             let readOnly = request.readOnly || request.overlay || request.snapshot != nil
-            let device = try opener.openImage(path, request.format, readOnly, request.snapshot)
-            let format = request.format ?? ((try? DiskImage.probe(path: path))?.rawValue ?? "raw")
+            let (device, format): (any BlockDevice, String)
+            if let snapshot = request.snapshot, alongside(path) {
+                (device, format) = (try VImage.openSnapshotAlongsideWriter(path: path, snapshot: snapshot), "vimg")
+            } else {
+                (device, format) = try opener.openImage(path, request.format, readOnly, request.snapshot)
+            }
             if format == "qcow2" && !request.readOnly && !request.overlay {
                 try? device.close()
                 throw BusError("\(source): qcow2 images plug read-only; add --read-only, or --overlay for a throwaway writable layer")
@@ -74,13 +80,13 @@ enum Backends {
 
 /// How the bus opens sources: injected by the executable, which knows every image format and the NBD client.
 public struct BusOpener: Sendable {
-    /// (absolute path, format or nil to probe, read-only, snapshot) -> device
-    public var openImage: @Sendable (String, String?, Bool, String?) throws -> any BlockDevice
+    /// (absolute path, format or nil to probe, read-only, snapshot) -> (device, its format's name)
+    public var openImage: @Sendable (String, String?, Bool, String?) throws -> (any BlockDevice, String)
     /// (nbd:// or nbd+unix:// URI, read-only) -> device
     public var openRemote: @Sendable (String, Bool) throws -> any BlockDevice
 
     public init(
-        openImage: @escaping @Sendable (String, String?, Bool, String?) throws -> any BlockDevice,
+        openImage: @escaping @Sendable (String, String?, Bool, String?) throws -> (any BlockDevice, String),
         openRemote: @escaping @Sendable (String, Bool) throws -> any BlockDevice
     ) {
         self.openImage = openImage

@@ -130,11 +130,15 @@ public final class Bus: Sendable {
             let name = try chooseName(request)
             if let source = request.source, !source.contains("://") {
                 let path = URL(fileURLWithPath: source).standardizedFileURL.resolvingSymlinksInPath().path
-                if let other = disks.withLock({ $0.values.first { $0.backend.source == path } }) {
+                // A snapshot of a plugged VIMG disk may be plugged beside it (read-only or under an overlay).
+                let alongside = request.snapshot != nil && (request.readOnly || request.overlay)
+                if let other = disks.withLock({ $0.values.first { $0.backend.source == path } }), !(alongside && other.backend.image != nil) {
                     throw BusError("\(source) is already plugged as '\(other.name)'\(other.devicePath.map { " (\($0))" } ?? "")")
                 }
             }
-            let backend = try Backends.open(request, opener: opener)
+            let backend = try Backends.open(request, opener: opener, alongside: { path in
+                disks.withLock { $0.values.first { $0.backend.source == path && $0.backend.image != nil } } != nil
+            })
             let disk = PluggedDisk(name: name, request: request, backend: backend)
             do {
                 try attach(disk)

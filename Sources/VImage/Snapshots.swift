@@ -135,6 +135,29 @@ extension VImage {
         }
     }
 
+    /// Opens a read-only view of internal snapshot `snapshot` without taking the image's lock, so that a
+    /// snapshot can be read while a writer has the image open (the bus plugs snapshots of plugged disks).
+    ///
+    /// A snapshot's L2 tables and data clusters are shared (refcount above one), so the writer never
+    /// changes them in place and the view stays stable, as long as nobody deletes the snapshot meanwhile.
+    public static func openSnapshotAlongsideWriter(path: String, snapshot: String, options: OpenOptions = .init()) throws -> VImage {
+        let file = try wrapIO(path) { try FileDevice.open(path: path, readOnly: true, growable: true, lock: .none) }
+        let image: VImage
+        do {
+            image = try open(host: file, ownsHost: true, path: path, readOnly: true, backing: nil, resolveBacking: true, options: options)
+        } catch {
+            try? file.close()
+            throw error
+        }
+        do {
+            try image.selectSnapshot(named: snapshot)
+        } catch {
+            try? image.close()
+            throw error
+        }
+        return image
+    }
+
     /// Shows snapshot `name` instead of the active state (read-only images only; used by --snapshot).
     func selectSnapshot(named name: String) throws {
         try monitor.withLock {

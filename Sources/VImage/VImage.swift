@@ -288,7 +288,7 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         }
     }
 
-    private static func open(
+    static func open(
         host: any BlockDevice, ownsHost: Bool, path: String?, readOnly: Bool, backing: (any BlockDevice)?,
         resolveBacking: Bool, options: OpenOptions, repairedDirty: Bool = false
     ) throws -> VImage {

@@ -1,4 +1,5 @@
 import BlockIO
+import ImageFormats
 import Foundation
 import VDiskBus
 import VImage
@@ -8,11 +9,11 @@ func runBusDaemon(paths: BusPaths, persist: Bool) throws {
     let log: @Sendable (String) -> Void = { printToStandardError("vdisk bus: \($0)") }
     let opener = BusOpener(
         openImage: { path, format, readOnly, snapshot in
-            let format = try format.map { name -> DiskImage.Format in
-                guard let f = DiskImage.Format(rawValue: name) else { throw BusError("unknown format '\(name)' (use vimg, raw or qcow2)") }
+            let format = try format.map { name -> ImageFormats.Format in
+                guard let f = ImageFormats.Format(rawValue: name) else { throw BusError("unknown format '\(name)' (use vimg, raw or qcow2)") }
                 return f
-            }
-            return try DiskImage.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot)
+            } ?? ImageFormats.probe(path: path)
+            return (try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot), format.rawValue)
         },
         openRemote: { uri, _ in throw BusError("\(uri): remote NBD exports are not supported by this build") })
     let bus = Bus(paths: paths, opener: opener, exporter: nil, persist: persist, log: log)
