@@ -11,7 +11,8 @@ packages=(
     liblz4-dev      # LZ4 compressed clusters
     zlib1g-dev libzstd-dev  # reading qcow2 compressed clusters (zlib, zstd)
     libfuse3-dev fuse3  # the FUSE + loop device path of vdisk plug
-    e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup for end-to-end tests
+    e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup, partx, fsfreeze for the bus and its tests
+    nbd-client      # /dev/nbdN front end of vdisk plug, where the kernel has NBD
 )
 
 missing=()
