@@ -11,6 +11,7 @@ let package = Package(
         .library(name: "ImageFormats", targets: ["ImageFormats"]),
         .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),
+        .library(name: "NBDClient", targets: ["NBDClient"]),
         .executable(name: "vimg", targets: ["vimg"]),
         .executable(name: "vdisk", targets: ["vdisk"]),
     ],
@@ -46,6 +47,7 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
+        .target(name: "NBDClient", dependencies: ["NBDProtocol", "BlockIO"]),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
         .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "FUSEExport"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
@@ -56,7 +58,7 @@ let package = Package(
         .executableTarget(
             name: "vdisk",
             dependencies: [
-                "BlockIO", "VImage", "ImageFormats", "NBDServer", "FUSEExport", "VDiskBus",
+                "BlockIO", "VImage", "ImageFormats", "NBDServer", "NBDClient", "FUSEExport", "VDiskBus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

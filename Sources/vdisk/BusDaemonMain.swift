@@ -1,5 +1,6 @@
 import BlockIO
 import ImageFormats
+import NBDClient
 import Foundation
 import VDiskBus
 import VImage
@@ -15,7 +16,7 @@ func runBusDaemon(paths: BusPaths, persist: Bool) throws {
             } ?? ImageFormats.probe(path: path)
             return (try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot), format.rawValue)
         },
-        openRemote: { uri, _ in throw BusError("\(uri): remote NBD exports are not supported by this build") })
+        openRemote: { uri, readOnly in try NBDClientDevice.connect(uri: uri, readOnly: readOnly) })
     let bus = Bus(paths: paths, opener: opener, exporter: nil, persist: persist, log: log)
     let daemon = try BusDaemon(bus: bus)
     try daemon.prepare()

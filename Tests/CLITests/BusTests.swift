@@ -163,6 +163,23 @@ struct BusTests {
         try partitionedRoundTrip(h, source: [image], replug: true, checkImage: nil)
     }
 
+    /// Invariant: a remote NBD export (qemu-nbd serving a raw file) works as a backend, and what was
+    /// written through the bus is in the remote file.
+    @Test(.enabled(if: TestEnvironment.which("qemu-nbd") != nil, "qemu-nbd not installed"))
+    func remoteNBDExportEndToEnd() throws {
+        let h = Harness(vdisk: vdisk)
+        defer { h.stopAndCheckClean() }
+        let file = h.dir + "/remote.raw", socket = h.dir + "/remote.sock"
+        #expect(run(vimg, ["create", "-f", "raw", file, "128M"]).status == 0)
+        #expect(sh("qemu-nbd -f raw -k \(socket) -x exp --persistent --pid-file=\(h.dir)/qemu-nbd.pid \(file) >/dev/null 2>&1 &").status == 0)
+        defer { _ = sh("kill $(cat \(h.dir)/qemu-nbd.pid) 2>/dev/null") }
+        for _ in 0..<100 where access(socket, F_OK) != 0 { usleep(20_000) }
+        try partitionedRoundTrip(h, source: ["nbd+unix:///exp?socket=\(socket)", "--name", "remote"], replug: true, checkImage: nil)
+        // The partition table the bus wrote is in the remote file.
+        let table = run("sfdisk", ["-d", file])
+        #expect(table.stdout.contains("label: gpt"), "\(table.stdout)")
+    }
+
     /// Invariant: a RAM disk takes a file system (its content lives until unplug).
     @Test func ramDiskEndToEnd() throws {
         let h = Harness(vdisk: vdisk)
