@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# NBD server benchmark: fio's nbd engine against `vdisk serve` and `qemu-nbd` on the same data (VIMG vs
+# qcow2, and raw vs raw), over unix sockets, in one run; then nbdcopy of the whole disk, and the server's
+# RSS while serving a 100 GiB image. Prints Markdown tables; ratio = ours / theirs (above 1: faster).
+#
+#   Tools/bench-nbd.sh [WORKDIR] [SIZE]     (default: a temp dir under /var/tmp, 1G)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -d /opt/swift/usr/bin ] && export PATH="/opt/swift/usr/bin:$PATH"
+Tools/setup.sh
+swift build -c release --product vdisk >/dev/null
+swift build -c release --product vimg >/dev/null
+BIN=$PWD/.build/release
+WORK=${1:-$(mktemp -d /var/tmp/vdisk-bench-nbd.XXXXXX)}
+SIZE=${2:-1G}
+mkdir -p "$WORK"
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# Same content everywhere: a fully written raw file, converted to each format.
+fio --name=fill --filename="$WORK/src.raw" --rw=write --bs=1M --size="$SIZE" --ioengine=psync \
+    --buffer_compress_percentage=0 --refill_buffers >/dev/null
+"$BIN/vimg" convert -O vimg "$WORK/src.raw" "$WORK/a.vimg"
+qemu-img convert -O qcow2 -o cluster_size=65536 "$WORK/src.raw" "$WORK/a.qcow2"
+cp --sparse=always "$WORK/src.raw" "$WORK/ours.raw"
+cp --sparse=always "$WORK/src.raw" "$WORK/theirs.raw"
+
+serve_ours() {  # image socket
+    "$BIN/vdisk" serve --socket "$2" "$1" 2>/dev/null &
+    PIDS+=($!)
+    for _ in $(seq 100); do [ -S "$2" ] && return; sleep 0.05; done
+}
+serve_theirs() {  # image format socket
+    qemu-nbd -f "$2" -k "$3" --cache=writeback --aio=threads -e 16 "$1" 2>/dev/null &
+    PIDS+=($!)
+    for _ in $(seq 100); do [ -S "$3" ] && return; sleep 0.05; done
+}
+serve_ours "$WORK/a.vimg" "$WORK/ours-vimg.sock"
+serve_theirs "$WORK/a.qcow2" qcow2 "$WORK/qemu-qcow2.sock"
+serve_ours "$WORK/ours.raw" "$WORK/ours-raw.sock"
+serve_theirs "$WORK/theirs.raw" raw "$WORK/qemu-raw.sock"
+
+measure() {  # socket rw bs iodepth -> MiB/s
+    fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw="$2" --bs="$3" --iodepth="$4" \
+        --size="$SIZE" --time_based --runtime=8 --ramp_time=1 --output-format=json 2>/dev/null |
+        python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.1f" % ((j["read"]["bw"] + j["write"]["bw"]) / 1024))'
+}
+
+echo "| workload | vdisk serve VIMG | qemu-nbd qcow2 | ratio | vdisk serve raw | qemu-nbd raw | ratio |"
+echo "|---|---|---|---|---|---|---|"
+for spec in "randread 4k 1" "randread 4k 32" "randwrite 4k 1" "randwrite 4k 32" "read 1M 8" "write 1M 8"; do
+    set -- $spec
+    a=$(measure "$WORK/ours-vimg.sock" "$1" "$2" "$3")
+    b=$(measure "$WORK/qemu-qcow2.sock" "$1" "$2" "$3")
+    c=$(measure "$WORK/ours-raw.sock" "$1" "$2" "$3")
+    d=$(measure "$WORK/qemu-raw.sock" "$1" "$2" "$3")
+    awk -v n="$1 $2 QD$3" -v a="$a" -v b="$b" -v c="$c" -v d="$d" \
+        'BEGIN { printf "| %s (MiB/s) | %.0f | %.0f | %.2fx | %.0f | %.0f | %.2fx |\n", n, a, b, a / b, c, d, c / d }'
+done
+
+copy() {  # socket -> seconds for nbdcopy of the whole disk to null:
+    local t0 t1
+    t0=$(date +%s.%N)
+    nbdcopy "nbd+unix:///?socket=$1" null:
+    t1=$(date +%s.%N)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }'
+}
+echo
+echo "| nbdcopy whole disk to null: | vdisk serve | qemu-nbd | ratio (theirs/ours time) |"
+echo "|---|---|---|---|"
+for pair in "VIMG/qcow2 ours-vimg qemu-qcow2" "raw/raw ours-raw qemu-raw"; do
+    set -- $pair
+    o=$(copy "$WORK/$2.sock"); t=$(copy "$WORK/$3.sock")
+    awk -v n="$1" -v o="$o" -v t="$t" 'BEGIN { printf "| %s | %.2f s | %.2f s | %.2fx |\n", n, o, t, t / o }'
+done
+
+# Memory: serve a 100 GiB image with data scattered over all of it, read across it, then read RSS.
+"$BIN/vimg" create -q "$WORK/big.vimg" 100G >/dev/null
+serve_ours "$WORK/big.vimg" "$WORK/big.sock"
+BIGPID=${PIDS[-1]}
+fio --name=scatter --ioengine=nbd --uri="nbd+unix:///?socket=$WORK/big.sock" --rw=randwrite --bs=4k \
+    --size=100G --number_ios=20000 --iodepth=16 >/dev/null 2>&1
+fio --name=scan --ioengine=nbd --uri="nbd+unix:///?socket=$WORK/big.sock" --rw=randread --bs=64k \
+    --size=100G --number_ios=20000 --iodepth=16 >/dev/null 2>&1
+echo
+echo "vdisk serve RSS serving a 100 GiB VIMG image after 20k scattered writes and 20k reads: $(( $(ps -o rss= -p "$BIGPID") / 1024 )) MiB"
