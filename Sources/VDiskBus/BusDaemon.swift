@@ -8,7 +8,8 @@ import Glibc
 /// The bus process: takes the host's bus lock, serves the control socket, and on SIGINT/SIGTERM (or a
 /// `shutdown` request) unplugs every disk cleanly before it exits.
 public final class BusDaemon: Sendable {
-    public let bus: Bus
+    private let current: Mutex<Bus>
+    public var bus: Bus { current.withLock { $0 } }
     private let lockFD = Mutex<Int32>(-1)
     private let listenFD = Mutex<Int32>(-1)
     private let stopping = Atomic<Bool>(false)
@@ -16,7 +17,7 @@ public final class BusDaemon: Sendable {
     private let wakePipe: (read: Int32, write: Int32)
 
     public init(bus: Bus) throws {
-        self.bus = bus
+        current = Mutex(bus)
         var fds: [Int32] = [0, 0]
         guard pipe(&fds) == 0 else { throw BusError("cannot create a pipe: \(String(cString: strerror(errno)))") }
         for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
@@ -46,6 +47,11 @@ public final class BusDaemon: Sendable {
         unlink(paths.nbdSocket)
         let listener = try listenUnix(path: paths.controlSocket)
         listenFD.withLock { $0 = listener }
+    }
+
+    /// Replaces the bus the control socket serves (after `prepare`, once its NBD server is up).
+    public func attach(_ bus: Bus) {
+        current.withLock { $0 = bus }
     }
 
     /// Serves control requests until SIGINT, SIGTERM or a `shutdown` request, then unplugs everything.

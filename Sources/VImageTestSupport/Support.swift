@@ -157,8 +157,17 @@ public func run(_ program: String, _ arguments: [String], environment: [String: 
         argv.forEach { free($0) }
         envp.forEach { free($0) }
     }
+    // Test runners block signals in their threads, and a child inherits the mask: give it a clean one,
+    // or a shell's `wait` and a server's signal handling hang.
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    var empty = sigset_t()
+    sigemptyset(&empty)
+    posix_spawnattr_setsigmask(&attributes, &empty)
+    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
     var pid: pid_t = 0
-    let rc = posix_spawnp(&pid, program, &actions, nil, argv, envp)
+    let rc = posix_spawnp(&pid, program, &actions, &attributes, argv, envp)
     guard rc == 0 else { return ProcessResult(status: 127, stdout: "", stderr: "spawn failed: \(describeErrno(rc))") }
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0 && errno == EINTR {}

@@ -1,12 +1,44 @@
 import BlockIO
-import ImageFormats
-import NBDClient
 import Foundation
+import ImageFormats
+import Logging
+import NBDClient
+import NBDServer
 import VDiskBus
 import VImage
 
-/// Runs the bus in this process until it is told to stop.
-func runBusDaemon(paths: BusPaths, persist: Bool) throws {
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Exports plugged disks on the bus's NBD server.
+final class NBDBusExporter: BusExporter {
+    let server: NBDServer
+    let socketPath: String
+
+    init(server: NBDServer, socketPath: String) {
+        self.server = server
+        self.socketPath = socketPath
+    }
+
+    func add(name: String, device: any BlockDevice, readOnly: Bool) throws {
+        try server.addExport(NBDExport(name: name, description: "vdisk bus disk \(name)", device: device, readOnly: readOnly))
+    }
+
+    func remove(name: String) { server.removeExport(named: name) }
+
+    func uri(for name: String) -> String { "nbd+unix:///\(name)?socket=\(socketPath)" }
+}
+
+/// Runs the bus in this process until it is told to stop: the control socket, the NBD server every disk is
+/// exported on, and a clean unplug of everything at the end.
+func runBusDaemon(paths: BusPaths, persist: Bool) async throws {
+    // A parent may have started us with signals blocked (test runners do); the bus handles these.
+    var handled = sigset_t()
+    sigemptyset(&handled)
+    for number in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&handled, number) }
+    pthread_sigmask(SIG_UNBLOCK, &handled, nil)
+
     let log: @Sendable (String) -> Void = { printToStandardError("vdisk bus: \($0)") }
     let opener = BusOpener(
         openImage: { path, format, readOnly, snapshot in
@@ -17,11 +49,27 @@ func runBusDaemon(paths: BusPaths, persist: Bool) throws {
             return (try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot), format.rawValue)
         },
         openRemote: { uri, readOnly in try NBDClientDevice.connect(uri: uri, readOnly: readOnly) })
-    let bus = Bus(paths: paths, opener: opener, exporter: nil, persist: persist, log: log)
-    let daemon = try BusDaemon(bus: bus)
+
+    // The lock first: a second bus must fail before it touches the first one's sockets.
+    let placeholder = Bus(paths: paths, opener: opener, exporter: nil, persist: false, log: log)
+    let daemon = try BusDaemon(bus: placeholder)
     try daemon.prepare()
-    log("listening on \(paths.controlSocket) (pid \(getpid()))")
+
+    var logger = Logger(label: "vdisk.bus.nbd")
+    logger.logLevel = .warning
+    let server = NBDServer(exports: [], configuration: NBDServerConfiguration(listeners: [.unixSocket(path: paths.nbdSocket)]), logger: logger)
+    try await server.start()
+    let bus = Bus(paths: paths, opener: opener, exporter: NBDBusExporter(server: server, socketPath: paths.nbdSocket), persist: persist, log: log)
+    daemon.attach(bus)
+    log("listening on \(paths.controlSocket), exporting on \(paths.nbdSocket) (pid \(getpid()))")
     bus.restoreState()
-    daemon.run()
+    await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
+        // The control loop blocks; keep it off the cooperative pool.
+        Thread.detachNewThread {
+            daemon.run()
+            done.resume()
+        }
+    }
+    try? await server.shutdown()
     log("stopped")
 }

@@ -212,7 +212,7 @@ extension Vdisk {
         }
     }
 
-    struct BusCommand: ParsableCommand {
+    struct BusCommand: AsyncParsableCommand {
         static let configuration = CommandConfiguration(
             commandName: "bus",
             abstract: "Run the bus daemon (started on demand by 'vdisk plug').",
@@ -232,8 +232,8 @@ extension Vdisk {
 
         @OptionGroup var bus: BusOptions
 
-        func run() throws {
-            try runBusCommand {
+        func run() async throws {
+            do {
                 if stop {
                     let client = BusClient(paths: bus.paths)
                     guard client.isRunning else { return }
@@ -243,7 +243,12 @@ extension Vdisk {
                     return
                 }
                 if detach { setsid() }
-                try runBusDaemon(paths: bus.paths, persist: persist)
+                try await runBusDaemon(paths: bus.paths, persist: persist)
+            } catch let error as ExitCode {
+                throw error
+            } catch {
+                printError("\(error)")
+                throw ExitCode.failure
             }
         }
     }

@@ -279,6 +279,29 @@ struct BusTests {
         #expect(h.vd(["list"]).stdout == "No disks are plugged.\n")
     }
 
+    /// Invariant: every plugged disk is an NBD export on the bus's socket; with --device none that is all
+    /// it is, and real clients read back what they wrote.
+    @Test(.enabled(if: TestEnvironment.which("qemu-io") != nil && TestEnvironment.which("nbdinfo") != nil, "qemu-io/nbdinfo not installed"))
+    func exportsOnTheBusSocket() throws {
+        let h = Harness(vdisk: vdisk)
+        defer { h.stopAndCheckClean() }
+        let uri = try h.plug(["--ram", "32M", "--device", "none", "--name", "r"])
+        #expect(uri == "nbd+unix:///r?socket=\(h.runtime)/nbd.sock")
+        let info = run("nbdinfo", ["--size", uri])
+        #expect(info.stdout == "33554432\n", "\(info.stdout)\(info.stderr)")
+        let io = run("qemu-io", ["-f", "raw", uri, "-c", "write -P 0x5c 1M 2M", "-c", "read -P 0x5c 1M 2M", "-c", "read -P 0 0 1M"])
+        #expect(io.status == 0 && !io.stdout.contains("verification failed"), "\(io.stdout)\(io.stderr)")
+        let list = h.vd(["list", "--output=json"])
+        #expect(list.stdout.contains("\"bytesWritten\" : 2097152"), "\(list.stdout)")
+        // A disk with a kernel device is exported too.
+        let image = h.dir + "/e.vimg"
+        #expect(run(vimg, ["create", image, "16M"]).status == 0)
+        _ = try h.plug([image, "--name", "e"])
+        let both = run("nbdinfo", ["--size", "nbd+unix:///e?socket=\(h.runtime)/nbd.sock"])
+        #expect(both.stdout == "16777216\n", "\(both.stdout)\(both.stderr)")
+        #expect(h.vd(["unplug", "--all"]).status == 0)
+    }
+
     /// Invariant: bad requests get a clear error and leave nothing half-attached.
     @Test func failurePaths() throws {
         let h = Harness(vdisk: vdisk)

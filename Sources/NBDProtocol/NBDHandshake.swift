@@ -1,0 +1,379 @@
+import NIOCore
+
+// Design notes
+// ------------
+// The fixed newstyle handshake as a pure state machine: bytes in, actions out. No sockets, no timers, no
+// devices; the server's handler performs the actions (send, start transmission, close) and owns the
+// timeout. That keeps every branch of the negotiation testable with plain buffers.
+//
+//   server: "NBDMAGIC" "IHAVEOPT" handshake-flags(u16)
+//   client: client-flags(u32)
+//   repeat:
+//     client: "IHAVEOPT" option(u32) length(u32) data[length]
+//     server: option reply magic(u64) option(u32) reply-type(u32) length(u32) data[length]   (0..n times)
+//   until GO is acknowledged or EXPORT_NAME is answered, then transmission.
+//
+// `receive(_:)` consumes complete messages from the caller's cumulation buffer and leaves partial ones in
+// place, so the caller can feed bytes in any split (one at a time works). It stops consuming as soon as it
+// decides to start transmission: bytes after that belong to the request decoder, and the caller forwards
+// them there.
+//
+// Hostile input: a bad magic, unknown client flags or an option longer than `maximumOptionLength` closes
+// the connection (there is no way to resynchronise or it is not worth buffering). Every length inside an
+// option is checked against the option's own length before use.
+
+/// What the server knows about one export during negotiation.
+public struct NBDExportDescription: Sendable, Hashable {
+    public var name: String
+    public var description: String
+    public var size: UInt64
+    /// The transmission flags to advertise (`hasFlags` is added when sent).
+    public var flags: NBDTransmissionFlags
+
+    public init(name: String, description: String = "", size: UInt64, flags: NBDTransmissionFlags) {
+        self.name = name
+        self.description = description
+        self.size = size
+        self.flags = flags
+    }
+}
+
+/// The outcome of a successful negotiation: what transmission must honour.
+public struct NBDSession: Sendable, Hashable {
+    /// The export, resolved from the name the client used (the empty name means the default export).
+    public var export: NBDExportDescription
+    public var clientFlags: NBDClientFlags
+    /// The client negotiated `NBD_OPT_STRUCTURED_REPLY`.
+    public var structuredReplies: Bool
+    /// The id of `base:allocation` if the client selected it for this export.
+    public var baseAllocationContextID: UInt32?
+
+    public init(
+        export: NBDExportDescription, clientFlags: NBDClientFlags = .known, structuredReplies: Bool = false,
+        baseAllocationContextID: UInt32? = nil
+    ) {
+        self.export = export
+        self.clientFlags = clientFlags
+        self.structuredReplies = structuredReplies
+        self.baseAllocationContextID = baseAllocationContextID
+    }
+}
+
+/// A message the server sends during the handshake.
+public enum NBDHandshakeMessage: Sendable, Hashable {
+    /// "NBDMAGIC", "IHAVEOPT" and the server's handshake flags.
+    case greeting(NBDHandshakeFlags)
+    /// A reply to an option; `data` is the reply's payload.
+    case optionReply(option: NBDOption, type: NBDOptionReplyType, data: [UInt8])
+    /// The old-fashioned answer to `NBD_OPT_EXPORT_NAME`: size, flags, and 124 zero bytes unless the client
+    /// asked to drop them.
+    case exportNameReply(size: UInt64, flags: NBDTransmissionFlags, zeroes: Bool)
+
+    public func encode(into buffer: inout ByteBuffer) {
+        switch self {
+        case .greeting(let flags):
+            buffer.writeInteger(NBDMagic.greeting)
+            buffer.writeInteger(NBDMagic.options)
+            buffer.writeInteger(flags.rawValue)
+        case .optionReply(let option, let type, let data):
+            buffer.writeInteger(NBDMagic.optionReply)
+            buffer.writeInteger(option.rawValue)
+            buffer.writeInteger(type.rawValue)
+            buffer.writeInteger(UInt32(data.count))
+            buffer.writeBytes(data)
+        case .exportNameReply(let size, let flags, let zeroes):
+            buffer.writeInteger(size)
+            buffer.writeInteger(flags.rawValue)
+            if zeroes { buffer.writeRepeatingByte(0, count: 124) }
+        }
+    }
+
+    /// An `NBD_REP_INFO` payload for `NBD_INFO_EXPORT`.
+    static func infoExport(_ export: NBDExportDescription) -> [UInt8] {
+        var bytes: [UInt8] = []
+        bytes.appendBigEndian(NBDInfoType.export.rawValue)
+        bytes.appendBigEndian(export.size)
+        bytes.appendBigEndian(export.flags.union(.hasFlags).rawValue)
+        return bytes
+    }
+}
+
+/// The fixed newstyle negotiation (see the design notes above).
+public struct NBDHandshakeStateMachine: Sendable {
+    public enum Action: Sendable, Hashable {
+        case send(NBDHandshakeMessage)
+        /// Negotiation is over; every later byte is a transmission request.
+        case startTransmission(NBDSession)
+        /// Close the connection after sending what came before.
+        case close(reason: String)
+    }
+
+    private enum State: Sendable {
+        case idle
+        case awaitingClientFlags
+        case options(NBDClientFlags)
+        case done
+    }
+
+    /// The exports a client may ask for; the first is the default (the empty name).
+    public let exports: [NBDExportDescription]
+    private var state: State = .idle
+    private var structuredReplies = false
+    /// The export the client's last SET_META_CONTEXT was for, and whether it selected `base:allocation`.
+    private var metaContextSelection: (export: String, baseAllocation: Bool)?
+
+    public init(exports: [NBDExportDescription]) {
+        self.exports = exports
+    }
+
+    public static let serverFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
+
+    /// True until the negotiation finished or failed.
+    public var isNegotiating: Bool {
+        if case .done = state { return false }
+        return true
+    }
+
+    /// The greeting; call once when the connection opens.
+    public mutating func start() -> [Action] {
+        precondition(isIdle, "start() called twice")
+        state = .awaitingClientFlags
+        return [.send(.greeting(Self.serverFlags))]
+    }
+
+    private var isIdle: Bool {
+        if case .idle = state { return true }
+        return false
+    }
+
+    /// Consumes every complete client message in `buffer` and returns what to do. Partial messages stay in
+    /// `buffer`; after `.startTransmission` or `.close`, nothing more is consumed.
+    public mutating func receive(_ buffer: inout ByteBuffer) -> [Action] {
+        var actions: [Action] = []
+        while true {
+            switch state {
+            case .idle, .done:
+                return actions
+            case .awaitingClientFlags:
+                guard let raw = buffer.readInteger(as: UInt32.self) else { return actions }
+                let flags = NBDClientFlags(rawValue: raw)
+                guard NBDClientFlags.known.isSuperset(of: flags) else {
+                    state = .done
+                    actions.append(.close(reason: "unknown client flags 0x\(String(raw, radix: 16))"))
+                    return actions
+                }
+                state = .options(flags)
+            case .options(let clientFlags):
+                guard buffer.readableBytes >= 16 else { return actions }
+                let start = buffer.readerIndex
+                let magic = buffer.getInteger(at: start, as: UInt64.self)!
+                let option = NBDOption(rawValue: buffer.getInteger(at: start + 8, as: UInt32.self)!)
+                let length = buffer.getInteger(at: start + 12, as: UInt32.self)!
+                guard magic == NBDMagic.options else {
+                    state = .done
+                    actions.append(.close(reason: "bad option magic 0x\(String(magic, radix: 16))"))
+                    return actions
+                }
+                guard length <= NBDLimits.maximumOptionLength else {
+                    state = .done
+                    actions.append(.close(reason: "\(option) claims \(length) bytes of data"))
+                    return actions
+                }
+                guard buffer.readableBytes >= 16 + Int(length) else { return actions }
+                buffer.moveReaderIndex(forwardBy: 16)
+                let data = buffer.readBytes(length: Int(length))!
+                actions += handle(option, data: data, clientFlags: clientFlags)
+            }
+        }
+    }
+
+    /// The export a name designates: the empty name is the first export.
+    public func export(named name: String) -> NBDExportDescription? {
+        if name.isEmpty { return exports.first }
+        return exports.first { $0.name == name }
+    }
+
+    private mutating func handle(_ option: NBDOption, data: [UInt8], clientFlags: NBDClientFlags) -> [Action] {
+        func reply(_ type: NBDOptionReplyType, _ payload: [UInt8] = []) -> Action {
+            .send(.optionReply(option: option, type: type, data: payload))
+        }
+        func error(_ type: NBDOptionReplyType, _ message: String) -> Action {
+            reply(type, Array(message.utf8))
+        }
+
+        switch option {
+        case .exportName:
+            guard data.count <= NBDLimits.maximumString, let name = String(validating: data, as: UTF8.self),
+                let export = export(named: name)
+            else {
+                state = .done
+                return [.close(reason: "EXPORT_NAME for an unknown export")]
+            }
+            state = .done
+            let session = makeSession(export: export, requestedName: name, clientFlags: clientFlags)
+            return [
+                .send(
+                    .exportNameReply(
+                        size: export.size, flags: export.flags.union(.hasFlags),
+                        zeroes: !clientFlags.contains(.noZeroes))),
+                .startTransmission(session),
+            ]
+
+        case .abort:
+            state = .done
+            return [reply(.ack), .close(reason: "client aborted the negotiation")]
+
+        case .list:
+            guard data.isEmpty else { return [error(.errInvalid, "LIST takes no data")] }
+            var actions: [Action] = []
+            for export in exports {
+                var payload: [UInt8] = []
+                let name = Array(export.name.utf8)
+                payload.appendBigEndian(UInt32(name.count))
+                payload += name
+                payload += Array(export.description.utf8.prefix(NBDLimits.maximumString))
+                actions.append(reply(.server, payload))
+            }
+            actions.append(reply(.ack))
+            return actions
+
+        case .structuredReply:
+            guard data.isEmpty else { return [error(.errInvalid, "STRUCTURED_REPLY takes no data")] }
+            structuredReplies = true
+            return [reply(.ack)]
+
+        case .info, .go:
+            var cursor = Cursor(data)
+            guard let nameLength = cursor.uint32(), nameLength <= NBDLimits.maximumString,
+                let nameBytes = cursor.bytes(Int(nameLength)), let count = cursor.uint16()
+            else { return [error(.errInvalid, "malformed \(option) request")] }
+            var requested: [NBDInfoType] = []
+            for _ in 0..<count {
+                guard let type = cursor.uint16() else { return [error(.errInvalid, "malformed \(option) request")] }
+                requested.append(NBDInfoType(rawValue: type))
+            }
+            guard cursor.isAtEnd else { return [error(.errInvalid, "malformed \(option) request")] }
+            guard let name = String(validating: nameBytes, as: UTF8.self) else {
+                return [error(.errInvalid, "export name is not UTF-8")]
+            }
+            guard let export = export(named: name) else {
+                return [error(.errUnknown, "no export named '\(name)'")]
+            }
+            var actions: [Action] = [reply(.info, NBDHandshakeMessage.infoExport(export))]
+            var blockSize: [UInt8] = []
+            blockSize.appendBigEndian(NBDInfoType.blockSize.rawValue)
+            blockSize.appendBigEndian(NBDLimits.minimumBlockSize)
+            blockSize.appendBigEndian(NBDLimits.preferredBlockSize)
+            blockSize.appendBigEndian(NBDLimits.maximumPayload)
+            actions.append(reply(.info, blockSize))
+            if requested.contains(.name) {
+                var payload: [UInt8] = []
+                payload.appendBigEndian(NBDInfoType.name.rawValue)
+                payload += Array(export.name.utf8)
+                actions.append(reply(.info, payload))
+            }
+            if requested.contains(.description), !export.description.isEmpty {
+                var payload: [UInt8] = []
+                payload.appendBigEndian(NBDInfoType.description.rawValue)
+                payload += Array(export.description.utf8.prefix(NBDLimits.maximumString))
+                actions.append(reply(.info, payload))
+            }
+            actions.append(reply(.ack))
+            if option == .go {
+                state = .done
+                actions.append(.startTransmission(makeSession(export: export, requestedName: name, clientFlags: clientFlags)))
+            }
+            return actions
+
+        case .listMetaContext, .setMetaContext:
+            let isSet = option == .setMetaContext
+            if isSet && !structuredReplies {
+                return [error(.errInvalid, "SET_META_CONTEXT needs STRUCTURED_REPLY first")]
+            }
+            var cursor = Cursor(data)
+            guard let nameLength = cursor.uint32(), nameLength <= NBDLimits.maximumString,
+                let nameBytes = cursor.bytes(Int(nameLength)), let count = cursor.uint32()
+            else { return [error(.errInvalid, "malformed \(option) request")] }
+            var queries: [String] = []
+            for _ in 0..<count {
+                guard let length = cursor.uint32(), let bytes = cursor.bytes(Int(length)) else {
+                    return [error(.errInvalid, "malformed \(option) request")]
+                }
+                guard length <= NBDLimits.maximumString else { return [error(.errTooBig, "query too long")] }
+                queries.append(String(decoding: bytes, as: UTF8.self))
+            }
+            guard cursor.isAtEnd, let name = String(validating: nameBytes, as: UTF8.self) else {
+                return [error(.errInvalid, "malformed \(option) request")]
+            }
+            guard export(named: name) != nil else { return [error(.errUnknown, "no export named '\(name)'")] }
+            let matches: Bool
+            if isSet {
+                matches = queries.contains(NBDBaseAllocation.name)
+                metaContextSelection = (export: name, baseAllocation: matches)
+            } else {
+                // LIST with no query lists everything; "base:" asks for the whole namespace.
+                matches = queries.isEmpty || queries.contains(NBDBaseAllocation.name) || queries.contains("base:")
+            }
+            var actions: [Action] = []
+            if matches {
+                var payload: [UInt8] = []
+                payload.appendBigEndian(NBDBaseAllocation.contextID)
+                payload += Array(NBDBaseAllocation.name.utf8)
+                actions.append(reply(.metaContext, payload))
+            }
+            actions.append(reply(.ack))
+            return actions
+
+        default:
+            return [error(.errUnsupported, "\(option) is not supported")]
+        }
+    }
+
+    private func makeSession(export: NBDExportDescription, requestedName: String, clientFlags: NBDClientFlags)
+        -> NBDSession
+    {
+        // A meta context selection is only valid for the export it named (the spec asks servers to forget a
+        // selection made for another export).
+        var contextID: UInt32? = nil
+        if structuredReplies, let selection = metaContextSelection, selection.baseAllocation,
+            self.export(named: selection.export)?.name == export.name
+        {
+            contextID = NBDBaseAllocation.contextID
+        }
+        return NBDSession(
+            export: export, clientFlags: clientFlags, structuredReplies: structuredReplies,
+            baseAllocationContextID: contextID)
+    }
+}
+
+/// A bounds-checked big-endian reader over option data: every read returns nil past the end.
+struct Cursor {
+    private let bytes: [UInt8]
+    private var position = 0
+
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    var isAtEnd: Bool { position == bytes.count }
+
+    mutating func bytes(_ count: Int) -> [UInt8]? {
+        guard count >= 0, count <= bytes.count - position else { return nil }
+        defer { position += count }
+        return Array(bytes[position..<position + count])
+    }
+
+    mutating func uint16() -> UInt16? {
+        guard let b = bytes(2) else { return nil }
+        return UInt16(b[0]) << 8 | UInt16(b[1])
+    }
+
+    mutating func uint32() -> UInt32? {
+        guard let b = bytes(4) else { return nil }
+        return b.reduce(0) { $0 << 8 | UInt32($1) }
+    }
+}
+
+extension Array where Element == UInt8 {
+    mutating func appendBigEndian<T: FixedWidthInteger>(_ value: T) {
+        Swift.withUnsafeBytes(of: value.bigEndian) { append(contentsOf: $0) }
+    }
+}

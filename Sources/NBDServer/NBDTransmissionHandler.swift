@@ -1,0 +1,286 @@
+import BlockIO
+import Logging
+import NBDProtocol
+import NIOCore
+import NIOPosix
+
+// Design notes
+// ------------
+// One handler per connection in transmission. Requests arrive decoded (`NBDRequestDecoder`), are
+// validated on the event loop, and run on the server's `NIOThreadPool`, because device calls block. Many
+// requests of one connection are in flight at once and their replies go out in completion order, each
+// written whole on the event loop (the cookie matches it to its request).
+//
+// Back-pressure: while `maximumInFlight` requests are running, or their buffers exceed
+// `maximumInFlightBytes`, the handler swallows the channel's `read()` and re-issues it when a request
+// completes, so a fast client cannot queue unbounded work.
+//
+// Ending a connection: on NBD_CMD_DISC, or when the server shuts down (`NBDServerShutdownEvent`), the
+// handler stops reading, lets in-flight requests finish and send their replies, and closes once the
+// last reply is written. Requests already decoded after that point are answered with ESHUTDOWN.
+
+/// Sent down every connection's pipeline when the server stops.
+public struct NBDServerShutdownEvent: Sendable {
+    public init() {}
+}
+
+final class NBDTransmissionHandler: ChannelDuplexHandler {
+    typealias InboundIn = NBDRequest
+    typealias OutboundIn = NBDReply
+    typealias OutboundOut = NBDReply
+
+    /// What a device call produced.
+    private enum Outcome: Sendable {
+        case done
+        case data(ByteBuffer)
+        case extents([NBDBlockDescriptor])
+    }
+
+    private let session: NBDSession
+    private let export: NBDExport
+    private let threadPool: NIOThreadPool
+    private let logger: Logger
+    private let maximumInFlight: Int
+    private let maximumInFlightBytes: Int
+
+    private var inFlight = 0
+    private var inFlightBytes = 0
+    private var readPending = false
+    private var draining = false
+    private var closing = false
+    private var lastWrite: EventLoopFuture<Void>?
+
+    init(
+        session: NBDSession, export: NBDExport, threadPool: NIOThreadPool, logger: Logger,
+        maximumInFlight: Int = 64, maximumInFlightBytes: Int = 128 << 20
+    ) {
+        self.session = session
+        self.export = export
+        self.threadPool = threadPool
+        self.logger = logger
+        self.maximumInFlight = maximumInFlight
+        self.maximumInFlightBytes = maximumInFlightBytes
+    }
+
+    // MARK: Inbound
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        let request = Self.unwrapInboundIn(data)
+        let started = NIODeadline.now()
+        if request.command == .disconnect {
+            logger.debug("client sent DISC")
+            startDraining(context: context)
+            return
+        }
+        if draining {
+            reply(context: context, request: request, error: .ESHUTDOWN, message: "server is shutting down", started: started)
+            return
+        }
+        if let rejection = validate(request, in: session) {
+            logger.debug(
+                "refused request",
+                metadata: ["command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)", "error": "\(rejection.code)"])
+            reply(context: context, request: request, error: rejection.code, message: rejection.message, started: started)
+            return
+        }
+        let bytes = request.command == .read || request.command == .write ? Int(request.length) : 0
+        inFlight += 1
+        inFlightBytes += bytes
+        let device = export.device
+        let contextID = session.baseAllocationContextID ?? 0
+        threadPool.runIfActive(eventLoop: context.eventLoop) { () throws -> Outcome in
+            try Self.execute(request, on: device)
+        }.assumeIsolated().whenComplete { result in
+            self.inFlight -= 1
+            self.inFlightBytes -= bytes
+            switch result {
+            case .success(.done):
+                self.reply(context: context, request: request, error: .success, message: "", started: started)
+            case .success(.data(let data)):
+                self.replyRead(context: context, request: request, data: data, started: started)
+            case .success(.extents(let descriptors)):
+                let chunk = NBDReplyChunk(cookie: request.cookie, content: .blockStatus(contextID: contextID, descriptors: descriptors))
+                self.send(context: context, .chunk(chunk), request: request, failed: false, started: started)
+            case .failure(let error):
+                let code = nbdErrorCode(for: error)
+                self.logger.warning(
+                    "request failed",
+                    metadata: ["command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)", "error": "\(error)"])
+                self.reply(context: context, request: request, error: code, message: "\(error)", started: started)
+            }
+            self.resumeIfPossible(context: context)
+        }
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if event is NBDServerShutdownEvent {
+            startDraining(context: context)
+        } else {
+            context.fireUserInboundEventTriggered(event)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: any Error) {
+        // Framing errors (a bad request magic) cannot be recovered from; I/O errors mean the peer is gone.
+        logger.info("closing connection", metadata: ["reason": "\(error)"])
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        // In-flight requests still complete on the pool; their replies then fail to write, harmlessly.
+        draining = true
+        context.fireChannelInactive()
+    }
+
+    // MARK: Outbound
+
+    func read(context: ChannelHandlerContext) {
+        if draining { return }
+        if inFlight >= maximumInFlight || inFlightBytes >= maximumInFlightBytes {
+            readPending = true
+            return
+        }
+        context.read()
+    }
+
+    // MARK: Work
+
+    /// Runs one validated request on the device; called on a thread-pool thread.
+    private static func execute(_ request: NBDRequest, on device: any BlockDevice) throws -> Outcome {
+        let offset = request.offset
+        let length = UInt64(request.length)
+        switch request.command {
+        case .read:
+            let count = Int(request.length)
+            var buffer = ByteBufferAllocator().buffer(capacity: count)
+            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { pointer in
+                try device.read(into: UnsafeMutableRawBufferPointer(rebasing: pointer[0..<count]), at: offset)
+                return count
+            }
+            return .data(buffer)
+        case .write:
+            guard let payload = request.payload else { return .done }
+            try payload.withUnsafeReadableBytes { bytes in
+                try device.write(bytes, at: offset, fua: request.flags.contains(.fua))
+            }
+        case .writeZeroes:
+            try device.writeZeroes(
+                at: offset, count: length, mayUnmap: !request.flags.contains(.noHole),
+                fast: request.flags.contains(.fastZero))
+            if request.flags.contains(.fua) { try device.flush() }
+        case .trim:
+            try device.discard(at: offset, count: length)
+            if request.flags.contains(.fua) { try device.flush() }
+        case .flush:
+            try device.flush()
+        case .cache:
+            break
+        case .blockStatus:
+            let extents = try device.extents(at: offset, count: length)
+            return .extents(descriptors(extents, offset: offset, length: length, one: request.flags.contains(.reqOne)))
+        default:
+            throw NBDRequestRejection(code: .EINVAL, message: "unexpected command \(request.command)")
+        }
+        return .done
+    }
+
+    /// Turns device extents into `base:allocation` descriptors covering (a prefix of) the request, merging
+    /// neighbours with equal flags; with REQ_ONE only the first descriptor is kept.
+    static func descriptors(_ extents: [Extent], offset: UInt64, length: UInt64, one: Bool) -> [NBDBlockDescriptor] {
+        var result: [NBDBlockDescriptor] = []
+        var position = offset
+        let end = offset + length
+        for extent in extents where extent.end > position && position < end {
+            // Extents must be contiguous from the request's offset; stop at a gap rather than lie.
+            guard extent.offset <= position else { break }
+            let count = min(extent.end, end) - position
+            var flags: UInt32 = 0
+            if extent.flags.contains(.hole) { flags |= NBDBaseAllocation.hole }
+            if extent.flags.contains(.zero) { flags |= NBDBaseAllocation.zero }
+            if let last = result.last, last.flags == flags {
+                result[result.count - 1].length = last.length + UInt32(count)
+            } else {
+                result.append(NBDBlockDescriptor(length: UInt32(count), flags: flags))
+            }
+            position += count
+        }
+        if result.isEmpty {
+            // A device must describe at least the first byte; if it did not, report plain data.
+            result.append(NBDBlockDescriptor(length: UInt32(length), flags: 0))
+        }
+        if one { result.removeSubrange(1...) }
+        return result
+    }
+
+    // MARK: Replies
+
+    private func replyRead(context: ChannelHandlerContext, request: NBDRequest, data: ByteBuffer, started: NIODeadline) {
+        let reply: NBDReply
+        if session.structuredReplies {
+            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: .offsetData(offset: request.offset, data: data)))
+        } else {
+            reply = .simple(cookie: request.cookie, error: .success, data: data)
+        }
+        send(context: context, reply, request: request, failed: false, started: started)
+    }
+
+    /// A reply without data: success or an error, in the shape the command and session call for.
+    private func reply(
+        context: ChannelHandlerContext, request: NBDRequest, error: NBDErrorCode, message: String, started: NIODeadline
+    ) {
+        let structured =
+            session.structuredReplies && (request.command == .read || request.command == .blockStatus)
+        let reply: NBDReply
+        if structured {
+            let content: NBDReplyChunk.Content = error == .success ? .none : .error(error, message: message)
+            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: content))
+        } else {
+            reply = .simple(cookie: request.cookie, error: error, data: nil)
+        }
+        send(context: context, reply, request: request, failed: error != .success, started: started)
+    }
+
+    private func send(context: ChannelHandlerContext, _ reply: NBDReply, request: NBDRequest, failed: Bool, started: NIODeadline) {
+        let latency = NIODeadline.now() - started
+        export.stats.record(
+            command: request.command, bytes: request.length, failed: failed,
+            latencyNanoseconds: UInt64(max(0, latency.nanoseconds)))
+        guard context.channel.isActive else { return }
+        let promise = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(Self.wrapOutboundOut(reply), promise: promise)
+        lastWrite = promise.futureResult
+    }
+
+    // MARK: Flow control and shutdown
+
+    private func resumeIfPossible(context: ChannelHandlerContext) {
+        if draining {
+            closeIfIdle(context: context)
+        } else if readPending && inFlight < maximumInFlight && inFlightBytes < maximumInFlightBytes {
+            readPending = false
+            context.read()
+        }
+    }
+
+    private func startDraining(context: ChannelHandlerContext) {
+        draining = true
+        readPending = false
+        closeIfIdle(context: context)
+    }
+
+    private func closeIfIdle(context: ChannelHandlerContext) {
+        guard inFlight == 0, !closing else { return }
+        closing = true
+        guard let lastWrite else {
+            context.close(promise: nil)
+            return
+        }
+        // Close only after the last reply left, or it could be dropped with the socket.
+        lastWrite.assumeIsolated().whenComplete { _ in
+            context.close(promise: nil)
+        }
+    }
+}
+
+@available(*, unavailable)
+extension NBDTransmissionHandler: Sendable {}

@@ -1,0 +1,196 @@
+import ArgumentParser
+import BlockIO
+import Dispatch
+import Logging
+import NBDServer
+import NIOCore
+import VImage
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension Vdisk {
+    struct Serve: AsyncParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Export images over NBD until SIGINT or SIGTERM.",
+            discussion: """
+                Listens on a unix socket (--socket, mode 0600) and/or TCP (--port, on 127.0.0.1 unless
+                --bind says otherwise); under systemd socket activation it adopts the passed socket instead.
+                Each image is one export, named after its file (or --export for a single image); the first
+                image is also the default export "". VIMG and raw images are opened read-write unless
+                --read-only or --snapshot is given.
+
+                On SIGINT or SIGTERM the server stops accepting, finishes in-flight requests, flushes and
+                closes the images, and exits 0. SIGUSR1 writes the --stats-file at once.
+                See docs/NBD.md.
+                """)
+
+        @Option(help: ArgumentHelp("Listen on this unix socket (created with mode 0600).", valueName: "path"))
+        var socket: String?
+
+        @Option(help: ArgumentHelp("Listen on this TCP port (0 picks a free one).", valueName: "port"))
+        var port: Int?
+
+        @Option(help: ArgumentHelp("The address for --port.", valueName: "address"))
+        var bind: String?
+
+        @Flag(help: "Export the images read-only.")
+        var readOnly = false
+
+        @Option(help: ArgumentHelp("Export this internal snapshot of each VIMG image (read-only).", valueName: "name"))
+        var snapshot: String?
+
+        @Option(name: .customLong("export"), help: ArgumentHelp("The export name (one image only).", valueName: "name"))
+        var exportName: String?
+
+        @Option(help: "Close connections beyond this many.")
+        var maxConnections: Int = 64
+
+        @Option(help: ArgumentHelp("Close connections that have not negotiated after this many seconds.", valueName: "seconds"))
+        var handshakeTimeout: Int = 10
+
+        @Option(help: ArgumentHelp("Write per-export counters as JSON here (periodically, on SIGUSR1 and at exit).", valueName: "path"))
+        var statsFile: String?
+
+        @Option(help: ArgumentHelp("Seconds between --stats-file updates.", valueName: "seconds"))
+        var statsInterval: Int = 5
+
+        @Flag(name: .shortAndLong, help: "Log connections (-v) and refused requests (-vv) to stderr.")
+        var verbose: Int
+
+        @Argument(help: "The images to export.")
+        var images: [String] = []
+
+        func validate() throws {
+            if images.isEmpty { throw ValidationError("give at least one image to export") }
+            if bind != nil && port == nil { throw ValidationError("--bind needs --port") }
+            if let port, !(0...65535).contains(port) { throw ValidationError("--port must be between 0 and 65535") }
+            if socket == nil && port == nil && NBDServer.socketActivationDescriptors(consume: false).isEmpty {
+                throw ValidationError("give --socket PATH or --port N (or start under systemd socket activation)")
+            }
+            if exportName != nil && images.count > 1 { throw ValidationError("--export names a single image") }
+            if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
+            if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1") }
+            if statsInterval < 1 { throw ValidationError("--stats-interval must be at least 1") }
+            let names = exportNames
+            if Set(names).count != names.count {
+                throw ValidationError("two images have the same export name; rename one of them")
+            }
+        }
+
+        /// One name per image: --export, else the file's base name.
+        var exportNames: [String] {
+            if let exportName { return [exportName] }
+            return images.map { path in path.split(separator: "/").last.map(String.init) ?? path }
+        }
+
+        func run() async throws {
+            try await runReportingErrors { try await serve() }
+        }
+
+        private func serve() async throws {
+            // A parent may have started us with signals blocked (threads inherit the mask); we rely on
+            // SIGINT, SIGTERM and SIGUSR1, so unblock them before any thread exists.
+            var handled = sigset_t()
+            sigemptyset(&handled)
+            for number in [SIGINT, SIGTERM, SIGUSR1] { sigaddset(&handled, number) }
+            pthread_sigmask(SIG_UNBLOCK, &handled, nil)
+
+            let level: Logger.Level = verbose >= 2 ? .debug : verbose == 1 ? .info : .notice
+            LoggingSystem.bootstrap { label in
+                var handler = StreamLogHandler.standardError(label: label)
+                handler.logLevel = level
+                return handler
+            }
+            let logger = Logger(label: "vdisk.serve")
+
+            let writable = !readOnly && snapshot == nil
+            var exports: [NBDExport] = []
+            do {
+                for (path, name) in zip(images, exportNames) {
+                    let device = try DiskImage.open(path: path, readOnly: !writable, snapshot: snapshot)
+                    exports.append(NBDExport(name: name, description: path, device: device, readOnly: !writable))
+                }
+            } catch {
+                for export in exports { try? export.device.close() }
+                throw error
+            }
+
+            var listeners: [NBDServerConfiguration.Listener] = NBDServer.socketActivationDescriptors().map {
+                .inherited(fileDescriptor: $0)
+            }
+            if listeners.isEmpty {
+                if let socket { listeners.append(.unixSocket(path: socket)) }
+                if let port { listeners.append(.tcp(host: bind ?? "127.0.0.1", port: port)) }
+            }
+            var configuration = NBDServerConfiguration(listeners: listeners)
+            configuration.maximumConnections = maxConnections
+            configuration.handshakeTimeout = .seconds(Int64(handshakeTimeout))
+            let server = NBDServer(exports: exports, configuration: configuration, logger: logger)
+
+            // Signals become an async stream before the server starts, so none is lost.
+            let (signals, sources) = Self.watchSignals([SIGINT, SIGTERM, SIGUSR1])
+            do {
+                try await server.start()
+            } catch {
+                for export in exports { try? export.device.close() }
+                throw error
+            }
+
+            let mode = writable ? "read-write" : "read-only"
+            let what =
+                exports.count == 1
+                ? "\(images[0]) as '\(exports[0].name)' (\(mode), \(ByteSize.format(exports[0].device.size)))"
+                : "\(exports.count) images as \(exports.map { "'\($0.name)'" }.joined(separator: ", ")) (\(mode))"
+            printToStandardError("vdisk: serving \(what) on \(server.boundAddresses.joined(separator: ", "))")
+
+            let statsTask: Task<Void, Never>? = statsFile.map { path in
+                let interval = statsInterval
+                return Task {
+                    while !Task.isCancelled {
+                        try? await Task.sleep(for: .seconds(interval))
+                        Self.writeStats(server.statsJSON(), to: path)
+                    }
+                }
+            }
+            for await signal in signals {
+                if signal == SIGUSR1 {
+                    if let statsFile { Self.writeStats(server.statsJSON(), to: statsFile) }
+                    continue
+                }
+                logger.notice("stopping on signal \(signal)")
+                break
+            }
+            statsTask?.cancel()
+            defer { withExtendedLifetime(sources) {} }
+            try await server.shutdown()
+            if let statsFile { Self.writeStats(server.statsJSON(), to: statsFile) }
+        }
+
+        /// Delivers the given signals as a stream instead of letting them kill the process.
+        private static func watchSignals(_ numbers: [Int32]) -> (AsyncStream<Int32>, [any DispatchSourceSignal]) {
+            let (stream, continuation) = AsyncStream<Int32>.makeStream()
+            var sources: [any DispatchSourceSignal] = []
+            for number in numbers {
+                signal(number, SIG_IGN)
+                let source = DispatchSource.makeSignalSource(signal: number, queue: .global())
+                source.setEventHandler { continuation.yield(number) }
+                source.resume()
+                sources.append(source)
+            }
+            return (stream, sources)
+        }
+
+        /// Replaces the stats file atomically (write a temporary file, then rename).
+        private static func writeStats(_ text: String, to path: String) {
+            let temporary = path + ".tmp"
+            let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+            guard fd >= 0 else { return }
+            var bytes = Array(text.utf8)
+            _ = Glibc.write(fd, &bytes, bytes.count)
+            close(fd)
+            rename(temporary, path)
+        }
+    }
+}

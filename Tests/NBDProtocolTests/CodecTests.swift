@@ -1,0 +1,179 @@
+import BlockIO
+import NBDProtocol
+import NIOCore
+import NIOEmbedded
+import Testing
+
+@testable import NBDServer
+
+func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
+    var buffer = ByteBuffer()
+    for request in requests { request.encode(into: &buffer) }
+    return buffer
+}
+
+@Suite struct RequestDecoderTests {
+    static let sample: [NBDRequest] = [
+        NBDRequest(command: .read, cookie: 1, offset: 4096, length: 512),
+        NBDRequest(flags: .fua, command: .write, cookie: 2, offset: 10, length: 5, payload: ByteBuffer(bytes: [1, 2, 3, 4, 5])),
+        NBDRequest(command: .flush, cookie: 3),
+        NBDRequest(flags: [.noHole, .fastZero], command: .writeZeroes, cookie: 4, offset: 0, length: 1 << 20),
+        NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 5, offset: 0, length: 65536),
+        NBDRequest(command: .disconnect, cookie: 6),
+    ]
+
+    func decodeAll(_ chunks: [ByteBuffer]) throws -> [NBDRequest] {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(NBDRequestDecoder()))
+        var out: [NBDRequest] = []
+        for chunk in chunks {
+            try channel.writeInbound(chunk)
+            while let request = try channel.readInbound(as: NBDRequest.self) { out.append(request) }
+        }
+        _ = try channel.finish()
+        return out
+    }
+
+    /// Invariant: requests decode the same whether the bytes come at once or one byte at a time.
+    @Test func dripFed() throws {
+        let bytes = requestBytes(Self.sample)
+        #expect(try decodeAll([bytes]) == Self.sample)
+        let drip = bytes.readableBytesView.map { ByteBuffer(bytes: [$0]) }
+        #expect(try decodeAll(drip) == Self.sample)
+    }
+
+    /// Invariant: a bad request magic is an error (the connection cannot resynchronise).
+    @Test func badMagic() throws {
+        let channel = EmbeddedChannel(handler: ByteToMessageHandler(NBDRequestDecoder()))
+        var bytes = ByteBuffer()
+        bytes.writeRepeatingByte(0x41, count: 28)
+        #expect(throws: NBDProtocolError.self) { try channel.writeInbound(bytes) }
+        _ = try? channel.finish()
+    }
+
+    /// Invariant: a WRITE over the payload limit is reported at once with `payloadDiscarded`, its payload
+    /// is skipped without being kept, and the next request decodes normally.
+    @Test func oversizedWriteIsSkipped() throws {
+        var decoder = NBDRequestDecoder(maximumPayload: 16)
+        var bytes = ByteBuffer()
+        NBDRequest(command: .write, cookie: 9, offset: 0, length: 40).encode(into: &bytes)
+        let first = try decoder.next(from: &bytes)
+        #expect(first?.payloadDiscarded == true)
+        #expect(first?.payload == nil)
+        bytes.writeRepeatingByte(7, count: 30)
+        #expect(try decoder.next(from: &bytes) == nil)
+        bytes.writeRepeatingByte(7, count: 10)
+        NBDRequest(command: .flush, cookie: 10).encode(into: &bytes)
+        #expect(try decoder.next(from: &bytes) == NBDRequest(command: .flush, cookie: 10))
+        #expect(bytes.readableBytes == 0)
+    }
+}
+
+@Suite struct ReplyEncoderTests {
+    func encode(_ reply: NBDReply) -> [UInt8] {
+        var buffer = ByteBuffer()
+        reply.encode(into: &buffer)
+        return Array(buffer.readableBytesView)
+    }
+
+    /// Invariant: a simple reply is magic, error, cookie, then read data only on success.
+    @Test func simple() {
+        #expect(
+            encode(.simple(cookie: 0x0102, error: .EIO, data: ByteBuffer(bytes: [9])))
+                == [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 1, 2])
+        #expect(encode(.simple(cookie: 1, error: .success, data: ByteBuffer(bytes: [9, 8]))).suffix(2) == [9, 8])
+    }
+
+    /// Invariant: structured chunks carry magic, flags, type, cookie, length and a typed payload.
+    @Test func structured() {
+        let data = encode(.chunk(NBDReplyChunk(cookie: 7, content: .offsetData(offset: 512, data: ByteBuffer(bytes: [1, 2, 3])))))
+        #expect(data == [0x66, 0x8E, 0x33, 0xEF, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 11, 0, 0, 0, 0, 0, 0, 2, 0, 1, 2, 3])
+        let none = encode(.chunk(NBDReplyChunk(cookie: 7, content: .none)))
+        #expect(none.count == 20 && none[6...7] == [0, 0] && none[16...] == [0, 0, 0, 0])
+        let status = encode(
+            .chunk(NBDReplyChunk(cookie: 7, content: .blockStatus(contextID: 1, descriptors: [.init(length: 4096, flags: 3)]))))
+        #expect(status[6...7] == [0, 5])
+        #expect(status[16...] == [0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3])
+        let error = encode(.chunk(NBDReplyChunk(cookie: 7, content: .error(.ENOSPC, message: "full"))))
+        #expect(error[6...7] == [0x80, 0x01])
+        #expect(Array(error[16...]) == [0, 0, 0, 10, 0, 0, 0, 28, 0, 4] + Array("full".utf8))
+    }
+
+    /// Invariant: the zero-copy writer puts the same bytes on the wire as the copying encoder.
+    @Test func writerMatchesEncoder() throws {
+        let reply = NBDReply.chunk(NBDReplyChunk(cookie: 3, content: .offsetData(offset: 0, data: ByteBuffer(bytes: [5, 6, 7]))))
+        let channel = EmbeddedChannel(handler: NBDReplyWriter())
+        try channel.writeOutbound(reply)
+        var wire: [UInt8] = []
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { wire += Array(buffer.readableBytesView) }
+        #expect(wire == encode(reply))
+    }
+}
+
+@Suite struct ValidationTests {
+    static let writable = NBDSession(
+        export: NBDExportDescription(
+            name: "d", size: 1 << 20, flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero]),
+        structuredReplies: true, baseAllocationContextID: 1)
+    static let readOnly = NBDSession(
+        export: NBDExportDescription(name: "r", size: 1 << 20, flags: [.hasFlags, .readOnly, .sendFlush]))
+
+    func check(_ request: NBDRequest, _ session: NBDSession = writable) -> NBDErrorCode {
+        validate(request, in: session)?.code ?? .success
+    }
+
+    /// Invariant: each malformed request gets the error the spec asks for, and good ones pass.
+    @Test func errors() {
+        let size: UInt64 = 1 << 20
+        #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 512)) == .success)
+        #expect(check(NBDRequest(command: .read, cookie: 1, offset: size - 1, length: 2)) == .EINVAL)
+        #expect(check(NBDRequest(command: .read, cookie: 1, offset: UInt64.max, length: 2)) == .EINVAL)
+        #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 0)) == .EINVAL)
+        #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 33 << 20)) == .EOVERFLOW)
+        #expect(check(NBDRequest(flags: .fua, command: .read, cookie: 1, offset: 0, length: 1)) == .EINVAL)
+        #expect(check(NBDRequest(command: .write, cookie: 1, offset: size, length: 1)) == .ENOSPC)
+        #expect(check(NBDRequest(command: .write, cookie: 1, offset: 0, length: 40 << 20, payloadDiscarded: true)) == .EOVERFLOW)
+        #expect(check(NBDRequest(command: .trim, cookie: 1, offset: size - 4, length: 8)) == .ENOSPC)
+        #expect(check(NBDRequest(flags: [.noHole, .fastZero, .fua], command: .writeZeroes, cookie: 1, offset: 0, length: 8)) == .success)
+        #expect(check(NBDRequest(flags: .reqOne, command: .writeZeroes, cookie: 1, offset: 0, length: 8)) == .EINVAL)
+        #expect(check(NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 1, offset: 0, length: 8)) == .success)
+        #expect(check(NBDRequest(command: .flush, cookie: 1)) == .success)
+        #expect(check(NBDRequest(command: NBDCommand(rawValue: 99), cookie: 1)) == .EINVAL)
+        #expect(check(NBDRequest(command: .resize, cookie: 1, offset: 0, length: 1)) == .EINVAL)
+        #expect(check(NBDRequest(flags: NBDCommandFlags(rawValue: 0x100), command: .flush, cookie: 1)) == .EINVAL)
+        // Read-only export: writes are EPERM even when also out of range; block status needs the context.
+        #expect(check(NBDRequest(command: .write, cookie: 1, offset: size, length: 1), Self.readOnly) == .EPERM)
+        #expect(check(NBDRequest(command: .writeZeroes, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EPERM)
+        #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 1), Self.readOnly) == .success)
+        #expect(check(NBDRequest(command: .blockStatus, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EINVAL)
+        // FAST_ZERO only where offered.
+        #expect(check(NBDRequest(flags: .fastZero, command: .writeZeroes, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EINVAL)
+    }
+
+    /// Invariant: errno values map onto the closed NBD error set, unknown ones to EIO.
+    @Test func errnoMapping() {
+        #expect(NBDErrorCode(errno: 1) == .EPERM)
+        #expect(NBDErrorCode(errno: 30) == .EPERM)
+        #expect(NBDErrorCode(errno: 28) == .ENOSPC)
+        #expect(NBDErrorCode(errno: 122) == .ENOSPC)
+        #expect(NBDErrorCode(errno: 95) == .ENOTSUP)
+        #expect(NBDErrorCode(errno: 22) == .EINVAL)
+        #expect(NBDErrorCode(errno: 108) == .ESHUTDOWN)
+        #expect(NBDErrorCode(errno: 2) == .EIO)
+        #expect(nbdErrorCode(for: BlockIOError(.notSupported, operation: .writeZeroes, message: "slow")) == .ENOTSUP)
+        #expect(nbdErrorCode(for: BlockIOError(.outOfRange, operation: .write, message: "")) == .ENOSPC)
+        #expect(nbdErrorCode(for: CancellationError()) == .EIO)
+    }
+
+    /// Invariant: block status descriptors cover the request from its offset, merge equal neighbours,
+    /// are clipped to the request, and REQ_ONE keeps only the first.
+    @Test func descriptors() {
+        let extents = [
+            Extent(offset: 0, length: 4096, flags: []), Extent(offset: 4096, length: 4096, flags: []),
+            Extent(offset: 8192, length: 1 << 20, flags: [.hole, .zero]),
+        ]
+        let all = NBDTransmissionHandler.descriptors(extents, offset: 1024, length: 10000, one: false)
+        #expect(all == [.init(length: 7168, flags: 0), .init(length: 2832, flags: 3)])
+        let one = NBDTransmissionHandler.descriptors(extents, offset: 1024, length: 10000, one: true)
+        #expect(one == [.init(length: 7168, flags: 0)])
+    }
+}

@@ -1,0 +1,409 @@
+import BlockIO
+import Logging
+import NBDProtocol
+import NIOCore
+import NBDServer
+import Testing
+import VImageTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A tiny blocking NBD client over a unix socket, speaking the wire format by hand so the tests check
+/// the server's bytes, not a library's interpretation of them.
+final class RawClient {
+    let fd: Int32
+
+    init?(socketPath: String) {
+        fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(socketPath.utf8)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        var timeout = timeval(tv_sec: 10, tv_usec: 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let result = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if result != 0 {
+            close(fd)
+            return nil
+        }
+    }
+
+    deinit { close(fd) }
+
+    func send(_ buffer: ByteBuffer) {
+        let bytes = Array(buffer.readableBytesView)
+        var done = 0
+        while done < bytes.count {
+            let n = bytes[done...].withUnsafeBytes { Glibc.send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if n <= 0 { return }
+            done += n
+        }
+    }
+
+    /// Reads exactly `count` bytes, or nil on EOF/timeout.
+    func receive(_ count: Int) -> ByteBuffer? {
+        var bytes = [UInt8](repeating: 0, count: count)
+        var done = 0
+        while done < count {
+            let n = bytes[done...].withUnsafeMutableBytes { recv(fd, $0.baseAddress, $0.count, 0) }
+            if n <= 0 { return nil }
+            done += n
+        }
+        return ByteBuffer(bytes: bytes)
+    }
+
+    /// True if the server closed the connection (EOF).
+    func isClosedByServer() -> Bool {
+        var byte: UInt8 = 0
+        return recv(fd, &byte, 1, 0) == 0
+    }
+
+    /// Negotiates with GO; returns the export size and flags.
+    func handshake(export: String = "", structured: Bool = true, baseAllocation: Bool = true) -> (UInt64, NBDTransmissionFlags)? {
+        guard var greeting = receive(18), greeting.readInteger(as: UInt64.self) == NBDMagic.greeting else { return nil }
+        send(ClientBytes.flags())
+        if structured {
+            send(ClientBytes.option(.structuredReply))
+            guard readOptionReplies().last?.0 == .ack else { return nil }
+            if baseAllocation {
+                send(ClientBytes.option(.setMetaContext, ClientBytes.metaContextData(export, queries: ["base:allocation"])))
+                guard readOptionReplies().last?.0 == .ack else { return nil }
+            }
+        }
+        send(ClientBytes.option(.go, ClientBytes.goData(export)))
+        var result: (UInt64, NBDTransmissionFlags)?
+        for (type, data) in readOptionReplies() where type == .info {
+            var data = data
+            if data.readInteger(as: UInt16.self) == NBDInfoType.export.rawValue {
+                result = (data.readInteger()!, NBDTransmissionFlags(rawValue: data.readInteger()!))
+            }
+        }
+        return result
+    }
+
+    /// Reads option replies until ACK or an error reply.
+    func readOptionReplies() -> [(NBDOptionReplyType, ByteBuffer)] {
+        var replies: [(NBDOptionReplyType, ByteBuffer)] = []
+        while var header = receive(20) {
+            _ = header.readInteger(as: UInt64.self)
+            _ = header.readInteger(as: UInt32.self)
+            let type = NBDOptionReplyType(rawValue: header.readInteger()!)
+            let length = Int(header.readInteger(as: UInt32.self)!)
+            let data = length > 0 ? receive(length) ?? ByteBuffer() : ByteBuffer()
+            replies.append((type, data))
+            if type == .ack || type.isError { break }
+        }
+        return replies
+    }
+
+    func request(_ request: NBDRequest) {
+        var buffer = ByteBuffer()
+        request.encode(into: &buffer)
+        send(buffer)
+    }
+
+    /// One reply: (cookie, error, payload). Simple replies to READ carry `readLength` data bytes;
+    /// structured replies are read chunk by chunk until DONE, concatenating OFFSET_DATA payloads.
+    func reply(readLength: Int = 0) -> (cookie: UInt64, error: NBDErrorCode, data: ByteBuffer, descriptors: [NBDBlockDescriptor])? {
+        var data = ByteBuffer()
+        var descriptors: [NBDBlockDescriptor] = []
+        var error = NBDErrorCode.success
+        while true {
+            guard var magic = receive(4) else { return nil }
+            if magic.readInteger(as: UInt32.self) == NBDMagic.simpleReply {
+                guard var rest = receive(12) else { return nil }
+                let code = NBDErrorCode(rawValue: rest.readInteger()!)
+                let cookie: UInt64 = rest.readInteger()!
+                if code == .success && readLength > 0 { data = receive(readLength) ?? ByteBuffer() }
+                return (cookie, code, data, [])
+            }
+            guard var header = receive(16) else { return nil }
+            let flags = NBDReplyFlags(rawValue: header.readInteger()!)
+            let type = NBDReplyChunkType(rawValue: header.readInteger()!)
+            let cookie: UInt64 = header.readInteger()!
+            let length = Int(header.readInteger(as: UInt32.self)!)
+            var payload = length > 0 ? receive(length) ?? ByteBuffer() : ByteBuffer()
+            switch type {
+            case .offsetData:
+                _ = payload.readInteger(as: UInt64.self)
+                data.writeBuffer(&payload)
+            case .blockStatus:
+                _ = payload.readInteger(as: UInt32.self)
+                while let length: UInt32 = payload.readInteger(), let flags: UInt32 = payload.readInteger() {
+                    descriptors.append(NBDBlockDescriptor(length: length, flags: flags))
+                }
+            case .error:
+                error = NBDErrorCode(rawValue: payload.readInteger()!)
+            default: break
+            }
+            if flags.contains(.done) { return (cookie, error, data, descriptors) }
+        }
+    }
+}
+
+/// Starts a server over memory devices in a temporary directory and stops it afterwards.
+func withServer(
+    size: UInt64 = 4 << 20, readOnly: Bool = false, maximumConnections: Int = 64,
+    handshakeTimeout: TimeAmount = .seconds(10),
+    _ body: (String, NBDServer, MemoryDevice) async throws -> Void
+) async throws {
+    let directory = TestEnvironment.temporaryDirectory("nbd-server")
+    defer { TestEnvironment.remove(directory) }
+    let path = directory + "/nbd.sock"
+    let device = MemoryDevice(size: size)
+    var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: path)])
+    configuration.maximumConnections = maximumConnections
+    configuration.handshakeTimeout = handshakeTimeout
+    configuration.deviceThreads = 4
+    let server = NBDServer(
+        exports: [NBDExport(name: "mem", device: device, readOnly: readOnly)], configuration: configuration,
+        logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+    try await server.start()
+    do {
+        try await body(path, server, device)
+    } catch {
+        try? await server.shutdown()
+        throw error
+    }
+    try await server.shutdown()
+}
+
+@Suite(.serialized) struct ServerTests {
+    /// Invariant: the socket is created with mode 0600 and removed on shutdown.
+    @Test func socketPermissions() async throws {
+        var seenPath = ""
+        try await withServer { path, _, _ in
+            seenPath = path
+            var info = stat()
+            #expect(stat(path, &info) == 0)
+            #expect(info.st_mode & 0o777 == 0o600)
+        }
+        #expect(access(seenPath, F_OK) != 0)
+    }
+
+    /// Invariant: data written reads back, in simple and structured modes; block status reflects writes
+    /// and trims; errors leave the connection usable.
+    @Test func readWriteAndErrors() async throws {
+        try await withServer { path, _, _ in
+            let client = try #require(RawClient(socketPath: path))
+            let (size, flags) = try #require(client.handshake())
+            #expect(size == 4 << 20)
+            #expect(flags.isSuperset(of: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .canMultiConn]))
+            let pattern = Pattern.bytes(count: 100_000, offset: 12345, seed: 1)
+            client.request(NBDRequest(flags: .fua, command: .write, cookie: 1, offset: 12345, length: UInt32(pattern.count), payload: ByteBuffer(bytes: pattern)))
+            #expect(client.reply()?.error == .success)
+            client.request(NBDRequest(command: .read, cookie: 2, offset: 12345, length: UInt32(pattern.count)))
+            let read = try #require(client.reply())
+            #expect(read.cookie == 2 && read.error == .success)
+            #expect(Array(read.data.readableBytesView) == pattern)
+
+            // Errors: out of range read and write, zero length, bad flags, unknown command; then still fine.
+            client.request(NBDRequest(command: .read, cookie: 3, offset: size - 1, length: 2))
+            #expect(client.reply()?.error == .EINVAL)
+            client.request(NBDRequest(command: .write, cookie: 4, offset: size, length: 1, payload: ByteBuffer(bytes: [1])))
+            #expect(client.reply()?.error == .ENOSPC)
+            client.request(NBDRequest(command: .read, cookie: 5, offset: 0, length: 0))
+            #expect(client.reply()?.error == .EINVAL)
+            client.request(NBDRequest(flags: .reqOne, command: .read, cookie: 6, offset: 0, length: 1))
+            #expect(client.reply()?.error == .EINVAL)
+            client.request(NBDRequest(command: NBDCommand(rawValue: 77), cookie: 7))
+            #expect(client.reply()?.error == .EINVAL)
+            client.request(NBDRequest(command: .read, cookie: 8, offset: 0, length: 64 << 20))
+            #expect(client.reply()?.error == .EOVERFLOW)
+
+            client.request(NBDRequest(command: .blockStatus, cookie: 9, offset: 0, length: UInt32(size)))
+            let status = try #require(client.reply())
+            // MemoryDevice allocates 64 KiB chunks: the written range is data, the rest a zero hole.
+            #expect(status.descriptors.first == NBDBlockDescriptor(length: 2 * 65536, flags: 0))
+            #expect(status.descriptors.reduce(0) { $0 + UInt64($1.length) } == size)
+            #expect(status.descriptors.contains { $0.flags == 0 })
+
+            client.request(NBDRequest(command: .trim, cookie: 10, offset: 0, length: UInt32(size)))
+            #expect(client.reply()?.error == .success)
+            client.request(NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 11, offset: 0, length: UInt32(size)))
+            #expect(client.reply()?.descriptors == [NBDBlockDescriptor(length: UInt32(size), flags: 3)])
+            client.request(NBDRequest(command: .cache, cookie: 12, offset: 0, length: 4096))
+            #expect(client.reply()?.error == .success)
+            client.request(NBDRequest(command: .flush, cookie: 13))
+            #expect(client.reply()?.error == .success)
+            client.request(NBDRequest(command: .disconnect, cookie: 14))
+            #expect(client.isClosedByServer())
+        }
+    }
+
+    /// Invariant: an oversized WRITE is answered with EOVERFLOW, its payload is consumed, and the
+    /// connection keeps working.
+    @Test func oversizedWrite() async throws {
+        try await withServer(size: 64 << 20) { path, _, _ in
+            let client = try #require(RawClient(socketPath: path))
+            _ = try #require(client.handshake(structured: false))
+            let length = 33 << 20
+            client.request(NBDRequest(command: .write, cookie: 1, offset: 0, length: UInt32(length)))
+            var payload = ByteBuffer()
+            payload.writeRepeatingByte(0xEE, count: length)
+            client.send(payload)
+            #expect(client.reply()?.error == .EOVERFLOW)
+            client.request(NBDRequest(command: .read, cookie: 2, offset: 0, length: 16))
+            let read = try #require(client.reply(readLength: 16))
+            #expect(read.cookie == 2 && Array(read.data.readableBytesView) == [UInt8](repeating: 0, count: 16))
+        }
+    }
+
+    /// Invariant: many pipelined requests on one connection all get exactly one reply with their cookie.
+    @Test func pipelined() async throws {
+        try await withServer { path, _, device in
+            let client = try #require(RawClient(socketPath: path))
+            _ = try #require(client.handshake(structured: false))
+            let count = 200
+            var expected = Set<UInt64>()
+            var batch = ByteBuffer()
+            for i in 0..<count {
+                let data = Pattern.bytes(count: 4096, offset: UInt64(i * 4096), seed: 3)
+                NBDRequest(command: .write, cookie: UInt64(i), offset: UInt64(i * 4096), length: 4096, payload: ByteBuffer(bytes: data)).encode(into: &batch)
+                expected.insert(UInt64(i))
+            }
+            client.send(batch)
+            var seen = Set<UInt64>()
+            for _ in 0..<count {
+                let reply = try #require(client.reply())
+                #expect(reply.error == .success)
+                seen.insert(reply.cookie)
+            }
+            #expect(seen == expected)
+            #expect(try device.read(count: 4096, at: 4096 * 7) == Pattern.bytes(count: 4096, offset: 4096 * 7, seed: 3))
+        }
+    }
+
+    /// Invariant: writes on a read-only export are EPERM and it advertises READ_ONLY.
+    @Test func readOnlyExport() async throws {
+        try await withServer(readOnly: true) { path, _, _ in
+            let client = try #require(RawClient(socketPath: path))
+            let (_, flags) = try #require(client.handshake())
+            #expect(flags.contains(.readOnly))
+            #expect(!flags.contains(.sendTrim))
+            client.request(NBDRequest(command: .write, cookie: 1, offset: 0, length: 1, payload: ByteBuffer(bytes: [1])))
+            #expect(client.reply()?.error == .EPERM)
+            client.request(NBDRequest(command: .trim, cookie: 2, offset: 0, length: 1))
+            #expect(client.reply()?.error == .EPERM)
+            client.request(NBDRequest(command: .read, cookie: 3, offset: 0, length: 1))
+            #expect(client.reply()?.error == .success)
+        }
+    }
+
+    /// Invariant: garbage, a stalled handshake and a vanished client close only their own connection.
+    @Test func hostileClients() async throws {
+        try await withServer(handshakeTimeout: .milliseconds(300)) { path, _, _ in
+            let good = try #require(RawClient(socketPath: path))
+            _ = try #require(good.handshake())
+
+            let garbage = try #require(RawClient(socketPath: path))
+            _ = garbage.receive(18)
+            var junk = ByteBuffer()
+            junk.writeRepeatingByte(0x5A, count: 64)
+            garbage.send(junk)
+            #expect(garbage.isClosedByServer())
+
+            let stalled = try #require(RawClient(socketPath: path))
+            _ = stalled.receive(18)
+            #expect(stalled.isClosedByServer())
+
+            // A client that sends a bad request magic in transmission is dropped too.
+            let badRequest = try #require(RawClient(socketPath: path))
+            _ = try #require(badRequest.handshake())
+            badRequest.send(junk)
+            #expect(badRequest.isClosedByServer())
+
+            // A client that vanishes with requests in flight.
+            do {
+                let vanishing = try #require(RawClient(socketPath: path))
+                _ = try #require(vanishing.handshake())
+                for i in 0..<16 { vanishing.request(NBDRequest(command: .read, cookie: UInt64(i), offset: 0, length: 1 << 20)) }
+            }
+
+            good.request(NBDRequest(command: .read, cookie: 1, offset: 0, length: 4096))
+            #expect(good.reply()?.error == .success)
+        }
+    }
+
+    /// Invariant: connections beyond the limit are closed at once; the others keep working.
+    @Test func connectionLimit() async throws {
+        try await withServer(maximumConnections: 2) { path, server, _ in
+            let a = try #require(RawClient(socketPath: path))
+            let b = try #require(RawClient(socketPath: path))
+            _ = try #require(a.handshake())
+            _ = try #require(b.handshake())
+            let c = try #require(RawClient(socketPath: path))
+            #expect(c.receive(18) == nil)
+            #expect(server.connectionCount == 2)
+            a.request(NBDRequest(command: .flush, cookie: 1))
+            #expect(a.reply()?.error == .success)
+        }
+    }
+
+    /// Invariant: a stale socket file is replaced, a live one refuses the second server.
+    @Test func staleAndLiveSocket() async throws {
+        try await withServer { path, _, _ in
+            var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: path)])
+            configuration.deviceThreads = 1
+            let second = NBDServer(
+                exports: [NBDExport(name: "x", device: MemoryDevice(size: 4096))], configuration: configuration,
+                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+            await #expect(throws: NBDServerError.self) { try await second.start() }
+        }
+        let directory = TestEnvironment.temporaryDirectory("nbd-stale")
+        defer { TestEnvironment.remove(directory) }
+        let path = directory + "/stale.sock"
+        // Leave a socket file nobody listens on.
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: Array(path.utf8))
+            raw[path.utf8.count] = 0
+        }
+        _ = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        close(fd)
+        #expect(access(path, F_OK) == 0)
+        let server = NBDServer(
+            exports: [NBDExport(name: "x", device: MemoryDevice(size: 4096))],
+            configuration: NBDServerConfiguration(listeners: [.unixSocket(path: path)]), logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        try await server.start()
+        let client = try #require(RawClient(socketPath: path))
+        #expect(client.handshake() != nil)
+        try await server.shutdown()
+    }
+
+    /// Invariant: shutdown lets in-flight requests finish and answers them before closing.
+    @Test func gracefulShutdown() async throws {
+        let directory = TestEnvironment.temporaryDirectory("nbd-shutdown")
+        defer { TestEnvironment.remove(directory) }
+        let path = directory + "/s.sock"
+        let device = MemoryDevice(size: 64 << 20)
+        let server = NBDServer(
+            exports: [NBDExport(name: "x", device: device)],
+            configuration: NBDServerConfiguration(listeners: [.unixSocket(path: path)]), logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        try await server.start()
+        let client = try #require(RawClient(socketPath: path))
+        _ = try #require(client.handshake(structured: false))
+        for i in 0..<8 {
+            client.request(NBDRequest(command: .read, cookie: UInt64(i), offset: UInt64(i) << 20, length: 1 << 20))
+        }
+        // Wait until the server has seen the requests (the first reply arrives), then shut down.
+        var replies = 0
+        if client.reply(readLength: 1 << 20) != nil { replies += 1 }
+        let stop = Task { try await server.shutdown() }
+        while client.reply(readLength: 1 << 20) != nil { replies += 1 }
+        try await stop.value
+        #expect(replies == 8)
+        #expect(server.exports[0].stats.snapshot.reads == 8)
+    }
+}
