@@ -26,11 +26,12 @@ static inline int cfuse_loop_get_free(void) {
 /// partition scanning stay off: the caller detaches explicitly. With `read_only`, the backing file should be
 /// open read-only too (the fallback derives read-only from the file's mode).
 static inline int cfuse_loop_configure(int loop_fd, int backing_fd, int read_only, int direct_io,
-                                       const char *name) {
+                                       int partition_scan, const char *name) {
     struct loop_config config;
     memset(&config, 0, sizeof config);
     config.fd = (__u32)backing_fd;
-    config.info.lo_flags = (read_only ? LO_FLAGS_READ_ONLY : 0) | (direct_io ? LO_FLAGS_DIRECT_IO : 0);
+    config.info.lo_flags = (read_only ? LO_FLAGS_READ_ONLY : 0) | (direct_io ? LO_FLAGS_DIRECT_IO : 0) |
+                           (partition_scan ? LO_FLAGS_PARTSCAN : 0);
     strncpy((char *)config.info.lo_file_name, name, LO_NAME_SIZE - 1);
     if (ioctl(loop_fd, LOOP_CONFIGURE, &config) == 0) return 0;
     if (errno != EINVAL && errno != ENOTTY) return -errno;
@@ -38,7 +39,7 @@ static inline int cfuse_loop_configure(int loop_fd, int backing_fd, int read_onl
     // answers LOOP_SET_FD with EBUSY, which the caller retries on another device.
     if (ioctl(loop_fd, LOOP_SET_FD, backing_fd) < 0) return -errno;
     struct loop_info64 info = config.info;
-    info.lo_flags = 0;
+    info.lo_flags = partition_scan ? LO_FLAGS_PARTSCAN : 0;  // the settable flags
     if (ioctl(loop_fd, LOOP_SET_STATUS64, &info) < 0) {
         int error = errno;
         ioctl(loop_fd, LOOP_CLR_FD, 0);

@@ -1,0 +1,88 @@
+import BlockIO
+import Synchronization
+import VImageTestSupport
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// FUSE and loop tests mount things: they need root and a FUSE-capable kernel.
+let fuseAvailable = geteuid() == 0 && access("/dev/fuse", R_OK | W_OK) == 0
+
+/// A whole file read with read(2) until EOF, which also works for /proc and /sys (st_size 0).
+func readText(_ path: String) -> String {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return "" }
+    defer { close(fd) }
+    var result: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
+        if n <= 0 { break }
+        result += chunk[..<n]
+    }
+    return String(decoding: result, as: UTF8.self)
+}
+
+/// Whether something is mounted exactly at `path` (per /proc/mounts).
+func isMounted(_ path: String) -> Bool {
+    readText("/proc/mounts").split(separator: "\n").contains { line in
+        let fields = line.split(separator: " ")
+        return fields.count > 1 && fields[1] == path
+    }
+}
+
+/// A program in PATH or in the sbin directories test runners often leave out of PATH.
+func program(_ name: String) -> String {
+    if let path = TestEnvironment.which(name) { return path }
+    for dir in ["/usr/sbin", "/sbin", "/usr/bin", "/bin"] where access("\(dir)/\(name)", X_OK) == 0 {
+        return "\(dir)/\(name)"
+    }
+    return name
+}
+
+/// pwrite of a whole buffer; returns the byte count or -errno.
+func pwriteAll(_ fd: Int32, _ bytes: [UInt8], at offset: Int) -> Int {
+    let n = bytes.withUnsafeBytes { pwrite(fd, $0.baseAddress, $0.count, off_t(offset)) }
+    return n < 0 ? -Int(errno) : n
+}
+
+/// pread of `count` bytes (a short read returns fewer); nil on error.
+func preadBytes(_ fd: Int32, count: Int, at offset: Int) -> [UInt8]? {
+    var bytes = [UInt8](repeating: 0, count: count)
+    var done = 0
+    while done < count {
+        let n = bytes.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, count - done, off_t(offset + done)) }
+        if n < 0 { return nil }
+        if n == 0 { break }
+        done += n
+    }
+    return Array(bytes[..<done])
+}
+
+/// A device that forwards to another and counts flushes, to see fsync reach the engine.
+final class CountingDevice: BlockDevice {
+    let base: any BlockDevice
+    let flushes = Atomic<Int>(0)
+
+    init(_ base: any BlockDevice) { self.base = base }
+
+    var size: UInt64 { base.size }
+    var capabilities: BlockDeviceCapabilities { base.capabilities }
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        try base.read(into: buffer, at: offset)
+    }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+        try base.write(buffer, at: offset, fua: fua)
+    }
+    func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
+        try base.writeZeroes(at: offset, count: count, mayUnmap: mayUnmap, fast: fast)
+    }
+    func discard(at offset: UInt64, count: UInt64) throws { try base.discard(at: offset, count: count) }
+    func flush() throws {
+        flushes.add(1, ordering: .relaxed)
+        try base.flush()
+    }
+    func extents(at offset: UInt64, count: UInt64) throws -> [Extent] { try base.extents(at: offset, count: count) }
+    func close() throws { try base.close() }
+}
