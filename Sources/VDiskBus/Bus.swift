@@ -255,7 +255,9 @@ public final class Bus: Sendable {
         }
     }
 
-    private func unplugLocked(_ disk: PluggedDisk, force: Bool) throws -> [String] {
+    /// - Parameter forget: drop the disk from the remembered table (not at shutdown, so that a persistent
+    ///   bus re-plugs it when it starts again).
+    private func unplugLocked(_ disk: PluggedDisk, force: Bool, forget: Bool = true) throws -> [String] {
         var notes: [String] = []
         if let device = disk.devicePath {
             let mounts = Mounts.mounted(onDevice: device)
@@ -276,7 +278,7 @@ public final class Bus: Sendable {
         problems += detach(disk)
         problems += disk.backend.close()
         disks.withLock { _ = $0.removeValue(forKey: disk.name) }
-        saveState()
+        if forget { saveState() }
         log("unplugged \(disk.name)\(problems.isEmpty ? "" : " with problems: \(problems.joined(separator: "; "))")")
         if !problems.isEmpty {
             throw BusError("'\(disk.name)' was unplugged, but: \(problems.joined(separator: "; "))")
@@ -364,28 +366,12 @@ public final class Bus: Sendable {
             do {
                 _ = try operations.withLock { _ -> [String] in
                     guard let disk = disks.withLock({ $0[name] }) else { return [] }
-                    return try unplugForShutdown(disk)
+                    return try unplugLocked(disk, force: true, forget: false)
                 }
             } catch {
                 log("shutdown: \(error)")
             }
         }
-    }
-
-    private func unplugForShutdown(_ disk: PluggedDisk) throws -> [String] {
-        // Keep the remembered table: take the disk out without rewriting the state file.
-        var problems: [String] = []
-        if let device = disk.devicePath {
-            for m in Mounts.mounted(onDevice: device).reversed() {
-                do { try Mounts.unmount(m.mountpoint) } catch { problems.append("\(error)") }
-            }
-        }
-        do { try disk.counting.flush() } catch { problems.append("flush: \(error)") }
-        problems += detach(disk)
-        problems += disk.backend.close()
-        disks.withLock { _ = $0.removeValue(forKey: disk.name) }
-        log("unplugged \(disk.name) at shutdown\(problems.isEmpty ? "" : ": \(problems.joined(separator: "; "))")")
-        return problems
     }
 }
 
