@@ -88,7 +88,37 @@ public enum ImageCheck {
     public static func check(path: String) throws -> CheckReport {
         let file = try wrapIO(path) { try FileDevice.open(path: path, readOnly: true, growable: true, lock: .shared) }
         defer { try? file.close() }
-        return check(host: file)
+        var report = check(host: file)
+        checkBackingChain(host: file, path: path, report: &report)
+        return report
+    }
+
+    /// A clone whose backing chain cannot be opened cannot be read, so (as `qemu-img check`, which
+    /// fails to open it) the check is incomplete: a `backing-missing`, `backing-loop` or
+    /// `backing-chain` finding and a check error (exit code 1). Repair cannot fix it; `vimg rebase`
+    /// can. Only headers are read.
+    static func checkBackingChain(host: any BlockDevice, path: String, report: inout CheckReport) {
+        guard let bytes = try? readHeaderCluster(host, fileSize: host.size), let header = try? ImageHeader.decode(bytes),
+            let name = header.backingFileName
+        else { return }
+        let kind: String
+        let message: String
+        do {
+            _ = try VImage.backingChainLevels(name: name, format: header.backingFileFormat, childPath: path)
+            return
+        } catch let failure as VImage.BackingChainFailure {
+            kind = failure.kind.rawValue
+            message = failure.error.message
+        } catch let error as VImageError {
+            kind = "backing-chain"
+            message = error.message
+        } catch {
+            kind = "backing-chain"
+            message = "\(error)"
+        }
+        report.add(.info, kind, message)
+        report.checkErrors += 1
+        if report.incompleteReason == nil { report.incompleteReason = message }
     }
 
     /// What a check learned, kept for repair.
@@ -367,7 +397,10 @@ extension ImageCheck {
     public static func repair(path: String, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
         let host = try wrapIO(path) { try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive) }
         defer { try? host.close() }
-        return try wrapIO(path) { try repair(host: host, mode: mode, dryRun: dryRun) }
+        var result = try wrapIO(path) { try repair(host: host, mode: mode, dryRun: dryRun) }
+        checkBackingChain(host: host, path: path, report: &result.before)
+        checkBackingChain(host: host, path: path, report: &result.after)
+        return result
     }
 
     /// Repairs the image stored on `host`.
