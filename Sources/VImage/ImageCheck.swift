@@ -67,6 +67,27 @@ public struct CheckReport: Sendable {
     }
 }
 
+/// Where a check found a reference: walk `walk` (the active L1 table, then each snapshot's), L1 entry
+/// `l1`, and L2 entry `l2` (or one of the markers for the L1 entry itself).
+struct Site {
+    static let l1Entry: Int32 = -1
+    /// The active L1 entry, named without the walk (as COPIED findings read).
+    static let activeL1Entry: Int32 = -2
+    var walk: Int32
+    var l1: Int32
+    var l2: Int32
+    init(walk: Int32, l1: Int, l2: Int) {
+        self.walk = walk
+        self.l1 = Int32(l1)
+        self.l2 = Int32(l2)
+    }
+    init(walk: Int32, l1: Int, l2: Int32) {
+        self.walk = walk
+        self.l1 = Int32(l1)
+        self.l2 = l2
+    }
+}
+
 /// Checks a VIMG image's metadata.
 public enum ImageCheck {
     /// The largest file (in clusters) we are willing to hold counters for: 4 GiB of counters.
@@ -172,11 +193,23 @@ public enum ImageCheck {
             }
         }
         // Metadata clusters, to find data or tables placed on top of them: the header, refcount structure,
-        // L1 tables and snapshot table ("structural"), and L2 tables.
-        var structural: Set<UInt64> = [0]
-        var l2Tables = Set<UInt64>()
-        var l2References: [(entry: UInt64, cluster: UInt64, what: String)] = []
-        var dataReferences: [(entry: UInt64, cluster: UInt64, what: String)] = []
+        // L1 tables and snapshot table ("structural"), and L2 tables. One mark per cluster of the file
+        // (metadata always lies inside it): a lookup per reference stays cheap at millions of clusters.
+        let structuralMark: UInt8 = 1, l2Mark: UInt8 = 2
+        var marks = [UInt8](repeating: 0, count: Int(fileClusters))
+        if fileClusters > 0 { marks[0] = structuralMark }
+        func isMarked(_ cluster: UInt64, _ mark: UInt8) -> Bool { cluster < fileClusters && marks[Int(cluster)] & mark != 0 }
+        // Where each reference was found, as indices: the text is built only for a finding.
+        var walkNames: [String] = []
+        func describe(_ site: Site) -> String {
+            switch site.l2 {
+            case Site.l1Entry: return "\(walkNames[Int(site.walk)]) L1 entry \(site.l1)"
+            case Site.activeL1Entry: return "L1 entry \(site.l1)"
+            default: return "\(walkNames[Int(site.walk)]) L2 table \(site.l1) entry \(site.l2)"
+            }
+        }
+        var l2References: [(entry: UInt64, cluster: UInt64, site: Site)] = []
+        var dataReferences: [(entry: UInt64, cluster: UInt64, site: Site)] = []
         /// References a metadata area, which must be cluster aligned and inside the file.
         func referenceMetadata(_ offset: UInt64, bytes: UInt64, _ what: String, isL2: Bool = false, report: inout CheckReport) -> Bool {
             let (end, overflow) = offset.addingReportingOverflow(bytes)
@@ -186,7 +219,7 @@ public enum ImageCheck {
             }
             for c in g.clusterIndex(offset)..<g.clusters(covering: end) {
                 reference(c)
-                if isL2 { l2Tables.insert(c) } else { structural.insert(c) }
+                marks[Int(c)] |= isL2 ? l2Mark : structuralMark
             }
             return true
         }
@@ -216,7 +249,7 @@ public enum ImageCheck {
 
         // The L1 tables: the active one, then each snapshot's.
         var visitedL2 = Set<UInt64>()
-        var copiedChecks: [(cluster: UInt64, copied: Bool, what: String, entry: UInt64, raw: UInt64)] = []
+        var copiedChecks: [(cluster: UInt64, copied: Bool, site: Site, entry: UInt64, raw: UInt64)] = []
         var lastHost: UInt64? = nil
         func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String, report: inout CheckReport) throws {
             // An empty L1 table may still own the cluster reserved for it (a 0-byte image).
@@ -226,6 +259,8 @@ public enum ImageCheck {
                 return
             }
             let l1 = try host.read(count: Int(l1Size) * 8, at: l1Offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+            walkNames.append(name)
+            let walkIndex = Int32(walkNames.count - 1)
             for (i, raw) in l1.enumerated() where raw != 0 {
                 let entry = L1Entry(rawValue: raw)
                 let entryOffset = l1Offset + UInt64(i * 8)
@@ -238,15 +273,15 @@ public enum ImageCheck {
                     entryFixes.append((entryOffset, 0))
                     continue
                 }
-                l2References.append((entryOffset, g.clusterIndex(l2), "\(name) L1 entry \(i)"))
-                if active { copiedChecks.append((g.clusterIndex(l2), entry.isCopied, "L1 entry \(i)", entryOffset, raw)) }
+                l2References.append((entryOffset, g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.l1Entry)))
+                if active { copiedChecks.append((g.clusterIndex(l2), entry.isCopied, Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw)) }
                 guard visitedL2.insert(l2).inserted else { continue }
                 let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
                 for (j, raw) in entries.enumerated() where raw != 0 {
-                    let where_ = "\(name) L2 table \(i) entry \(j)"
+                    let site = Site(walk: walkIndex, l1: i, l2: j)
                     let entryOffset = l2 + UInt64(j * 8)
                     if L2Entry.reservedBits(raw) != 0 {
-                        report.add(.corruption, "reserved-bits", "\(where_) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
+                        report.add(.corruption, "reserved-bits", "\(describe(site)) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
                         entryFixes.append((entryOffset, raw & ~L2Entry.reservedBits(raw)))
                     }
                     let e = L2Entry(raw: raw & ~L2Entry.reservedBits(raw))
@@ -257,20 +292,20 @@ public enum ImageCheck {
                     }
                     if let host = e.hostCluster?.rawValue {
                         reference(g.clusterIndex(host))
-                        dataReferences.append((entryOffset, g.clusterIndex(host), where_))
+                        dataReferences.append((entryOffset, g.clusterIndex(host), site))
                         if active && entry.isCopied {
-                            copiedChecks.append((g.clusterIndex(host), raw & copiedFlag != 0, where_, entryOffset, raw))
+                            copiedChecks.append((g.clusterIndex(host), raw & copiedFlag != 0, site, entryOffset, raw))
                         }
                     }
                     if case .compressed(let d) = e {
                         let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
                         if overflow || end > fileSize || d.hostOffset == 0 {
-                            report.add(.corruption, "compressed-out-of-range", "\(where_): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file", at: d.hostOffset)
+                            report.add(.corruption, "compressed-out-of-range", "\(describe(site)): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file", at: d.hostOffset)
                             entryFixes.append((entryOffset, 0))
                         } else {
                             for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) {
                                 reference(c)
-                                dataReferences.append((entryOffset, c, where_))
+                                dataReferences.append((entryOffset, c, site))
                             }
                         }
                     }
@@ -308,12 +343,12 @@ public enum ImageCheck {
         }
 
         // Tables or data placed on metadata: whatever is written through them overwrites the metadata.
-        for r in l2References where structural.contains(r.cluster) {
-            report.add(.corruption, "metadata-overlap", "\(r.what) points at metadata (cluster \(r.cluster))", at: r.entry)
+        for r in l2References where isMarked(r.cluster, structuralMark) {
+            report.add(.corruption, "metadata-overlap", "\(describe(r.site)) points at metadata (cluster \(r.cluster))", at: r.entry)
             entryFixes.append((r.entry, 0))
         }
-        for r in dataReferences where structural.contains(r.cluster) || l2Tables.contains(r.cluster) {
-            report.add(.corruption, "metadata-overlap", "\(r.what) maps data onto metadata (cluster \(r.cluster))", at: r.entry)
+        for r in dataReferences where isMarked(r.cluster, structuralMark | l2Mark) {
+            report.add(.corruption, "metadata-overlap", "\(describe(r.site)) maps data onto metadata (cluster \(r.cluster))", at: r.entry)
             entryFixes.append((r.entry, 0))
         }
 
@@ -360,7 +395,7 @@ public enum ImageCheck {
             let references = check.cluster < fileClusters ? expected[Int(check.cluster)] : beyond[check.cluster] ?? 0
             if references != 1 {
                 report.add(.corruption, "copied-flag",
-                    "\(check.what): COPIED flag is set but the cluster has \(references) references",
+                    "\(describe(check.site)): COPIED flag is set but the cluster has \(references) references",
                     at: check.cluster * cs)
                 entryFixes.append((check.entry, check.raw & ~copiedFlag))
             }
