@@ -192,10 +192,12 @@ public enum ImageCheck {
                 beyond[cluster, default: 0] &+= 1
             }
         }
-        // Metadata clusters, to find data or tables placed on top of them: the header, refcount structure,
-        // L1 tables and snapshot table ("structural"), and L2 tables. One mark per cluster of the file
-        // (metadata always lies inside it): a lookup per reference stays cheap at millions of clusters.
-        let structuralMark: UInt8 = 1, l2Mark: UInt8 = 2
+        // Marks per cluster of the file: metadata (the header, refcount structure, L1 tables and snapshot
+        // table: "structural"; L2 tables), data referenced by an L2 entry, and data claimed exclusive by
+        // an active COPIED L2 entry. Data on metadata and COPIED on a shared cluster are rare: the marks
+        // tell whether any exists, and only then are the L2 tables read again to name the entries, so
+        // the common case keeps no per-reference list (memory stays one counter and one byte per cluster).
+        let structuralMark: UInt8 = 1, l2Mark: UInt8 = 2, dataMark: UInt8 = 4, copiedMark: UInt8 = 8
         var marks = [UInt8](repeating: 0, count: Int(fileClusters))
         if fileClusters > 0 { marks[0] = structuralMark }
         func isMarked(_ cluster: UInt64, _ mark: UInt8) -> Bool { cluster < fileClusters && marks[Int(cluster)] & mark != 0 }
@@ -209,7 +211,6 @@ public enum ImageCheck {
             }
         }
         var l2References: [(entry: UInt64, cluster: UInt64, site: Site)] = []
-        var dataReferences: [(entry: UInt64, cluster: UInt64, site: Site)] = []
         /// References a metadata area, which must be cluster aligned and inside the file.
         func referenceMetadata(_ offset: UInt64, bytes: UInt64, _ what: String, isL2: Bool = false, report: inout CheckReport) -> Bool {
             let (end, overflow) = offset.addingReportingOverflow(bytes)
@@ -249,7 +250,12 @@ public enum ImageCheck {
 
         // The L1 tables: the active one, then each snapshot's.
         var visitedL2 = Set<UInt64>()
-        var copiedChecks: [(cluster: UInt64, copied: Bool, site: Site, entry: UInt64, raw: UInt64)] = []
+        /// Each distinct L2 table, where it was first reached, and whether its COPIED flags are promises
+        /// (reached through an active L1 entry with COPIED).
+        var l2Walked: [(offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)] = []
+        var l1CopiedChecks: [(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64)] = []
+        /// An active COPIED entry points past the end of the file (its references are known only at the end).
+        var copiedBeyond = false
         var lastHost: UInt64? = nil
         func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String, report: inout CheckReport) throws {
             // An empty L1 table may still own the cluster reserved for it (a 0-byte image).
@@ -274,8 +280,12 @@ public enum ImageCheck {
                     continue
                 }
                 l2References.append((entryOffset, g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.l1Entry)))
-                if active { copiedChecks.append((g.clusterIndex(l2), entry.isCopied, Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw)) }
+                if active && entry.isCopied {
+                    l1CopiedChecks.append((g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw))
+                }
                 guard visitedL2.insert(l2).inserted else { continue }
+                let copiedScan = active && entry.isCopied
+                l2Walked.append((l2, walkIndex, i, copiedScan))
                 let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
                 for (j, raw) in entries.enumerated() where raw != 0 {
                     let site = Site(walk: walkIndex, l1: i, l2: j)
@@ -291,10 +301,13 @@ public enum ImageCheck {
                         entryFixes.append((entryOffset, 0))
                     }
                     if let host = e.hostCluster?.rawValue {
-                        reference(g.clusterIndex(host))
-                        dataReferences.append((entryOffset, g.clusterIndex(host), site))
-                        if active && entry.isCopied {
-                            copiedChecks.append((g.clusterIndex(host), raw & copiedFlag != 0, site, entryOffset, raw))
+                        let c = g.clusterIndex(host)
+                        reference(c)
+                        let claimsCopied = copiedScan && raw & copiedFlag != 0
+                        if c < fileClusters {
+                            marks[Int(c)] |= claimsCopied ? dataMark | copiedMark : dataMark
+                        } else if claimsCopied {
+                            copiedBeyond = true
                         }
                     }
                     if case .compressed(let d) = e {
@@ -305,7 +318,7 @@ public enum ImageCheck {
                         } else {
                             for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) {
                                 reference(c)
-                                dataReferences.append((entryOffset, c, site))
+                                marks[Int(c)] |= dataMark
                             }
                         }
                     }
@@ -347,9 +360,32 @@ public enum ImageCheck {
             report.add(.corruption, "metadata-overlap", "\(describe(r.site)) points at metadata (cluster \(r.cluster))", at: r.entry)
             entryFixes.append((r.entry, 0))
         }
-        for r in dataReferences where isMarked(r.cluster, structuralMark | l2Mark) {
-            report.add(.corruption, "metadata-overlap", "\(describe(r.site)) maps data onto metadata (cluster \(r.cluster))", at: r.entry)
-            entryFixes.append((r.entry, 0))
+        /// The entries of a walked L2 table, decoded as the walk decoded them (reserved bits ignored).
+        func rereadTable(_ t: (offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)) throws -> [UInt64] {
+            try host.read(count: Int(cs), at: t.offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+        }
+        let metadataMarks = structuralMark | l2Mark
+        if marks.contains(where: { $0 & dataMark != 0 && $0 & metadataMarks != 0 }) {
+            for t in l2Walked {
+                for (j, raw) in try rereadTable(t).enumerated() where raw != 0 {
+                    let site = Site(walk: t.walk, l1: t.l1, l2: j)
+                    let entryOffset = t.offset + UInt64(j * 8)
+                    var clusters: [UInt64] = []
+                    switch L2Entry(raw: raw & ~L2Entry.reservedBits(raw)) {
+                    case .normal(let host, _), .zero(.some(let host), _): clusters = [g.clusterIndex(host.rawValue)]
+                    case .compressed(let d):
+                        let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
+                        if !overflow && end <= fileSize && d.hostOffset != 0 {
+                            clusters = Array(g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1))
+                        }
+                    default: break
+                    }
+                    for c in clusters where isMarked(c, metadataMarks) {
+                        report.add(.corruption, "metadata-overlap", "\(describe(site)) maps data onto metadata (cluster \(c))", at: entryOffset)
+                        entryFixes.append((entryOffset, 0))
+                    }
+                }
+            }
         }
 
         // Compare with the stored refcounts.
@@ -391,13 +427,31 @@ public enum ImageCheck {
         // on a shared cluster would let a write change a snapshot: corruption. A clear flag on an owned
         // cluster only costs a needless copy later (a crash between the refcount and flag updates of a
         // snapshot operation can leave one), so it is not reported.
-        for check in copiedChecks where check.copied {
-            let references = check.cluster < fileClusters ? expected[Int(check.cluster)] : beyond[check.cluster] ?? 0
+        func checkCopied(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64, report: inout CheckReport) {
+            let references = cluster < fileClusters ? expected[Int(cluster)] : beyond[cluster] ?? 0
             if references != 1 {
                 report.add(.corruption, "copied-flag",
-                    "\(describe(check.site)): COPIED flag is set but the cluster has \(references) references",
-                    at: check.cluster * cs)
-                entryFixes.append((check.entry, check.raw & ~copiedFlag))
+                    "\(describe(site)): COPIED flag is set but the cluster has \(references) references",
+                    at: cluster * cs)
+                entryFixes.append((entry, raw & ~copiedFlag))
+            }
+        }
+        for check in l1CopiedChecks {
+            checkCopied(cluster: check.cluster, site: check.site, entry: check.entry, raw: check.raw, report: &report)
+        }
+        var copiedSuspect = copiedBeyond
+        for c in 0..<Int(fileClusters) where marks[c] & copiedMark != 0 && expected[c] != 1 {
+            copiedSuspect = true
+            break
+        }
+        if copiedSuspect {
+            for t in l2Walked where t.copiedScan {
+                for (j, raw) in try rereadTable(t).enumerated() where raw & copiedFlag != 0 {
+                    guard let host = L2Entry(raw: raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else { continue }
+                    checkCopied(
+                        cluster: g.clusterIndex(host), site: Site(walk: t.walk, l1: t.l1, l2: j), entry: t.offset + UInt64(j * 8), raw: raw,
+                        report: &report)
+                }
             }
         }
         return Analysis(
