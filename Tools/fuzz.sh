@@ -13,11 +13,12 @@ cd "$(dirname "$0")/.."
 [ -d /opt/swift/usr/bin ] && export PATH="/opt/swift/usr/bin:$PATH"
 SECONDS_TO_RUN=${1:-60}
 shift || true
-OUT=.build/fuzz
+ROOT=$PWD
+OUT=$ROOT/.build/fuzz
 MODULES=$OUT/modules
 mkdir -p "$MODULES/CBlockIO" "$OUT/artifacts" Fixtures/fuzz/crashers
 SAN=(-sanitize=fuzzer,address)
-SWIFTFLAGS=(-parse-as-library -swift-version 6 -O -g -wmo -I "$MODULES" -I "$MODULES/CBlockIO" -I Sources/CLZ4 -I /usr/include)
+SWIFTFLAGS=(-parse-as-library -swift-version 6 -O -g -wmo -I "$MODULES" -I "$MODULES/CBlockIO" -I "$ROOT/Sources/CLZ4" -I /usr/include)
 
 # CBlockIO: SwiftPM generates its module map; write the equivalent.
 cat > "$MODULES/CBlockIO/module.modulemap" <<MAP
@@ -31,9 +32,10 @@ swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name BlockIO -emit-module -emit-mo
     -c Sources/BlockIO/*.swift -o "$OUT/BlockIO.o"
 swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name VImage -emit-module -emit-module-path "$MODULES/VImage.swiftmodule" \
     -c Sources/VImage/*.swift -o "$OUT/VImage.o"
-swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name FuzzVImage \
-    Fuzz/FuzzVImage.swift Sources/VImageTestSupport/FuzzHarness.swift Sources/VImageTestSupport/Support.swift \
-    "$OUT/CBlockIO.o" "$OUT/BlockIO.o" "$OUT/VImage.o" -llz4 -o "$OUT/fuzz-vimage"
+# Linked from inside $OUT: swiftc leaves the executable's module files in the working directory.
+(cd "$OUT" && swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name FuzzVImage \
+    "$ROOT/Fuzz/FuzzVImage.swift" "$ROOT/Sources/VImageTestSupport/FuzzHarness.swift" "$ROOT/Sources/VImageTestSupport/Support.swift" \
+    CBlockIO.o BlockIO.o VImage.o -llz4 -use-ld=lld -o fuzz-vimage)
 echo "built $OUT/fuzz-vimage" >&2
 
 WORK=${FUZZ_WORK:-$OUT/corpus}

@@ -16,8 +16,9 @@ public enum FuzzHarness {
     /// Reads issued per iteration: offsets (fractions of the virtual size) and lengths.
     static let readLength = 8192
 
-    /// Opens `data` read-only, reads a few ranges and their extents, checks it, then repairs a copy
-    /// with `-r all` and, if that leaves it clean, writes to it and checks again.
+    /// Opens `data` read-only, reads a few ranges and their extents, checks it, writes to a copy opened
+    /// read-write (and snapshots it), then repairs another copy with `-r all` and, if that leaves it
+    /// clean, writes to it and checks again.
     public static func exercise(_ data: [UInt8]) {
         let host = MemoryDevice(size: 0, growable: true)
         try? host.write(data, at: 0)
@@ -36,6 +37,23 @@ public enum FuzzHarness {
         }
 
         _ = ImageCheck.check(host: host)
+
+        // Writing to a damaged image (what a guest does before anyone runs check) must fail cleanly too.
+        let scratch = MemoryDevice(size: 0, growable: true)
+        try? scratch.write(data, at: 0)
+        if let image = try? VImage.open(host: scratch, readOnly: false, backing: backing) {
+            let size = image.size
+            if size > 0 {
+                let count = Int(min(UInt64(readLength), size))
+                let data = Pattern.bytes(count: count, offset: 0, seed: 4)
+                _ = try? image.write(data, at: 0)
+                _ = try? image.write(data, at: size - UInt64(count))
+                _ = try? image.discard(at: size / 2, count: UInt64(count))
+            }
+            _ = try? image.createSnapshot(named: "fuzz")
+            _ = try? image.write(Pattern.bytes(count: min(4096, Int(size)), offset: 0, seed: 5), at: 0)
+            try? image.close()
+        }
 
         let copy = MemoryDevice(size: 0, growable: true)
         try? copy.write(data, at: 0)
