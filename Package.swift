@@ -64,6 +64,8 @@ let package = Package(
             ]
         ),
         .executableTarget(name: "vimg-bench", dependencies: ["BlockIO", "VImage"], path: "Benchmarks/vimg-bench"),
+        // Writes Fixtures/corrupt and the fuzz seed corpus (Tools/make-fixtures.sh).
+        .executableTarget(name: "vimg-fixtures", dependencies: ["BlockIO", "VImage", "VImageTestSupport"], path: "Tools/vimg-fixtures"),
         .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "VImageTestSupport"]),
         .testTarget(name: "VImageTests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
         .testTarget(

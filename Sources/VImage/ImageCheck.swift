@@ -67,6 +67,27 @@ public struct CheckReport: Sendable {
     }
 }
 
+/// Where a check found a reference: walk `walk` (the active L1 table, then each snapshot's), L1 entry
+/// `l1`, and L2 entry `l2` (or one of the markers for the L1 entry itself).
+struct Site {
+    static let l1Entry: Int32 = -1
+    /// The active L1 entry, named without the walk (as COPIED findings read).
+    static let activeL1Entry: Int32 = -2
+    var walk: Int32
+    var l1: Int32
+    var l2: Int32
+    init(walk: Int32, l1: Int, l2: Int) {
+        self.walk = walk
+        self.l1 = Int32(l1)
+        self.l2 = Int32(l2)
+    }
+    init(walk: Int32, l1: Int, l2: Int32) {
+        self.walk = walk
+        self.l1 = Int32(l1)
+        self.l2 = l2
+    }
+}
+
 /// Checks a VIMG image's metadata.
 public enum ImageCheck {
     /// The largest file (in clusters) we are willing to hold counters for: 4 GiB of counters.
@@ -88,7 +109,37 @@ public enum ImageCheck {
     public static func check(path: String) throws -> CheckReport {
         let file = try wrapIO(path) { try FileDevice.open(path: path, readOnly: true, growable: true, lock: .shared) }
         defer { try? file.close() }
-        return check(host: file)
+        var report = check(host: file)
+        checkBackingChain(host: file, path: path, report: &report)
+        return report
+    }
+
+    /// A clone whose backing chain cannot be opened cannot be read, so (as `qemu-img check`, which
+    /// fails to open it) the check is incomplete: a `backing-missing`, `backing-loop` or
+    /// `backing-chain` finding and a check error (exit code 1). Repair cannot fix it; `vimg rebase`
+    /// can. Only headers are read.
+    static func checkBackingChain(host: any BlockDevice, path: String, report: inout CheckReport) {
+        guard let bytes = try? readHeaderCluster(host, fileSize: host.size), let header = try? ImageHeader.decode(bytes),
+            let name = header.backingFileName
+        else { return }
+        let kind: String
+        let message: String
+        do {
+            _ = try VImage.backingChainLevels(name: name, format: header.backingFileFormat, childPath: path)
+            return
+        } catch let failure as VImage.BackingChainFailure {
+            kind = failure.kind.rawValue
+            message = failure.error.message
+        } catch let error as VImageError {
+            kind = "backing-chain"
+            message = error.message
+        } catch {
+            kind = "backing-chain"
+            message = "\(error)"
+        }
+        report.add(.info, kind, message)
+        report.checkErrors += 1
+        if report.incompleteReason == nil { report.incompleteReason = message }
     }
 
     /// What a check learned, kept for repair.
@@ -141,12 +192,25 @@ public enum ImageCheck {
                 beyond[cluster, default: 0] &+= 1
             }
         }
-        // Metadata clusters, to find data or tables placed on top of them: the header, refcount structure,
-        // L1 tables and snapshot table ("structural"), and L2 tables.
-        var structural: Set<UInt64> = [0]
-        var l2Tables = Set<UInt64>()
-        var l2References: [(entry: UInt64, cluster: UInt64, what: String)] = []
-        var dataReferences: [(entry: UInt64, cluster: UInt64, what: String)] = []
+        // Marks per cluster of the file: metadata (the header, refcount structure, L1 tables and snapshot
+        // table: "structural"; L2 tables), data referenced by an L2 entry, and data claimed exclusive by
+        // an active COPIED L2 entry. Data on metadata and COPIED on a shared cluster are rare: the marks
+        // tell whether any exists, and only then are the L2 tables read again to name the entries, so
+        // the common case keeps no per-reference list (memory stays one counter and one byte per cluster).
+        let structuralMark: UInt8 = 1, l2Mark: UInt8 = 2, dataMark: UInt8 = 4, copiedMark: UInt8 = 8
+        var marks = [UInt8](repeating: 0, count: Int(fileClusters))
+        if fileClusters > 0 { marks[0] = structuralMark }
+        func isMarked(_ cluster: UInt64, _ mark: UInt8) -> Bool { cluster < fileClusters && marks[Int(cluster)] & mark != 0 }
+        // Where each reference was found, as indices: the text is built only for a finding.
+        var walkNames: [String] = []
+        func describe(_ site: Site) -> String {
+            switch site.l2 {
+            case Site.l1Entry: return "\(walkNames[Int(site.walk)]) L1 entry \(site.l1)"
+            case Site.activeL1Entry: return "L1 entry \(site.l1)"
+            default: return "\(walkNames[Int(site.walk)]) L2 table \(site.l1) entry \(site.l2)"
+            }
+        }
+        var l2References: [(entry: UInt64, cluster: UInt64, site: Site)] = []
         /// References a metadata area, which must be cluster aligned and inside the file.
         func referenceMetadata(_ offset: UInt64, bytes: UInt64, _ what: String, isL2: Bool = false, report: inout CheckReport) -> Bool {
             let (end, overflow) = offset.addingReportingOverflow(bytes)
@@ -156,7 +220,7 @@ public enum ImageCheck {
             }
             for c in g.clusterIndex(offset)..<g.clusters(covering: end) {
                 reference(c)
-                if isL2 { l2Tables.insert(c) } else { structural.insert(c) }
+                marks[Int(c)] |= isL2 ? l2Mark : structuralMark
             }
             return true
         }
@@ -186,7 +250,12 @@ public enum ImageCheck {
 
         // The L1 tables: the active one, then each snapshot's.
         var visitedL2 = Set<UInt64>()
-        var copiedChecks: [(cluster: UInt64, copied: Bool, what: String, entry: UInt64, raw: UInt64)] = []
+        /// Each distinct L2 table, where it was first reached, and whether its COPIED flags are promises
+        /// (reached through an active L1 entry with COPIED).
+        var l2Walked: [(offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)] = []
+        var l1CopiedChecks: [(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64)] = []
+        /// An active COPIED entry points past the end of the file (its references are known only at the end).
+        var copiedBeyond = false
         var lastHost: UInt64? = nil
         func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String, report: inout CheckReport) throws {
             // An empty L1 table may still own the cluster reserved for it (a 0-byte image).
@@ -196,6 +265,8 @@ public enum ImageCheck {
                 return
             }
             let l1 = try host.read(count: Int(l1Size) * 8, at: l1Offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+            walkNames.append(name)
+            let walkIndex = Int32(walkNames.count - 1)
             for (i, raw) in l1.enumerated() where raw != 0 {
                 let entry = L1Entry(rawValue: raw)
                 let entryOffset = l1Offset + UInt64(i * 8)
@@ -208,15 +279,19 @@ public enum ImageCheck {
                     entryFixes.append((entryOffset, 0))
                     continue
                 }
-                l2References.append((entryOffset, g.clusterIndex(l2), "\(name) L1 entry \(i)"))
-                if active { copiedChecks.append((g.clusterIndex(l2), entry.isCopied, "L1 entry \(i)", entryOffset, raw)) }
+                l2References.append((entryOffset, g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.l1Entry)))
+                if active && entry.isCopied {
+                    l1CopiedChecks.append((g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw))
+                }
                 guard visitedL2.insert(l2).inserted else { continue }
+                let copiedScan = active && entry.isCopied
+                l2Walked.append((l2, walkIndex, i, copiedScan))
                 let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
                 for (j, raw) in entries.enumerated() where raw != 0 {
-                    let where_ = "\(name) L2 table \(i) entry \(j)"
+                    let site = Site(walk: walkIndex, l1: i, l2: j)
                     let entryOffset = l2 + UInt64(j * 8)
                     if L2Entry.reservedBits(raw) != 0 {
-                        report.add(.corruption, "reserved-bits", "\(where_) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
+                        report.add(.corruption, "reserved-bits", "\(describe(site)) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
                         entryFixes.append((entryOffset, raw & ~L2Entry.reservedBits(raw)))
                     }
                     let e = L2Entry(raw: raw & ~L2Entry.reservedBits(raw))
@@ -226,21 +301,24 @@ public enum ImageCheck {
                         entryFixes.append((entryOffset, 0))
                     }
                     if let host = e.hostCluster?.rawValue {
-                        reference(g.clusterIndex(host))
-                        dataReferences.append((entryOffset, g.clusterIndex(host), where_))
-                        if active && entry.isCopied {
-                            copiedChecks.append((g.clusterIndex(host), raw & copiedFlag != 0, where_, entryOffset, raw))
+                        let c = g.clusterIndex(host)
+                        reference(c)
+                        let claimsCopied = copiedScan && raw & copiedFlag != 0
+                        if c < fileClusters {
+                            marks[Int(c)] |= claimsCopied ? dataMark | copiedMark : dataMark
+                        } else if claimsCopied {
+                            copiedBeyond = true
                         }
                     }
                     if case .compressed(let d) = e {
                         let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
                         if overflow || end > fileSize || d.hostOffset == 0 {
-                            report.add(.corruption, "compressed-out-of-range", "\(where_): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file", at: d.hostOffset)
+                            report.add(.corruption, "compressed-out-of-range", "\(describe(site)): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file", at: d.hostOffset)
                             entryFixes.append((entryOffset, 0))
                         } else {
                             for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) {
                                 reference(c)
-                                dataReferences.append((entryOffset, c, where_))
+                                marks[Int(c)] |= dataMark
                             }
                         }
                     }
@@ -278,13 +356,36 @@ public enum ImageCheck {
         }
 
         // Tables or data placed on metadata: whatever is written through them overwrites the metadata.
-        for r in l2References where structural.contains(r.cluster) {
-            report.add(.corruption, "metadata-overlap", "\(r.what) points at metadata (cluster \(r.cluster))", at: r.entry)
+        for r in l2References where isMarked(r.cluster, structuralMark) {
+            report.add(.corruption, "metadata-overlap", "\(describe(r.site)) points at metadata (cluster \(r.cluster))", at: r.entry)
             entryFixes.append((r.entry, 0))
         }
-        for r in dataReferences where structural.contains(r.cluster) || l2Tables.contains(r.cluster) {
-            report.add(.corruption, "metadata-overlap", "\(r.what) maps data onto metadata (cluster \(r.cluster))", at: r.entry)
-            entryFixes.append((r.entry, 0))
+        /// The entries of a walked L2 table, decoded as the walk decoded them (reserved bits ignored).
+        func rereadTable(_ t: (offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)) throws -> [UInt64] {
+            try host.read(count: Int(cs), at: t.offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+        }
+        let metadataMarks = structuralMark | l2Mark
+        if marks.contains(where: { $0 & dataMark != 0 && $0 & metadataMarks != 0 }) {
+            for t in l2Walked {
+                for (j, raw) in try rereadTable(t).enumerated() where raw != 0 {
+                    let site = Site(walk: t.walk, l1: t.l1, l2: j)
+                    let entryOffset = t.offset + UInt64(j * 8)
+                    var clusters: [UInt64] = []
+                    switch L2Entry(raw: raw & ~L2Entry.reservedBits(raw)) {
+                    case .normal(let host, _), .zero(.some(let host), _): clusters = [g.clusterIndex(host.rawValue)]
+                    case .compressed(let d):
+                        let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
+                        if !overflow && end <= fileSize && d.hostOffset != 0 {
+                            clusters = Array(g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1))
+                        }
+                    default: break
+                    }
+                    for c in clusters where isMarked(c, metadataMarks) {
+                        report.add(.corruption, "metadata-overlap", "\(describe(site)) maps data onto metadata (cluster \(c))", at: entryOffset)
+                        entryFixes.append((entryOffset, 0))
+                    }
+                }
+            }
         }
 
         // Compare with the stored refcounts.
@@ -326,13 +427,31 @@ public enum ImageCheck {
         // on a shared cluster would let a write change a snapshot: corruption. A clear flag on an owned
         // cluster only costs a needless copy later (a crash between the refcount and flag updates of a
         // snapshot operation can leave one), so it is not reported.
-        for check in copiedChecks where check.copied {
-            let references = check.cluster < fileClusters ? expected[Int(check.cluster)] : beyond[check.cluster] ?? 0
+        func checkCopied(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64, report: inout CheckReport) {
+            let references = cluster < fileClusters ? expected[Int(cluster)] : beyond[cluster] ?? 0
             if references != 1 {
                 report.add(.corruption, "copied-flag",
-                    "\(check.what): COPIED flag is set but the cluster has \(references) references",
-                    at: check.cluster * cs)
-                entryFixes.append((check.entry, check.raw & ~copiedFlag))
+                    "\(describe(site)): COPIED flag is set but the cluster has \(references) references",
+                    at: cluster * cs)
+                entryFixes.append((entry, raw & ~copiedFlag))
+            }
+        }
+        for check in l1CopiedChecks {
+            checkCopied(cluster: check.cluster, site: check.site, entry: check.entry, raw: check.raw, report: &report)
+        }
+        var copiedSuspect = copiedBeyond
+        for c in 0..<Int(fileClusters) where marks[c] & copiedMark != 0 && expected[c] != 1 {
+            copiedSuspect = true
+            break
+        }
+        if copiedSuspect {
+            for t in l2Walked where t.copiedScan {
+                for (j, raw) in try rereadTable(t).enumerated() where raw & copiedFlag != 0 {
+                    guard let host = L2Entry(raw: raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else { continue }
+                    checkCopied(
+                        cluster: g.clusterIndex(host), site: Site(walk: t.walk, l1: t.l1, l2: j), entry: t.offset + UInt64(j * 8), raw: raw,
+                        report: &report)
+                }
             }
         }
         return Analysis(
@@ -367,7 +486,10 @@ extension ImageCheck {
     public static func repair(path: String, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
         let host = try wrapIO(path) { try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive) }
         defer { try? host.close() }
-        return try wrapIO(path) { try repair(host: host, mode: mode, dryRun: dryRun) }
+        var result = try wrapIO(path) { try repair(host: host, mode: mode, dryRun: dryRun) }
+        checkBackingChain(host: host, path: path, report: &result.before)
+        checkBackingChain(host: host, path: path, report: &result.after)
+        return result
     }
 
     /// Repairs the image stored on `host`.

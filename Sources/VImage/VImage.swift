@@ -368,10 +368,21 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Whether `close()` closes the backing device too.
     var ownsBacking = false
 
-    /// Opens a backing chain without recursion (a crafted chain cannot deepen the stack): walk the
-    /// headers top-down to find every level, checking for missing files, loops and excess depth, then
-    /// open the levels bottom-up, each over the one below.
-    private static func openBackingChain(name: String, format: String?, childPath: String?, options: OpenOptions) throws -> any BlockDevice {
+    /// Why a backing chain cannot be opened; `error` is what `open` throws.
+    struct BackingChainFailure: Error {
+        enum Kind: String { case missing = "backing-missing", loop = "backing-loop" }
+        var kind: Kind
+        var error: VImageError
+        init(_ kind: Kind, _ error: VImageError) {
+            self.kind = kind
+            self.error = error
+        }
+    }
+
+    /// The levels of the backing chain below an image, top-down, found by reading only headers.
+    /// - Throws: `BackingChainFailure` for a missing file or a loop; `VImageError` for anything else
+    ///   (excess depth, an unknown format, an unreadable header).
+    static func backingChainLevels(name: String, format: String?, childPath: String?) throws -> [(path: String, format: DiskImage.Format)] {
         var levels: [(path: String, format: DiskImage.Format)] = []
         var seen: Set<String> = [childPath.flatMap(realPath) ?? childPath ?? ""]
         var next: (name: String, format: String?, child: String?)? = (name, format, childPath)
@@ -381,11 +392,11 @@ public final class VImage: BlockDevice, @unchecked Sendable {
                 resolved = String(child[...slash]) + name
             }
             guard access(resolved, F_OK) == 0 else {
-                throw VImageError(.notFound, path: child, message: "backing file '\(name)' not found (looked for \(resolved))")
+                throw BackingChainFailure(.missing, VImageError(.notFound, path: child, message: "backing file '\(name)' not found (looked for \(resolved))"))
             }
             let canonical = realPath(resolved) ?? resolved
             guard seen.insert(canonical).inserted else {
-                throw VImageError(.invalidImage, path: child, message: "backing chain loops back to \(canonical)")
+                throw BackingChainFailure(.loop, VImageError(.invalidImage, path: child, message: "backing chain loops back to \(canonical)"))
             }
             guard levels.count < maxBackingDepth else {
                 throw VImageError(.limitExceeded, path: childPath, message: "backing chain is deeper than \(maxBackingDepth) images")
@@ -408,6 +419,19 @@ public final class VImage: BlockDevice, @unchecked Sendable {
                 }
                 if let name = header.backingFileName { next = (name, header.backingFileFormat, resolved) }
             }
+        }
+        return levels
+    }
+
+    /// Opens a backing chain without recursion (a crafted chain cannot deepen the stack): walk the
+    /// headers top-down to find every level, checking for missing files, loops and excess depth, then
+    /// open the levels bottom-up, each over the one below.
+    private static func openBackingChain(name: String, format: String?, childPath: String?, options: OpenOptions) throws -> any BlockDevice {
+        let levels: [(path: String, format: DiskImage.Format)]
+        do {
+            levels = try backingChainLevels(name: name, format: format, childPath: childPath)
+        } catch let failure as BackingChainFailure {
+            throw failure.error
         }
         var device: (any BlockDevice)? = nil
         do {
