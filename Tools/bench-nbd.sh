@@ -48,6 +48,7 @@ serve_theirs "$WORK/theirs.raw" raw "$WORK/qemu-raw.sock"
 measure() {  # socket rw bs iodepth -> MiB/s
     fio --name=b --ioengine=nbd --uri="nbd+unix:///?socket=$1" --rw="$2" --bs="$3" --iodepth="$4" \
         --size="$SIZE" --time_based --runtime=8 --ramp_time=1 --output-format=json 2>/dev/null |
+        sed -n '/^{/,$p' |  # the nbd engine prints "fio: connected to NBD server" before the JSON
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.1f" % ((j["read"]["bw"] + j["write"]["bw"]) / 1024))'
 }
 
