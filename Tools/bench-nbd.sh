@@ -36,7 +36,7 @@ serve_ours() {  # image socket
     for _ in $(seq 100); do [ -S "$2" ] && return; sleep 0.05; done
 }
 serve_theirs() {  # image format socket
-    qemu-nbd -f "$2" -k "$3" --cache=writeback --aio=threads -e 16 "$1" 2>/dev/null &
+    qemu-nbd -f "$2" -k "$3" --persistent --cache=writeback --aio=threads -e 16 "$1" 2>/dev/null &
     PIDS+=($!)
     for _ in $(seq 100); do [ -S "$3" ] && return; sleep 0.05; done
 }
