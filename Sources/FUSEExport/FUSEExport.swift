@@ -23,7 +23,7 @@
 // Caching: writes go straight through to the device (no FUSE writeback cache), reads are cached in the
 // FUSE file's page cache, kept across opens (`kernel_cache`): only this mount changes the device while it
 // is exported. fsync(2) on the file (the loop driver sends it for REQ_PREFLUSH / REQ_FUA) is
-// `device.flush()`.
+// `device.flush()`; close(2) sends nothing (FOPEN_NOFLUSH), so no close ever waits for this process.
 //
 // Stopping: libfuse's workers block in read(2) on /dev/fuse and `fuse_exit` alone does not wake them. So
 // `stop()` sets the exit flag, then sends the file system one request (statfs on the mountpoint, from a
@@ -32,6 +32,13 @@
 // /dev/fuse, which aborts the connection (any request still waiting fails with ENOTCONN, so the poke
 // thread always returns) and lazily unmounts; `fuse_destroy` frees libfuse's state; the context is
 // released last.
+//
+// The daemon lives in the same process as its clients (tests, the bus), which is only safe while no
+// request can wait for a daemon that is gone or busy: a child being spawned holds copies of our
+// descriptors until exec closes them, /dev/fuse included, so the connection outlives `fuse_unmount`
+// until then; had its exec-time close of the disk file sent FUSE_FLUSH, it would wait forever (seen in
+// testing before FOPEN_NOFLUSH). Likewise never stat every loop device (`losetup -a`) from the process
+// that serves one of them.
 //
 // Order: detach the loop device (and unmount whatever is mounted on it) *before* `stop()`. While the loop
 // device is bound it holds the file open, so the FUSE mount can only be detached lazily and the loop's
@@ -75,7 +82,8 @@ public final class FUSEExport: Sendable {
     public init(device: any BlockDevice, mountpoint: String, fileName: String = "disk", readOnly: Bool) {
         precondition(
             !fileName.isEmpty && !fileName.contains("/") && fileName != "." && fileName != "..",
-            "FUSEExport: invalid file name \(fileName)")
+            "FUSEExport: invalid file name \(fileName)"
+        )
         self.device = device
         self.mountpoint = mountpoint
         self.fileName = fileName
@@ -101,10 +109,19 @@ public final class FUSEExport: Sendable {
     public func start() throws {
         try state.withLock { session in
             if session != nil {
-                throw FUSEExportError(.alreadyStarted, errno: EBUSY, path: mountpoint, message: "export already started")
+                throw FUSEExportError(
+                    .alreadyStarted,
+                    errno: EBUSY,
+                    path: mountpoint,
+                    message: "export already started"
+                )
             }
             session = try FUSESession.start(
-                device: device, mountpoint: mountpoint, fileName: fileName, readOnly: readOnly)
+                device: device,
+                mountpoint: mountpoint,
+                fileName: fileName,
+                readOnly: readOnly
+            )
         }
     }
 
@@ -137,20 +154,31 @@ final class FUSESession: @unchecked Sendable {
     /// How long `start` waits for the kernel's INIT to be answered.
     private static let handshakeTimeoutMicroseconds = 10_000_000
 
-    static func start(device: any BlockDevice, mountpoint: String, fileName: String, readOnly: Bool) throws
-        -> FUSESession
-    {
+    static func start(
+        device: any BlockDevice,
+        mountpoint: String,
+        fileName: String,
+        readOnly: Bool
+    ) throws -> FUSESession {
         var st = stat()
         if stat(mountpoint, &st) != 0 {
             throw FUSEExportError(.mountpointMissing, errno: errno, path: mountpoint, message: "mountpoint is missing")
         }
         if st.st_mode & 0o170000 != 0o040000 {
             throw FUSEExportError(
-                .mountpointMissing, errno: ENOTDIR, path: mountpoint, message: "mountpoint is not a directory")
+                .mountpointMissing,
+                errno: ENOTDIR,
+                path: mountpoint,
+                message: "mountpoint is not a directory"
+            )
         }
         if access("/dev/fuse", R_OK | W_OK) != 0 {
             throw FUSEExportError(
-                .fuseUnavailable, errno: errno, path: "/dev/fuse", message: "FUSE is not available")
+                .fuseUnavailable,
+                errno: errno,
+                path: "/dev/fuse",
+                message: "FUSE is not available"
+            )
         }
 
         let context = Unmanaged.passRetained(ExportContext(device: device, fileName: fileName, readOnly: readOnly))
@@ -161,32 +189,49 @@ final class FUSESession: @unchecked Sendable {
         guard let fuse = newFUSE(arguments: ["vdisk", "-o", options], context: context) else {
             context.release()
             throw FUSEExportError(
-                .mountFailed, errno: EINVAL, path: mountpoint, message: "libfuse refused the options \(options)")
+                .mountFailed,
+                errno: EINVAL,
+                path: mountpoint,
+                message: "libfuse refused the options \(options)"
+            )
         }
         if fuse_mount(fuse, mountpoint) != 0 {
             let code = errno
             fuse_destroy(fuse)
             context.release()
-            throw FUSEExportError(.mountFailed, errno: code, path: mountpoint, message: "cannot mount the FUSE file system")
+            throw FUSEExportError(
+                .mountFailed,
+                errno: code,
+                path: mountpoint,
+                message: "cannot mount the FUSE file system"
+            )
         }
 
         let session = FUSESession(fuse: fuse, context: context, mountpoint: mountpoint)
         let argument = Unmanaged.passRetained(session).toOpaque()
         let created = pthread_create(
-            &session.thread, nil,
+            &session.thread,
+            nil,
             { argument in
                 let session = Unmanaged<FUSESession>.fromOpaque(argument!).takeRetainedValue()
                 _ = fuse_loop_mt_31(session.fuse, 0)  // clone_fd 0; libfuse keeps at most 10 idle workers
                 session.loopFinished.store(true, ordering: .releasing)
                 return nil
-            }, argument)
+            },
+            argument
+        )
         if created != 0 {
             Unmanaged<FUSESession>.fromOpaque(argument).release()
             session.isShutDown = true
             fuse_unmount(fuse)
             fuse_destroy(fuse)
             context.release()
-            throw FUSEExportError(.mountFailed, errno: created, path: mountpoint, message: "cannot start the FUSE thread")
+            throw FUSEExportError(
+                .mountFailed,
+                errno: created,
+                path: mountpoint,
+                message: "cannot start the FUSE thread"
+            )
         }
 
         // The kernel queued INIT at mount time; wait until a worker has answered it.
@@ -195,7 +240,11 @@ final class FUSESession: @unchecked Sendable {
             if session.loopFinished.load(ordering: .acquiring) || waited >= handshakeTimeoutMicroseconds {
                 session.shutDown()
                 throw FUSEExportError(
-                    .mountFailed, errno: EIO, path: mountpoint, message: "the FUSE handshake did not complete")
+                    .mountFailed,
+                    errno: EIO,
+                    path: mountpoint,
+                    message: "the FUSE handshake did not complete"
+                )
             }
             usleep(1000)
             waited += 1000
@@ -206,7 +255,7 @@ final class FUSESession: @unchecked Sendable {
     /// `fuse_new` with `arguments` as argv (argv[0] is a program name).
     private static func newFUSE(arguments: [String], context: Unmanaged<ExportContext>) -> OpaquePointer? {
         let strings = arguments.map { strdup($0) }
-        defer { strings.forEach { free($0) } }
+        defer { for string in strings { free(string) } }
         var argv = strings + [nil]
         return argv.withUnsafeMutableBufferPointer { argv in
             var args = fuse_args(argc: Int32(arguments.count), argv: argv.baseAddress, allocated: 0)
@@ -234,13 +283,16 @@ final class FUSESession: @unchecked Sendable {
         guard let path = strdup(mountpoint) else { return }
         var thread = pthread_t()
         let created = pthread_create(
-            &thread, nil,
+            &thread,
+            nil,
             { path in
                 var info = statvfs()
                 _ = statvfs(path!.assumingMemoryBound(to: CChar.self), &info)
                 free(path)
                 return nil
-            }, path)
+            },
+            path
+        )
         if created == 0 { pthread_detach(thread) } else { free(path) }
     }
 }

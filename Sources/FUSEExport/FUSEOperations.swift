@@ -81,6 +81,7 @@ private let fallocPunchHole: Int32 = 0x02
 private let fallocZeroRange: Int32 = 0x10
 
 /// Every callback this file system implements; the rest answer ENOSYS, which the kernel remembers.
+/// There is deliberately no `flush` (see `fuseOpen`); fsync is the durability point.
 func makeOperations() -> fuse_operations {
     var ops = fuse_operations()
     ops.`init` = fuseInit
@@ -89,7 +90,6 @@ func makeOperations() -> fuse_operations {
     ops.open = fuseOpen
     ops.read = fuseRead
     ops.write = fuseWrite
-    ops.flush = fuseFlush
     ops.fsync = fuseFsync
     ops.truncate = fuseTruncate
     ops.utimens = fuseUtimens
@@ -99,7 +99,8 @@ func makeOperations() -> fuse_operations {
 }
 
 private func fuseInit(
-    _ conn: UnsafeMutablePointer<fuse_conn_info>?, _ config: UnsafeMutablePointer<fuse_config>?
+    _ conn: UnsafeMutablePointer<fuse_conn_info>?,
+    _ config: UnsafeMutablePointer<fuse_config>?
 ) -> UnsafeMutableRawPointer? {
     let data = fuse_get_context()!.pointee.private_data
     if let config {
@@ -118,7 +119,9 @@ private func fuseInit(
 }
 
 private func fuseGetattr(
-    _ path: UnsafePointer<CChar>?, _ st: UnsafeMutablePointer<stat>?, _ info: UnsafeMutablePointer<fuse_file_info>?
+    _ path: UnsafePointer<CChar>?,
+    _ st: UnsafeMutablePointer<stat>?,
+    _ info: UnsafeMutablePointer<fuse_file_info>?
 ) -> Int32 {
     let context = currentContext()
     let node = context.node(path, info)
@@ -128,8 +131,12 @@ private func fuseGetattr(
 }
 
 private func fuseReaddir(
-    _ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutableRawPointer?, _ filler: fuse_fill_dir_t?, _ offset: off_t,
-    _ info: UnsafeMutablePointer<fuse_file_info>?, _ flags: fuse_readdir_flags
+    _ path: UnsafePointer<CChar>?,
+    _ buffer: UnsafeMutableRawPointer?,
+    _ filler: fuse_fill_dir_t?,
+    _ offset: off_t,
+    _ info: UnsafeMutablePointer<fuse_file_info>?,
+    _ flags: fuse_readdir_flags
 ) -> Int32 {
     let context = currentContext()
     // With `nullpath_ok` libfuse passes NULL for the directory handle: the root is the only directory.
@@ -152,11 +159,21 @@ private func fuseOpen(_ path: UnsafePointer<CChar>?, _ info: UnsafeMutablePointe
     // The `ro` mount option already refuses writers; this also covers root, whom the mode does not stop.
     if context.readOnly && info.pointee.flags & O_ACCMODE != O_RDONLY { return -EROFS }
     info.pointee.fh = fileHandle
+    // No FUSE_FLUSH on close (FOPEN_NOFLUSH; older kernels stop sending it after the first ENOSYS, as there
+    // is no `flush` callback). Writes are on the device when they return and close(2) promises no
+    // durability, so there is nothing to do; and a close that needs no answer cannot hang. That matters
+    // because closes happen where nobody expects them: a child spawned by this very process closes its
+    // inherited O_CLOEXEC copy of the descriptor at exec, and if the export is stopping at that moment no
+    // worker is left to answer, while the child's copy of /dev/fuse keeps the connection from aborting.
+    info.pointee.noflush = 1
     return 0
 }
 
 private func fuseRead(
-    _ path: UnsafePointer<CChar>?, _ buffer: UnsafeMutablePointer<CChar>?, _ size: Int, _ offset: off_t,
+    _ path: UnsafePointer<CChar>?,
+    _ buffer: UnsafeMutablePointer<CChar>?,
+    _ size: Int,
+    _ offset: off_t,
     _ info: UnsafeMutablePointer<fuse_file_info>?
 ) -> Int32 {
     let device = currentContext().device
@@ -174,7 +191,10 @@ private func fuseRead(
 }
 
 private func fuseWrite(
-    _ path: UnsafePointer<CChar>?, _ buffer: UnsafePointer<CChar>?, _ size: Int, _ offset: off_t,
+    _ path: UnsafePointer<CChar>?,
+    _ buffer: UnsafePointer<CChar>?,
+    _ size: Int,
+    _ offset: off_t,
     _ info: UnsafeMutablePointer<fuse_file_info>?
 ) -> Int32 {
     let context = currentContext()
@@ -194,14 +214,10 @@ private func fuseWrite(
     return Int32(count)
 }
 
-/// Called on every close(2) of a descriptor. Writes are already on the device (no writeback cache), and
-/// closing promises no durability, so this does not flush the device: fsync does.
-private func fuseFlush(_ path: UnsafePointer<CChar>?, _ info: UnsafeMutablePointer<fuse_file_info>?) -> Int32 {
-    0
-}
-
 private func fuseFsync(
-    _ path: UnsafePointer<CChar>?, _ dataOnly: Int32, _ info: UnsafeMutablePointer<fuse_file_info>?
+    _ path: UnsafePointer<CChar>?,
+    _ dataOnly: Int32,
+    _ info: UnsafeMutablePointer<fuse_file_info>?
 ) -> Int32 {
     let context = currentContext()
     if context.readOnly { return 0 }
@@ -216,7 +232,9 @@ private func fuseFsync(
 /// The file's size is the device's: truncating to it succeeds (so `O_TRUNC` on an empty device works),
 /// any other size is refused.
 private func fuseTruncate(
-    _ path: UnsafePointer<CChar>?, _ size: off_t, _ info: UnsafeMutablePointer<fuse_file_info>?
+    _ path: UnsafePointer<CChar>?,
+    _ size: off_t,
+    _ info: UnsafeMutablePointer<fuse_file_info>?
 ) -> Int32 {
     let context = currentContext()
     switch context.node(path, info) {
@@ -230,7 +248,9 @@ private func fuseTruncate(
 
 /// Times are not stored; accepting them keeps `touch` and `cp -p` quiet.
 private func fuseUtimens(
-    _ path: UnsafePointer<CChar>?, _ times: UnsafePointer<timespec>?, _ info: UnsafeMutablePointer<fuse_file_info>?
+    _ path: UnsafePointer<CChar>?,
+    _ times: UnsafePointer<timespec>?,
+    _ info: UnsafeMutablePointer<fuse_file_info>?
 ) -> Int32 {
     currentContext().node(path, info) == .missing ? -ENOENT : 0
 }
@@ -243,7 +263,10 @@ private func fuseUtimens(
 /// clone may show its backing file), so PUNCH_HOLE maps to `writeZeroes(mayUnmap: true)`: zeroes, with
 /// storage released where the device can.
 private func fuseFallocate(
-    _ path: UnsafePointer<CChar>?, _ mode: Int32, _ offset: off_t, _ length: off_t,
+    _ path: UnsafePointer<CChar>?,
+    _ mode: Int32,
+    _ offset: off_t,
+    _ length: off_t,
     _ info: UnsafeMutablePointer<fuse_file_info>?
 ) -> Int32 {
     let context = currentContext()

@@ -22,7 +22,12 @@ public enum LoopDevice {
     ///     the file cannot do it.
     /// - Returns: the device path, `/dev/loopN`.
     /// - Throws: `FUSEExportError` `.loopFailed`.
-    public static func attach(file: String, readOnly: Bool, directIO: Bool = false, partitionScan: Bool = false) throws -> String {
+    public static func attach(
+        file: String,
+        readOnly: Bool,
+        directIO: Bool = false,
+        partitionScan: Bool = false
+    ) throws -> String {
         let backing = open(file, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         guard backing >= 0 else {
             throw FUSEExportError(.loopFailed, errno: errno, path: file, message: "cannot open the backing file")
@@ -33,7 +38,11 @@ public enum LoopDevice {
             let index = cfuse_loop_get_free()
             guard index >= 0 else {
                 throw FUSEExportError(
-                    .loopFailed, errno: -index, path: "/dev/loop-control", message: "cannot find a free loop device")
+                    .loopFailed,
+                    errno: -index,
+                    path: "/dev/loop-control",
+                    message: "cannot find a free loop device"
+                )
             }
             let path = "/dev/loop\(index)"
             let loop = open(path, O_RDWR | O_CLOEXEC)
@@ -46,7 +55,14 @@ public enum LoopDevice {
                 }
                 throw FUSEExportError(.loopFailed, errno: lastError, path: path, message: "cannot open the loop device")
             }
-            let result = cfuse_loop_configure(loop, backing, readOnly ? 1 : 0, directIO ? 1 : 0, partitionScan ? 1 : 0, file)
+            let result = cfuse_loop_configure(
+                loop,
+                backing,
+                readOnly ? 1 : 0,
+                directIO ? 1 : 0,
+                partitionScan ? 1 : 0,
+                file
+            )
             close(loop)
             if result == 0 { return path }
             lastError = -result
@@ -84,7 +100,11 @@ public enum LoopDevice {
             usleep(20_000)
         }
         throw FUSEExportError(
-            .loopBusy, errno: EBUSY, path: path, message: "the loop device is still in use; it will be unbound on last close")
+            .loopBusy,
+            errno: EBUSY,
+            path: path,
+            message: "the loop device is still in use; it will be unbound on last close"
+        )
     }
 
     /// The file bound to a loop device (from sysfs), or nil if it is not bound.

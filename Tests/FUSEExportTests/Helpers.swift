@@ -32,6 +32,20 @@ func isMounted(_ path: String) -> Bool {
     }
 }
 
+/// umount(2), retried for a few seconds on EBUSY: a child that another thread is spawning holds copies
+/// of this process's descriptors until it execs, which briefly keeps a file system busy.
+/// - Parameter lazyAfterRetries: finally detach lazily (for cleanup paths).
+/// - Returns: 0 or -1 with errno set, like umount(2).
+@discardableResult
+func unmount(_ path: String, lazyAfterRetries: Bool = false) -> Int32 {
+    for _ in 0..<250 {
+        if umount2(path, 0) == 0 { return 0 }
+        if errno != EBUSY { return -1 }
+        usleep(20_000)
+    }
+    return lazyAfterRetries ? umount2(path, Int32(MNT_DETACH)) : -1
+}
+
 /// A program in PATH or in the sbin directories test runners often leave out of PATH.
 func program(_ name: String) -> String {
     if let path = TestEnvironment.which(name) { return path }
