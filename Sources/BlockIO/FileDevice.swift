@@ -248,9 +248,12 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         return result
     }
 
-    public func close() throws {
+    public func close() throws { try close(flushing: true) }
+
+    /// Closes the file; without `flushing`, written data is left to the page cache (qemu's cache=unsafe).
+    public func close(flushing: Bool) throws {
         if isClosed { return }
-        if !isReadOnly { try? flush() }
+        if flushing && !isReadOnly { try? flush() }
         isClosed = true
         if Glibc.close(fd) != 0 { throw BlockIOError.system(.close, errno: errno, path: path) }
     }

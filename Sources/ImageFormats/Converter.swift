@@ -42,6 +42,9 @@ public struct ConvertOptions: Sendable {
     public var backingFormat: ImageFormats.Format? = nil
     /// Worker threads; nil = one per online CPU.
     public var threads: Int? = nil
+    /// Sync a VIMG output as the engine normally does (`-t writeback`); off by default, like qemu-img
+    /// convert, which never syncs its output's data.
+    public var syncOutput = false
 
     public init() {}
 }
@@ -325,7 +328,10 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
         try VImage.create(
             path: path, virtualSize: size,
             options: .init(clusterBits: bits, backingFile: options.backingFile, backingFormat: options.backingFormat?.rawValue))
-        let host = try withPath(path) { try FileDevice.open(path: path, readOnly: false, growable: true, lock: .exclusive) }
+        let file = try withPath(path) { try FileDevice.open(path: path, readOnly: false, growable: true, lock: .exclusive) }
+        // The output is renamed into place only when complete, so by default (as qemu-img convert's
+        // cache=unsafe) its metadata steps are not synced one by one; `syncOutput` makes them durable.
+        let host: any BlockDevice = options.syncOutput ? file : UnsyncedDevice(file)
         do {
             // The backing device is opened by the converter (it may be qcow2, which VImage cannot open).
             image = try VImage.open(host: host, path: path, readOnly: false, backing: backing)
@@ -334,11 +340,13 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
             throw error
         }
         hostFile = host
+        filePath = path
         compress = options.compress
         unitSize = 1 << bits
         self.size = image.size
     }
-    let hostFile: FileDevice
+    let hostFile: any BlockDevice
+    let filePath: String
 
     func write(unit index: UInt64, data: UnsafeRawBufferPointer, length: Int) throws {
         let offset = index * UInt64(unitSize)
@@ -356,7 +364,7 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
 
     func finish() throws {
         try image.close()
-        try withPath(hostFile.path) { try hostFile.close() }
+        try withPath(filePath) { try hostFile.close() }
     }
 
     func abandon() {

@@ -61,6 +61,8 @@ extension Vimg {
         var backing: String?
         @Option(name: .customShort("F"), help: "Backing file format.")
         var backingFormat: String?
+        @Option(name: .customShort("t"), help: "Output cache mode: unsafe (default, as qemu-img convert: no syncs) or writeback (the VIMG output is synced as it is written).")
+        var cache = "unsafe"
         @Flag(name: .short, help: "Quiet.")
         var quiet = false
         @Argument(help: "The source image.")
@@ -73,6 +75,7 @@ extension Vimg {
             if compress && outputFormat != "vimg" { throw ValidationError("-c (compression) is supported for -O vimg only") }
             if backing != nil && outputFormat == "raw" { throw ValidationError("raw images cannot have a backing file (-B)") }
             if backingFormat != nil && backing == nil { throw ValidationError("-F goes with -B") }
+            guard ["unsafe", "writeback"].contains(cache) else { throw ValidationError("unknown cache mode '\(cache)' (use unsafe or writeback)") }
         }
 
         func run() throws {
@@ -86,6 +89,7 @@ extension Vimg {
                 opts.snapshot = snapshot
                 opts.backingFile = backing
                 opts.backingFormat = try formatNamed(backingFormat)
+                opts.syncOutput = cache == "writeback"
                 let shared = progress ? SharedProgress() : nil
                 var callback: (@Sendable (UInt64, UInt64) -> Void)? = nil
                 if let shared {
