@@ -47,7 +47,10 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .target(name: "NBDClient", dependencies: ["NBDProtocol", "BlockIO"]),
+        .target(
+            name: "NBDClient",
+            dependencies: ["NBDProtocol", "BlockIO", .product(name: "NIOCore", package: "swift-nio")]
+        ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
         .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "FUSEExport"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),

@@ -1,5 +1,6 @@
 import BlockIO
 import NBDProtocol
+import NIOCore
 
 #if canImport(Glibc)
 import Glibc
@@ -95,64 +96,64 @@ final class NBDConnection: @unchecked Sendable {
     /// Fixed newstyle negotiation: NBD_OPT_GO (falling back to NBD_OPT_EXPORT_NAME on old servers).
     private static func negotiate(fd: Int32, export: String, uri: String) throws -> NBDConnection {
         let io = RawIO(fd: fd, uri: uri)
-        let greeting = try io.read(18)
-        var r = Reader(greeting)
-        guard r.u64() == NBDMagic.greeting, r.u64() == NBDMagic.options else {
+        var r = try io.readBuffer(18)
+        guard r.readInteger(as: UInt64.self) == NBDMagic.greeting, r.readInteger(as: UInt64.self) == NBDMagic.options else {
             throw io.error("not an NBD server (bad greeting)")
         }
-        let serverFlags = NBDHandshakeFlags(rawValue: r.u16())
+        let serverFlags = NBDHandshakeFlags(rawValue: r.readInteger()!)
         guard serverFlags.contains(.fixedNewstyle) else { throw io.error("the server does not speak fixed newstyle NBD") }
         var clientFlags: NBDClientFlags = [.fixedNewstyle]
         if serverFlags.contains(.noZeroes) { clientFlags.insert(.noZeroes) }
-        var w = Writer()
-        w.u32(clientFlags.rawValue)
+        var w = ByteBuffer()
+        w.writeInteger(clientFlags.rawValue)
         let name = Array(export.utf8)
         guard name.count <= NBDLimits.maximumString else { throw io.error("export name too long") }
         // NBD_OPT_GO: name, then no information requests (the server sends NBD_INFO_EXPORT anyway).
-        w.u64(NBDMagic.options)
-        w.u32(NBDOption.go.rawValue)
-        w.u32(UInt32(4 + name.count + 2))
-        w.u32(UInt32(name.count))
-        w.bytes(name)
-        w.u16(0)
-        try io.write(w.data)
+        w.writeInteger(NBDMagic.options)
+        w.writeInteger(NBDOption.go.rawValue)
+        w.writeInteger(UInt32(4 + name.count + 2))
+        w.writeInteger(UInt32(name.count))
+        w.writeBytes(name)
+        w.writeInteger(UInt16(0))
+        try io.write(w)
         var size: UInt64?
         var flags = NBDTransmissionFlags()
         while true {
-            var h = Reader(try io.read(20))
-            guard h.u64() == NBDMagic.optionReply else { throw io.error("bad option reply magic") }
-            _ = h.u32()
-            let type = NBDOptionReplyType(rawValue: h.u32())
-            let length = Int(h.u32())
+            var h = try io.readBuffer(20)
+            guard h.readInteger(as: UInt64.self) == NBDMagic.optionReply else { throw io.error("bad option reply magic") }
+            _ = h.readInteger(as: UInt32.self)
+            let type = NBDOptionReplyType(rawValue: h.readInteger()!)
+            let length = Int(h.readInteger(as: UInt32.self)!)
             guard length <= 64 * 1024 else { throw io.error("option reply of \(length) bytes is too long") }
-            let data = try io.read(length)
+            var data = try io.readBuffer(length)
             if type == .ack { break }
             if type == .info {
-                var d = Reader(data)
-                guard data.count >= 2 else { throw io.error("short NBD_REP_INFO") }
-                if NBDInfoType(rawValue: d.u16()) == .export {
-                    guard data.count >= 12 else { throw io.error("short NBD_INFO_EXPORT") }
-                    size = d.u64()
-                    flags = NBDTransmissionFlags(rawValue: d.u16())
+                guard let info = data.readInteger(as: UInt16.self) else { throw io.error("short NBD_REP_INFO") }
+                if NBDInfoType(rawValue: info) == .export {
+                    guard let exportSize = data.readInteger(as: UInt64.self), let exportFlags = data.readInteger(as: UInt16.self) else {
+                        throw io.error("short NBD_INFO_EXPORT")
+                    }
+                    size = exportSize
+                    flags = NBDTransmissionFlags(rawValue: exportFlags)
                 }
                 continue
             }
             if type == .errUnsupported {
                 // An old server: NBD_OPT_EXPORT_NAME ends negotiation with size and flags.
-                var e = Writer()
-                e.u64(NBDMagic.options)
-                e.u32(NBDOption.exportName.rawValue)
-                e.u32(UInt32(name.count))
-                e.bytes(name)
-                try io.write(e.data)
-                var x = Reader(try io.read(10))
-                size = x.u64()
-                flags = NBDTransmissionFlags(rawValue: x.u16())
-                if !clientFlags.contains(.noZeroes) { _ = try io.read(124) }
+                var e = ByteBuffer()
+                e.writeInteger(NBDMagic.options)
+                e.writeInteger(NBDOption.exportName.rawValue)
+                e.writeInteger(UInt32(name.count))
+                e.writeBytes(name)
+                try io.write(e)
+                var x = try io.readBuffer(10)
+                size = x.readInteger(as: UInt64.self)
+                flags = NBDTransmissionFlags(rawValue: x.readInteger()!)
+                if !clientFlags.contains(.noZeroes) { _ = try io.readBuffer(124) }
                 break
             }
             if type.rawValue & (1 << 31) != 0 {
-                let message = String(decoding: data, as: UTF8.self)
+                let message = data.readString(length: data.readableBytes) ?? ""
                 if type == .errUnknown { throw io.error("the server has no export named '\(export)'", errno: ENOENT) }
                 throw io.error("the server refused the export '\(export)'\(message.isEmpty ? "" : ": \(message)")")
             }
@@ -173,19 +174,14 @@ final class NBDConnection: @unchecked Sendable {
         let io = RawIO(fd: fd, uri: uri)
         let cookie = nextCookie
         nextCookie &+= 1
-        var w = Writer()
-        w.u32(NBDMagic.request)
-        w.u16(flags.rawValue)
-        w.u16(command.rawValue)
-        w.u64(cookie)
-        w.u64(offset)
-        w.u32(length)
-        try io.write(w.data)
+        var header = ByteBuffer()
+        NBDRequest(flags: flags, command: command, cookie: cookie, offset: offset, length: length).encode(into: &header)
+        try io.write(header)
         if let payload { try io.write(payload) }
-        var r = Reader(try io.read(16))
-        guard r.u32() == NBDMagic.simpleReply else { throw io.error("bad reply magic from the server") }
-        let error = r.u32()
-        guard r.u64() == cookie else { throw io.error("reply for an unknown request") }
+        var r = try io.readBuffer(16)
+        guard r.readInteger(as: UInt32.self) == NBDMagic.simpleReply else { throw io.error("bad reply magic from the server") }
+        let error = r.readInteger(as: UInt32.self)!
+        guard r.readInteger(as: UInt64.self) == cookie else { throw io.error("reply for an unknown request") }
         if error != 0 {
             throw BlockIOError(.system, operation: command == .read ? .read : .write, errno: Int32(bitPattern: error), path: uri,
                 message: "the server answered \(command) at \(offset)+\(length) with error \(error)")
@@ -194,14 +190,9 @@ final class NBDConnection: @unchecked Sendable {
     }
 
     func disconnect() {
-        var w = Writer()
-        w.u32(NBDMagic.request)
-        w.u16(0)
-        w.u16(NBDCommand.disconnect.rawValue)
-        w.u64(0)
-        w.u64(0)
-        w.u32(0)
-        try? RawIO(fd: fd, uri: uri).write(w.data)
+        var request = ByteBuffer()
+        NBDRequest(command: .disconnect, cookie: 0).encode(into: &request)
+        try? RawIO(fd: fd, uri: uri).write(request)
         shutdown(fd, Int32(SHUT_RDWR))
     }
 }
@@ -215,8 +206,8 @@ struct RawIO {
         BlockIOError(.system, operation: .read, errno: code, path: uri, message: message)
     }
 
-    func write(_ bytes: [UInt8]) throws {
-        try bytes.withUnsafeBytes { try write($0) }
+    func write(_ buffer: ByteBuffer) throws {
+        try buffer.withUnsafeReadableBytes { try write($0) }
     }
 
     func write(_ buffer: UnsafeRawBufferPointer) throws {
@@ -231,10 +222,14 @@ struct RawIO {
         }
     }
 
-    func read(_ count: Int) throws -> [UInt8] {
-        var bytes = [UInt8](repeating: 0, count: count)
-        try bytes.withUnsafeMutableBytes { try read(into: $0) }
-        return bytes
+    /// Exactly `count` bytes, as a buffer to read big-endian fields from.
+    func readBuffer(_ count: Int) throws -> ByteBuffer {
+        var buffer = ByteBuffer()
+        try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: count) { raw in
+            try read(into: UnsafeMutableRawBufferPointer(rebasing: raw[..<count]))
+            return count
+        }
+        return buffer
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer) throws {
@@ -248,32 +243,5 @@ struct RawIO {
             if n == 0 { throw error("the server closed the connection") }
             done += n
         }
-    }
-}
-
-/// Big-endian field writer for requests.
-struct Writer {
-    var data: [UInt8] = []
-    mutating func u16(_ v: UInt16) { data += [UInt8(v >> 8), UInt8(v & 0xff)] }
-    mutating func u32(_ v: UInt32) { for s in stride(from: 24, through: 0, by: -8) { data.append(UInt8((v >> UInt32(s)) & 0xff)) } }
-    mutating func u64(_ v: UInt64) { for s in stride(from: 56, through: 0, by: -8) { data.append(UInt8((v >> UInt64(s)) & 0xff)) } }
-    mutating func bytes(_ b: [UInt8]) { data += b }
-}
-
-/// Big-endian field reader over a buffer whose length the caller already checked.
-struct Reader {
-    let data: [UInt8]
-    var position = 0
-    init(_ data: [UInt8]) { self.data = data }
-    mutating func u16() -> UInt16 { UInt16(take(2)) }
-    mutating func u32() -> UInt32 { UInt32(take(4)) }
-    mutating func u64() -> UInt64 { take(8) }
-    private mutating func take(_ n: Int) -> UInt64 {
-        var v: UInt64 = 0
-        for _ in 0..<n {
-            v = v << 8 | UInt64(position < data.count ? data[position] : 0)
-            position += 1
-        }
-        return v
     }
 }

@@ -141,21 +141,7 @@ extension VImage {
     /// A snapshot's L2 tables and data clusters are shared (refcount above one), so the writer never
     /// changes them in place and the view stays stable, as long as nobody deletes the snapshot meanwhile.
     public static func openSnapshotAlongsideWriter(path: String, snapshot: String, options: OpenOptions = .init()) throws -> VImage {
-        let file = try wrapIO(path) { try FileDevice.open(path: path, readOnly: true, growable: true, lock: .none) }
-        let image: VImage
-        do {
-            image = try open(host: file, ownsHost: true, path: path, readOnly: true, backing: nil, resolveBacking: true, options: options)
-        } catch {
-            try? file.close()
-            throw error
-        }
-        do {
-            try image.selectSnapshot(named: snapshot)
-        } catch {
-            try? image.close()
-            throw error
-        }
-        return image
+        try open(path: path, readOnly: true, backing: nil, resolveBacking: true, options: options, snapshot: snapshot, lock: FileDevice.LockMode.none)
     }
 
     /// Shows snapshot `name` instead of the active state (read-only images only; used by --snapshot).

@@ -265,10 +265,11 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     }
 
     static func open(
-        path: String, readOnly: Bool, backing: (any BlockDevice)?, resolveBacking: Bool, options: OpenOptions, snapshot: String? = nil
+        path: String, readOnly: Bool, backing: (any BlockDevice)?, resolveBacking: Bool, options: OpenOptions, snapshot: String? = nil,
+        lock: FileDevice.LockMode? = nil
     ) throws -> VImage {
         let file = try wrapIO(path) {
-            try FileDevice.open(path: path, readOnly: readOnly, growable: true, lock: readOnly ? .shared : .exclusive)
+            try FileDevice.open(path: path, readOnly: readOnly, growable: true, lock: lock ?? (readOnly ? .shared : .exclusive))
         }
         do {
             let image = try open(

@@ -157,17 +157,8 @@ public func run(_ program: String, _ arguments: [String], environment: [String: 
         argv.forEach { free($0) }
         envp.forEach { free($0) }
     }
-    // Test runners block signals in their threads, and a child inherits the mask: give it a clean one,
-    // or a shell's `wait` and a server's signal handling hang.
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var empty = sigset_t()
-    sigemptyset(&empty)
-    posix_spawnattr_setsigmask(&attributes, &empty)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK))
     var pid: pid_t = 0
-    let rc = posix_spawnp(&pid, program, &actions, &attributes, argv, envp)
+    let rc = withCleanSignals { posix_spawnp(&pid, program, &actions, &$0, argv, envp) }
     guard rc == 0 else { return ProcessResult(status: 127, stdout: "", stderr: "spawn failed: \(describeErrno(rc))") }
     var status: Int32 = 0
     while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
@@ -197,3 +188,55 @@ public func firstDifference(_ a: ArraySlice<UInt8>, _ b: ArraySlice<UInt8>) -> I
     }
     return a.count == b.count ? nil : n
 }
+
+/// Runs `body` with posix_spawn attributes that give the child no blocked signals and default handlers
+/// for the ones servers and shells use: test runners block signals in their threads, and a child
+/// inherits that mask (a shell's `wait` or a server's SIGTERM handling would hang).
+func withCleanSignals(_ body: (inout posix_spawnattr_t) -> Int32) -> Int32 {
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    var empty = sigset_t()
+    sigemptyset(&empty)
+    posix_spawnattr_setsigmask(&attributes, &empty)
+    var defaults = sigset_t()
+    sigemptyset(&defaults)
+    for number in [SIGINT, SIGTERM, SIGUSR1, SIGCHLD, SIGPIPE] { sigaddset(&defaults, number) }
+    posix_spawnattr_setsigdefault(&attributes, &defaults)
+    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+    return body(&attributes)
+}
+
+/// Starts a program in the background with stdin from /dev/null and output to files (or /dev/null), a
+/// clean signal mask and default dispositions (test threads may block signals, and children inherit
+/// that), and returns its pid.
+public func spawn(_ program: String, _ arguments: [String], stdout: String = "/dev/null", stderr: String = "/dev/null") -> pid_t? {
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, stdout, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+    let argv = ([program] + arguments).map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid: pid_t = 0
+    guard withCleanSignals({ posix_spawn(&pid, program, &actions, &$0, argv, environ) }) == 0 else { return nil }
+    return pid
+}
+
+/// Waits up to `seconds` for `pid` to exit; returns its status (128+n for a signal), or -1 after
+/// killing it on timeout.
+@discardableResult
+public func waitForExit(_ pid: pid_t, seconds: Int = 30) -> Int32 {
+    var status: Int32 = 0
+    for _ in 0..<(seconds * 20) {
+        let result = waitpid(pid, &status, WNOHANG)
+        if result == pid { return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f) }
+        if result < 0 { return -1 }
+        usleep(50_000)
+    }
+    kill(pid, SIGKILL)
+    waitpid(pid, &status, 0)
+    return -1
+}
+

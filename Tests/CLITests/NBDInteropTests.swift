@@ -9,50 +9,6 @@ import Glibc
 // qemu-img and qemu-io. Each test starts the built binary on a unix socket (or TCP) over a VIMG image made
 // by the built `vimg`, and skips only when the client program is missing.
 
-/// Starts a program in the background with stdin from /dev/null and output to files (or /dev/null), a
-/// clean signal mask and default dispositions (test threads may block signals, and children inherit
-/// that), and returns its pid.
-func spawn(_ program: String, _ arguments: [String], stdout: String = "/dev/null", stderr: String = "/dev/null") -> pid_t? {
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, stdout, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var empty = sigset_t()
-    sigemptyset(&empty)
-    posix_spawnattr_setsigmask(&attributes, &empty)
-    var defaults = sigset_t()
-    sigemptyset(&defaults)
-    for number in [SIGINT, SIGTERM, SIGUSR1, SIGCHLD, SIGPIPE] { sigaddset(&defaults, number) }
-    posix_spawnattr_setsigdefault(&attributes, &defaults)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-    let argv = ([program] + arguments).map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
-    var pid: pid_t = 0
-    guard posix_spawn(&pid, program, &actions, &attributes, argv, environ) == 0 else { return nil }
-    return pid
-}
-
-/// Waits up to `seconds` for `pid` to exit; returns its status (128+n for a signal), or -1 after
-/// killing it on timeout.
-@discardableResult
-func waitForExit(_ pid: pid_t, seconds: Int = 30) -> Int32 {
-    var status: Int32 = 0
-    for _ in 0..<(seconds * 20) {
-        let result = waitpid(pid, &status, WNOHANG)
-        if result == pid { return (status & 0x7f) == 0 ? (status >> 8) & 0xff : 128 + (status & 0x7f) }
-        if result < 0 { return -1 }
-        usleep(50_000)
-    }
-    kill(pid, SIGKILL)
-    waitpid(pid, &status, 0)
-    return -1
-}
-
 /// A `vdisk serve` process running in the background.
 final class ServeProcess {
     let pid: pid_t
