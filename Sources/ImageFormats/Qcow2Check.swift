@@ -53,7 +53,7 @@ public enum Qcow2Check {
         if h.snapshotCount > 0 { reference(h.snapshotsOffset, image.snapshotTableBytes, "snapshot table") }
 
         let rtBytes = try withPath(image.path) { try image.file.read(count: Int(UInt64(h.refcountTableClusters) * cs), at: h.refcountTableOffset) }
-        let refcountTable = rtBytes.withUnsafeBytes { decodeEntries($0) }
+        let refcountTable = rtBytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
         for (i, entry) in refcountTable.enumerated() {
             let offset = entry & qcow2OffsetMask
             if offset == 0 { continue }
@@ -71,7 +71,7 @@ public enum Qcow2Check {
         var lastHost: UInt64? = nil
         for (l1Offset, l1Size, name) in l1Tables where l1Size > 0 {
             reference(l1Offset, UInt64(l1Size) * 8, name)
-            let l1 = try withPath(image.path) { try image.file.read(count: Int(l1Size) * 8, at: l1Offset) }.withUnsafeBytes { decodeEntries($0) }
+            let l1 = try withPath(image.path) { try image.file.read(count: Int(l1Size) * 8, at: l1Offset) }.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
             let isActive = l1Offset == h.l1TableOffset
             for (i, entry) in l1.enumerated() {
                 let l2Offset = entry & qcow2OffsetMask
@@ -81,7 +81,7 @@ public enum Qcow2Check {
                     continue
                 }
                 reference(l2Offset, cs, "L2 table")
-                let l2 = try withPath(image.path) { try image.file.read(count: Int(cs), at: l2Offset) }.withUnsafeBytes { decodeEntries($0) }
+                let l2 = try withPath(image.path) { try image.file.read(count: Int(cs), at: l2Offset) }.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
                 for (j, raw) in l2.enumerated() {
                     let guestCluster = UInt64(i) * UInt64(h.l2Entries) + UInt64(j)
                     switch Qcow2Cluster(l2Entry: raw, clusterBits: h.clusterBits) {

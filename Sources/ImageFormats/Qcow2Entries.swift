@@ -12,6 +12,7 @@
 // plus `extra sectors` more sectors.
 
 import BlockIO
+import VImage
 
 /// Bits 9...55 of an L1/L2/refcount table entry: a cluster-aligned host offset.
 let qcow2OffsetMask: UInt64 = 0x00FF_FFFF_FFFF_FE00
@@ -88,19 +89,19 @@ public struct Qcow2Snapshot: Sendable, Hashable {
         }
         for index in 0..<Int(header.snapshotCount) {
             let entryStart = position
-            var f = ByteCursor(try bytes(40))
-            let l1Offset = f.read(UInt64.self)!, l1Size = f.read(UInt32.self)!
-            let idLength = f.read(UInt16.self)!, nameLength = f.read(UInt16.self)!
-            let seconds = f.read(UInt32.self)!, nanoseconds = f.read(UInt32.self)!
-            let clock = f.read(UInt64.self)!, state32 = f.read(UInt32.self)!, extraSize = f.read(UInt32.self)!
+            var f = ByteReader(try bytes(40))
+            let l1Offset = f.readInteger(as: UInt64.self)!, l1Size = f.readInteger(as: UInt32.self)!
+            let idLength = f.readInteger(as: UInt16.self)!, nameLength = f.readInteger(as: UInt16.self)!
+            let seconds = f.readInteger(as: UInt32.self)!, nanoseconds = f.readInteger(as: UInt32.self)!
+            let clock = f.readInteger(as: UInt64.self)!, state32 = f.readInteger(as: UInt32.self)!, extraSize = f.readInteger(as: UInt32.self)!
             guard extraSize <= maxExtraData else {
                 throw ImageFormatError(.invalidImage, path: path, offset: entryStart + 36, message: "snapshot \(index) has \(extraSize) bytes of extra data (limit 1024)")
             }
-            var e = ByteCursor(try bytes(UInt64(extraSize)))
+            var e = ByteReader(try bytes(UInt64(extraSize)))
             var vmState = UInt64(state32)
             var size = header.virtualSize
-            if extraSize >= 8 { vmState = e.read(UInt64.self)! }
-            if extraSize >= 16 { size = e.read(UInt64.self)! }
+            if extraSize >= 8 { vmState = e.readInteger(as: UInt64.self)! }
+            if extraSize >= 16 { size = e.readInteger(as: UInt64.self)! }
             let id = String(decoding: try bytes(UInt64(idLength)), as: UTF8.self)
             let name = String(decoding: try bytes(UInt64(nameLength)), as: UTF8.self)
             let used = position - entryStart

@@ -18,6 +18,7 @@
 // are refused by name when the image's feature name table names them.
 
 import BlockIO
+import VImage
 
 /// The compression algorithm of an image's compressed clusters (header byte 104).
 public enum Qcow2CompressionType: UInt8, Sendable {
@@ -123,8 +124,8 @@ public struct Qcow2Header: Sendable, Hashable {
             throw ImageFormatError(.invalidImage, path: path, message: "file is too short (\(fileSize) bytes) for a qcow2 header")
         }
         let peek = try withPath(path) { try file.read(count: Int(min(fileSize, 512)), at: 0) }
-        var cursor = ByteCursor(peek, at: 20)
-        let bits = cursor.read(UInt32.self) ?? 0
+        var cursor = ByteReader(peek, at: 20)
+        let bits = cursor.readInteger(as: UInt32.self) ?? 0
         guard bits >= minClusterBits && bits <= maxClusterBits else {
             throw ImageFormatError(
                 .unsupportedFeature, path: path, offset: 20, message: "cluster_bits \(bits) is outside 9...21 (512 B to 2 MiB clusters)")
@@ -145,12 +146,12 @@ public struct Qcow2Header: Sendable, Hashable {
         func invalid(_ offset: UInt64, _ message: String) -> ImageFormatError {
             ImageFormatError(.invalidImage, offset: offset, message: message)
         }
-        var r = ByteCursor(bytes)
+        var r = ByteReader(bytes)
         guard let magic = r.readBytes(4), magic == Self.magic else { throw invalid(0, "not a qcow2 image (bad magic)") }
-        guard let version = r.read(UInt32.self), let backingOffset = r.read(UInt64.self), let backingSize = r.read(UInt32.self),
-            let clusterBits = r.read(UInt32.self), let size = r.read(UInt64.self), let crypt = r.read(UInt32.self),
-            let l1Size = r.read(UInt32.self), let l1Offset = r.read(UInt64.self), let rtOffset = r.read(UInt64.self),
-            let rtClusters = r.read(UInt32.self), let snapshotCount = r.read(UInt32.self), let snapshotsOffset = r.read(UInt64.self)
+        guard let version = r.readInteger(as: UInt32.self), let backingOffset = r.readInteger(as: UInt64.self), let backingSize = r.readInteger(as: UInt32.self),
+            let clusterBits = r.readInteger(as: UInt32.self), let size = r.readInteger(as: UInt64.self), let crypt = r.readInteger(as: UInt32.self),
+            let l1Size = r.readInteger(as: UInt32.self), let l1Offset = r.readInteger(as: UInt64.self), let rtOffset = r.readInteger(as: UInt64.self),
+            let rtClusters = r.readInteger(as: UInt32.self), let snapshotCount = r.readInteger(as: UInt32.self), let snapshotsOffset = r.readInteger(as: UInt64.self)
         else { throw invalid(0, "header is truncated") }
         guard version == 2 || version == 3 else {
             throw ImageFormatError(.unsupportedFeature, offset: 4, message: "qcow2 version \(version) is not supported (only 2 and 3)")
@@ -164,8 +165,8 @@ public struct Qcow2Header: Sendable, Hashable {
             refcountTableClusters: rtClusters, snapshotCount: snapshotCount, snapshotsOffset: snapshotsOffset, headerLength: 72)
         let cs = UInt64(h.clusterSize)
         if version >= 3 {
-            guard let incompatible = r.read(UInt64.self), let compatible = r.read(UInt64.self), let autoclear = r.read(UInt64.self),
-                let order = r.read(UInt32.self), let length = r.read(UInt32.self)
+            guard let incompatible = r.readInteger(as: UInt64.self), let compatible = r.readInteger(as: UInt64.self), let autoclear = r.readInteger(as: UInt64.self),
+                let order = r.readInteger(as: UInt32.self), let length = r.readInteger(as: UInt32.self)
             else { throw invalid(72, "version 3 header is truncated") }
             h.incompatibleFeatures = incompatible
             h.compatibleFeatures = compatible
@@ -188,8 +189,8 @@ public struct Qcow2Header: Sendable, Hashable {
         var position = Int(h.headerLength)
         var seen = Set<UInt32>()
         while true {
-            var e = ByteCursor(bytes, at: position)
-            guard let type = e.read(UInt32.self), let length = e.read(UInt32.self) else {
+            var e = ByteReader(bytes, at: position)
+            guard let type = e.readInteger(as: UInt32.self), let length = e.readInteger(as: UInt32.self) else {
                 if version >= 3 { throw invalid(UInt64(position), "header extensions run past the first cluster") }
                 break  // a version 2 header may end without an end marker
             }
@@ -202,8 +203,8 @@ public struct Qcow2Header: Sendable, Hashable {
             case backingFormatExtension:
                 h.backingFormat = String(decoding: data, as: UTF8.self)
             case featureTableExtension:
-                var t = ByteCursor(data)
-                while t.remaining >= 48, let kind = t.read(UInt8.self), let bit = t.read(UInt8.self), let name = t.readBytes(46) {
+                var t = ByteReader(data)
+                while t.remaining >= 48, let kind = t.readInteger(as: UInt8.self), let bit = t.readInteger(as: UInt8.self), let name = t.readBytes(46) {
                     let text = String(decoding: name.prefix { $0 != 0 }, as: UTF8.self)
                     h.featureNames[UInt16(kind) << 8 | UInt16(bit)] = text
                 }
@@ -291,7 +292,7 @@ public struct Qcow2Header: Sendable, Hashable {
     /// its padding), then the backing format extension, the end marker and the backing file name.
     /// The backing file name offset is computed here.
     public func encode() -> [UInt8] {
-        var extensions = ByteAppender()
+        var extensions = ByteWriter()
         if let backingFormat {
             let data = Array(backingFormat.utf8)
             extensions.write(Self.backingFormatExtension)
@@ -303,7 +304,7 @@ public struct Qcow2Header: Sendable, Hashable {
         extensions.write(UInt32(0))
         let name = backingFile.map { Array($0.utf8) } ?? []
         let nameOffset: UInt64 = name.isEmpty ? 0 : UInt64(112 + extensions.bytes.count)
-        var w = ByteAppender()
+        var w = ByteWriter()
         w.write(Self.magic)
         w.write(UInt32(3))
         w.write(nameOffset)

@@ -21,6 +21,7 @@
 import Glibc
 #endif
 import BlockIO
+import VImage
 import Synchronization
 
 /// A read-only qcow2 image.
@@ -96,7 +97,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         }
         self.size = size
         let bytes = l1Size == 0 ? [] : try withPath(path) { try file.read(count: Int(l1Size) * 8, at: l1Offset) }
-        l1 = bytes.withUnsafeBytes { decodeEntries($0) }
+        l1 = bytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
         cacheLimit = max(16, (64 << 20) / header.clusterSize)
     }
 
@@ -145,7 +146,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
                 message: "L1 entry \(l1Index) points at an L2 table at \(offset), which is unaligned or past the end of the file (\(fileSize) bytes)")
         }
         let bytes = try withPath(path) { try file.read(count: header.clusterSize, at: offset) }
-        let table = bytes.withUnsafeBytes { decodeEntries($0) }
+        let table = bytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
         cache.withLock {
             if $0.count >= cacheLimit { $0.removeAll(keepingCapacity: true) }
             $0[offset] = table

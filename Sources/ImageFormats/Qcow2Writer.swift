@@ -23,6 +23,7 @@
 import Glibc
 #endif
 import BlockIO
+import VImage
 import Synchronization
 
 /// Writes a qcow2 version 3 image.
@@ -137,11 +138,11 @@ public final class Qcow2Writer: @unchecked Sendable {
         var l1 = [UInt64](repeating: 0, count: Int(l1Entries))
         try withPath(path) {
             for l1Index in tables.keys.sorted() {
-                try file.write(encodeEntries(tables[l1Index]![...]), at: next * cs)
+                try file.write(encodeTable(tables[l1Index]![...]), at: next * cs)
                 l1[Int(l1Index)] = (next * cs) | qcow2CopiedFlag
                 next += 1
             }
-            if !l1.isEmpty { try file.write(encodeEntries(l1[...]), at: cs) }
+            if !l1.isEmpty { try file.write(encodeTable(l1[...]), at: cs) }
         }
         let (tableClusters, blocks) = Self.refcountClusters(usedClusters: next, clusterSize: cs)
         let tableStart = next
@@ -151,7 +152,7 @@ public final class Qcow2Writer: @unchecked Sendable {
         try withPath(path) {
             var table = [UInt64](repeating: 0, count: Int(tableClusters * cs / 8))
             for b in 0..<blocks { table[Int(b)] = (blocksStart + b) * cs }
-            try file.write(encodeEntries(table[...]), at: tableStart * cs)
+            try file.write(encodeTable(table[...]), at: tableStart * cs)
             // Every cluster below `total` has refcount 1 (16-bit big-endian entries).
             var block = [UInt8](repeating: 0, count: Int(cs))
             for b in 0..<blocks {

@@ -1,17 +1,17 @@
 /// A bounds-checked big-endian reader over bytes from an untrusted source: every read returns nil on
 /// short input instead of trapping.
-struct ByteReader {
-    let bytes: [UInt8]
-    private(set) var index: Int
+public struct ByteReader {
+    public let bytes: [UInt8]
+    public private(set) var index: Int
 
-    init(_ bytes: [UInt8], at index: Int = 0) {
+    public init(_ bytes: [UInt8], at index: Int = 0) {
         self.bytes = bytes
         self.index = index
     }
 
-    var remaining: Int { bytes.count - index }
+    public var remaining: Int { index <= bytes.count ? bytes.count - index : 0 }
 
-    mutating func readInteger<T: FixedWidthInteger>(as: T.Type = T.self) -> T? {
+    public mutating func readInteger<T: FixedWidthInteger>(as: T.Type = T.self) -> T? {
         let width = MemoryLayout<T>.size
         guard index >= 0, remaining >= width else { return nil }
         var value: T = 0
@@ -20,13 +20,13 @@ struct ByteReader {
         return value
     }
 
-    mutating func readBytes(_ count: Int) -> [UInt8]? {
+    public mutating func readBytes(_ count: Int) -> [UInt8]? {
         guard count >= 0, remaining >= count else { return nil }
         defer { index += count }
         return Array(bytes[index..<index + count])
     }
 
-    mutating func skip(_ count: Int) -> Bool {
+    public mutating func skip(_ count: Int) -> Bool {
         guard count >= 0, remaining >= count else { return false }
         index += count
         return true
@@ -34,25 +34,25 @@ struct ByteReader {
 }
 
 /// Appends big-endian fields.
-struct ByteWriter {
-    private(set) var bytes: [UInt8] = []
+public struct ByteWriter {
+    public private(set) var bytes: [UInt8] = []
 
-    init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
+    public init(capacity: Int = 0) { bytes.reserveCapacity(capacity) }
 
-    mutating func write<T: FixedWidthInteger>(_ value: T) {
+    public mutating func write<T: FixedWidthInteger>(_ value: T) {
         let width = MemoryLayout<T>.size
         for i in (0..<width).reversed() { bytes.append(UInt8(truncatingIfNeeded: value >> (i * 8))) }
     }
 
-    mutating func write(_ data: [UInt8]) { bytes.append(contentsOf: data) }
+    public mutating func write(_ data: [UInt8]) { bytes.append(contentsOf: data) }
 
-    mutating func pad(toMultipleOf alignment: Int) {
+    public mutating func pad(toMultipleOf alignment: Int) {
         while bytes.count % alignment != 0 { bytes.append(0) }
     }
 }
 
 /// Decodes a big-endian table of fixed-width entries (an L1/L2 table, a refcount block).
-func decodeTable<T: FixedWidthInteger>(_ bytes: UnsafeRawBufferPointer, as: T.Type) -> [T] {
+public func decodeTable<T: FixedWidthInteger>(_ bytes: UnsafeRawBufferPointer, as: T.Type) -> [T] {
     let count = bytes.count / MemoryLayout<T>.size
     return [T](unsafeUninitializedCapacity: count) { buffer, initialized in
         for i in 0..<count {
@@ -63,7 +63,7 @@ func decodeTable<T: FixedWidthInteger>(_ bytes: UnsafeRawBufferPointer, as: T.Ty
 }
 
 /// Encodes a table of entries big-endian.
-func encodeTable<T: FixedWidthInteger>(_ entries: ArraySlice<T>) -> [UInt8] {
+public func encodeTable<T: FixedWidthInteger>(_ entries: ArraySlice<T>) -> [UInt8] {
     let width = MemoryLayout<T>.size
     return [UInt8](unsafeUninitializedCapacity: entries.count * width) { buffer, initialized in
         let raw = UnsafeMutableRawBufferPointer(buffer)
