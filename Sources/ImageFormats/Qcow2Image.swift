@@ -292,19 +292,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         return result
     }
 
-    /// One run of guest clusters with the same kind of mapping in this image (not its backing chain).
-    public struct MappingRun: Sendable, Hashable {
-        public enum Kind: Sendable, Hashable {
-            /// Data at a host offset (contiguous across the run).
-            case data(host: UInt64)
-            case compressed
-            case zero(allocated: Bool)
-            case unallocated
-        }
-        public var offset: UInt64
-        public var length: UInt64
-        public var kind: Kind
-    }
+    /// One run of guest clusters with the same kind of mapping in this image: VIMG's type, so tools
+    /// walk both formats' mappings alike.
+    public typealias MappingRun = VImage.MappingExtent
 
     /// How `offset ..< offset + count` maps onto this image's file, merged into runs.
     public func mapping(at offset: UInt64, count: UInt64) throws -> [MappingRun] {

@@ -482,6 +482,12 @@ extension VImage {
         public var offset: UInt64
         public var length: UInt64
         public var kind: Kind
+
+        public init(offset: UInt64, length: UInt64, kind: Kind) {
+            self.offset = offset
+            self.length = length
+            self.kind = kind
+        }
     }
 
     /// How `offset ..< offset + count` maps onto this image's file, merged into runs.

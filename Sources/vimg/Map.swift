@@ -58,30 +58,17 @@ extension Vimg {
         /// Walks this image's mapping, descending into the backing chain for unallocated runs.
         func collect(_ device: any BlockDevice, name: String, depth: Int, offset: UInt64, count: UInt64, into rows: inout [Row]) throws {
             guard count > 0 else { return }
+            // VIMG and qcow2 images report their own mapping; unallocated runs descend into the backing file.
+            let layer: (runs: [VImage.MappingExtent], backing: (any BlockDevice)?, backingName: String?)?
             if let image = device as? VImage {
-                for m in try image.mapping(at: offset, count: count) {
-                    switch m.kind {
-                    case .data(let host):
-                        add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: false, data: true, offset: host, file: name))
-                    case .compressed:
-                        add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: false, data: true, offset: nil, file: name))
-                    case .zero:
-                        add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: true, data: false, offset: nil, file: name))
-                    case .unallocated:
-                        if let backing = image.backingDevice {
-                            let size = backing.size
-                            let inside = m.offset < size ? min(m.length, size - m.offset) : 0
-                            try collect(backing, name: image.backingPath ?? "backing", depth: depth + 1, offset: m.offset, count: inside, into: &rows)
-                            if inside < m.length {
-                                add(&rows, Row(start: m.offset + inside, length: m.length - inside, depth: depth + 1, present: false, zero: true, data: false, offset: nil, file: name))
-                            }
-                        } else {
-                            add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: false, zero: true, data: false, offset: nil, file: name))
-                        }
-                    }
-                }
+                layer = (try image.mapping(at: offset, count: count), image.backingDevice, image.backingPath)
             } else if let image = device as? Qcow2Image {
-                for m in try image.mapping(at: offset, count: count) {
+                layer = (try image.mapping(at: offset, count: count), image.backing, image.backingPath)
+            } else {
+                layer = nil
+            }
+            if let layer {
+                for m in layer.runs {
                     switch m.kind {
                     case .data(let host):
                         add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: false, data: true, offset: host, file: name))
@@ -90,10 +77,10 @@ extension Vimg {
                     case .zero:
                         add(&rows, Row(start: m.offset, length: m.length, depth: depth, present: true, zero: true, data: false, offset: nil, file: name))
                     case .unallocated:
-                        if let backing = image.backing {
+                        if let backing = layer.backing {
                             let size = backing.size
                             let inside = m.offset < size ? min(m.length, size - m.offset) : 0
-                            try collect(backing, name: image.backingPath ?? "backing", depth: depth + 1, offset: m.offset, count: inside, into: &rows)
+                            try collect(backing, name: layer.backingName ?? "backing", depth: depth + 1, offset: m.offset, count: inside, into: &rows)
                             if inside < m.length {
                                 add(&rows, Row(start: m.offset + inside, length: m.length - inside, depth: depth + 1, present: false, zero: true, data: false, offset: nil, file: name))
                             }
