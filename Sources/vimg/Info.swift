@@ -59,17 +59,9 @@ extension Vimg {
                     let h = image.currentHeader
                     let dirty = h.incompatibleFeatures.contains(.dirty)
                     let corrupt = h.incompatibleFeatures.contains(.corrupt)
-                    lines += [
-                        "virtual size: \(ByteSize.format(h.virtualSize)) (\(h.virtualSize) bytes)",
-                        "disk size: \(ByteSize.format(actual))",
-                        "cluster_size: \(h.clusterSize)",
-                    ]
+                    lines += imageLines(virtualSize: h.virtualSize, actual: actual, clusterSize: h.clusterSize, backing: h.backingFileName, format: h.backingFileFormat)
                     backingPath = image.backingPath
                     backingFormat = h.backingFileFormat
-                    if let backing = h.backingFileName {
-                        lines.append("backing file: \(backing)")
-                        if let f = h.backingFileFormat { lines.append("backing file format: \(f)") }
-                    }
                     lines += [
                         "Format specific information:",
                         "    version: \(h.version)",
@@ -116,17 +108,9 @@ extension Vimg {
                     }
                     defer { try? image.close() }
                     let h = image.header
-                    lines += [
-                        "virtual size: \(ByteSize.format(h.virtualSize)) (\(h.virtualSize) bytes)",
-                        "disk size: \(ByteSize.format(actual))",
-                        "cluster_size: \(h.clusterSize)",
-                    ]
+                    lines += imageLines(virtualSize: h.virtualSize, actual: actual, clusterSize: h.clusterSize, backing: h.backingFile, format: h.backingFormat)
                     backingPath = image.backingPath
                     backingFormat = h.backingFormat
-                    if let backing = h.backingFile {
-                        lines.append("backing file: \(backing)")
-                        if let f = h.backingFormat { lines.append("backing file format: \(f)") }
-                    }
                     if !image.snapshots.isEmpty {
                         lines.append("Snapshot list:")
                         lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
@@ -188,4 +172,18 @@ func withFile<T>(_ path: String, _ body: () throws -> T) throws -> T {
     } catch let error as BlockIOError {
         throw VImageError(.io, path: path, message: error.message)
     }
+}
+
+/// The lines `vimg info` prints for every image format: sizes, cluster size and backing file.
+private func imageLines(virtualSize: UInt64, actual: UInt64, clusterSize: Int, backing: String?, format: String?) -> [String] {
+    var lines = [
+        "virtual size: \(ByteSize.format(virtualSize)) (\(virtualSize) bytes)",
+        "disk size: \(ByteSize.format(actual))",
+        "cluster_size: \(clusterSize)",
+    ]
+    if let backing {
+        lines.append("backing file: \(backing)")
+        if let format { lines.append("backing file format: \(format)") }
+    }
+    return lines
 }
