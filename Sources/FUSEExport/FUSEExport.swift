@@ -20,9 +20,10 @@
 // `fuse_get_context()->private_data`, an unretained pointer the export keeps alive until `fuse_destroy`.
 // `start()` returns once the kernel's INIT has been answered, so the file is usable when it returns.
 //
-// Caching: writes go straight through to the device (no FUSE writeback cache), reads are cached in the
-// FUSE file's page cache, kept across opens (`kernel_cache`): only this mount changes the device while it
-// is exported. fsync(2) on the file (the loop driver sends it for REQ_PREFLUSH / REQ_FUA) is
+// Caching: writes go straight through to the device (no FUSE writeback cache), buffered reads are cached
+// in the FUSE file's page cache, kept across opens (`kernel_cache`): only this mount changes the device
+// while it is exported. A loop device bound with direct I/O (as the bus does) bypasses that cache and
+// sends O_DIRECT requests, asynchronous and many in flight, which libfuse's workers serve in parallel. fsync(2) on the file (the loop driver sends it for REQ_PREFLUSH / REQ_FUA) is
 // `device.flush()`; close(2) sends nothing (FOPEN_NOFLUSH), so no close ever waits for this process.
 //
 // Stopping: libfuse's workers block in read(2) on /dev/fuse and `fuse_exit` alone does not wake them. So
