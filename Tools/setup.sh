@@ -13,6 +13,7 @@ packages=(
     libfuse3-dev fuse3  # the FUSE + loop device path of vdisk plug
     e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup, partx, fsfreeze for the bus and its tests
     nbd-client      # /dev/nbdN front end of vdisk plug, where the kernel has NBD
+    openssl         # makes the CA and certificates of the TLS tests (vdisk serve --tls)
 )
 
 missing=()

@@ -21,6 +21,17 @@ import NIOCore
 // Hostile input: a bad magic, unknown client flags or an option longer than `maximumOptionLength` closes
 // the connection (there is no way to resynchronise or it is not worth buffering). Every length inside an
 // option is checked against the option's own length before use.
+//
+// TLS (the spec's "TLS support"): with a `tls` policy other than `.unavailable`, NBD_OPT_STARTTLS is
+// acknowledged and answered with `.startTLS`; the machine then waits (`.awaitingTLS`, consuming nothing)
+// until the caller has put TLS on the connection and calls `tlsStarted()`, after which negotiation goes on
+// over TLS exactly as before, with the state of the plaintext part forgotten as the spec requires. With
+// `.required` (the spec's FORCEDTLS) every option but STARTTLS and ABORT is refused with
+// NBD_REP_ERR_TLS_REQD before that, and EXPORT_NAME, which cannot be refused, closes the connection.
+//
+//   plaintext:  flags, [options...], STARTTLS -> ACK
+//   TLS handshake (the caller's business)
+//   over TLS:   options..., GO -> transmission
 
 /// What the server knows about one export during negotiation.
 public struct NBDExportDescription: Sendable, Hashable {
@@ -98,10 +109,25 @@ public enum NBDHandshakeMessage: Sendable, Hashable {
     }
 }
 
+/// Whether a server offers TLS during negotiation (the modes of the spec's "TLS support" section).
+public enum NBDTLSPolicy: Sendable, Hashable {
+    /// No TLS (NOTLS): NBD_OPT_STARTTLS is unsupported.
+    case unavailable
+    /// TLS on the client's request; plaintext clients are served too (SELECTIVETLS with no TLS-only
+    /// export).
+    case optional
+    /// TLS before anything else (FORCEDTLS): every option but STARTTLS and ABORT is refused with
+    /// NBD_REP_ERR_TLS_REQD until TLS is up.
+    case required
+}
+
 /// The fixed newstyle negotiation (see the design notes above).
 public struct NBDHandshakeStateMachine: Sendable {
     public enum Action: Sendable, Hashable {
         case send(NBDHandshakeMessage)
+        /// Put TLS on the connection once what came before is sent, then call `tlsStarted()`. Every later
+        /// byte belongs to the TLS handshake.
+        case startTLS
         /// Negotiation is over; every later byte is a transmission request.
         case startTransmission(NBDSession)
         /// Close the connection after sending what came before.
@@ -112,18 +138,25 @@ public struct NBDHandshakeStateMachine: Sendable {
         case idle
         case awaitingClientFlags
         case options(NBDClientFlags)
+        /// STARTTLS was acknowledged; nothing is consumed until `tlsStarted()`.
+        case awaitingTLS(NBDClientFlags)
         case done
     }
 
     /// The exports a client may ask for; the first is the default (the empty name).
     public let exports: [NBDExportDescription]
+    /// Whether STARTTLS is accepted, and whether it is mandatory.
+    public let tls: NBDTLSPolicy
     private var state: State = .idle
+    /// True once STARTTLS was acknowledged: from then on every byte travels over TLS.
+    public private(set) var isTLSActive = false
     private var structuredReplies = false
     /// The export the client's last SET_META_CONTEXT was for, and whether it selected `base:allocation`.
     private var metaContextSelection: (export: String, baseAllocation: Bool)?
 
-    public init(exports: [NBDExportDescription]) {
+    public init(exports: [NBDExportDescription], tls: NBDTLSPolicy = .unavailable) {
         self.exports = exports
+        self.tls = tls
     }
 
     public static let serverFlags: NBDHandshakeFlags = [.fixedNewstyle, .noZeroes]
@@ -146,13 +179,23 @@ public struct NBDHandshakeStateMachine: Sendable {
         return false
     }
 
+    /// Resumes the negotiation after `.startTLS`, once the caller has put TLS on the connection: the next
+    /// bytes passed to `receive(_:)` are the options the client sends over TLS.
+    public mutating func tlsStarted() {
+        guard case .awaitingTLS(let clientFlags) = state else {
+            preconditionFailure("tlsStarted() without a pending STARTTLS")
+        }
+        state = .options(clientFlags)
+    }
+
     /// Consumes every complete client message in `buffer` and returns what to do. Partial messages stay in
     /// `buffer`; after `.startTransmission` or `.close`, nothing more is consumed.
     public mutating func receive(_ buffer: inout ByteBuffer) -> [Action] {
         var actions: [Action] = []
         while true {
             switch state {
-            case .idle, .done:
+            case .idle, .done, .awaitingTLS:
+                // After STARTTLS the bytes are TLS records, not options: leave them to the caller.
                 return actions
             case .awaitingClientFlags:
                 guard let raw = buffer.readInteger(as: UInt32.self) else { return actions }
@@ -160,6 +203,13 @@ public struct NBDHandshakeStateMachine: Sendable {
                 guard NBDClientFlags.known.isSuperset(of: flags) else {
                     state = .done
                     actions.append(.close(reason: "unknown client flags 0x\(String(raw, radix: 16))"))
+                    return actions
+                }
+                // TLS is only defined for fixed newstyle; a client without it could never negotiate it,
+                // and a server requiring TLS has nothing to offer it.
+                if tls == .required && !flags.contains(.fixedNewstyle) {
+                    state = .done
+                    actions.append(.close(reason: "TLS is required but the client does not speak fixed newstyle"))
                     return actions
                 }
                 state = .options(flags)
@@ -199,6 +249,22 @@ public struct NBDHandshakeStateMachine: Sendable {
         }
         func error(_ type: NBDOptionReplyType, _ message: String) -> Action {
             reply(type, Array(message.utf8))
+        }
+
+        if option == .startTLS {
+            return startTLS(data: data, clientFlags: clientFlags)
+        }
+        if tls == .required && !isTLSActive {
+            switch option {
+            case .abort:
+                break
+            case .exportName:
+                // EXPORT_NAME has no error reply, so the only refusal is to hang up.
+                state = .done
+                return [.close(reason: "EXPORT_NAME before STARTTLS, and TLS is required")]
+            default:
+                return [error(.errTLSRequired, "TLS is required: send STARTTLS first")]
+            }
         }
 
         switch option {
@@ -327,6 +393,26 @@ public struct NBDHandshakeStateMachine: Sendable {
         default:
             return [error(.errUnsupported, "\(option) is not supported")]
         }
+    }
+
+    private mutating func startTLS(data: [UInt8], clientFlags: NBDClientFlags) -> [Action] {
+        func error(_ type: NBDOptionReplyType, _ message: String) -> [Action] {
+            [.send(.optionReply(option: .startTLS, type: type, data: Array(message.utf8)))]
+        }
+        guard tls != .unavailable else { return error(.errUnsupported, "TLS is not configured on this server") }
+        guard !isTLSActive else { return error(.errInvalid, "TLS is already active") }
+        guard data.isEmpty else { return error(.errInvalid, "STARTTLS takes no data") }
+        // Only a fixed-newstyle client may ask (a `.required` server never gets this far without one).
+        guard clientFlags.contains(.fixedNewstyle) else {
+            return error(.errPolicy, "TLS needs the fixed newstyle handshake")
+        }
+        // Nothing negotiated in plaintext survives the upgrade: the spec forbids keeping it, and a
+        // man in the middle could have chosen it.
+        structuredReplies = false
+        metaContextSelection = nil
+        isTLSActive = true
+        state = .awaitingTLS(clientFlags)
+        return [.send(.optionReply(option: .startTLS, type: .ack, data: [])), .startTLS]
     }
 
     private func makeSession(export: NBDExportDescription, requestedName: String, clientFlags: NBDClientFlags)

@@ -1,6 +1,8 @@
 import Logging
 import NBDProtocol
 import NIOCore
+import NIOSSL
+import NIOTLS
 
 // Design notes
 // ------------
@@ -13,6 +15,19 @@ import NIOCore
 // hands it any bytes that arrived after the final option (a client may pipeline its first requests), and
 // removes itself. A connection that does not finish negotiating within `timeout` is closed, as is one that
 // sends garbage; neither affects other connections.
+//
+// STARTTLS: when the state machine acknowledges it, the ACK is flushed in plaintext and then a
+// `NIOSSLServerHandler` goes in at the very front of the pipeline, so every later byte in either direction
+// passes through TLS and this handler keeps negotiating over the decrypted stream:
+//
+//   before:  [head] -> NBDHandshakeHandler
+//   after:   [head] -> NIOSSLServerHandler -> NBDHandshakeHandler   (later: -> transmission handlers)
+//
+// A client must wait for the ACK before it starts the TLS handshake, so bytes already buffered behind the
+// STARTTLS option break the protocol: they would otherwise be taken as plaintext that seems to come from
+// inside TLS (the classic STARTTLS injection), and the connection is closed instead. The timeout keeps
+// running through the TLS handshake, and a failed TLS handshake closes the connection (NIOSSL reports it
+// through `errorCaught`).
 
 final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias InboundIn = ByteBuffer
@@ -23,6 +38,9 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
     typealias TransmissionFactory = (NBDSession) -> [any ChannelHandler]?
 
     private var machine: NBDHandshakeStateMachine
+    private let tls: NBDTLSConfiguration?
+    /// The TLS handler once STARTTLS put it in the pipeline (for logging what was negotiated).
+    private var tlsHandler: NIOSSLServerHandler?
     private let timeout: TimeAmount
     private let logger: Logger
     private let makeTransmission: TransmissionFactory
@@ -31,8 +49,16 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
     private var started = false
     private var finished = false
 
-    init(exports: [NBDExportDescription], timeout: TimeAmount, logger: Logger, makeTransmission: @escaping TransmissionFactory) {
-        self.machine = NBDHandshakeStateMachine(exports: exports)
+    /// - Parameters:
+    ///   - exports: what the client may ask for; the first is the default export.
+    ///   - tls: the TLS setup, or nil to answer STARTTLS with NBD_REP_ERR_UNSUP.
+    ///   - timeout: how long the whole negotiation, TLS handshake included, may take.
+    init(
+        exports: [NBDExportDescription], tls: NBDTLSConfiguration? = nil, timeout: TimeAmount, logger: Logger,
+        makeTransmission: @escaping TransmissionFactory
+    ) {
+        self.machine = NBDHandshakeStateMachine(exports: exports, tls: tls?.policy ?? .unavailable)
+        self.tls = tls
         self.timeout = timeout
         self.logger = logger
         self.makeTransmission = makeTransmission
@@ -75,12 +101,19 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
             finish(context: context)
             context.close(promise: nil)
         } else {
+            if case TLSUserEvent.handshakeCompleted = event {
+                let version = tlsHandler?.tlsVersion.map { "\($0)" } ?? "?"
+                logger.info("TLS established", metadata: ["version": "\(version)"])
+            }
             context.fireUserInboundEventTriggered(event)
         }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        logger.debug("closing connection during handshake", metadata: ["reason": "\(error)"])
+        // A refused client certificate is what an operator looks for, so TLS failures are logged at info;
+        // other errors here are mostly peers going away, with or without a TLS close_notify.
+        let level: Logger.Level = machine.isTLSActive && !error.isUncleanTLSShutdown ? .info : .debug
+        logger.log(level: level, "closing connection during handshake", metadata: ["reason": "\(error)"])
         finish(context: context)
         context.close(promise: nil)
     }
@@ -109,6 +142,11 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
                 context.writeAndFlush(Self.wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated()
                     .whenComplete { _ in context.close(promise: nil) }
                 return
+            case .startTLS:
+                // The ACK must leave in plaintext: flush it before the TLS handler goes in front.
+                context.flush()
+                startTLS(context: context)
+                return
             case .startTransmission(let session):
                 finish(context: context)
                 context.flush()
@@ -117,6 +155,32 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
             }
         }
         context.flush()
+    }
+
+    private func startTLS(context: ChannelHandlerContext) {
+        guard let tls else {
+            // The machine only starts TLS when it was given a policy, which only comes with a configuration.
+            preconditionFailure("STARTTLS acknowledged without a TLS configuration")
+        }
+        if let rest = cumulation, rest.readableBytes > 0 {
+            logger.info(
+                "closing connection during handshake", metadata: ["reason": "data sent before the STARTTLS reply"])
+            finish(context: context)
+            context.close(promise: nil)
+            return
+        }
+        cumulation = nil
+        let handler = NIOSSLServerHandler(context: tls.context)
+        do {
+            try context.pipeline.syncOperations.addHandler(handler, position: .first)
+            tlsHandler = handler
+        } catch {
+            logger.error("cannot start TLS", metadata: ["error": "\(error)"])
+            finish(context: context)
+            context.close(promise: nil)
+            return
+        }
+        machine.tlsStarted()
     }
 
     private func startTransmission(_ session: NBDSession, context: ChannelHandlerContext) {
@@ -147,3 +211,13 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
 
 @available(*, unavailable)
 extension NBDHandshakeHandler: Sendable {}
+
+extension Error {
+    /// The peer closed the socket without a TLS close_notify. NBD frames every message itself (ABORT and
+    /// DISC end a session), so a truncation cannot go unnoticed, and clients commonly skip the alert:
+    /// this is a peer going away, not an attack or a fault.
+    var isUncleanTLSShutdown: Bool {
+        if case NIOSSLError.uncleanShutdown? = self as? NIOSSLError { return true }
+        return false
+    }
+}

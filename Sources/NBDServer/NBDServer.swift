@@ -16,8 +16,13 @@ import Glibc
 //
 //   listener (unix / TCP / systemd fd 3) --accept--> connection pipeline:
 //       NBDHandshakeHandler                     (negotiation, 10 s timeout)
+//   after STARTTLS (with `configuration.tls`), in front of everything:
+//       NIOSSLServerHandler
 //   then
 //       NBDReplyWriter <- ByteToMessageHandler(NBDRequestDecoder) <- NBDTransmissionHandler --> thread pool
+//
+// The TLS rules are the same on every listener, unix sockets included: a client cannot see which listener
+// a proxy or a socket-activation unit put it on, so one rule per server is the only one it can rely on.
 //
 // Lifecycle: `start()` binds every listener (and fails as a whole if one cannot bind); `shutdown()` stops
 // accepting, asks every connection to drain (in-flight requests finish and are answered), waits for them
@@ -54,6 +59,8 @@ public struct NBDServerConfiguration: Sendable {
     public var deviceThreads: Int = max(4, System.coreCount * 2)
     /// Requests of one connection running at once before the server stops reading from it.
     public var maximumInFlightPerConnection: Int = 64
+    /// TLS through NBD_OPT_STARTTLS, optional or required; nil for none (STARTTLS is then unsupported).
+    public var tls: NBDTLSConfiguration?
 
     public init(listeners: [Listener]) {
         self.listeners = listeners
@@ -225,7 +232,8 @@ public final class NBDServer: Sendable {
         let threadPool = self.threadPool
         let inFlight = configuration.maximumInFlightPerConnection
         let handshake = NBDHandshakeHandler(
-            exports: exports.map(\.negotiationDescription), timeout: configuration.handshakeTimeout, logger: logger
+            exports: exports.map(\.negotiationDescription), tls: configuration.tls,
+            timeout: configuration.handshakeTimeout, logger: logger
         ) { session in
             guard let export = exports.first(where: { $0.name == session.export.name }) else { return nil }
             self.state.withLock { $0.connectionExports[id] = export.name }

@@ -122,7 +122,8 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // Framing errors (a bad request magic) cannot be recovered from; I/O errors mean the peer is gone.
-        logger.info("closing connection", metadata: ["reason": "\(error)"])
+        logger.log(
+            level: error.isUncleanTLSShutdown ? .debug : .info, "closing connection", metadata: ["reason": "\(error)"])
         context.close(promise: nil)
     }
 

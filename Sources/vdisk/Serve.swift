@@ -21,10 +21,20 @@ extension Vdisk {
                 image is also the default export "". VIMG and raw images are opened read-write unless
                 --read-only or --snapshot is given.
 
+                With --tls=on or --tls=require, clients can upgrade to TLS (NBD_OPT_STARTTLS) with the
+                certificate and key in the --tls-certificates directory (server-cert.pem, server-key.pem);
+                --tls=require refuses clients that do not, and --tls-verify-peer also demands a client
+                certificate signed by the directory's ca-cert.pem.
+
                 On SIGINT or SIGTERM the server stops accepting, finishes in-flight requests, flushes and
                 closes the images, and exits 0. SIGUSR1 writes the --stats-file at once.
                 See docs/NBD.md.
                 """)
+
+        /// `--tls`: the words nbdkit uses.
+        enum TLSMode: String, ExpressibleByArgument, CaseIterable {
+            case off, on, require
+        }
 
         @Option(help: ArgumentHelp("Listen on this unix socket (created with mode 0600).", valueName: "path"))
         var socket: String?
@@ -50,6 +60,21 @@ extension Vdisk {
         @Option(help: ArgumentHelp("Close connections that have not negotiated after this many seconds.", valueName: "seconds"))
         var handshakeTimeout: Int = 10
 
+        @Option(
+            name: .customLong("tls"),
+            help: ArgumentHelp("TLS: off, on (offered; plaintext clients still served) or require.", valueName: "mode"))
+        var tlsMode: TLSMode = .off
+
+        @Option(
+            name: .customLong("tls-certificates"),
+            help: ArgumentHelp(
+                "Directory holding server-cert.pem and server-key.pem (and ca-cert.pem for --tls-verify-peer).",
+                valueName: "dir"))
+        var tlsCertificates: String?
+
+        @Flag(name: .customLong("tls-verify-peer"), help: "Require a client certificate signed by ca-cert.pem.")
+        var tlsVerifyPeer = false
+
         @Option(help: ArgumentHelp("Write per-export counters as JSON here (periodically, on SIGUSR1 and at exit).", valueName: "path"))
         var statsFile: String?
 
@@ -73,6 +98,12 @@ extension Vdisk {
             if maxConnections < 1 { throw ValidationError("--max-connections must be at least 1") }
             if handshakeTimeout < 1 { throw ValidationError("--handshake-timeout must be at least 1") }
             if statsInterval < 1 { throw ValidationError("--stats-interval must be at least 1") }
+            if tlsMode == .off && (tlsCertificates != nil || tlsVerifyPeer) {
+                throw ValidationError("--tls-certificates and --tls-verify-peer need --tls=on or --tls=require")
+            }
+            if tlsMode != .off && tlsCertificates == nil {
+                throw ValidationError("--tls=\(tlsMode.rawValue) needs --tls-certificates DIR")
+            }
             let names = exportNames
             if Set(names).count != names.count {
                 throw ValidationError("two images have the same export name; rename one of them")
@@ -105,6 +136,13 @@ extension Vdisk {
             }
             let logger = Logger(label: "vdisk.serve")
 
+            // Certificates first: a bad file should stop us before any image is opened and locked.
+            var tls: NBDTLSConfiguration?
+            if let directory = tlsCertificates, tlsMode != .off {
+                let mode: NBDTLSConfiguration.Mode = tlsMode == .require ? .required : .optional
+                tls = try NBDTLSConfiguration.load(directory: directory, mode: mode, verifyPeer: tlsVerifyPeer)
+            }
+
             let writable = !readOnly && snapshot == nil
             var exports: [NBDExport] = []
             do {
@@ -127,6 +165,7 @@ extension Vdisk {
             var configuration = NBDServerConfiguration(listeners: listeners)
             configuration.maximumConnections = maxConnections
             configuration.handshakeTimeout = .seconds(Int64(handshakeTimeout))
+            configuration.tls = tls
             let server = NBDServer(exports: exports, configuration: configuration, logger: logger)
 
             // Signals become an async stream before the server starts, so none is lost.
@@ -143,7 +182,13 @@ extension Vdisk {
                 exports.count == 1
                 ? "\(images[0]) as '\(exports[0].name)' (\(mode), \(ByteSize.format(exports[0].device.size)))"
                 : "\(exports.count) images as \(exports.map { "'\($0.name)'" }.joined(separator: ", ")) (\(mode))"
-            printToStandardError("vdisk: serving \(what) on \(server.boundAddresses.joined(separator: ", "))")
+            var security = ""
+            if let tls {
+                security = tls.mode == .required ? " (TLS required" : " (TLS offered"
+                security += tls.verifiesPeer ? ", client certificates verified)" : ")"
+            }
+            let addresses = server.boundAddresses.joined(separator: ", ")
+            printToStandardError("vdisk: serving \(what) on \(addresses)\(security)")
 
             let statsTask: Task<Void, Never>? = statsFile.map { path in
                 let interval = statsInterval

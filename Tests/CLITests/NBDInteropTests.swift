@@ -110,10 +110,12 @@ enum Clients {
     static let vdiskBuilt = access(TestEnvironment.product("vdisk"), X_OK) == 0 && access(TestEnvironment.product("vimg"), X_OK) == 0
 
     /// Runs an nbdsh script (Python, with `nbd` imported) against `uri`; the handle `h` is connected
-    /// with base:allocation requested.
+    /// with base:allocation requested. The URI may name local files (`tls-certificates=DIR`), which
+    /// libnbd refuses unless allowed.
     static func nbdshScript(_ uri: String, _ body: String) -> ProcessResult {
         let script = """
             h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+            h.set_uri_allow_local_file(True)
             h.connect_uri(\(pythonString(uri)))
             \(body)
             """
@@ -129,6 +131,53 @@ extension String {
         for c in self { if c == target { out += replacement } else { out.append(c) } }
         return out
     }
+}
+
+/// Certificate directories for the TLS tests, laid out as each program reads them.
+struct TLSDirectories {
+    /// For `vdisk serve --tls-certificates`: server-cert.pem, server-key.pem, ca-cert.pem.
+    let server: String
+    /// For libnbd and qemu clients presenting the CA's client certificate.
+    let client: String
+    /// For clients with no certificate of their own: ca-cert.pem only.
+    let anonymous: String
+    /// For a client presenting a certificate the CA did not sign.
+    let stranger: String
+
+    init(in base: String) throws {
+        let certificates = try #require(TestCertificates.shared, "openssl could not make certificates")
+        server = base + "/pki-server"
+        client = base + "/pki-client"
+        anonymous = base + "/pki-anonymous"
+        stranger = base + "/pki-stranger"
+        for directory in [server, client, anonymous, stranger] { mkdir(directory, 0o700) }
+        certificates.writeServerFiles(to: server)
+        certificates.writeClientFiles(to: client, identity: .client)
+        certificates.writeClientFiles(to: anonymous, identity: .none)
+        certificates.writeClientFiles(to: stranger, identity: .stranger)
+    }
+}
+
+/// libnbd URIs for TLS: over the unix socket, or TCP (where libnbd checks the certificate's IP SAN).
+func tlsURI(socket: String, certificates: String) -> String {
+    "nbds+unix:///?socket=\(socket)&tls-certificates=\(certificates)"
+}
+
+func tlsURI(port: Int, certificates: String) -> String {
+    "nbds://127.0.0.1:\(port)/?tls-certificates=\(certificates)"
+}
+
+/// The `--object` and `--image-opts` arguments for qemu-img and qemu-io to reach an export over TLS; on a
+/// unix socket qemu needs a name to check the certificate against, and the certificate says `localhost`.
+func qemuTLSArguments(socket: String? = nil, port: Int? = nil, certificates: String) -> [String] {
+    let server =
+        if let port { "server.type=inet,server.host=127.0.0.1,server.port=\(port)" } else {
+            "server.type=unix,server.path=\(socket!),tls-hostname=localhost"
+        }
+    return [
+        "--object", "tls-creds-x509,id=tls0,dir=\(certificates),endpoint=client",
+        "--image-opts", "driver=nbd,\(server),tls-creds=tls0",
+    ]
 }
 
 /// Runs `qemu-io -f raw URI -c ... -c ...` and returns the result.
@@ -411,6 +460,188 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         kill(activator, SIGTERM)
         #expect(waitForExit(activator) == 0)
         #expect(readFile(served.directory + "/activate.err").contains("on fd:3"))
+    }
+
+    /// Invariant: with --tls=require, libnbd gets the export over TLS on the unix socket and on TCP (the
+    /// certificate checked against the CA and 127.0.0.1), sees it negotiated TLS, and reads and writes
+    /// through it; plaintext clients are refused on both listeners; the image checks clean.
+    @Test(.enabled(if: Clients.nbdinfo != nil && Clients.nbdsh != nil && TestCertificates.shared != nil))
+    func tlsRequired() throws {
+        let served = try ServedImage(start: false)
+        let pki = try TLSDirectories(in: served.directory)
+        try served.start(["--port", "0", "--tls=require", "--tls-certificates", pki.server])
+        let server = try #require(served.server)
+        #expect(server.banner.contains("(TLS required)"), "\(server.banner)")
+        let port = try #require(server.tcpPort)
+
+        let overSocket = tlsURI(socket: served.socket, certificates: pki.anonymous)
+        let info = run(Clients.nbdinfo!, [overSocket])
+        #expect(info.status == 0, "\(info.stderr)")
+        #expect(info.stdout.contains("with TLS"), "\(info.stdout)")
+        #expect(info.stdout.contains("export-size: 67108864"), "\(info.stdout)")
+        let overTCP = run(Clients.nbdinfo!, ["--size", tlsURI(port: port, certificates: pki.anonymous)])
+        #expect(overTCP.status == 0 && overTCP.stdout == "67108864\n", "\(overTCP.stderr)")
+        let list = run(Clients.nbdinfo!, ["--list", overSocket])
+        #expect(list.status == 0 && list.stdout.contains("export=\"disk.vimg\""), "\(list.stdout)\(list.stderr)")
+
+        for plain in [served.uri, "nbd://127.0.0.1:\(port)"] {
+            let refused = run(Clients.nbdinfo!, ["--size", plain])
+            #expect(refused.status != 0, "\(plain): \(refused.stdout)")
+            #expect(refused.stderr.contains("TLS"), "\(refused.stderr)")
+        }
+
+        let script = Clients.nbdshScript(
+            overSocket,
+            """
+            assert h.get_tls_negotiated()
+            h.pwrite(b'\\x5a' * 65536, 1048576)
+            assert h.pread(65536, 1048576) == b'\\x5a' * 65536
+            found = []
+            h.block_status(65536, 1048576, lambda metacontext, offset, entries, err: found.extend(entries))
+            assert found[1] == 0, found
+            h.flush()
+            h.shutdown()
+            print('ok')
+            """)
+        #expect(script.status == 0 && script.stdout.contains("ok"), "\(script.stdout)\(script.stderr)")
+
+        // SIGTERM with a TLS client connected and idle: a clean exit and a clean image.
+        let idleOutput = served.directory + "/idle.out"
+        // nbdsh itself runs whichever python3 is first on PATH; spawn Debian's directly (see Clients.nbdsh).
+        let idle = spawn(
+            "/usr/bin/python3",
+            [
+                "-m", "nbd", "-c", "h.set_uri_allow_local_file(True)", "-c", "h.connect_uri(\(Clients.pythonString(overSocket)))",
+                "-c", "h.pwrite(b'x', 0); print('connected', flush=True)", "-c", "import time; time.sleep(30)",
+            ],
+            stdout: idleOutput)
+        for _ in 0..<200 where !readFile(idleOutput).contains("connected") { usleep(50_000) }
+        #expect(readFile(idleOutput).contains("connected"))
+        #expect(served.stop() == 0)
+        if let idle {
+            kill(idle, SIGKILL)
+            waitForExit(idle)
+        }
+        #expect(run(TestEnvironment.product("vimg"), ["check", served.image]).status == 0)
+    }
+
+    /// Invariant: with --tls=on, the same server serves plaintext and TLS clients alike.
+    @Test(.enabled(if: Clients.nbdinfo != nil && TestCertificates.shared != nil)) func tlsOptional() throws {
+        let served = try ServedImage(start: false)
+        let pki = try TLSDirectories(in: served.directory)
+        try served.start(["--tls=on", "--tls-certificates", pki.server])
+        #expect(served.server?.banner.contains("(TLS offered)") == true)
+        let plain = run(Clients.nbdinfo!, [served.uri])
+        #expect(plain.status == 0 && plain.stdout.contains("without TLS"), "\(plain.stdout)\(plain.stderr)")
+        let secure = run(Clients.nbdinfo!, [tlsURI(socket: served.socket, certificates: pki.anonymous)])
+        #expect(secure.status == 0 && secure.stdout.contains("with TLS"), "\(secure.stdout)\(secure.stderr)")
+        #expect(served.stop() == 0)
+    }
+
+    /// Invariant: qemu's TLS client (tls-creds-x509) reaches a --tls=require server on the unix socket and
+    /// on TCP; qemu-io's writes read back with the pattern; plaintext qemu-img is refused.
+    @Test(.enabled(if: Clients.qemuImg != nil && Clients.qemuIO != nil && TestCertificates.shared != nil))
+    func qemuOverTLS() throws {
+        let served = try ServedImage(start: false)
+        let pki = try TLSDirectories(in: served.directory)
+        try served.start(["--port", "0", "--tls=require", "--tls-certificates", pki.server])
+        let port = try #require(served.server?.tcpPort)
+
+        let commands = ["write -P 0xc3 0 2M", "read -P 0xc3 0 2M", "write -z 1M 64k", "read -P 0 1M 64k", "flush"]
+        let io = run(
+            Clients.qemuIO!,
+            qemuTLSArguments(socket: served.socket, certificates: pki.anonymous) + commands.flatMap { ["-c", $0] })
+        #expect(io.status == 0, "\(io.stdout)\(io.stderr)")
+        #expect(io.stdout.contains("wrote 2097152/2097152"), "\(io.stdout)")
+        #expect(!io.stdout.contains("Pattern verification failed"), "\(io.stdout)")
+
+        let info = run(Clients.qemuImg!, ["info"] + qemuTLSArguments(port: port, certificates: pki.anonymous))
+        #expect(info.status == 0 && info.stdout.contains("67108864 bytes"), "\(info.stdout)\(info.stderr)")
+        let readBack = run(
+            Clients.qemuIO!,
+            qemuTLSArguments(port: port, certificates: pki.anonymous)
+                + ["-r", "-c", "read -P 0xc3 0 1M", "-c", "read -P 0xc3 1088k 960k"])
+        #expect(readBack.status == 0, "\(readBack.stdout)\(readBack.stderr)")
+        #expect(!readBack.stdout.contains("Pattern verification failed"), "\(readBack.stdout)")
+
+        #expect(run(Clients.qemuImg!, ["info", served.uri]).status != 0)
+        #expect(served.stop() == 0)
+        #expect(run(TestEnvironment.product("vimg"), ["check", served.image]).status == 0)
+    }
+
+    /// Invariant: with --tls-verify-peer, a client without a certificate or with one the CA did not sign is
+    /// refused in the TLS handshake; libnbd and qemu presenting the CA's client certificate get through.
+    @Test(.enabled(if: Clients.nbdinfo != nil && Clients.qemuIO != nil && TestCertificates.shared != nil))
+    func tlsVerifyPeer() throws {
+        let served = try ServedImage(start: false)
+        let pki = try TLSDirectories(in: served.directory)
+        try served.start(["--tls=require", "--tls-verify-peer", "--tls-certificates", pki.server])
+        #expect(served.server?.banner.contains("(TLS required, client certificates verified)") == true)
+
+        for refused in [pki.anonymous, pki.stranger] {
+            let result = run(Clients.nbdinfo!, ["--size", tlsURI(socket: served.socket, certificates: refused)])
+            #expect(result.status != 0, "\(refused): \(result.stdout)")
+        }
+        let accepted = run(Clients.nbdinfo!, ["--size", tlsURI(socket: served.socket, certificates: pki.client)])
+        #expect(accepted.status == 0 && accepted.stdout == "67108864\n", "\(accepted.stderr)")
+
+        let io = run(
+            Clients.qemuIO!,
+            qemuTLSArguments(socket: served.socket, certificates: pki.client)
+                + ["-c", "write -P 0x7e 4M 64k", "-c", "read -P 0x7e 4M 64k"])
+        #expect(io.status == 0 && !io.stdout.contains("Pattern verification failed"), "\(io.stdout)\(io.stderr)")
+        let anonymous = run(
+            Clients.qemuIO!, qemuTLSArguments(socket: served.socket, certificates: pki.anonymous) + ["-c", "read 0 4k"])
+        #expect(anonymous.status != 0)
+        #expect(served.stop() == 0)
+    }
+
+    /// Invariant: TLS options that cannot work are usage errors (64); certificate files that are missing,
+    /// not files, malformed or mismatched stop the server before it listens, with one line naming the file
+    /// and exit status 1.
+    @Test(.enabled(if: TestCertificates.shared != nil)) func badTLSInvocations() throws {
+        let vdisk = TestEnvironment.product("vdisk")
+        let served = try ServedImage(start: false)
+        let pki = try TLSDirectories(in: served.directory)
+        let serve = ["serve", "--socket", served.socket]
+        for usage in [
+            ["--tls=on"], ["--tls=require"], ["--tls-certificates", pki.server], ["--tls-verify-peer"], ["--tls=maybe"],
+            ["--tls=off", "--tls-certificates", pki.server],
+        ] {
+            let result = run(vdisk, serve + usage + [served.image])
+            #expect(result.status == 64, "\(usage): \(result.stderr)")
+        }
+
+        func expectFailure(
+            _ arguments: [String], _ message: String, sourceLocation: SourceLocation = #_sourceLocation
+        ) {
+            let result = run(vdisk, serve + ["--tls=require"] + arguments + [served.image])
+            #expect(result.status == 1, "\(arguments): \(result.stderr)", sourceLocation: sourceLocation)
+            #expect(result.stderr.hasPrefix("vdisk: error: "), "\(result.stderr)", sourceLocation: sourceLocation)
+            #expect(result.stderr.contains(message), "\(result.stderr)", sourceLocation: sourceLocation)
+            #expect(result.stderr.split(separator: "\n").count == 1, "\(result.stderr)", sourceLocation: sourceLocation)
+            #expect(access(served.socket, F_OK) != 0, sourceLocation: sourceLocation)
+        }
+        expectFailure(["--tls-certificates", served.directory + "/nowhere"], "nowhere: No such file or directory")
+        expectFailure(["--tls-certificates", served.image], "is not a directory")
+        expectFailure(["--tls-certificates", pki.client], "server-cert.pem: No such file or directory")
+
+        let certificates = try #require(TestCertificates.shared)
+        let broken = served.directory + "/pki-broken"
+        mkdir(broken, 0o700)
+        certificates.writeServerFiles(to: broken)
+        writeFile(broken + "/server-cert.pem", "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n")
+        expectFailure(["--tls-certificates", broken], "server-cert.pem holds no PEM certificate")
+        certificates.writeServerFiles(to: broken)
+        writeFile(broken + "/server-key.pem", certificates.strangerKey)
+        expectFailure(["--tls-certificates", broken], "does not belong to the server certificate")
+        unlink(broken + "/server-key.pem")
+        mkdir(broken + "/server-key.pem", 0o700)
+        expectFailure(["--tls-certificates", broken], "server-key.pem: Is a directory")
+        rmdir(broken + "/server-key.pem")
+        certificates.writeServerFiles(to: broken)
+        unlink(broken + "/ca-cert.pem")
+        expectFailure(["--tls-certificates", broken, "--tls-verify-peer"], "ca-cert.pem: No such file or directory")
     }
 
     /// Invariant: bad invocations fail calmly with one line and exit status 1 (64 for usage errors).

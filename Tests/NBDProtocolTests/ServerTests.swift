@@ -151,7 +151,7 @@ final class RawClient {
 /// Starts a server over memory devices in a temporary directory and stops it afterwards.
 func withServer(
     size: UInt64 = 4 << 20, readOnly: Bool = false, maximumConnections: Int = 64,
-    handshakeTimeout: TimeAmount = .seconds(10),
+    handshakeTimeout: TimeAmount = .seconds(10), tls: NBDTLSConfiguration? = nil,
     _ body: (String, NBDServer, MemoryDevice) async throws -> Void
 ) async throws {
     let directory = TestEnvironment.temporaryDirectory("nbd-server")
@@ -161,6 +161,7 @@ func withServer(
     var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: path)])
     configuration.maximumConnections = maximumConnections
     configuration.handshakeTimeout = handshakeTimeout
+    configuration.tls = tls
     configuration.deviceThreads = 4
     let server = NBDServer(
         exports: [NBDExport(name: "mem", device: device, readOnly: readOnly)], configuration: configuration,
