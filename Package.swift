@@ -64,7 +64,7 @@ let package = Package(
         .executableTarget(
             name: "vdisk",
             dependencies: [
-                "BlockIO", "VImage", "ImageFormats", "NBDServer", "NBDClient", "FUSEExport", "VDiskBus",
+                "CBlockIO", "BlockIO", "VImage", "ImageFormats", "NBDServer", "NBDClient", "FUSEExport", "VDiskBus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]

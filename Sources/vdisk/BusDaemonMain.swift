@@ -38,6 +38,7 @@ func runBusDaemon(paths: BusPaths, persist: Bool) async throws {
     sigemptyset(&handled)
     for number in [SIGINT, SIGTERM, SIGHUP] { sigaddset(&handled, number) }
     pthread_sigmask(SIG_UNBLOCK, &handled, nil)
+    tuneAllocatorForServing()
 
     let log: @Sendable (String) -> Void = { printToStandardError("vdisk bus: \($0)") }
     let opener = BusOpener(

@@ -127,6 +127,7 @@ extension Vdisk {
             sigemptyset(&handled)
             for number in [SIGINT, SIGTERM, SIGUSR1] { sigaddset(&handled, number) }
             pthread_sigmask(SIG_UNBLOCK, &handled, nil)
+            tuneAllocatorForServing()
 
             let level: Logger.Level = verbose >= 2 ? .debug : verbose == 1 ? .info : .notice
             LoggingSystem.bootstrap { label in

@@ -1,5 +1,5 @@
-// Linux file calls that Swift's Glibc module hides behind _GNU_SOURCE. Imported only by
-// Sources/BlockIO/FileDevice.swift.
+// Linux calls that Swift's Glibc module hides behind _GNU_SOURCE or leaves out. Imported only by
+// Sources/BlockIO/FileDevice.swift and (mallopt) Sources/vdisk/AllocatorTuning.swift.
 #ifndef CBLOCKIO_H
 #define CBLOCKIO_H
 
@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 #include <linux/falloc.h>
+#include <malloc.h>
 
 static const int CBlockIO_FALLOC_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
 static const int CBlockIO_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
@@ -18,6 +19,13 @@ static const int CBlockIO_SEEK_HOLE = SEEK_HOLE;
 
 static inline int CBlockIO_fallocate(int fd, int mode, long long offset, long long length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
+}
+
+static const int CBlockIO_M_MMAP_THRESHOLD = M_MMAP_THRESHOLD;
+static const int CBlockIO_M_TRIM_THRESHOLD = M_TRIM_THRESHOLD;
+
+static inline int CBlockIO_mallopt(int parameter, int value) {
+    return mallopt(parameter, value);
 }
 
 #endif
