@@ -231,6 +231,7 @@ public final class NBDServer: Sendable {
         let exports = self.exports
         let threadPool = self.threadPool
         let inFlight = configuration.maximumInFlightPerConnection
+        let deviceThreads = configuration.deviceThreads
         let handshake = NBDHandshakeHandler(
             exports: exports.map(\.negotiationDescription), tls: configuration.tls,
             timeout: configuration.handshakeTimeout, logger: logger
@@ -245,7 +246,7 @@ public final class NBDServer: Sendable {
                 ByteToMessageHandler(NBDRequestDecoder()),
                 NBDTransmissionHandler(
                     session: session, export: export, threadPool: threadPool, logger: connectionLogger,
-                    maximumInFlight: inFlight),
+                    maximumInFlight: inFlight, parallelism: deviceThreads),
             ]
         }
         do {

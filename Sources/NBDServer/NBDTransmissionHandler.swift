@@ -11,6 +11,14 @@ import NIOPosix
 // requests of one connection are in flight at once and their replies go out in completion order, each
 // written whole on the event loop (the cookie matches it to its request).
 //
+// Batching: every hop to the pool and back costs two thread wake-ups, which at 4 KiB per request cost
+// more than the device call itself. So small requests (reads and writes up to `batchableBytes`, block
+// status) decoded in one event-loop tick are collected and run as at most `parallelism` pool jobs (the
+// pool has no more threads than that, so this loses no concurrency); a job runs its share in order and
+// comes back once, and its replies go out with one flush. Large requests, FUA and flushes, whose
+// latency should not wait for a neighbour, still go one job each. Measured: 4 KiB random I/O at depth
+// 32 (Tools/bench-nbd.sh) went from about qemu-nbd's speed to 2x to 2.9x faster than it.
+//
 // Back-pressure: while `maximumInFlight` requests are running, or their buffers exceed
 // `maximumInFlightBytes`, the handler swallows the channel's `read()` and re-issues it when a request
 // completes, so a fast client cannot queue unbounded work.
@@ -42,6 +50,19 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private let logger: Logger
     private let maximumInFlight: Int
     private let maximumInFlightBytes: Int
+    /// Pool jobs one batch is split into at most (the pool's thread count).
+    private let parallelism: Int
+    /// Reads and writes up to this size are batched.
+    static let batchableBytes: UInt32 = 64 << 10
+
+    /// A validated request waiting to run.
+    private struct Pending {
+        var request: NBDRequest
+        var started: NIODeadline
+        var bytes: Int
+    }
+    /// Small requests decoded in this event-loop tick, run together when the tick's reads are done.
+    private var batch: [Pending] = []
 
     private var inFlight = 0
     private var inFlightBytes = 0
@@ -52,8 +73,9 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
 
     init(
         session: NBDSession, export: NBDExport, threadPool: NIOThreadPool, logger: Logger,
-        maximumInFlight: Int = 64, maximumInFlightBytes: Int = 128 << 20
+        maximumInFlight: Int = 64, maximumInFlightBytes: Int = 128 << 20, parallelism: Int = 4
     ) {
+        self.parallelism = max(1, parallelism)
         self.session = session
         self.export = export
         self.threadPool = threadPool
@@ -86,29 +108,78 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         let bytes = request.command == .read || request.command == .write ? Int(request.length) : 0
         inFlight += 1
         inFlightBytes += bytes
+        let pending = Pending(request: request, started: started, bytes: bytes)
+        guard Self.isBatchable(request) else {
+            run([pending], context: context)
+            return
+        }
+        if batch.isEmpty {
+            // Runs after every read of this tick has been decoded (the loop handles I/O, then tasks).
+            context.eventLoop.assumeIsolated().execute { self.runBatch(context: context) }
+        }
+        batch.append(pending)
+    }
+
+    /// Whether a request is quick enough to share a pool job with others.
+    private static func isBatchable(_ request: NBDRequest) -> Bool {
+        switch request.command {
+        case .read, .write: return request.length <= batchableBytes && !request.flags.contains(.fua)
+        case .blockStatus: return true
+        default: return false
+        }
+    }
+
+    /// Splits the collected batch into at most `parallelism` jobs.
+    private func runBatch(context: ChannelHandlerContext) {
+        let pending = batch
+        batch.removeAll(keepingCapacity: true)
+        let jobs = min(parallelism, pending.count)
+        guard jobs > 0 else { return }
+        let share = (pending.count + jobs - 1) / jobs
+        for start in stride(from: 0, to: pending.count, by: share) {
+            run(Array(pending[start..<min(start + share, pending.count)]), context: context)
+        }
+    }
+
+    /// Runs requests in order as one pool job, then answers them all with one flush.
+    private func run(_ pending: [Pending], context: ChannelHandlerContext) {
         let device = export.device
-        let contextID = session.baseAllocationContextID ?? 0
-        threadPool.runIfActive(eventLoop: context.eventLoop) { () throws -> Outcome in
-            try Self.execute(request, on: device)
+        let requests = pending.map(\.request)
+        threadPool.runIfActive(eventLoop: context.eventLoop) { () -> [Result<Outcome, any Error>] in
+            requests.map { request in Result { try Self.execute(request, on: device) } }
         }.assumeIsolated().whenComplete { result in
-            self.inFlight -= 1
-            self.inFlightBytes -= bytes
-            switch result {
-            case .success(.done):
-                self.reply(context: context, request: request, error: .success, message: "", started: started)
-            case .success(.data(let data)):
-                self.replyRead(context: context, request: request, data: data, started: started)
-            case .success(.extents(let descriptors)):
-                let chunk = NBDReplyChunk(cookie: request.cookie, content: .blockStatus(contextID: contextID, descriptors: descriptors))
-                self.send(context: context, .chunk(chunk), request: request, failed: false, started: started)
-            case .failure(let error):
-                let code = nbdErrorCode(for: error)
-                self.logger.warning(
-                    "request failed",
-                    metadata: ["command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)", "error": "\(error)"])
-                self.reply(context: context, request: request, error: code, message: "\(error)", started: started)
+            for (index, item) in pending.enumerated() {
+                self.inFlight -= 1
+                self.inFlightBytes -= item.bytes
+                switch result {
+                case .success(let outcomes): self.answer(item, outcomes[index], context: context)
+                case .failure(let error): self.answer(item, .failure(error), context: context)  // pool stopped
+                }
             }
+            context.flush()
             self.resumeIfPossible(context: context)
+        }
+    }
+
+    /// Writes the reply for one finished request (the caller flushes).
+    private func answer(_ item: Pending, _ outcome: Result<Outcome, any Error>, context: ChannelHandlerContext) {
+        let request = item.request
+        let started = item.started
+        switch outcome {
+        case .success(.done):
+            reply(context: context, request: request, error: .success, message: "", started: started, flush: false)
+        case .success(.data(let data)):
+            replyRead(context: context, request: request, data: data, started: started)
+        case .success(.extents(let descriptors)):
+            let contextID = session.baseAllocationContextID ?? 0
+            let chunk = NBDReplyChunk(cookie: request.cookie, content: .blockStatus(contextID: contextID, descriptors: descriptors))
+            send(context: context, .chunk(chunk), request: request, failed: false, started: started, flush: false)
+        case .failure(let error):
+            let code = nbdErrorCode(for: error)
+            logger.warning(
+                "request failed",
+                metadata: ["command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)", "error": "\(error)"])
+            reply(context: context, request: request, error: code, message: "\(error)", started: started, flush: false)
         }
     }
 
@@ -222,12 +293,13 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         } else {
             reply = .simple(cookie: request.cookie, error: .success, data: data)
         }
-        send(context: context, reply, request: request, failed: false, started: started)
+        send(context: context, reply, request: request, failed: false, started: started, flush: false)
     }
 
     /// A reply without data: success or an error, in the shape the command and session call for.
     private func reply(
-        context: ChannelHandlerContext, request: NBDRequest, error: NBDErrorCode, message: String, started: NIODeadline
+        context: ChannelHandlerContext, request: NBDRequest, error: NBDErrorCode, message: String, started: NIODeadline,
+        flush: Bool = true
     ) {
         let structured =
             session.structuredReplies && (request.command == .read || request.command == .blockStatus)
@@ -238,17 +310,20 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         } else {
             reply = .simple(cookie: request.cookie, error: error, data: nil)
         }
-        send(context: context, reply, request: request, failed: error != .success, started: started)
+        send(context: context, reply, request: request, failed: error != .success, started: started, flush: flush)
     }
 
-    private func send(context: ChannelHandlerContext, _ reply: NBDReply, request: NBDRequest, failed: Bool, started: NIODeadline) {
+    private func send(
+        context: ChannelHandlerContext, _ reply: NBDReply, request: NBDRequest, failed: Bool, started: NIODeadline, flush: Bool
+    ) {
         let latency = NIODeadline.now() - started
         export.stats.record(
             command: request.command, bytes: request.length, failed: failed,
             latencyNanoseconds: UInt64(max(0, latency.nanoseconds)))
         guard context.channel.isActive else { return }
         let promise = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(Self.wrapOutboundOut(reply), promise: promise)
+        context.write(Self.wrapOutboundOut(reply), promise: promise)
+        if flush { context.flush() }
         lastWrite = promise.futureResult
     }
 

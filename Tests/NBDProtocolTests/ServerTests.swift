@@ -282,6 +282,61 @@ func withServer(
         }
     }
 
+    /// Invariant: a pipeline mixing requests the server batches (small reads and writes, block status) with
+    /// ones it runs alone (a large read, a FUA write, a flush) and ones it refuses (past the end) gets one
+    /// correct reply per cookie: batching changes how requests are scheduled, never what they answer.
+    @Test func pipelinedMixedBatch() async throws {
+        try await withServer(size: 8 << 20) { path, _, device in
+            let initial = Pattern.bytes(count: 8 << 20, offset: 0, seed: 5)
+            try initial.withUnsafeBytes { try device.write($0, at: 0, fua: false) }
+            let client = try #require(RawClient(socketPath: path))
+            _ = try #require(client.handshake(structured: true))
+            var pipeline = ByteBuffer()
+            var reads: [UInt64: (offset: UInt64, length: Int)] = [:]
+            var cookie: UInt64 = 0
+            func add(_ request: NBDRequest) { request.encode(into: &pipeline) }
+            for i in 0..<40 {
+                cookie += 1
+                let offset = UInt64(i) * 8192 + 512
+                add(NBDRequest(command: .read, cookie: cookie, offset: offset, length: 4096))
+                reads[cookie] = (offset, 4096)
+            }
+            cookie += 1
+            add(NBDRequest(command: .read, cookie: cookie, offset: 1 << 20, length: 1 << 20))
+            reads[cookie] = (1 << 20, 1 << 20)
+            let written = Pattern.bytes(count: 4096, offset: 0, seed: 9)
+            for (index, flags) in [NBDCommandFlags(), .fua, NBDCommandFlags()].enumerated() {
+                cookie += 1
+                add(NBDRequest(flags: flags, command: .write, cookie: cookie, offset: UInt64(6 << 20) + UInt64(index) * 4096, length: 4096, payload: ByteBuffer(bytes: written)))
+            }
+            cookie += 1
+            add(NBDRequest(command: .flush, cookie: cookie, offset: 0, length: 0))
+            cookie += 1
+            let pastEnd = cookie
+            add(NBDRequest(command: .read, cookie: pastEnd, offset: 8 << 20, length: 4096))
+            client.send(pipeline)
+
+            var seen = Set<UInt64>()
+            for _ in 0..<cookie {
+                // Replies come in any order; reads are the only ones with data to check.
+                let reply = try #require(client.reply())
+                #expect(seen.insert(reply.cookie).inserted, "two replies for cookie \(reply.cookie)")
+                if reply.cookie == pastEnd {
+                    #expect(reply.error == .EINVAL || reply.error == .ENOSPC)
+                    continue
+                }
+                #expect(reply.error == .success, "cookie \(reply.cookie)")
+                if let (offset, length) = reads[reply.cookie] {
+                    #expect(Array(reply.data.readableBytesView) == Array(initial[Int(offset)..<Int(offset) + length]))
+                }
+            }
+            #expect(seen.count == Int(cookie))
+            for index in 0..<3 {
+                #expect(try device.read(count: 4096, at: UInt64(6 << 20) + UInt64(index) * 4096) == written)
+            }
+        }
+    }
+
     /// Invariant: writes on a read-only export are EPERM and it advertises READ_ONLY.
     @Test func readOnlyExport() async throws {
         try await withServer(readOnly: true) { path, _, _ in
