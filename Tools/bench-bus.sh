@@ -5,6 +5,7 @@
 # Needs root.
 #
 #   Tools/bench-bus.sh [WORKDIR] [SIZE]     (default: a temp dir under /var/tmp, 2G)
+#   ROUNDS=3 RUNTIME=5                      (rounds per row, seconds per fio run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d /opt/swift/usr/bin ] && export PATH="/opt/swift/usr/bin:$PATH"
@@ -36,17 +37,27 @@ fill "$LOOP"; fill "$VDEV"; fill "$RDEV"
 # fio throughput in MiB/s for one job on one device.
 measure() {  # device rw bs iodepth
     fio --name=b --filename="$1" --rw="$2" --bs="$3" --iodepth="$4" --direct=1 --ioengine=libaio \
-        --time_based --runtime=10 --ramp_time=2 --size="$SIZE" --group_reporting --output-format=json 2>/dev/null |
+        --time_based --runtime="$RUNTIME" --ramp_time=1 --size="$SIZE" --group_reporting --output-format=json 2>/dev/null |
         python3 -c 'import json,sys; j=json.load(sys.stdin)["jobs"][0]; print("%.1f" % ((j["read"]["bw"] + j["write"]["bw"]) / 1024))'
 }
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 
+# 4 KiB rows on these 2-core machines vary by up to 2x from run to run (scheduling of fio, the loop
+# workers and the FUSE threads), so each row is the median of $ROUNDS rounds, the three devices
+# interleaved within a round.
+RUNTIME=${RUNTIME:-5}
+ROUNDS=${ROUNDS:-3}
 echo "| workload | plain loop (MiB/s) | plugged VIMG (MiB/s) | ratio | plugged raw (MiB/s) | ratio |"
 echo "|---|---|---|---|---|---|"
 for spec in "read 1M 8" "write 1M 8" "randread 4k 32" "randwrite 4k 32" "randread 4k 1" "randwrite 4k 1"; do
     set -- $spec
-    l=$(measure "$LOOP" "$1" "$2" "$3")
-    v=$(measure "$VDEV" "$1" "$2" "$3")
-    r=$(measure "$RDEV" "$1" "$2" "$3")
+    ls=() vs=() rs=()
+    for _ in $(seq "$ROUNDS"); do
+        ls+=("$(measure "$LOOP" "$1" "$2" "$3")")
+        vs+=("$(measure "$VDEV" "$1" "$2" "$3")")
+        rs+=("$(measure "$RDEV" "$1" "$2" "$3")")
+    done
+    l=$(median "${ls[@]}") v=$(median "${vs[@]}") r=$(median "${rs[@]}")
     awk -v n="$1 $2 QD$3" -v l="$l" -v v="$v" -v r="$r" \
         'BEGIN { printf "| %s | %.0f | %.0f | %.2fx | %.0f | %.2fx |\n", n, l, v, v / l, r, r / l }'
 done
