@@ -80,6 +80,8 @@ public final class NBDClientDevice: BlockDevice {
     public let capabilities: BlockDeviceCapabilities
     let transmissionFlags: NBDTransmissionFlags
     private let pool: Mutex<[NBDConnection]>
+    /// How many connections there are, idle (in `pool`) or carrying a request.
+    private let connectionCount: Int
     private let available = Monitor()
     private let closed = Atomic<Bool>(false)
     /// Requests larger than this are split (the spec's usual maximum).
@@ -113,6 +115,7 @@ public final class NBDClientDevice: BlockDevice {
         if flags.contains(.canMultiConn) { caps.insert(.multiConnection) }
         capabilities = caps
         pool = Mutex(connections)
+        connectionCount = connections.count
     }
 
     /// Runs `body` on a free connection.
@@ -224,11 +227,23 @@ public final class NBDClientDevice: BlockDevice {
 
     public func close() throws {
         guard !closed.exchange(true, ordering: .relaxed) else { return }
+        // Take every connection out of the pool, waiting for requests still in flight on other threads: a
+        // connection is only ever used by the thread that took it.
+        let all = available.withLock { () -> [NBDConnection] in
+            while pool.withLock({ $0.count }) < connectionCount { available.wait() }
+            return pool.withLock { pool in
+                defer { pool.removeAll() }
+                return pool
+            }
+        }
         var failure: (any Error)?
         if transmissionFlags.contains(.sendFlush) && !capabilities.contains(.readOnly) {
-            do { try pool.withLock { $0.first }?.request(.flush, flags: [], offset: 0, length: 0) } catch { failure = error }
+            do { try all.first?.request(.flush, flags: [], offset: 0, length: 0) } catch { failure = error }
         }
-        for c in pool.withLock({ $0 }) { c.disconnect() }
+        for c in all { c.disconnect() }
+        // Threads that were waiting for a connection get a disconnected one, which fails their request.
+        pool.withLock { $0 = all }
+        available.withLock { available.broadcast() }
         if let failure { throw failure }
     }
 }

@@ -13,6 +13,7 @@ final class NBDConnection: @unchecked Sendable {
     let size: UInt64
     let flags: NBDTransmissionFlags
     private var nextCookie: UInt64 = 1
+    private var disconnected = false
 
     private init(fd: Int32, uri: String, size: UInt64, flags: NBDTransmissionFlags) {
         self.fd = fd
@@ -171,6 +172,7 @@ final class NBDConnection: @unchecked Sendable {
         _ command: NBDCommand, flags: NBDCommandFlags, offset: UInt64, length: UInt32,
         payload: UnsafeRawBufferPointer? = nil, readInto: UnsafeMutableRawBufferPointer? = nil
     ) throws {
+        guard !disconnected else { throw BlockIOError(.closed, operation: .read, path: uri, message: "the connection is closed") }
         let io = RawIO(fd: fd, uri: uri)
         let cookie = nextCookie
         nextCookie &+= 1
@@ -189,7 +191,10 @@ final class NBDConnection: @unchecked Sendable {
         if let readInto { try io.read(into: readInto) }
     }
 
+    /// Says goodbye (NBD_CMD_DISC) and shuts the socket down; later requests fail.
     func disconnect() {
+        guard !disconnected else { return }
+        disconnected = true
         var request = ByteBuffer()
         NBDRequest(command: .disconnect, cookie: 0).encode(into: &request)
         try? RawIO(fd: fd, uri: uri).write(request)
