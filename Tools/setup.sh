@@ -14,6 +14,7 @@ packages=(
     e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup, partx, fsfreeze for the bus and its tests
     nbd-client      # /dev/nbdN front end of vdisk plug, where the kernel has NBD
     openssl         # makes the CA and certificates of the TLS tests (vdisk serve --tls)
+    libssl-dev      # TLS in the NBD client (nbds:// sources of vdisk plug)
 )
 
 missing=()
