@@ -54,7 +54,7 @@ let package = Package(
         ),
         .target(
             name: "NBDClient",
-            dependencies: ["NBDProtocol", "BlockIO", .product(name: "NIOCore", package: "swift-nio")]
+            dependencies: ["NBDProtocol", "BlockIO", "COpenSSL", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
         .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "FUSEExport"]),
@@ -85,6 +85,14 @@ let package = Package(
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOTLS", package: "swift-nio"),
                 .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            ]
+        ),
+        .testTarget(
+            name: "NBDClientTests",
+            dependencies: [
+                "NBDClient", "NBDServer", "NBDProtocol", "BlockIO", "VImageTestSupport",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
             ]
         ),
         .testTarget(name: "FUSEExportTests", dependencies: ["FUSEExport", "BlockIO", "VImageTestSupport"]),

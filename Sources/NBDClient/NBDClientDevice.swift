@@ -6,6 +6,8 @@
 // are negotiated). Several connections are opened only when the server advertises multi-conn, which
 // promises that a flush on one connection covers writes acknowledged on the others; otherwise one
 // connection serializes everything. Every value from the server is checked (magic, cookie, sizes).
+// With an `nbds` URI every connection starts TLS before it negotiates anything (TLSSession.swift), and
+// never falls back to plaintext.
 
 import BlockIO
 import NBDProtocol
@@ -15,30 +17,79 @@ import Synchronization
 import Glibc
 #endif
 
-/// Where an NBD export lives: `nbd://host[:port]/export` or `nbd+unix:///export?socket=PATH`.
+/// Where an NBD export lives, and whether it is reached over TLS. The syntax is libnbd's:
+///
+///     nbd://host[:port]/export                 nbd+unix:///export?socket=PATH
+///     nbds://host[:port]/export?QUERY          nbds+unix:///export?socket=PATH&QUERY
+///
+/// `nbds` schemes require TLS (never falling back to plaintext); their query may hold
+/// `tls-certificates=DIR` (ca-cert.pem, and client-cert.pem + client-key.pem to present a client
+/// certificate) and `tls-verify-peer=false` (do not check the server's certificate). Plain `nbd` schemes
+/// never use TLS and refuse these parameters, as they refuse every unknown one.
 public struct NBDURI: Sendable, Hashable {
     public enum Transport: Sendable, Hashable {
         case tcp(host: String, port: UInt16)
         case unix(path: String)
     }
 
+    /// How an `nbds` URI wants TLS.
+    public struct TLS: Sendable, Hashable {
+        /// The certificates directory (`tls-certificates=DIR`); nil to trust the system's CAs and present
+        /// no client certificate.
+        public var certificates: String?
+        /// Whether the server's certificate is checked (`tls-verify-peer`, default true): its chain, and
+        /// over TCP the URI's host.
+        public var verifyPeer: Bool
+
+        public init(certificates: String? = nil, verifyPeer: Bool = true) {
+            self.certificates = certificates
+            self.verifyPeer = verifyPeer
+        }
+    }
+
     public var transport: Transport
     public var export: String
+    /// nil for plaintext (`nbd://`, `nbd+unix://`).
+    public var tls: TLS?
+
+    public init(transport: Transport, export: String, tls: TLS? = nil) {
+        self.transport = transport
+        self.export = export
+        self.tls = tls
+    }
+
+    /// The query parameters understood, by scheme.
+    private static let socketParameter = "socket"
+    private static let tlsParameters = ["tls-certificates", "tls-verify-peer"]
 
     /// - Throws: `BlockIOError` `.invalidArgument` naming what is wrong.
     public init(parsing uri: String) throws {
         func bad(_ why: String) -> BlockIOError { BlockIOError(.invalidArgument, operation: .open, path: uri, message: "invalid NBD URI: \(why)") }
-        if uri.hasPrefix("nbd+unix://") {
-            let rest = uri.dropFirst("nbd+unix://".count)
-            guard rest.first == "/" || rest.isEmpty else { throw bad("nbd+unix:// URIs have no host") }
-            let parts = rest.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
-            export = Self.percentDecoded(String(parts[0].dropFirst()))
-            guard parts.count == 2, let socket = parts[1].split(separator: "&").first(where: { $0.hasPrefix("socket=") }) else {
+        let schemes: [(prefix: String, secure: Bool, unix: Bool)] = [
+            ("nbd://", false, false), ("nbds://", true, false), ("nbd+unix://", false, true), ("nbds+unix://", true, true),
+        ]
+        guard let scheme = schemes.first(where: { uri.hasPrefix($0.prefix) }) else {
+            throw bad("use nbd[s]://host[:port]/export or nbd[s]+unix:///export?socket=PATH")
+        }
+        var rest = uri.dropFirst(scheme.prefix.count)
+        var query: [String: String] = [:]
+        if let mark = rest.firstIndex(of: "?") {
+            for item in rest[rest.index(after: mark)...].split(separator: "&") {
+                let pair = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+                let key = Self.percentDecoded(String(pair[0]))
+                guard query[key] == nil else { throw bad("\(key) is given twice") }
+                query[key] = pair.count == 2 ? Self.percentDecoded(String(pair[1])) : ""
+            }
+            rest = rest[..<mark]
+        }
+        if scheme.unix {
+            guard rest.first == "/" || rest.isEmpty else { throw bad("\(scheme.prefix) URIs have no host") }
+            export = Self.percentDecoded(String(rest.dropFirst()))
+            guard let socket = query.removeValue(forKey: Self.socketParameter), !socket.isEmpty else {
                 throw bad("missing ?socket=PATH")
             }
-            transport = .unix(path: Self.percentDecoded(String(socket.dropFirst("socket=".count))))
-        } else if uri.hasPrefix("nbd://") {
-            let rest = uri.dropFirst("nbd://".count)
+            transport = .unix(path: socket)
+        } else {
             let slash = rest.firstIndex(of: "/") ?? rest.endIndex
             let authority = rest[..<slash]
             export = slash == rest.endIndex ? "" : Self.percentDecoded(String(rest[rest.index(after: slash)...]))
@@ -52,9 +103,65 @@ public struct NBDURI: Sendable, Hashable {
             if host.hasPrefix("[") && host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
             guard !host.isEmpty else { throw bad("missing host") }
             transport = .tcp(host: host, port: port)
-        } else {
-            throw bad("use nbd://host[:port]/export or nbd+unix:///export?socket=PATH")
         }
+        if scheme.secure {
+            var settings = TLS()
+            if let directory = query.removeValue(forKey: "tls-certificates") {
+                guard !directory.isEmpty else { throw bad("tls-certificates needs a directory") }
+                settings.certificates = directory
+            }
+            if let verify = query.removeValue(forKey: "tls-verify-peer") {
+                guard let value = Self.boolean(verify) else { throw bad("tls-verify-peer must be true or false, not '\(verify)'") }
+                settings.verifyPeer = value
+            }
+            tls = settings
+        } else {
+            if let key = Self.tlsParameters.first(where: { query[$0] != nil }) {
+                throw bad("\(key) needs an nbds:// or nbds+unix:// URI (nbd:// never uses TLS)")
+            }
+            tls = nil
+        }
+        if let unknown = query.keys.sorted().first {
+            let known = (scheme.unix ? [Self.socketParameter] : []) + (scheme.secure ? Self.tlsParameters : [])
+            throw bad("unknown parameter '\(unknown)'\(known.isEmpty ? "" : " (\(scheme.prefix) knows \(known.joined(separator: ", ")))")")
+        }
+    }
+
+    private static func boolean(_ text: String) -> Bool? {
+        switch text.lowercased() {
+        case "true", "yes", "on", "1": return true
+        case "false", "no", "off", "0": return false
+        default: return nil
+        }
+    }
+
+    /// `uri` with a relative `tls-certificates` directory made absolute against `directory`, for handing
+    /// the URI to another process with another working directory (the bus). Anything else is unchanged.
+    public static func resolvingCertificatesDirectory(in uri: String, against directory: String) -> String {
+        guard let mark = uri.firstIndex(of: "?") else { return uri }
+        let key = "tls-certificates="
+        let items = uri[uri.index(after: mark)...].split(separator: "&", omittingEmptySubsequences: false).map { item in
+            let value = item.dropFirst(key.count)
+            guard item.hasPrefix(key), !value.isEmpty, !percentDecoded(String(value)).hasPrefix("/") else { return String(item) }
+            let base = directory.hasSuffix("/") ? directory : directory + "/"
+            return key + percentEncoded(base) + value
+        }
+        return uri[..<mark] + "?" + items.joined(separator: "&")
+    }
+
+    /// Escapes every byte but unreserved characters and `/`.
+    static func percentEncoded(_ s: String) -> String {
+        var out = ""
+        for b in s.utf8 {
+            switch b {
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+                UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"), UInt8(ascii: "/"):
+                out.unicodeScalars.append(UnicodeScalar(b))
+            default:
+                out += "%" + (b < 16 ? "0" : "") + String(b, radix: 16, uppercase: true)
+            }
+        }
+        return out
     }
 
     static func percentDecoded(_ s: String) -> String {
@@ -88,13 +195,15 @@ public final class NBDClientDevice: BlockDevice {
     static let maximumRequest = 32 << 20
 
     /// Connects and negotiates. With `readOnly`, writes are refused locally whatever the server allows.
+    /// An `nbds` URI loads its certificates first, then starts TLS on every connection.
     public static func connect(uri: String, readOnly: Bool, connections: Int = 4) throws -> NBDClientDevice {
         let parsed = try NBDURI(parsing: uri)
-        let first = try NBDConnection.open(parsed, uri: uri)
+        let tls = try parsed.tls.map { try TLSClientContext($0, uri: uri) }
+        let first = try NBDConnection.open(parsed, uri: uri, tls: tls)
         var all = [first]
         if first.flags.contains(.canMultiConn) {
             for _ in 1..<max(1, connections) {
-                guard let more = try? NBDConnection.open(parsed, uri: uri), more.size == first.size else { break }
+                guard let more = try? NBDConnection.open(parsed, uri: uri, tls: tls), more.size == first.size else { break }
                 all.append(more)
             }
         }
@@ -228,7 +337,7 @@ public final class NBDClientDevice: BlockDevice {
     public func close() throws {
         guard !closed.exchange(true, ordering: .relaxed) else { return }
         // Take every connection out of the pool, waiting for requests still in flight on other threads: a
-        // connection is only ever used by the thread that took it.
+        // connection (and its TLS session) is only ever used by the thread that took it.
         let all = available.withLock { () -> [NBDConnection] in
             while pool.withLock({ $0.count }) < connectionCount { available.wait() }
             return pool.withLock { pool in

@@ -6,23 +6,28 @@ import NIOCore
 import Glibc
 #endif
 
-/// One negotiated connection to an export, carrying one request at a time (the caller serializes).
+/// One negotiated connection to an export, carrying one request at a time: the caller serializes, and
+/// with TLS must (one thread at a time per OpenSSL session; `NBDClientDevice`'s pool hands a connection to
+/// one thread, which sends the request and reads its reply).
 final class NBDConnection: @unchecked Sendable {
     let fd: Int32
     let uri: String
     let size: UInt64
     let flags: NBDTransmissionFlags
+    /// The socket itself, or the TLS session over it.
+    let transport: NBDTransport
     private var nextCookie: UInt64 = 1
     private var disconnected = false
 
-    private init(fd: Int32, uri: String, size: UInt64, flags: NBDTransmissionFlags) {
+    private init(fd: Int32, transport: NBDTransport, uri: String, size: UInt64, flags: NBDTransmissionFlags) {
         self.fd = fd
+        self.transport = transport
         self.uri = uri
         self.size = size
         self.flags = flags
     }
 
-    deinit { Glibc.close(fd) }
+    deinit { Glibc.close(fd) }  // the TLS session, if any, is freed after: it never closes the socket
 
     func fail(_ message: String, errno code: Int32 = EIO) -> BlockIOError {
         BlockIOError(.system, operation: .open, errno: code, path: uri, message: message)
@@ -30,12 +35,16 @@ final class NBDConnection: @unchecked Sendable {
 
     // MARK: Connect and negotiate
 
-    static func open(_ target: NBDURI, uri: String) throws -> NBDConnection {
+    /// Connects and negotiates; with `tls` (required for an `nbds` URI), starts TLS before anything else.
+    static func open(_ target: NBDURI, uri: String, tls: TLSClientContext?) throws -> NBDConnection {
+        precondition((target.tls == nil) == (tls == nil), "an nbds URI needs a TLS context, and only it")
         let fd = try connectSocket(target, uri: uri)
         var timeout = timeval(tv_sec: 30, tv_usec: 0)  // a server that stops answering fails the request
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         do {
-            return try negotiate(fd: fd, export: target.export, uri: uri)
+            var serverName: String?
+            if case .tcp(let host, _) = target.transport { serverName = host }
+            return try negotiate(fd: fd, export: target.export, uri: uri, tls: tls.map { ($0, serverName) })
         } catch {
             Glibc.close(fd)
             throw error
@@ -94,9 +103,13 @@ final class NBDConnection: @unchecked Sendable {
         }
     }
 
-    /// Fixed newstyle negotiation: NBD_OPT_GO (falling back to NBD_OPT_EXPORT_NAME on old servers).
-    private static func negotiate(fd: Int32, export: String, uri: String) throws -> NBDConnection {
-        let io = RawIO(fd: fd, uri: uri)
+    /// Fixed newstyle negotiation: NBD_OPT_STARTTLS first when `tls` is given (the server name is the
+    /// URI's host, nil over a unix socket), then NBD_OPT_GO (falling back to NBD_OPT_EXPORT_NAME on old
+    /// servers).
+    private static func negotiate(
+        fd: Int32, export: String, uri: String, tls: (context: TLSClientContext, serverName: String?)?
+    ) throws -> NBDConnection {
+        var io = RawIO(transport: .socket(fd), uri: uri)
         var r = try io.readBuffer(18)
         guard r.readInteger(as: UInt64.self) == NBDMagic.greeting, r.readInteger(as: UInt64.self) == NBDMagic.options else {
             throw io.error("not an NBD server (bad greeting)")
@@ -105,8 +118,16 @@ final class NBDConnection: @unchecked Sendable {
         guard serverFlags.contains(.fixedNewstyle) else { throw io.error("the server does not speak fixed newstyle NBD") }
         var clientFlags: NBDClientFlags = [.fixedNewstyle]
         if serverFlags.contains(.noZeroes) { clientFlags.insert(.noZeroes) }
+        var flagsBuffer = ByteBuffer()
+        flagsBuffer.writeInteger(clientFlags.rawValue)
+        try io.write(flagsBuffer)
+        if let tls {
+            try startTLS(io: io)
+            // Everything from here on, the rest of the negotiation included, is inside TLS.
+            let session = try TLSSession(context: tls.context, fd: fd, serverName: tls.serverName, uri: uri)
+            io = RawIO(transport: .tls(session), uri: uri)
+        }
         var w = ByteBuffer()
-        w.writeInteger(clientFlags.rawValue)
         let name = Array(export.utf8)
         guard name.count <= NBDLimits.maximumString else { throw io.error("export name too long") }
         // NBD_OPT_GO: name, then no information requests (the server sends NBD_INFO_EXPORT anyway).
@@ -120,13 +141,8 @@ final class NBDConnection: @unchecked Sendable {
         var size: UInt64?
         var flags = NBDTransmissionFlags()
         while true {
-            var h = try io.readBuffer(20)
-            guard h.readInteger(as: UInt64.self) == NBDMagic.optionReply else { throw io.error("bad option reply magic") }
-            _ = h.readInteger(as: UInt32.self)
-            let type = NBDOptionReplyType(rawValue: h.readInteger()!)
-            let length = Int(h.readInteger(as: UInt32.self)!)
-            guard length <= 64 * 1024 else { throw io.error("option reply of \(length) bytes is too long") }
-            var data = try io.readBuffer(length)
+            let (type, reply) = try io.readOptionReply()
+            var data = reply
             if type == .ack { break }
             if type == .info {
                 guard let info = data.readInteger(as: UInt16.self) else { throw io.error("short NBD_REP_INFO") }
@@ -153,16 +169,44 @@ final class NBDConnection: @unchecked Sendable {
                 if !clientFlags.contains(.noZeroes) { _ = try io.readBuffer(124) }
                 break
             }
-            if type.rawValue & (1 << 31) != 0 {
-                let message = data.readString(length: data.readableBytes) ?? ""
+            if type.isError {
+                let message = printable(data)
                 if type == .errUnknown { throw io.error("the server has no export named '\(export)'", errno: ENOENT) }
+                if type == .errTLSRequired {
+                    throw io.error("the server requires TLS: use an nbds:// or nbds+unix:// URI", errno: EACCES)
+                }
                 throw io.error("the server refused the export '\(export)'\(message.isEmpty ? "" : ": \(message)")")
             }
             // Other replies (NBD_REP_SERVER...) are ignored.
         }
         guard let size else { throw io.error("the server did not say the export's size") }
         guard size <= 1 << 62 else { throw io.error("export size \(size) is not plausible") }
-        return NBDConnection(fd: fd, uri: uri, size: size, flags: flags)
+        return NBDConnection(fd: fd, transport: io.transport, uri: uri, size: size, flags: flags)
+    }
+
+    /// Sends NBD_OPT_STARTTLS and requires NBD_REP_ACK. Any other answer fails the connection: an `nbds`
+    /// URI never falls back to plaintext.
+    private static func startTLS(io: RawIO) throws {
+        var w = ByteBuffer()
+        w.writeInteger(NBDMagic.options)
+        w.writeInteger(NBDOption.startTLS.rawValue)
+        w.writeInteger(UInt32(0))
+        try io.write(w)
+        // The ACK is the server's last plaintext; nothing may follow it before the TLS handshake, and we
+        // read exactly the reply, so nothing a man in the middle appends can pass for TLS-protected data.
+        let (type, data) = try io.readOptionReply(for: .startTLS)
+        if type == .ack { return }
+        let message = printable(data)
+        let detail = message.isEmpty ? "" : " (\(message))"
+        switch type {
+        case .errUnsupported:
+            throw io.error("the server does not offer TLS: NBD_OPT_STARTTLS is unsupported\(detail)", errno: EPROTONOSUPPORT)
+        case .errPolicy:
+            throw io.error("the server refused TLS by policy\(detail)", errno: EACCES)
+        default:
+            if type.isError { throw io.error("the server refused TLS with error \(type.rawValue & 0x7fff_ffff)\(detail)") }
+            throw io.error("the server answered NBD_OPT_STARTTLS with reply type \(type.rawValue), not an acknowledgement")
+        }
     }
 
     // MARK: Transmission
@@ -173,7 +217,7 @@ final class NBDConnection: @unchecked Sendable {
         payload: UnsafeRawBufferPointer? = nil, readInto: UnsafeMutableRawBufferPointer? = nil
     ) throws {
         guard !disconnected else { throw BlockIOError(.closed, operation: .read, path: uri, message: "the connection is closed") }
-        let io = RawIO(fd: fd, uri: uri)
+        let io = RawIO(transport: transport, uri: uri)
         let cookie = nextCookie
         nextCookie &+= 1
         var header = ByteBuffer()
@@ -191,24 +235,86 @@ final class NBDConnection: @unchecked Sendable {
         if let readInto { try io.read(into: readInto) }
     }
 
-    /// Says goodbye (NBD_CMD_DISC) and shuts the socket down; later requests fail.
+    /// Says goodbye (NBD_CMD_DISC, then TLS close_notify) and shuts the socket down; later requests fail.
     func disconnect() {
         guard !disconnected else { return }
         disconnected = true
         var request = ByteBuffer()
         NBDRequest(command: .disconnect, cookie: 0).encode(into: &request)
-        try? RawIO(fd: fd, uri: uri).write(request)
+        let io = RawIO(transport: transport, uri: uri)
+        try? io.write(request)
+        if case .tls(let session) = transport { session.close() }
         shutdown(fd, Int32(SHUT_RDWR))
     }
 }
 
-/// Blocking full reads and writes on a socket.
+/// Where a connection's bytes go: the socket itself, or (after STARTTLS) a TLS session over it. Both move
+/// at least one byte per call or throw; a receive of 0 is the server's end of file.
+enum NBDTransport {
+    case socket(Int32)
+    case tls(TLSSession)
+
+    func send(_ buffer: UnsafeRawBufferPointer, uri: String) throws -> Int {
+        switch self {
+        case .socket(let fd):
+            while true {
+                let n = Glibc.send(fd, buffer.baseAddress!, buffer.count, Int32(MSG_NOSIGNAL))
+                if n >= 0 { return n }
+                let code = errno
+                if code == EINTR { continue }
+                throw RawIO.error("connection lost: \(describeErrno(code))", errno: code, uri: uri)
+            }
+        case .tls(let session):
+            return try session.send(buffer)
+        }
+    }
+
+    func receive(into buffer: UnsafeMutableRawBufferPointer, uri: String) throws -> Int {
+        switch self {
+        case .socket(let fd):
+            while true {
+                let n = recv(fd, buffer.baseAddress!, buffer.count, 0)
+                if n >= 0 { return n }
+                let code = errno
+                if code == EINTR { continue }
+                if code == EAGAIN { throw RawIO.error("the server did not answer", errno: ETIMEDOUT, uri: uri) }
+                throw RawIO.error("connection lost: \(describeErrno(code))", errno: code, uri: uri)
+            }
+        case .tls(let session):
+            return try session.receive(into: buffer)
+        }
+    }
+}
+
+/// Server text (an error reply's message) made safe to print: printable ASCII only, at most 200 characters.
+func printable(_ buffer: ByteBuffer) -> String {
+    let bytes = buffer.readableBytesView.prefix(200)
+    return String(decoding: bytes.map { (0x20..<0x7f).contains($0) ? $0 : UInt8(ascii: "?") }, as: UTF8.self)
+}
+
+/// Blocking full reads and writes over a connection's transport.
 struct RawIO {
-    let fd: Int32
+    let transport: NBDTransport
     let uri: String
 
-    func error(_ message: String, errno code: Int32 = EIO) -> BlockIOError {
+    static func error(_ message: String, errno code: Int32 = EIO, uri: String) -> BlockIOError {
         BlockIOError(.system, operation: .read, errno: code, path: uri, message: message)
+    }
+
+    func error(_ message: String, errno code: Int32 = EIO) -> BlockIOError {
+        Self.error(message, errno: code, uri: uri)
+    }
+
+    /// One option reply (header and data, at most 64 KiB); with `option`, the reply must be to it.
+    func readOptionReply(for option: NBDOption? = nil) throws -> (NBDOptionReplyType, ByteBuffer) {
+        var h = try readBuffer(20)
+        guard h.readInteger(as: UInt64.self) == NBDMagic.optionReply else { throw error("bad option reply magic") }
+        let replyTo = NBDOption(rawValue: h.readInteger()!)
+        if let option, replyTo != option { throw error("the server answered option \(replyTo) instead of \(option)") }
+        let type = NBDOptionReplyType(rawValue: h.readInteger()!)
+        let length = Int(h.readInteger(as: UInt32.self)!)
+        guard length <= 64 * 1024 else { throw error("option reply of \(length) bytes is too long") }
+        return (type, try readBuffer(length))
     }
 
     func write(_ buffer: ByteBuffer) throws {
@@ -218,12 +324,7 @@ struct RawIO {
     func write(_ buffer: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < buffer.count {
-            let n = send(fd, buffer.baseAddress! + done, buffer.count - done, Int32(MSG_NOSIGNAL))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw error("connection lost: \(String(cString: strerror(errno)))", errno: errno)
-            }
-            done += n
+            done += try transport.send(UnsafeRawBufferPointer(rebasing: buffer[done...]), uri: uri)
         }
     }
 
@@ -240,11 +341,7 @@ struct RawIO {
     func read(into buffer: UnsafeMutableRawBufferPointer) throws {
         var done = 0
         while done < buffer.count {
-            let n = recv(fd, buffer.baseAddress! + done, buffer.count - done, 0)
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw error("connection lost: \(String(cString: strerror(errno)))", errno: errno == EAGAIN ? ETIMEDOUT : errno)
-            }
+            let n = try transport.receive(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done...]), uri: uri)
             if n == 0 { throw error("the server closed the connection") }
             done += n
         }
