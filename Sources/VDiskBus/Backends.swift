@@ -23,6 +23,9 @@ struct OpenedBackend {
 }
 
 enum Backends {
+    /// Sources that name a remote NBD export rather than a file (the `nbds` ones over TLS).
+    static let remoteSchemes = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
+
     /// Opens what `request` names. Nothing is left open when it throws.
     /// - Parameter alongside: whether the bus already has this path open as a VIMG image (a snapshot of it
     ///   is then opened without the image's lock).
@@ -38,7 +41,7 @@ enum Backends {
             return OpenedBackend(device: ram, format: "ram", image: nil, owned: [ram], source: "ram")
         }
         guard let source = request.source, !source.isEmpty else { throw BusError("nothing to plug: give an image, an nbd:// URI or --ram SIZE") }
-        if source.hasPrefix("nbd://") || source.hasPrefix("nbd+unix://") {
+        if Self.remoteSchemes.contains(where: { source.hasPrefix($0) }) {
             guard request.snapshot == nil else { throw BusError("--snapshot needs a VIMG image, not an NBD export") }
             let remote = try opener.openRemote(source, request.readOnly || request.overlay)
             base = OpenedBackend(device: remote, format: "nbd", image: nil, owned: [remote], source: source)
@@ -82,7 +85,7 @@ enum Backends {
 public struct BusOpener: Sendable {
     /// (absolute path, format or nil to probe, read-only, snapshot) -> (device, its format's name)
     public var openImage: @Sendable (String, String?, Bool, String?) throws -> (any BlockDevice, String)
-    /// (nbd:// or nbd+unix:// URI, read-only) -> device
+    /// (nbd://, nbd+unix://, nbds:// or nbds+unix:// URI, read-only) -> device
     public var openRemote: @Sendable (String, Bool) throws -> any BlockDevice
 
     public init(

@@ -25,7 +25,7 @@ public enum DeviceKind: String, Codable, Sendable, CaseIterable {
 
 /// What to plug.
 public struct PlugRequest: Codable, Sendable, Hashable {
-    /// An image path (VIMG, raw, qcow2) or an `nbd://` / `nbd+unix://` URI; nil for a RAM disk.
+    /// An image path (VIMG, raw, qcow2) or an `nbd://` / `nbd+unix://` URI (`nbds` for TLS); nil for a RAM disk.
     public var source: String?
     /// The size of a RAM disk (with `source` nil).
     public var ramSize: UInt64?

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import Foundation
+import NBDClient
 import VDiskBus
 
 #if canImport(Glibc)
@@ -68,9 +69,14 @@ extension Vdisk {
                   vdisk plug --read-only --snapshot monday disk.vimg
                   vdisk plug --overlay base.qcow2
                   vdisk plug nbd+unix:///disk?socket=/run/other.sock
+                  vdisk plug 'nbds://server.example/disk?tls-certificates=/etc/vdisk/client-pki'
+
+                An nbds:// or nbds+unix:// URI requires TLS: tls-certificates=DIR names the directory holding
+                ca-cert.pem (and client-cert.pem and client-key.pem if the server asks for a client
+                certificate); tls-verify-peer=false skips checking the server's certificate.
                 """)
 
-        @Argument(help: "An image (VIMG, raw, qcow2) or an nbd:// / nbd+unix:// URI.")
+        @Argument(help: "An image (VIMG, raw, qcow2) or an nbd[s]:// / nbd[s]+unix:// URI.")
         var source: String?
 
         @Option(help: ArgumentHelp("Plug a RAM disk of this size instead (512M, 4G...).", valueName: "SIZE"))
@@ -108,8 +114,11 @@ extension Vdisk {
             try runBusCommand {
                 try bus.ensureBus()
                 var source = self.source
+                // The bus has another working folder: make paths, and a URI's certificates folder, absolute.
                 if let s = source, !s.contains("://") {
-                    source = URL(fileURLWithPath: s).standardizedFileURL.path  // the bus has another working folder
+                    source = URL(fileURLWithPath: s).standardizedFileURL.path
+                } else if let s = source {
+                    source = NBDURI.resolvingCertificatesDirectory(in: s, against: FileManager.default.currentDirectoryPath)
                 }
                 let request = PlugRequest(
                     source: source, ramSize: ram.flatMap(ByteSize.parse), name: name, format: format, readOnly: readOnly,

@@ -163,18 +163,55 @@ struct BusTests {
         try partitionedRoundTrip(h, source: [image], replug: true, checkImage: nil)
     }
 
-    /// Invariant: a remote NBD export (qemu-nbd serving a raw file) works as a backend, and what was
-    /// written through the bus is in the remote file.
-    @Test(.enabled(if: TestEnvironment.which("qemu-nbd") != nil, "qemu-nbd not installed"))
-    func remoteNBDExportEndToEnd() throws {
+    /// The servers a remote export is plugged from: qemu-nbd in plaintext, qemu-nbd over TLS (GnuTLS,
+    /// requiring a client certificate), and `vdisk serve --tls=require --tls-verify-peer`.
+    enum RemoteServer: String, CaseIterable, Sendable { case qemu, qemuTLS, vdiskTLS }
+
+    /// Invariant: a remote NBD export, plain or over TLS (nbds+unix://), works as a backend, and what was
+    /// written through the bus is in the remote file. The TLS certificates folder may be given relative to
+    /// the plugging command's working folder (the bus resolves nothing itself).
+    @Test(
+        .enabled(if: TestEnvironment.which("qemu-nbd") != nil, "qemu-nbd not installed"),
+        arguments: RemoteServer.allCases.filter { $0 == .qemu || TestCertificates.shared != nil })
+    func remoteNBDExportEndToEnd(_ server: RemoteServer) throws {
         let h = Harness(vdisk: vdisk)
         defer { h.stopAndCheckClean() }
         let file = h.dir + "/remote.raw", socket = h.dir + "/remote.sock"
         #expect(run(vimg, ["create", "-f", "raw", file, "128M"]).status == 0)
-        #expect(sh("qemu-nbd -f raw -k \(socket) -x exp --persistent --pid-file=\(h.dir)/qemu-nbd.pid \(file) >/dev/null 2>&1 &").status == 0)
-        defer { _ = sh("kill $(cat \(h.dir)/qemu-nbd.pid) 2>/dev/null") }
-        for _ in 0..<100 where access(socket, F_OK) != 0 { usleep(20_000) }
-        try partitionedRoundTrip(h, source: ["nbd+unix:///exp?socket=\(socket)", "--name", "remote"], replug: true, checkImage: nil)
+        var uri = "nbd+unix:///exp?socket=\(socket)"
+        if server != .qemu {
+            let certificates = try #require(TestCertificates.shared)
+            for directory in ["pki-server", "pki-client"] { mkdir(h.dir + "/" + directory, 0o700) }
+            certificates.writeServerFiles(to: h.dir + "/pki-server")
+            certificates.writeClientFiles(to: h.dir + "/pki-client", identity: .client)
+            // From any working folder, enough ../ reach /.
+            let cwd = String(cString: getcwd(nil, 0))
+            let relative = String(repeating: "../", count: cwd.split(separator: "/").count) + h.dir.dropFirst() + "/pki-client"
+            uri = "nbds+unix:///exp?socket=\(socket)&tls-certificates=\(server == .vdiskTLS ? relative : h.dir + "/pki-client")"
+        }
+        switch server {
+        case .qemu, .qemuTLS:
+            let tls = server == .qemu ? "" : "--object tls-creds-x509,id=tls0,dir=\(h.dir)/pki-server,endpoint=server,verify-peer=on --tls-creds tls0"
+            #expect(sh("qemu-nbd \(tls) -f raw -k \(socket) -x exp --persistent --pid-file=\(h.dir)/server.pid \(file) >/dev/null 2>&1 &").status == 0)
+            for _ in 0..<100 where access(socket, F_OK) != 0 { usleep(20_000) }
+        case .vdiskTLS:
+            let serving = sh(
+                "\(vdisk) serve --socket \(socket) --export exp --tls=require --tls-verify-peer --tls-certificates \(h.dir)/pki-server "
+                    + "\(file) >/dev/null 2>\(h.dir)/serve.err & echo $! > \(h.dir)/server.pid")
+            #expect(serving.status == 0)
+            for _ in 0..<200 where access(socket, F_OK) != 0 { usleep(20_000) }
+        }
+        defer { _ = sh("kill $(cat \(h.dir)/server.pid) 2>/dev/null") }
+        try #require(access(socket, F_OK) == 0, "the \(server) server did not start: \(readFile(h.dir + "/serve.err"))")
+        if server != .qemu {
+            // nbds:// never falls back: without the client certificate the server refuses us, and says so.
+            let anonymous = h.dir + "/pki-anonymous"
+            mkdir(anonymous, 0o700)
+            TestCertificates.shared!.writeClientFiles(to: anonymous, identity: .none)
+            let refused = h.vd(["plug", "--name", "refused", "nbds+unix:///exp?socket=\(socket)&tls-certificates=\(anonymous)"])
+            #expect(refused.status != 0 && refused.stderr.contains("client certificate"), "\(refused.stderr)")
+        }
+        try partitionedRoundTrip(h, source: [uri, "--name", "remote"], replug: true, checkImage: nil)
         // The partition table the bus wrote is in the remote file.
         let table = run("sfdisk", ["-d", file])
         #expect(table.stdout.contains("label: gpt"), "\(table.stdout)")
