@@ -191,6 +191,9 @@ public final class NBDClientDevice: BlockDevice {
     private let connectionCount: Int
     private let available = Monitor()
     private let closed = Atomic<Bool>(false)
+    /// How to open a replacement for a broken connection.
+    private let target: NBDURI
+    private let tls: TLSClientContext?
     /// Requests larger than this are split (the spec's usual maximum).
     static let maximumRequest = 32 << 20
 
@@ -207,11 +210,13 @@ public final class NBDClientDevice: BlockDevice {
                 all.append(more)
             }
         }
-        return NBDClientDevice(uri: uri, connections: all, readOnly: readOnly)
+        return NBDClientDevice(uri: uri, target: parsed, tls: tls, connections: all, readOnly: readOnly)
     }
 
-    init(uri: String, connections: [NBDConnection], readOnly: Bool) {
+    init(uri: String, target: NBDURI, tls: TLSClientContext?, connections: [NBDConnection], readOnly: Bool) {
         self.uri = uri
+        self.target = target
+        self.tls = tls
         let flags = connections[0].flags
         transmissionFlags = flags
         size = connections[0].size
@@ -246,7 +251,35 @@ public final class NBDClientDevice: BlockDevice {
             pool.withLock { $0.append(connection!) }
             available.withLock { available.broadcast() }
         }
-        return try body(connection!)
+        if connection!.isBroken { connection = try reconnect(replacing: connection!, operation) }
+        do {
+            return try body(connection!)
+        } catch where connection!.isBroken {
+            // The connection died under this request (a server restart, say). Every NBD command is
+            // idempotent (writes put the same bytes at the same place), so it is safe to send it once more
+            // on a new connection.
+            connection = try reconnect(replacing: connection!, operation)
+            return try body(connection!)
+        }
+    }
+
+    /// A new connection in place of a broken one (a server restart, a timed-out reply), so that one failed
+    /// request does not fail every later one. The export must look the same as before; if it cannot be
+    /// reached, the request fails and the next one tries again.
+    private func reconnect(replacing broken: NBDConnection, _ operation: BlockIOError.Operation) throws -> NBDConnection {
+        let fresh: NBDConnection
+        do {
+            fresh = try NBDConnection.open(target, uri: uri, tls: tls)
+        } catch {
+            throw BlockIOError(.system, operation: operation, errno: EIO, path: uri, message: "lost the connection and cannot reconnect: \(error)")
+        }
+        guard fresh.size == size, fresh.flags == transmissionFlags else {
+            fresh.disconnect()
+            throw BlockIOError(
+                .system, operation: operation, errno: EIO, path: uri,
+                message: "lost the connection, and the export changed (size or flags) on reconnecting")
+        }
+        return fresh
     }
 
     private func checkWritable(_ operation: BlockIOError.Operation) throws {
@@ -334,6 +367,22 @@ public final class NBDClientDevice: BlockDevice {
         return allDataExtent(at: offset, count: count)
     }
 
+    /// The flush `close()` promises, on the first connection that still works, or a new one: a connection
+    /// idle since the server restarted is only found dead when used.
+    private func finalFlush(_ connections: [NBDConnection]) throws {
+        for connection in connections where !connection.isBroken {
+            do {
+                try connection.request(.flush, flags: [], offset: 0, length: 0)
+                return
+            } catch where connection.isBroken {
+                continue
+            }
+        }
+        let fresh = try reconnect(replacing: connections[0], .flush)
+        defer { fresh.disconnect() }
+        try fresh.request(.flush, flags: [], offset: 0, length: 0)
+    }
+
     public func close() throws {
         guard !closed.exchange(true, ordering: .relaxed) else { return }
         // Take every connection out of the pool, waiting for requests still in flight on other threads: a
@@ -347,7 +396,11 @@ public final class NBDClientDevice: BlockDevice {
         }
         var failure: (any Error)?
         if transmissionFlags.contains(.sendFlush) && !capabilities.contains(.readOnly) {
-            do { try all.first?.request(.flush, flags: [], offset: 0, length: 0) } catch { failure = error }
+            do {
+                try finalFlush(all)
+            } catch {
+                failure = error
+            }
         }
         for c in all { c.disconnect() }
         // Threads that were waiting for a connection get a disconnected one, which fails their request.

@@ -18,6 +18,9 @@ final class NBDConnection: @unchecked Sendable {
     let transport: NBDTransport
     private var nextCookie: UInt64 = 1
     private var disconnected = false
+    /// A send or receive failed part-way, or the server broke the framing: where the next reply starts is
+    /// unknown, so the connection is shut down and must be replaced (`NBDClientDevice` reconnects).
+    private(set) var isBroken = false
 
     private init(fd: Int32, transport: NBDTransport, uri: String, size: UInt64, flags: NBDTransmissionFlags) {
         self.fd = fd
@@ -222,17 +225,26 @@ final class NBDConnection: @unchecked Sendable {
         nextCookie &+= 1
         var header = ByteBuffer()
         NBDRequest(flags: flags, command: command, cookie: cookie, offset: offset, length: length).encode(into: &header)
-        try io.write(header)
-        if let payload { try io.write(payload) }
-        var r = try io.readBuffer(16)
-        guard r.readInteger(as: UInt32.self) == NBDMagic.simpleReply else { throw io.error("bad reply magic from the server") }
-        let error = r.readInteger(as: UInt32.self)!
-        guard r.readInteger(as: UInt64.self) == cookie else { throw io.error("reply for an unknown request") }
+        let error: UInt32
+        do {
+            try io.write(header)
+            if let payload { try io.write(payload) }
+            var r = try io.readBuffer(16)
+            guard r.readInteger(as: UInt32.self) == NBDMagic.simpleReply else { throw io.error("bad reply magic from the server") }
+            error = r.readInteger(as: UInt32.self)!
+            guard r.readInteger(as: UInt64.self) == cookie else { throw io.error("reply for an unknown request") }
+            if error == 0, let readInto { try io.read(into: readInto) }
+        } catch {
+            // A timeout or a short transfer leaves the stream mid-message; nothing later can be trusted.
+            isBroken = true
+            disconnected = true
+            shutdown(fd, Int32(SHUT_RDWR))
+            throw error
+        }
         if error != 0 {
             throw BlockIOError(.system, operation: command == .read ? .read : .write, errno: Int32(bitPattern: error), path: uri,
                 message: "the server answered \(command) at \(offset)+\(length) with error \(error)")
         }
-        if let readInto { try io.read(into: readInto) }
     }
 
     /// Says goodbye (NBD_CMD_DISC, then TLS close_notify) and shuts the socket down; later requests fail.
