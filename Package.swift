@@ -1,7 +1,7 @@
 // swift-tools-version: 6.0
 import PackageDescription
 
-// The target list is the architecture (see docs/ARCHITECTURE.md): lower targets never import higher ones.
+// The target list is the architecture (README.md, "Layout"): lower targets never import higher ones.
 let package = Package(
     name: "vdisk",
     platforms: [.macOS(.v15)],
