@@ -58,6 +58,19 @@ public struct Extent: Sendable, Hashable, CustomStringConvertible {
     }
 }
 
+extension Array where Element == Extent {
+    /// Appends `extent`, merged into the last one when it continues it with the same flags, so a device
+    /// answers `extents` with as few runs as its layout allows.
+    public mutating func appendMerging(_ extent: Extent) {
+        if var last = self.last, last.flags == extent.flags, last.end == extent.offset {
+            last.length += extent.length
+            self[count - 1] = last
+        } else {
+            append(extent)
+        }
+    }
+}
+
 /// A synchronous, thread-safe random-access block device.
 ///
 /// Implementations must allow concurrent calls from many threads. Offsets and lengths are in bytes and need

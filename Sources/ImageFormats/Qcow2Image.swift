@@ -274,18 +274,18 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
                         while p < stop {
                             let chunk = try backing.extents(at: p, count: stop - p)
                             guard let last = chunk.last, last.end > p else { break }
-                            for e in chunk { append(&result, e) }
+                            for e in chunk { result.appendMerging(e) }
                             p = last.end
                         }
                         position = stop
                         continue
                     }
                 }
-                append(&result, Extent(offset: position, length: runEnd - position, flags: [.hole, .zero]))
+                result.appendMerging(Extent(offset: position, length: runEnd - position, flags: [.hole, .zero]))
             case .zero(let allocated):
-                append(&result, Extent(offset: position, length: runEnd - position, flags: allocated ? [.zero] : [.hole, .zero]))
+                result.appendMerging(Extent(offset: position, length: runEnd - position, flags: allocated ? [.zero] : [.hole, .zero]))
             case .normal, .compressed:
-                append(&result, Extent(offset: position, length: runEnd - position, flags: []))
+                result.appendMerging(Extent(offset: position, length: runEnd - position, flags: []))
             }
             position = runEnd
         }
@@ -333,15 +333,6 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
             position = runEnd
         }
         return result
-    }
-
-    private func append(_ result: inout [Extent], _ extent: Extent) {
-        if var last = result.last, last.flags == extent.flags, last.end == extent.offset {
-            last.length += extent.length
-            result[result.count - 1] = last
-        } else {
-            result.append(extent)
-        }
     }
 
     public func close() throws {

@@ -326,7 +326,7 @@ public final class NBDServer: Sendable {
             let s = export.stats.snapshot
             let average = s.requests == 0 ? 0 : s.totalLatencyNanoseconds / s.requests
             let fields: [(String, String)] = [
-                ("name", jsonString(export.name)), ("size", "\(export.device.size)"),
+                ("name", export.name.jsonQuoted), ("size", "\(export.device.size)"),
                 ("connections", "\(s.connections)"), ("requests", "\(s.requests)"), ("reads", "\(s.reads)"),
                 ("writes", "\(s.writes)"), ("bytes-read", "\(s.bytesRead)"), ("bytes-written", "\(s.bytesWritten)"),
                 ("errors", "\(s.errors)"), ("total-latency-ns", "\(s.totalLatencyNanoseconds)"),
@@ -337,24 +337,6 @@ public final class NBDServer: Sendable {
         return "{\n  \"connections\": \(connectionCount),\n  \"exports\": [\n" + lines.joined(separator: ",\n")
             + "\n  ]\n}\n"
     }
-}
-
-private func jsonString(_ text: String) -> String {
-    var out = "\""
-    for scalar in text.unicodeScalars {
-        switch scalar {
-        case "\"": out += "\\\""
-        case "\\": out += "\\\\"
-        default:
-            if scalar.value < 0x20 {
-                let hex = String(scalar.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            } else {
-                out.unicodeScalars.append(scalar)
-            }
-        }
-    }
-    return out + "\""
 }
 
 /// Checks around a unix socket path before binding.

@@ -144,9 +144,8 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     /// Runs requests in order as one pool job, then answers them all with one flush.
     private func run(_ pending: [Pending], context: ChannelHandlerContext) {
         let device = export.device
-        let requests = pending.map(\.request)
         threadPool.runIfActive(eventLoop: context.eventLoop) { () -> [Result<Outcome, any Error>] in
-            requests.map { request in Result { try Self.execute(request, on: device) } }
+            pending.map { item in Result { try Self.execute(item.request, on: device) } }
         }.assumeIsolated().whenComplete { result in
             for (index, item) in pending.enumerated() {
                 self.inFlight -= 1

@@ -429,12 +429,12 @@ extension VImage {
             case .zero(let allocated): flags = allocated ? [.zero] : [.hole, .zero]
             case .unallocated:
                 if let backing {
-                    for e in try backingExtents(backing, at: m.offset, count: m.length) { append(&result, e) }
+                    for e in try backingExtents(backing, at: m.offset, count: m.length) { result.appendMerging(e) }
                     continue
                 }
                 flags = [.hole, .zero]
             }
-            append(&result, Extent(offset: m.offset, length: m.length, flags: flags))
+            result.appendMerging(Extent(offset: m.offset, length: m.length, flags: flags))
         }
         return result
     }
@@ -458,15 +458,6 @@ extension VImage {
             result.append(Extent(offset: start, length: offset + count - start, flags: [.hole, .zero]))
         }
         return result
-    }
-
-    private func append(_ result: inout [Extent], _ extent: Extent) {
-        if var last = result.last, last.flags == extent.flags, last.end == extent.offset {
-            last.length += extent.length
-            result[result.count - 1] = last
-        } else {
-            result.append(extent)
-        }
     }
 
     /// One run of guest clusters with the same kind of mapping in this image (not its backing chain).

@@ -1,6 +1,4 @@
 import ArgumentParser
-import BlockIO
-import VImage
 
 #if canImport(Glibc)
 import Glibc
@@ -34,15 +32,10 @@ func runReportingErrors(_ body: () async throws -> Void) async throws {
         try await body()
     } catch let error as ExitCode {
         throw error
-    } catch let error as VImageError {
-        printError(error.description)
-        throw ExitCode.failure
-    } catch let error as BlockIOError {
-        printError(error.description)
-        throw ExitCode.failure
     } catch let error as CleanExit {
         throw error
     } catch {
+        // Every library error describes itself in one line (CustomStringConvertible).
         printError("\(error)")
         throw ExitCode.failure
     }

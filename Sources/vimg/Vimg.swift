@@ -80,33 +80,13 @@ enum JSON {
         case .uint(let v): return String(v)
         case .bool(let v): return v ? "true" : "false"
         case .null: return "null"
-        case .string(let s): return JSON.quote(s)
+        case .string(let s): return s.jsonQuoted
         case .array(let items):
             if items.isEmpty { return "[]" }
             return "[\n" + items.map { inner + $0.render(indent: indent + 4) }.joined(separator: ",\n") + "\n\(pad)]"
         case .object(let fields):
             if fields.isEmpty { return "{}" }
-            return "{\n" + fields.map { inner + JSON.quote($0.0) + ": " + $0.1.render(indent: indent + 4) }.joined(separator: ",\n") + "\n\(pad)}"
+            return "{\n" + fields.map { inner + $0.0.jsonQuoted + ": " + $0.1.render(indent: indent + 4) }.joined(separator: ",\n") + "\n\(pad)}"
         }
-    }
-
-    static func quote(_ s: String) -> String {
-        var out = "\""
-        for scalar in s.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            default:
-                if scalar.value < 0x20 {
-                    out += "\\u" + String(repeating: "0", count: 4 - String(scalar.value, radix: 16).count) + String(scalar.value, radix: 16)
-                } else {
-                    out.unicodeScalars.append(scalar)
-                }
-            }
-        }
-        return out + "\""
     }
 }
