@@ -31,7 +31,8 @@ let package = Package(
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
         .target(name: "BlockIO", dependencies: ["CBlockIO"]),
         .target(
-            name: "VImage", dependencies: ["BlockIO", "CLZ4"],
+            name: "VImage",
+            dependencies: ["BlockIO", "CLZ4"],
             // Metadata state is only touched under the engine's lock; the runtime exclusivity checks cost
             // about a tenth of a small read in release builds (debug builds keep them).
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
@@ -61,7 +62,9 @@ let package = Package(
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
-            dependencies: ["BlockIO", "VImage", "ImageFormats", .product(name: "ArgumentParser", package: "swift-argument-parser")]
+            dependencies: [
+                "BlockIO", "VImage", "ImageFormats", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            ]
         ),
         .executableTarget(
             name: "vdisk",
@@ -73,7 +76,11 @@ let package = Package(
         ),
         .executableTarget(name: "vimg-bench", dependencies: ["BlockIO", "VImage"], path: "Benchmarks/vimg-bench"),
         // Writes Fixtures/corrupt and the fuzz seed corpus (Tools/make-fixtures.sh).
-        .executableTarget(name: "vimg-fixtures", dependencies: ["BlockIO", "VImage", "VImageTestSupport"], path: "Tools/vimg-fixtures"),
+        .executableTarget(
+            name: "vimg-fixtures",
+            dependencies: ["BlockIO", "VImage", "VImageTestSupport"],
+            path: "Tools/vimg-fixtures"
+        ),
         .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "VImageTestSupport"]),
         .testTarget(name: "VImageTests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
         .testTarget(
@@ -96,7 +103,10 @@ let package = Package(
             ]
         ),
         .testTarget(name: "FUSEExportTests", dependencies: ["FUSEExport", "BlockIO", "VImageTestSupport"]),
-        .testTarget(name: "ImageFormatsTests", dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]),
+        .testTarget(
+            name: "ImageFormatsTests",
+            dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]
+        ),
         .testTarget(name: "CLITests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

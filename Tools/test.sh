@@ -1,9 +1,15 @@
 #!/usr/bin/env bash
-# Sets up everything and runs the whole test suite: build (a warning in our code fails it), then swift test.
+# Sets up everything and runs the whole test suite: lint, build (a warning in our code fails it), then swift test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d /opt/swift/usr/bin ] && export PATH="/opt/swift/usr/bin:$PATH"
 Tools/setup.sh
+# The house style (.swift-format, swift-nio's settings): any finding fails the run. `swift format -i -r
+# Sources Tests Benchmarks Tools Fuzz Package.swift` fixes most of them.
+if ! swift format lint --strict -r Sources Tests Benchmarks Tools Fuzz Package.swift; then
+    echo "swift format lint: findings above"
+    exit 1
+fi
 log=$(mktemp /tmp/vdisk-build.XXXXXX)
 trap 'rm -f "$log"' EXIT
 if ! swift build --build-tests >"$log" 2>&1; then

@@ -4,11 +4,12 @@
 // requests concurrently (qemu-img bench keeps the same number in flight with AIO). Prints one line:
 // "<seconds> <requests> <bytes>" for Tools/bench-engine.sh to turn into a table.
 
+import BlockIO
+import VImage
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
-import VImage
 
 struct Options {
     var path = ""
@@ -85,10 +86,15 @@ func worker(_ shared: Shared) {
 nonisolated func startWorker(_ shared: Shared) -> pthread_t {
     var thread = pthread_t()
     let box = Unmanaged.passRetained(shared).toOpaque()
-    pthread_create(&thread, nil, { raw in
-        worker(Unmanaged<Shared>.fromOpaque(raw!).takeRetainedValue())
-        return nil
-    }, box)
+    pthread_create(
+        &thread,
+        nil,
+        { raw in
+            worker(Unmanaged<Shared>.fromOpaque(raw!).takeRetainedValue())
+            return nil
+        },
+        box
+    )
     return thread
 }
 

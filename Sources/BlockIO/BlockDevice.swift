@@ -53,7 +53,9 @@ public struct Extent: Sendable, Hashable, CustomStringConvertible {
     public var end: UInt64 { offset + length }
 
     public var description: String {
-        let kind = flags.contains(.hole) ? (flags.contains(.zero) ? "hole" : "unmapped") : (flags.contains(.zero) ? "zero" : "data")
+        let kind =
+            flags.contains(.hole)
+            ? (flags.contains(.zero) ? "hole" : "unmapped") : (flags.contains(.zero) ? "zero" : "data")
         return "\(offset)+\(length) \(kind)"
     }
 }
@@ -121,8 +123,11 @@ extension BlockDevice {
         let (end, overflow) = offset.addingReportingOverflow(count)
         if overflow || end > size {
             throw BlockIOError(
-                .outOfRange, operation: operation, offset: offset,
-                message: "range \(offset)+\(count) is past the end of the device (\(size) bytes)")
+                .outOfRange,
+                operation: operation,
+                offset: offset,
+                message: "range \(offset)+\(count) is past the end of the device (\(size) bytes)"
+            )
         }
     }
 

@@ -39,7 +39,11 @@ public struct BlockIOError: ErrnoConvertible, CustomStringConvertible, Sendable 
     public var message: String
 
     public init(
-        _ code: Code, operation: Operation, errno: Int32? = nil, path: String? = nil, offset: UInt64? = nil,
+        _ code: Code,
+        operation: Operation,
+        errno: Int32? = nil,
+        path: String? = nil,
+        offset: UInt64? = nil,
         message: String
     ) {
         self.code = code
@@ -52,9 +56,19 @@ public struct BlockIOError: ErrnoConvertible, CustomStringConvertible, Sendable 
 
     /// An error from a failed system call, with `strerror` text.
     public static func system(
-        _ operation: Operation, errno: Int32, path: String? = nil, offset: UInt64? = nil
+        _ operation: Operation,
+        errno: Int32,
+        path: String? = nil,
+        offset: UInt64? = nil
     ) -> BlockIOError {
-        BlockIOError(.system, operation: operation, errno: errno, path: path, offset: offset, message: describeErrno(errno))
+        BlockIOError(
+            .system,
+            operation: operation,
+            errno: errno,
+            path: path,
+            offset: offset,
+            message: describeErrno(errno)
+        )
     }
 
     public var errnoCode: Int32 { errno }

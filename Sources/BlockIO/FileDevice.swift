@@ -1,7 +1,8 @@
+import CBlockIO
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import CBlockIO
 
 /// A file or host block device accessed with `pread`/`pwrite`/`fdatasync`/`fallocate`.
 ///
@@ -50,7 +51,11 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     ///   - lock: advisory lock to take; fails with `.locked` if it is held elsewhere.
     /// - Throws: `BlockIOError`.
     public static func open(
-        path: String, readOnly: Bool, create: Bool = false, growable: Bool = false, lock: LockMode = .none
+        path: String,
+        readOnly: Bool,
+        create: Bool = false,
+        growable: Bool = false,
+        lock: LockMode = .none
     ) throws -> FileDevice {
         var flags: Int32 = readOnly ? O_RDONLY : O_RDWR
         flags |= O_CLOEXEC
@@ -62,7 +67,13 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             if fstat(fd, &st) != 0 { throw BlockIOError.system(.stat, errno: errno, path: path) }
             let isBlock = (st.st_mode & S_IFMT) == S_IFBLK
             if (st.st_mode & S_IFMT) == S_IFDIR {
-                throw BlockIOError(.invalidArgument, operation: .open, errno: EISDIR, path: path, message: "is a directory")
+                throw BlockIOError(
+                    .invalidArgument,
+                    operation: .open,
+                    errno: EISDIR,
+                    path: path,
+                    message: "is a directory"
+                )
             }
             var size = UInt64(max(0, st.st_size))
             if isBlock {
@@ -76,15 +87,26 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                     let code = errno
                     if code == EWOULDBLOCK {
                         throw BlockIOError(
-                            .locked, operation: .lock, errno: EAGAIN, path: path,
+                            .locked,
+                            operation: .lock,
+                            errno: EAGAIN,
+                            path: path,
                             message: lock == .exclusive
                                 ? "the image is in use by another process (could not get the write lock)"
-                                : "the image is being written by another process (could not get a shared lock)")
+                                : "the image is being written by another process (could not get a shared lock)"
+                        )
                     }
                     throw BlockIOError.system(.lock, errno: code, path: path)
                 }
             }
-            return FileDevice(path: path, fd: fd, readOnly: readOnly, growable: growable, size: size, isBlockDevice: isBlock)
+            return FileDevice(
+                path: path,
+                fd: fd,
+                readOnly: readOnly,
+                growable: growable,
+                size: size,
+                isBlockDevice: isBlock
+            )
         } catch {
             Glibc.close(fd)
             throw error
@@ -120,7 +142,9 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     private func checkWritable(_ operation: BlockIOError.Operation, offset: UInt64, count: UInt64) throws {
         try checkOpen(operation)
-        if isReadOnly { throw BlockIOError(.readOnly, operation: operation, path: path, message: "device is read-only") }
+        if isReadOnly {
+            throw BlockIOError(.readOnly, operation: operation, path: path, message: "device is read-only")
+        }
         if !isGrowable { try checkRange(offset: offset, count: count, operation: operation) }
     }
 
@@ -171,7 +195,15 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                 return  // entirely past the end of a growable file: already zero
             }
         }
-        if fast { throw BlockIOError(.notSupported, operation: .writeZeroes, path: path, offset: offset, message: "no fast zeroing") }
+        if fast {
+            throw BlockIOError(
+                .notSupported,
+                operation: .writeZeroes,
+                path: path,
+                offset: offset,
+                message: "no fast zeroing"
+            )
+        }
         try writeZeroesSlowly(at: offset, count: count)
     }
 

@@ -16,13 +16,14 @@
 // The output is sparse: a unit that reads as zeroes is never allocated (raw files are ftruncated to size
 // first, so skipped ranges are holes).
 
-#if canImport(Glibc)
-import Glibc
-#endif
 import BlockIO
 import Dispatch
 import Synchronization
 import VImage
+
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// What `ImageConverter.convert` produces.
 public struct ConvertOptions: Sendable {
@@ -55,7 +56,9 @@ public enum ImageConverter {
     ///   - progress: called (serialized) with bytes done and the total as work completes.
     /// - Throws: `ImageFormatError`, `VImageError` or `BlockIOError`; the destination is then untouched.
     public static func convert(
-        source: String, destination: String, options: ConvertOptions,
+        source: String,
+        destination: String,
+        options: ConvertOptions,
         progress: (@Sendable (UInt64, UInt64) -> Void)? = nil
     ) throws {
         if options.compress && options.outputFormat != .vimg {
@@ -64,11 +67,20 @@ public enum ImageConverter {
         if options.backingFile != nil && options.outputFormat == .raw {
             throw ImageFormatError(.invalidArgument, message: "raw images cannot have a backing file (-B)")
         }
-        let input = try ImageFormats.open(path: source, format: options.sourceFormat, readOnly: true, snapshot: options.snapshot)
+        let input = try ImageFormats.open(
+            path: source,
+            format: options.sourceFormat,
+            readOnly: true,
+            snapshot: options.snapshot
+        )
         defer { try? input.close() }
         var backing: (any BlockDevice)? = nil
         if let name = options.backingFile {
-            backing = try ImageFormats.open(path: resolve(name, relativeTo: destination), format: options.backingFormat, readOnly: true)
+            backing = try ImageFormats.open(
+                path: resolve(name, relativeTo: destination),
+                format: options.backingFormat,
+                readOnly: true
+            )
         }
         defer { try? backing?.close() }
 
@@ -84,7 +96,11 @@ public enum ImageConverter {
                 throw error
             }
             guard rename(temporary, destination) == 0 else {
-                throw ImageFormatError(.io, path: destination, message: "cannot rename the finished image into place: \(describeErrno(errno))")
+                throw ImageFormatError(
+                    .io,
+                    path: destination,
+                    message: "cannot rename the finished image into place: \(describeErrno(errno))"
+                )
             }
         } catch {
             unlink(temporary)
@@ -108,7 +124,12 @@ public enum ImageConverter {
 
     /// Half-open ranges of unit indexes, in order, each at most `batch` long.
     static func plan(
-        _ device: any BlockDevice, unit: UInt64, batch: UInt64, wholeDisk: Bool, into ranges: inout [Range<UInt64>], limit: UInt64
+        _ device: any BlockDevice,
+        unit: UInt64,
+        batch: UInt64,
+        wholeDisk: Bool,
+        into ranges: inout [Range<UInt64>],
+        limit: UInt64
     ) throws {
         let size = min(device.size, limit)
         if wholeDisk {
@@ -133,7 +154,9 @@ public enum ImageConverter {
         }
         while start < range.upperBound {
             let end = min(range.upperBound, (start / batch + 1) * batch)
-            if let last = ranges.last, last.upperBound == start, last.count < batch, (last.lowerBound / batch) == (start / batch) {
+            if let last = ranges.last, last.upperBound == start, last.count < batch,
+                (last.lowerBound / batch) == (start / batch)
+            {
                 ranges[ranges.count - 1] = last.lowerBound..<end
             } else {
                 ranges.append(start..<end)
@@ -153,7 +176,10 @@ public enum ImageConverter {
     // MARK: Copying
 
     private static func copy(
-        from input: any BlockDevice, backing: (any BlockDevice)?, to sink: any ConvertSink, options: ConvertOptions,
+        from input: any BlockDevice,
+        backing: (any BlockDevice)?,
+        to sink: any ConvertSink,
+        options: ConvertOptions,
         progress: (@Sendable (UInt64, UInt64) -> Void)?
     ) throws {
         let unit = UInt64(sink.unitSize)
@@ -179,7 +205,8 @@ public enum ImageConverter {
         DispatchQueue.concurrentPerform(iterations: workers) { _ in
             let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(unit), alignment: 4096)
             defer { buffer.deallocate() }
-            let other = backing == nil ? nil : UnsafeMutableRawBufferPointer.allocate(byteCount: Int(unit), alignment: 4096)
+            let other =
+                backing == nil ? nil : UnsafeMutableRawBufferPointer.allocate(byteCount: Int(unit), alignment: 4096)
             defer { other?.deallocate() }
             while failure.withLock({ $0 == nil }) {
                 let claimed = cursor.wrappingAdd(1, ordering: .relaxed).oldValue
@@ -191,12 +218,23 @@ public enum ImageConverter {
                         let data = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<length])
                         try input.read(into: data, at: offset)
                         if length < Int(unit) {
-                            UnsafeMutableRawBufferPointer(rebasing: buffer[length...]).initializeMemory(as: UInt8.self, repeating: 0)
+                            UnsafeMutableRawBufferPointer(rebasing: buffer[length...]).initializeMemory(
+                                as: UInt8.self,
+                                repeating: 0
+                            )
                         }
                         if let backing, let other {
                             let inside = offset < backing.size ? Int(min(UInt64(length), backing.size - offset)) : 0
-                            if inside > 0 { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: other[0..<inside]), at: offset) }
-                            UnsafeMutableRawBufferPointer(rebasing: other[inside...]).initializeMemory(as: UInt8.self, repeating: 0)
+                            if inside > 0 {
+                                try backing.read(
+                                    into: UnsafeMutableRawBufferPointer(rebasing: other[0..<inside]),
+                                    at: offset
+                                )
+                            }
+                            UnsafeMutableRawBufferPointer(rebasing: other[inside...]).initializeMemory(
+                                as: UInt8.self,
+                                repeating: 0
+                            )
                             if memcmp(buffer.baseAddress!, other.baseAddress!, Int(unit)) == 0 { continue }
                             if isAllZero(UnsafeRawBufferPointer(buffer)) {
                                 try sink.writeZeroes(unit: index, length: length)
@@ -225,7 +263,12 @@ public enum ImageConverter {
 
     // MARK: Outputs
 
-    private static func makeSink(path: String, size: UInt64, options: ConvertOptions, backing: (any BlockDevice)?) throws -> any ConvertSink {
+    private static func makeSink(
+        path: String,
+        size: UInt64,
+        options: ConvertOptions,
+        backing: (any BlockDevice)?
+    ) throws -> any ConvertSink {
         switch options.outputFormat {
         case .raw:
             return try RawSink(path: path, size: size, sparseSize: Int(min(options.sparseSize, 1 << 20)))
@@ -261,7 +304,9 @@ final class RawSink: ConvertSink, @unchecked Sendable {
     init(path: String, size: UInt64, sparseSize: Int) throws {
         self.path = path
         fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw ImageFormatError(.io, path: path, message: "cannot create: \(describeErrno(errno))") }
+        guard fd >= 0 else {
+            throw ImageFormatError(.io, path: path, message: "cannot create: \(describeErrno(errno))")
+        }
         self.sparseSize = sparseSize
         guard ftruncate(fd, off_t(size)) == 0 else {
             let code = errno
@@ -276,7 +321,12 @@ final class RawSink: ConvertSink, @unchecked Sendable {
             let n = pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + UInt64(done)))
             if n < 0 {
                 if errno == EINTR { continue }
-                throw ImageFormatError(.io, path: path, offset: offset + UInt64(done), message: "write failed: \(describeErrno(errno))")
+                throw ImageFormatError(
+                    .io,
+                    path: path,
+                    offset: offset + UInt64(done),
+                    message: "write failed: \(describeErrno(errno))"
+                )
             }
             done += n
         }
@@ -310,7 +360,9 @@ final class RawSink: ConvertSink, @unchecked Sendable {
     func writeZeroes(unit index: UInt64, length: Int) throws {}
 
     func finish() throws {
-        guard Glibc.close(fd) == 0 else { throw ImageFormatError(.io, path: path, message: "close failed: \(describeErrno(errno))") }
+        guard Glibc.close(fd) == 0 else {
+            throw ImageFormatError(.io, path: path, message: "close failed: \(describeErrno(errno))")
+        }
     }
 
     func abandon() { Glibc.close(fd) }
@@ -326,9 +378,17 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
     init(path: String, size: UInt64, options: ConvertOptions, backing: (any BlockDevice)?) throws {
         let bits = options.clusterBits ?? 16
         try VImage.create(
-            path: path, virtualSize: size,
-            options: .init(clusterBits: bits, backingFile: options.backingFile, backingFormat: options.backingFormat?.rawValue))
-        let file = try withPath(path) { try FileDevice.open(path: path, readOnly: false, growable: true, lock: .exclusive) }
+            path: path,
+            virtualSize: size,
+            options: .init(
+                clusterBits: bits,
+                backingFile: options.backingFile,
+                backingFormat: options.backingFormat?.rawValue
+            )
+        )
+        let file = try withPath(path) {
+            try FileDevice.open(path: path, readOnly: false, growable: true, lock: .exclusive)
+        }
         // The output is renamed into place only when complete, so by default (as qemu-img convert's
         // cache=unsafe) its metadata steps are not synced one by one; `syncOutput` makes them durable.
         let host: any BlockDevice = options.syncOutput ? file : UnsyncedDevice(file)
@@ -353,7 +413,11 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
         if compress && offset + UInt64(unitSize) <= size {
             try image.writeCompressed(cluster: index, data: data)
         } else {
-            try image.write(UnsafeRawBufferPointer(rebasing: data[0..<Int(min(UInt64(unitSize), size - offset))]), at: offset, fua: false)
+            try image.write(
+                UnsafeRawBufferPointer(rebasing: data[0..<Int(min(UInt64(unitSize), size - offset))]),
+                at: offset,
+                fua: false
+            )
         }
     }
 
@@ -381,11 +445,18 @@ final class Qcow2Sink: ConvertSink, @unchecked Sendable {
     var unitSize: Int { writer.clusterSize }
 
     init(path: String, size: UInt64, options: ConvertOptions) throws {
-        file = try withPath(path) { try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive) }
+        file = try withPath(path) {
+            try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive)
+        }
         do {
             writer = try Qcow2Writer(
-                file: file, path: path, virtualSize: size, clusterBits: options.clusterBits ?? 16, backingFile: options.backingFile,
-                backingFormat: options.backingFormat?.rawValue)
+                file: file,
+                path: path,
+                virtualSize: size,
+                clusterBits: options.clusterBits ?? 16,
+                backingFile: options.backingFile,
+                backingFormat: options.backingFormat?.rawValue
+            )
         } catch {
             try? file.close()
             throw error

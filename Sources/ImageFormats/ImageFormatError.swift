@@ -1,8 +1,9 @@
+import BlockIO
+import VImage
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
-import VImage
 
 /// The one public error of `ImageFormats`: a stable code, a message, the file and offset it concerns,
 /// and what caused it.
@@ -32,7 +33,13 @@ public struct ImageFormatError: ErrnoConvertible, CustomStringConvertible, Senda
     public var offset: UInt64?
     public var cause: (any Error & Sendable)?
 
-    public init(_ code: Code, path: String? = nil, offset: UInt64? = nil, message: String, cause: (any Error & Sendable)? = nil) {
+    public init(
+        _ code: Code,
+        path: String? = nil,
+        offset: UInt64? = nil,
+        message: String,
+        cause: (any Error & Sendable)? = nil
+    ) {
         self.code = code
         self.message = message
         self.path = path

@@ -8,11 +8,12 @@
 // and chains deeper than 32), then open the levels bottom-up, each over the one below. A VIMG or raw
 // level ends the walk: VIMG opens its own chain.
 
+import BlockIO
+import VImage
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
-import VImage
 
 public enum ImageFormats {
     public typealias Format = DiskImage.Format
@@ -27,7 +28,12 @@ public enum ImageFormats {
     ///   - snapshot: read an internal snapshot (by name or id) instead of the active state (read-only).
     /// - Returns: a device whose `size` is the guest (virtual) size.
     /// - Throws: `ImageFormatError`, `VImageError` or `BlockIOError` with a clear message.
-    public static func open(path: String, format: Format? = nil, readOnly: Bool, snapshot: String? = nil) throws -> any BlockDevice {
+    public static func open(
+        path: String,
+        format: Format? = nil,
+        readOnly: Bool,
+        snapshot: String? = nil
+    ) throws -> any BlockDevice {
         let format = try format ?? probe(path: path)
         switch format {
         case .raw:
@@ -38,7 +44,14 @@ public enum ImageFormats {
                 let device = try openQcow2(path: backing)
                 let host: FileDevice
                 do {
-                    host = try withPath(path) { try FileDevice.open(path: path, readOnly: readOnly, growable: true, lock: readOnly ? .shared : .exclusive) }
+                    host = try withPath(path) {
+                        try FileDevice.open(
+                            path: path,
+                            readOnly: readOnly,
+                            growable: true,
+                            lock: readOnly ? .shared : .exclusive
+                        )
+                    }
                 } catch {
                     try? device.close()
                     throw error
@@ -54,7 +67,11 @@ public enum ImageFormats {
             return try DiskImage.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot)
         case .qcow2:
             guard readOnly else {
-                throw ImageFormatError(.readOnly, path: path, message: "qcow2 images can only be opened read-only (convert them to VIMG to write)")
+                throw ImageFormatError(
+                    .readOnly,
+                    path: path,
+                    message: "qcow2 images can only be opened read-only (convert them to VIMG to write)"
+                )
             }
             return try openQcow2(path: path, snapshot: snapshot)
         }
@@ -102,21 +119,39 @@ public enum ImageFormats {
             }
             guard let name = header.backingFile else { break }
             var resolved = name
-            if !name.hasPrefix("/"), let slash = current.lastIndex(of: "/") { resolved = String(current[...slash]) + name }
+            if !name.hasPrefix("/"), let slash = current.lastIndex(of: "/") {
+                resolved = String(current[...slash]) + name
+            }
             guard access(resolved, F_OK) == 0 else {
-                throw ImageFormatError(.notFound, path: current, message: "backing file '\(name)' not found (looked for \(resolved))")
+                throw ImageFormatError(
+                    .notFound,
+                    path: current,
+                    message: "backing file '\(name)' not found (looked for \(resolved))"
+                )
             }
             let canonical = realPath(resolved) ?? resolved
             guard seen.insert(canonical).inserted else {
-                throw ImageFormatError(.invalidImage, path: current, message: "backing chain loops back to \(canonical)")
+                throw ImageFormatError(
+                    .invalidImage,
+                    path: current,
+                    message: "backing chain loops back to \(canonical)"
+                )
             }
             guard levels.count <= maxBackingDepth else {
-                throw ImageFormatError(.limitExceeded, path: path, message: "backing chain is deeper than \(maxBackingDepth) images")
+                throw ImageFormatError(
+                    .limitExceeded,
+                    path: path,
+                    message: "backing chain is deeper than \(maxBackingDepth) images"
+                )
             }
             let kind: Format
             if let text = header.backingFormat {
                 guard let f = Format(rawValue: text) else {
-                    throw ImageFormatError(.unsupportedFeature, path: current, message: "unsupported backing format '\(text)'")
+                    throw ImageFormatError(
+                        .unsupportedFeature,
+                        path: current,
+                        message: "unsupported backing format '\(text)'"
+                    )
                 }
                 kind = f
             } else {
@@ -132,13 +167,22 @@ public enum ImageFormats {
             for (index, level) in levels.enumerated().reversed() {
                 switch level.format {
                 case .raw:
-                    device = try withPath(level.path) { try FileDevice.open(path: level.path, readOnly: true, lock: .shared) }
+                    device = try withPath(level.path) {
+                        try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
+                    }
                 case .vimg:
                     device = try VImage.open(path: level.path, readOnly: true)
                 case .qcow2:
-                    let file = try withPath(level.path) { try FileDevice.open(path: level.path, readOnly: true, lock: .shared) }
+                    let file = try withPath(level.path) {
+                        try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
+                    }
                     do {
-                        device = try Qcow2Image(file: file, path: level.path, snapshot: index == 0 ? snapshot : nil, backing: device)
+                        device = try Qcow2Image(
+                            file: file,
+                            path: level.path,
+                            snapshot: index == 0 ? snapshot : nil,
+                            backing: device
+                        )
                     } catch {
                         try? file.close()
                         throw error

@@ -13,7 +13,12 @@ public struct MeasureResult: Sendable, Hashable {
 
 public enum ImageMeasure {
     /// Measures an image of `format` holding `source` (or an empty one of `size` bytes).
-    public static func measure(source: (any BlockDevice)?, size: UInt64?, format: ImageFormats.Format, clusterBits: Int? = nil) throws -> MeasureResult {
+    public static func measure(
+        source: (any BlockDevice)?,
+        size: UInt64?,
+        format: ImageFormats.Format,
+        clusterBits: Int? = nil
+    ) throws -> MeasureResult {
         let virtualSize = (source?.size ?? size ?? 0)
         if format == .raw {
             return MeasureResult(required: virtualSize, fullyAllocated: virtualSize)
@@ -24,7 +29,12 @@ public enum ImageMeasure {
         let allClusters = (rounded + cs - 1) / cs
         let perTable = cs / 8
         let allTables = (allClusters + perTable - 1) / perTable
-        let full = Qcow2Writer.fileSize(virtualSize: rounded, clusterBits: bits, dataClusters: allClusters, l2Tables: allTables)
+        let full = Qcow2Writer.fileSize(
+            virtualSize: rounded,
+            clusterBits: bits,
+            dataClusters: allClusters,
+            l2Tables: allTables
+        )
         guard let source else {
             return MeasureResult(required: full - allClusters * cs, fullyAllocated: full)
         }
@@ -47,7 +57,12 @@ public enum ImageMeasure {
             }
             position = last.end
         }
-        let required = Qcow2Writer.fileSize(virtualSize: rounded, clusterBits: bits, dataClusters: dataClusters, l2Tables: UInt64(tables.count))
+        let required = Qcow2Writer.fileSize(
+            virtualSize: rounded,
+            clusterBits: bits,
+            dataClusters: dataClusters,
+            l2Tables: UInt64(tables.count)
+        )
         return MeasureResult(required: required, fullyAllocated: full)
     }
 }

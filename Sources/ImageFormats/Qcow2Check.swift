@@ -42,7 +42,12 @@ public enum Qcow2Check {
             let first = offset / cs
             let last = (offset + length - 1) / cs
             guard last < fileClusters else {
-                report.add(.corruption, "outside-file", "\(what) at offset \(offset) lies past the end of the file (\(fileSize) bytes)", at: offset)
+                report.add(
+                    .corruption,
+                    "outside-file",
+                    "\(what) at offset \(offset) lies past the end of the file (\(fileSize) bytes)",
+                    at: offset
+                )
                 return
             }
             for c in first...last { expected[Int(c)] &+= 1 }
@@ -52,13 +57,20 @@ public enum Qcow2Check {
         reference(h.refcountTableOffset, UInt64(h.refcountTableClusters) * cs, "refcount table")
         if h.snapshotCount > 0 { reference(h.snapshotsOffset, image.snapshotTableBytes, "snapshot table") }
 
-        let rtBytes = try withPath(image.path) { try image.file.read(count: Int(UInt64(h.refcountTableClusters) * cs), at: h.refcountTableOffset) }
+        let rtBytes = try withPath(image.path) {
+            try image.file.read(count: Int(UInt64(h.refcountTableClusters) * cs), at: h.refcountTableOffset)
+        }
         let refcountTable = rtBytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
         for (i, entry) in refcountTable.enumerated() {
             let offset = entry & qcow2OffsetMask
             if offset == 0 { continue }
             if offset % cs != 0 {
-                report.add(.corruption, "unaligned", "refcount block \(i) at offset \(offset) is not cluster aligned", at: offset)
+                report.add(
+                    .corruption,
+                    "unaligned",
+                    "refcount block \(i) at offset \(offset) is not cluster aligned",
+                    at: offset
+                )
                 continue
             }
             reference(offset, cs, "refcount block \(i)")
@@ -71,17 +83,24 @@ public enum Qcow2Check {
         var lastHost: UInt64? = nil
         for (l1Offset, l1Size, name) in l1Tables where l1Size > 0 {
             reference(l1Offset, UInt64(l1Size) * 8, name)
-            let l1 = try withPath(image.path) { try image.file.read(count: Int(l1Size) * 8, at: l1Offset) }.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+            let l1 = try withPath(image.path) { try image.file.read(count: Int(l1Size) * 8, at: l1Offset) }
+                .withUnsafeBytes { decodeTable($0, as: UInt64.self) }
             let isActive = l1Offset == h.l1TableOffset
             for (i, entry) in l1.enumerated() {
                 let l2Offset = entry & qcow2OffsetMask
                 if l2Offset == 0 { continue }
                 guard l2Offset % cs == 0, l2Offset < fileSize, fileSize - l2Offset >= cs else {
-                    report.add(.corruption, "outside-file", "\(name) entry \(i): L2 table at \(l2Offset) is unaligned or past the end of the file", at: l2Offset)
+                    report.add(
+                        .corruption,
+                        "outside-file",
+                        "\(name) entry \(i): L2 table at \(l2Offset) is unaligned or past the end of the file",
+                        at: l2Offset
+                    )
                     continue
                 }
                 reference(l2Offset, cs, "L2 table")
-                let l2 = try withPath(image.path) { try image.file.read(count: Int(cs), at: l2Offset) }.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+                let l2 = try withPath(image.path) { try image.file.read(count: Int(cs), at: l2Offset) }.withUnsafeBytes
+                { decodeTable($0, as: UInt64.self) }
                 for (j, raw) in l2.enumerated() {
                     let guestCluster = UInt64(i) * UInt64(h.l2Entries) + UInt64(j)
                     switch Qcow2Cluster(l2Entry: raw, clusterBits: h.clusterBits) {
@@ -92,7 +111,12 @@ public enum Qcow2Check {
                         if host != 0 { reference(host, cs, "preallocated zero cluster") }
                     case .normal(let host):
                         if host % cs != 0 {
-                            report.add(.corruption, "unaligned", "L2 entry for guest cluster \(guestCluster) points at unaligned offset \(host)", at: host)
+                            report.add(
+                                .corruption,
+                                "unaligned",
+                                "L2 entry for guest cluster \(guestCluster) points at unaligned offset \(host)",
+                                at: host
+                            )
                             continue
                         }
                         reference(host, cs, "data cluster")
@@ -138,9 +162,19 @@ public enum Qcow2Check {
                 }
                 let want = UInt64(expected[Int(cluster)])
                 if stored < want {
-                    report.add(.corruption, "refcount-too-low", "cluster \(cluster) has refcount \(stored) but \(want) references", at: cluster * cs)
+                    report.add(
+                        .corruption,
+                        "refcount-too-low",
+                        "cluster \(cluster) has refcount \(stored) but \(want) references",
+                        at: cluster * cs
+                    )
                 } else if stored > want {
-                    report.add(.leak, "leaked-cluster", "cluster \(cluster) has refcount \(stored) but \(want) references", at: cluster * cs)
+                    report.add(
+                        .leak,
+                        "leaked-cluster",
+                        "cluster \(cluster) has refcount \(stored) but \(want) references",
+                        at: cluster * cs
+                    )
                 }
                 checked += 1
             }
@@ -148,7 +182,12 @@ public enum Qcow2Check {
         // Clusters no refcount block covers.
         if checked < fileClusters {
             for cluster in checked..<fileClusters where expected[Int(cluster)] > 0 {
-                report.add(.corruption, "refcount-too-low", "cluster \(cluster) is referenced but no refcount block covers it", at: cluster * cs)
+                report.add(
+                    .corruption,
+                    "refcount-too-low",
+                    "cluster \(cluster) is referenced but no refcount block covers it",
+                    at: cluster * cs
+                )
             }
         }
         return report

@@ -15,19 +15,28 @@ import CZstd
 
 enum Qcow2Decompressor {
     /// Decodes `input` into exactly `output.count` bytes; false if the data is malformed or too short.
-    static func decompress(_ type: Qcow2CompressionType, _ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool {
+    static func decompress(
+        _ type: Qcow2CompressionType,
+        _ input: UnsafeRawBufferPointer,
+        into output: UnsafeMutableRawBufferPointer
+    ) -> Bool {
         switch type {
         case .zlib: return inflateRaw(input, into: output)
         case .zstd: return zstdStream(input, into: output)
         }
     }
 
-    private static func inflateRaw(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool {
-        guard let src = input.baseAddress, let dst = output.baseAddress, input.count <= Int(UInt32.max), output.count <= Int(UInt32.max) else {
+    private static func inflateRaw(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool
+    {
+        guard let src = input.baseAddress, let dst = output.baseAddress, input.count <= Int(UInt32.max),
+            output.count <= Int(UInt32.max)
+        else {
             return false
         }
         var stream = z_stream()
-        guard inflateInit2_(&stream, -12, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else { return false }
+        guard inflateInit2_(&stream, -12, ZLIB_VERSION, Int32(MemoryLayout<z_stream>.size)) == Z_OK else {
+            return false
+        }
         defer { inflateEnd(&stream) }
         stream.next_in = UnsafeMutablePointer(mutating: src.assumingMemoryBound(to: Bytef.self))
         stream.avail_in = uInt(input.count)
@@ -39,8 +48,11 @@ enum Qcow2Decompressor {
         return (result == Z_STREAM_END || result == Z_BUF_ERROR || result == Z_OK) && stream.avail_out == 0
     }
 
-    private static func zstdStream(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool {
-        guard let src = input.baseAddress, let dst = output.baseAddress, let context = ZSTD_createDCtx() else { return false }
+    private static func zstdStream(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool
+    {
+        guard let src = input.baseAddress, let dst = output.baseAddress, let context = ZSTD_createDCtx() else {
+            return false
+        }
         defer { ZSTD_freeDCtx(context) }
         var inBuffer = ZSTD_inBuffer(src: src, size: input.count, pos: 0)
         var outBuffer = ZSTD_outBuffer(dst: dst, size: output.count, pos: 0)

@@ -72,7 +72,11 @@ public struct Qcow2Snapshot: Sendable, Hashable {
 
     /// Reads `header.snapshotCount` entries from the snapshot table, one field group at a time (the
     /// table's size is not stored, so nothing is read before it is known to be needed).
-    static func readTable(from file: any BlockDevice, header: Qcow2Header, path: String?) throws -> (entries: [Qcow2Snapshot], bytes: UInt64) {
+    static func readTable(
+        from file: any BlockDevice,
+        header: Qcow2Header,
+        path: String?
+    ) throws -> (entries: [Qcow2Snapshot], bytes: UInt64) {
         let fileSize = file.size
         let cs = UInt64(header.clusterSize)
         var position = header.snapshotsOffset
@@ -81,7 +85,12 @@ public struct Qcow2Snapshot: Sendable, Hashable {
         func bytes(_ count: UInt64) throws -> [UInt8] {
             let (end, overflow) = position.addingReportingOverflow(count)
             guard !overflow, end <= fileSize, end - header.snapshotsOffset <= maxTableBytes else {
-                throw ImageFormatError(.invalidImage, path: path, offset: position, message: "snapshot table runs past the end of the file or 64 MiB")
+                throw ImageFormatError(
+                    .invalidImage,
+                    path: path,
+                    offset: position,
+                    message: "snapshot table runs past the end of the file or 64 MiB"
+                )
             }
             let data = try withPath(path) { try file.read(count: Int(count), at: position) }
             position = end
@@ -90,12 +99,22 @@ public struct Qcow2Snapshot: Sendable, Hashable {
         for index in 0..<Int(header.snapshotCount) {
             let entryStart = position
             var f = ByteReader(try bytes(40))
-            let l1Offset = f.readInteger(as: UInt64.self)!, l1Size = f.readInteger(as: UInt32.self)!
-            let idLength = f.readInteger(as: UInt16.self)!, nameLength = f.readInteger(as: UInt16.self)!
-            let seconds = f.readInteger(as: UInt32.self)!, nanoseconds = f.readInteger(as: UInt32.self)!
-            let clock = f.readInteger(as: UInt64.self)!, state32 = f.readInteger(as: UInt32.self)!, extraSize = f.readInteger(as: UInt32.self)!
+            let l1Offset = f.readInteger(as: UInt64.self)!
+            let l1Size = f.readInteger(as: UInt32.self)!
+            let idLength = f.readInteger(as: UInt16.self)!
+            let nameLength = f.readInteger(as: UInt16.self)!
+            let seconds = f.readInteger(as: UInt32.self)!
+            let nanoseconds = f.readInteger(as: UInt32.self)!
+            let clock = f.readInteger(as: UInt64.self)!
+            let state32 = f.readInteger(as: UInt32.self)!
+            let extraSize = f.readInteger(as: UInt32.self)!
             guard extraSize <= maxExtraData else {
-                throw ImageFormatError(.invalidImage, path: path, offset: entryStart + 36, message: "snapshot \(index) has \(extraSize) bytes of extra data (limit 1024)")
+                throw ImageFormatError(
+                    .invalidImage,
+                    path: path,
+                    offset: entryStart + 36,
+                    message: "snapshot \(index) has \(extraSize) bytes of extra data (limit 1024)"
+                )
             }
             var e = ByteReader(try bytes(UInt64(extraSize)))
             var vmState = UInt64(state32)
@@ -107,20 +126,45 @@ public struct Qcow2Snapshot: Sendable, Hashable {
             let used = position - entryStart
             position += (8 - used % 8) % 8  // padding; the last entry's may be cut by the end of the file
             guard l1Size <= Qcow2Header.maxL1Entries else {
-                throw ImageFormatError(.limitExceeded, path: path, offset: entryStart + 8, message: "snapshot '\(name)' has an L1 table of \(l1Size) entries (limit 4 Mi)")
+                throw ImageFormatError(
+                    .limitExceeded,
+                    path: path,
+                    offset: entryStart + 8,
+                    message: "snapshot '\(name)' has an L1 table of \(l1Size) entries (limit 4 Mi)"
+                )
             }
             if l1Size > 0 {
                 let (end, overflow) = l1Offset.addingReportingOverflow(UInt64(l1Size) * 8)
                 guard l1Offset % cs == 0, l1Offset != 0, !overflow, end <= fileSize else {
-                    throw ImageFormatError(.invalidImage, path: path, offset: entryStart, message: "snapshot '\(name)' has its L1 table at \(l1Offset), outside the file or unaligned")
+                    throw ImageFormatError(
+                        .invalidImage,
+                        path: path,
+                        offset: entryStart,
+                        message: "snapshot '\(name)' has its L1 table at \(l1Offset), outside the file or unaligned"
+                    )
                 }
             }
             guard size <= Qcow2Header.maxVirtualSize else {
-                throw ImageFormatError(.limitExceeded, path: path, offset: entryStart + 48, message: "snapshot '\(name)' has a virtual size larger than 2^62")
+                throw ImageFormatError(
+                    .limitExceeded,
+                    path: path,
+                    offset: entryStart + 48,
+                    message: "snapshot '\(name)' has a virtual size larger than 2^62"
+                )
             }
-            result.append(Qcow2Snapshot(
-                l1TableOffset: l1Offset, l1Size: l1Size, id: id, name: name, dateSeconds: seconds, dateNanoseconds: nanoseconds,
-                vmClockNanoseconds: clock, vmStateSize: vmState, virtualSize: size))
+            result.append(
+                Qcow2Snapshot(
+                    l1TableOffset: l1Offset,
+                    l1Size: l1Size,
+                    id: id,
+                    name: name,
+                    dateSeconds: seconds,
+                    dateNanoseconds: nanoseconds,
+                    vmClockNanoseconds: clock,
+                    vmStateSize: vmState,
+                    virtualSize: size
+                )
+            )
         }
         return (result, min(position, fileSize) - header.snapshotsOffset)
     }

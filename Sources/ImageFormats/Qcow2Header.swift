@@ -83,9 +83,19 @@ public struct Qcow2Header: Sendable, Hashable {
     public var featureNames: [UInt16: String] = [:]
 
     public init(
-        version: UInt32, backingFileOffset: UInt64, backingFileSize: UInt32, clusterBits: UInt32, virtualSize: UInt64,
-        cryptMethod: UInt32, l1Size: UInt32, l1TableOffset: UInt64, refcountTableOffset: UInt64, refcountTableClusters: UInt32,
-        snapshotCount: UInt32, snapshotsOffset: UInt64, headerLength: UInt32
+        version: UInt32,
+        backingFileOffset: UInt64,
+        backingFileSize: UInt32,
+        clusterBits: UInt32,
+        virtualSize: UInt64,
+        cryptMethod: UInt32,
+        l1Size: UInt32,
+        l1TableOffset: UInt64,
+        refcountTableOffset: UInt64,
+        refcountTableClusters: UInt32,
+        snapshotCount: UInt32,
+        snapshotsOffset: UInt64,
+        headerLength: UInt32
     ) {
         self.version = version
         self.backingFileOffset = backingFileOffset
@@ -121,14 +131,22 @@ public struct Qcow2Header: Sendable, Hashable {
     public static func read(from file: any BlockDevice, path: String?) throws -> Qcow2Header {
         let fileSize = file.size
         guard fileSize >= 72 else {
-            throw ImageFormatError(.invalidImage, path: path, message: "file is too short (\(fileSize) bytes) for a qcow2 header")
+            throw ImageFormatError(
+                .invalidImage,
+                path: path,
+                message: "file is too short (\(fileSize) bytes) for a qcow2 header"
+            )
         }
         let peek = try withPath(path) { try file.read(count: Int(min(fileSize, 512)), at: 0) }
         var cursor = ByteReader(peek, at: 20)
         let bits = cursor.readInteger(as: UInt32.self) ?? 0
         guard bits >= minClusterBits && bits <= maxClusterBits else {
             throw ImageFormatError(
-                .unsupportedFeature, path: path, offset: 20, message: "cluster_bits \(bits) is outside 9...21 (512 B to 2 MiB clusters)")
+                .unsupportedFeature,
+                path: path,
+                offset: 20,
+                message: "cluster_bits \(bits) is outside 9...21 (512 B to 2 MiB clusters)"
+            )
         }
         let clusterBytes = Int(min(fileSize, UInt64(1) << UInt64(bits)))
         let first = clusterBytes <= peek.count ? peek : try withPath(path) { try file.read(count: clusterBytes, at: 0) }
@@ -148,24 +166,48 @@ public struct Qcow2Header: Sendable, Hashable {
         }
         var r = ByteReader(bytes)
         guard let magic = r.readBytes(4), magic == Self.magic else { throw invalid(0, "not a qcow2 image (bad magic)") }
-        guard let version = r.readInteger(as: UInt32.self), let backingOffset = r.readInteger(as: UInt64.self), let backingSize = r.readInteger(as: UInt32.self),
-            let clusterBits = r.readInteger(as: UInt32.self), let size = r.readInteger(as: UInt64.self), let crypt = r.readInteger(as: UInt32.self),
-            let l1Size = r.readInteger(as: UInt32.self), let l1Offset = r.readInteger(as: UInt64.self), let rtOffset = r.readInteger(as: UInt64.self),
-            let rtClusters = r.readInteger(as: UInt32.self), let snapshotCount = r.readInteger(as: UInt32.self), let snapshotsOffset = r.readInteger(as: UInt64.self)
+        guard let version = r.readInteger(as: UInt32.self), let backingOffset = r.readInteger(as: UInt64.self),
+            let backingSize = r.readInteger(as: UInt32.self),
+            let clusterBits = r.readInteger(as: UInt32.self), let size = r.readInteger(as: UInt64.self),
+            let crypt = r.readInteger(as: UInt32.self),
+            let l1Size = r.readInteger(as: UInt32.self), let l1Offset = r.readInteger(as: UInt64.self),
+            let rtOffset = r.readInteger(as: UInt64.self),
+            let rtClusters = r.readInteger(as: UInt32.self), let snapshotCount = r.readInteger(as: UInt32.self),
+            let snapshotsOffset = r.readInteger(as: UInt64.self)
         else { throw invalid(0, "header is truncated") }
         guard version == 2 || version == 3 else {
-            throw ImageFormatError(.unsupportedFeature, offset: 4, message: "qcow2 version \(version) is not supported (only 2 and 3)")
+            throw ImageFormatError(
+                .unsupportedFeature,
+                offset: 4,
+                message: "qcow2 version \(version) is not supported (only 2 and 3)"
+            )
         }
         guard clusterBits >= minClusterBits && clusterBits <= maxClusterBits else {
-            throw ImageFormatError(.unsupportedFeature, offset: 20, message: "cluster_bits \(clusterBits) is outside 9...21")
+            throw ImageFormatError(
+                .unsupportedFeature,
+                offset: 20,
+                message: "cluster_bits \(clusterBits) is outside 9...21"
+            )
         }
         var h = Qcow2Header(
-            version: version, backingFileOffset: backingOffset, backingFileSize: backingSize, clusterBits: clusterBits,
-            virtualSize: size, cryptMethod: crypt, l1Size: l1Size, l1TableOffset: l1Offset, refcountTableOffset: rtOffset,
-            refcountTableClusters: rtClusters, snapshotCount: snapshotCount, snapshotsOffset: snapshotsOffset, headerLength: 72)
+            version: version,
+            backingFileOffset: backingOffset,
+            backingFileSize: backingSize,
+            clusterBits: clusterBits,
+            virtualSize: size,
+            cryptMethod: crypt,
+            l1Size: l1Size,
+            l1TableOffset: l1Offset,
+            refcountTableOffset: rtOffset,
+            refcountTableClusters: rtClusters,
+            snapshotCount: snapshotCount,
+            snapshotsOffset: snapshotsOffset,
+            headerLength: 72
+        )
         let cs = UInt64(h.clusterSize)
         if version >= 3 {
-            guard let incompatible = r.readInteger(as: UInt64.self), let compatible = r.readInteger(as: UInt64.self), let autoclear = r.readInteger(as: UInt64.self),
+            guard let incompatible = r.readInteger(as: UInt64.self), let compatible = r.readInteger(as: UInt64.self),
+                let autoclear = r.readInteger(as: UInt64.self),
                 let order = r.readInteger(as: UInt32.self), let length = r.readInteger(as: UInt32.self)
             else { throw invalid(72, "version 3 header is truncated") }
             h.incompatibleFeatures = incompatible
@@ -196,15 +238,22 @@ public struct Qcow2Header: Sendable, Hashable {
             }
             if type == endOfExtensions { break }
             guard UInt64(length) <= cs, let data = e.readBytes(Int(length)) else {
-                throw invalid(UInt64(position), "header extension 0x\(String(type, radix: 16)) of \(length) bytes runs past the first cluster")
+                throw invalid(
+                    UInt64(position),
+                    "header extension 0x\(String(type, radix: 16)) of \(length) bytes runs past the first cluster"
+                )
             }
-            guard seen.insert(type).inserted else { throw invalid(UInt64(position), "header extension 0x\(String(type, radix: 16)) appears twice") }
+            guard seen.insert(type).inserted else {
+                throw invalid(UInt64(position), "header extension 0x\(String(type, radix: 16)) appears twice")
+            }
             switch type {
             case backingFormatExtension:
                 h.backingFormat = String(decoding: data, as: UTF8.self)
             case featureTableExtension:
                 var t = ByteReader(data)
-                while t.remaining >= 48, let kind = t.readInteger(as: UInt8.self), let bit = t.readInteger(as: UInt8.self), let name = t.readBytes(46) {
+                while t.remaining >= 48, let kind = t.readInteger(as: UInt8.self),
+                    let bit = t.readInteger(as: UInt8.self), let name = t.readBytes(46)
+                {
                     let text = String(decoding: name.prefix { $0 != 0 }, as: UTF8.self)
                     h.featureNames[UInt16(kind) << 8 | UInt16(bit)] = text
                 }
@@ -231,7 +280,11 @@ public struct Qcow2Header: Sendable, Hashable {
             case Self.extendedL2Bit: name = "extended L2 entries (subclusters)"
             default: name = featureNames[UInt16(bit)].map { "'\($0)'" } ?? "bit \(bit)"
             }
-            throw ImageFormatError(.unsupportedFeature, offset: 72, message: "unsupported incompatible feature: \(name)")
+            throw ImageFormatError(
+                .unsupportedFeature,
+                offset: 72,
+                message: "unsupported incompatible feature: \(name)"
+            )
         }
         if incompatibleFeatures & Self.compressionTypeBit != 0 {
             guard headerLength > 104, compressionType != .zlib else {
@@ -241,34 +294,64 @@ public struct Qcow2Header: Sendable, Hashable {
             throw invalid(104, "compression_type \(compressionType.rawValue) needs the compression type feature bit")
         }
         guard cryptMethod == 0 else {
-            throw ImageFormatError(.unsupportedFeature, offset: 32, message: "encrypted images are not supported (crypt_method \(cryptMethod))")
+            throw ImageFormatError(
+                .unsupportedFeature,
+                offset: 32,
+                message: "encrypted images are not supported (crypt_method \(cryptMethod))"
+            )
         }
         guard virtualSize <= Self.maxVirtualSize else {
-            throw ImageFormatError(.limitExceeded, offset: 24, message: "virtual size \(virtualSize) is larger than 2^62 bytes")
+            throw ImageFormatError(
+                .limitExceeded,
+                offset: 24,
+                message: "virtual size \(virtualSize) is larger than 2^62 bytes"
+            )
         }
         guard l1Size <= Self.maxL1Entries else {
-            throw ImageFormatError(.limitExceeded, offset: 36, message: "L1 table of \(l1Size) entries is larger than 32 MiB")
+            throw ImageFormatError(
+                .limitExceeded,
+                offset: 36,
+                message: "L1 table of \(l1Size) entries is larger than 32 MiB"
+            )
         }
         guard UInt64(l1Size) >= Self.l1Entries(virtualSize: virtualSize, clusterBits: clusterBits) else {
             throw invalid(36, "L1 table of \(l1Size) entries is too small for a virtual size of \(virtualSize) bytes")
         }
         if l1Size > 0 {
-            guard l1TableOffset % cs == 0, l1TableOffset != 0 else { throw invalid(40, "L1 table offset \(l1TableOffset) is not cluster aligned") }
+            guard l1TableOffset % cs == 0, l1TableOffset != 0 else {
+                throw invalid(40, "L1 table offset \(l1TableOffset) is not cluster aligned")
+            }
             let (end, overflow) = l1TableOffset.addingReportingOverflow(UInt64(l1Size) * 8)
             guard !overflow, end <= fileSize else {
-                throw invalid(40, "L1 table at \(l1TableOffset) (\(l1Size) entries) lies past the end of the file (\(fileSize) bytes)")
+                throw invalid(
+                    40,
+                    "L1 table at \(l1TableOffset) (\(l1Size) entries) lies past the end of the file (\(fileSize) bytes)"
+                )
             }
         }
-        guard refcountTableOffset % cs == 0 else { throw invalid(48, "refcount table offset \(refcountTableOffset) is not cluster aligned") }
+        guard refcountTableOffset % cs == 0 else {
+            throw invalid(48, "refcount table offset \(refcountTableOffset) is not cluster aligned")
+        }
         guard UInt64(refcountTableClusters) * cs <= Self.maxRefcountTableBytes else {
-            throw ImageFormatError(.limitExceeded, offset: 56, message: "refcount table of \(refcountTableClusters) clusters is larger than 8 MiB")
+            throw ImageFormatError(
+                .limitExceeded,
+                offset: 56,
+                message: "refcount table of \(refcountTableClusters) clusters is larger than 8 MiB"
+            )
         }
         let (rtEnd, rtOverflow) = refcountTableOffset.addingReportingOverflow(UInt64(refcountTableClusters) * cs)
         guard !rtOverflow, rtEnd <= fileSize else {
-            throw invalid(48, "refcount table at \(refcountTableOffset) lies past the end of the file (\(fileSize) bytes)")
+            throw invalid(
+                48,
+                "refcount table at \(refcountTableOffset) lies past the end of the file (\(fileSize) bytes)"
+            )
         }
         guard snapshotCount <= Self.maxSnapshots else {
-            throw ImageFormatError(.limitExceeded, offset: 60, message: "\(snapshotCount) snapshots are more than \(Self.maxSnapshots)")
+            throw ImageFormatError(
+                .limitExceeded,
+                offset: 60,
+                message: "\(snapshotCount) snapshots are more than \(Self.maxSnapshots)"
+            )
         }
         if snapshotCount > 0 {
             guard snapshotsOffset % cs == 0, snapshotsOffset != 0, snapshotsOffset < fileSize else {

@@ -17,12 +17,13 @@
 // handed in; reads of unallocated clusters fall through to them, and past the backing file's end read
 // as zeroes.
 
+import BlockIO
+import Synchronization
+import VImage
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
-import VImage
-import Synchronization
 
 /// A read-only qcow2 image.
 public final class Qcow2Image: BlockDevice, @unchecked Sendable {
@@ -75,18 +76,34 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         } else {
             backingPath = nil
         }
-        let table: (entries: [Qcow2Snapshot], bytes: UInt64) = header.snapshotCount > 0 ? try Qcow2Snapshot.readTable(from: file, header: header, path: path) : ([], 0)
+        let table: (entries: [Qcow2Snapshot], bytes: UInt64) =
+            header.snapshotCount > 0 ? try Qcow2Snapshot.readTable(from: file, header: header, path: path) : ([], 0)
         snapshots = table.entries
         snapshotTableBytes = table.bytes
         var l1Offset = header.l1TableOffset
         var l1Size = header.l1Size
         var size = header.virtualSize
         if let snapshot {
-            guard let chosen = snapshots.first(where: { $0.name == snapshot }) ?? snapshots.first(where: { $0.id == snapshot }) else {
-                throw ImageFormatError(.notFound, path: path, message: "no snapshot named '\(snapshot)' (\(snapshots.count) snapshots)")
+            guard
+                let chosen = snapshots.first(where: { $0.name == snapshot })
+                    ?? snapshots.first(where: { $0.id == snapshot })
+            else {
+                throw ImageFormatError(
+                    .notFound,
+                    path: path,
+                    message: "no snapshot named '\(snapshot)' (\(snapshots.count) snapshots)"
+                )
             }
-            guard UInt64(chosen.l1Size) >= Qcow2Header.l1Entries(virtualSize: chosen.virtualSize, clusterBits: header.clusterBits) else {
-                throw ImageFormatError(.invalidImage, path: path, offset: chosen.l1TableOffset, message: "snapshot '\(chosen.name)' has an L1 table too small for its size")
+            guard
+                UInt64(chosen.l1Size)
+                    >= Qcow2Header.l1Entries(virtualSize: chosen.virtualSize, clusterBits: header.clusterBits)
+            else {
+                throw ImageFormatError(
+                    .invalidImage,
+                    path: path,
+                    offset: chosen.l1TableOffset,
+                    message: "snapshot '\(chosen.name)' has an L1 table too small for its size"
+                )
             }
             self.snapshot = chosen
             l1Offset = chosen.l1TableOffset
@@ -121,12 +138,22 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         case .normal(let host):
             guard host % cs == 0, host < fileSize else {
                 throw ImageFormatError(
-                    .corrupt, path: path, offset: host,
-                    message: "L2 entry for guest cluster \(index) points at host offset \(host), which is \(host % cs != 0 ? "not cluster aligned" : "past the end of the file (\(fileSize) bytes)")")
+                    .corrupt,
+                    path: path,
+                    offset: host,
+                    message:
+                        "L2 entry for guest cluster \(index) points at host offset \(host), which is \(host % cs != 0 ? "not cluster aligned" : "past the end of the file (\(fileSize) bytes)")"
+                )
             }
         case .compressed(let host, let length):
             guard host < fileSize, length <= 2 * cs + 512 else {
-                throw ImageFormatError(.corrupt, path: path, offset: host, message: "compressed cluster for guest cluster \(index) (\(length) bytes at \(host)) lies outside the file")
+                throw ImageFormatError(
+                    .corrupt,
+                    path: path,
+                    offset: host,
+                    message:
+                        "compressed cluster for guest cluster \(index) (\(length) bytes at \(host)) lies outside the file"
+                )
             }
         case .unallocated, .zero:
             break
@@ -142,8 +169,12 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         let cs = UInt64(header.clusterSize)
         guard offset % cs == 0, offset <= fileSize, fileSize - offset >= cs else {
             throw ImageFormatError(
-                .corrupt, path: path, offset: offset,
-                message: "L1 entry \(l1Index) points at an L2 table at \(offset), which is unaligned or past the end of the file (\(fileSize) bytes)")
+                .corrupt,
+                path: path,
+                offset: offset,
+                message:
+                    "L1 entry \(l1Index) points at an L2 table at \(offset), which is unaligned or past the end of the file (\(fileSize) bytes)"
+            )
         }
         let bytes = try withPath(path) { try file.read(count: header.clusterSize, at: offset) }
         let table = bytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
@@ -161,8 +192,12 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         let ok = input.withUnsafeBytes { Qcow2Decompressor.decompress(header.compressionType, $0, into: output) }
         guard ok else {
             throw ImageFormatError(
-                .corrupt, path: path, offset: host,
-                message: "compressed cluster (\(header.compressionType), \(length) bytes) does not decompress to \(header.clusterSize) bytes")
+                .corrupt,
+                path: path,
+                offset: host,
+                message:
+                    "compressed cluster (\(header.compressionType), \(length) bytes) does not decompress to \(header.clusterSize) bytes"
+            )
         }
     }
 
@@ -189,24 +224,34 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
                     length += Int(min(cs, UInt64(buffer.count - done - length)))
                     next += 1
                 }
-                try readBacking(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + length]), at: position)
+                try readBacking(
+                    into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + length]),
+                    at: position
+                )
             case .zero:
                 target.initializeMemory(as: UInt8.self, repeating: 0)
             case .normal(let host):
                 // Extend over following clusters that are contiguous on the host.
                 var next = index + 1
-                while done + length < buffer.count, case .normal(let h) = try cluster(next), h == host + (next - index) * cs {
+                while done + length < buffer.count, case .normal(let h) = try cluster(next),
+                    h == host + (next - index) * cs
+                {
                     length += Int(min(cs, UInt64(buffer.count - done - length)))
                     next += 1
                 }
-                try readHost(into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + length]), at: host + inCluster)
+                try readHost(
+                    into: UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + length]),
+                    at: host + inCluster
+                )
             case .compressed(let host, let span):
                 if inCluster == 0 && length == Int(cs) {
                     try decompress(host: host, length: span, into: target)
                 } else {
                     if scratch == nil { scratch = .allocate(byteCount: Int(cs), alignment: 64) }
                     try decompress(host: host, length: span, into: scratch!)
-                    target.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch![Int(inCluster)..<Int(inCluster) + length]))
+                    target.copyMemory(
+                        from: UnsafeRawBufferPointer(rebasing: scratch![Int(inCluster)..<Int(inCluster) + length])
+                    )
                 }
             }
             done += length
@@ -217,7 +262,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     private func readHost(into buffer: UnsafeMutableRawBufferPointer, at host: UInt64) throws {
         let available = host < fileSize ? Int(min(UInt64(buffer.count), fileSize - host)) : 0
         if available > 0 {
-            try withPath(path) { try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available]), at: host) }
+            try withPath(path) {
+                try file.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<available]), at: host)
+            }
         }
         if available < buffer.count {
             UnsafeMutableRawBufferPointer(rebasing: buffer[available...]).initializeMemory(as: UInt8.self, repeating: 0)
@@ -236,8 +283,12 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         }
     }
 
-    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws { throw readOnlyError(.write) }
-    public func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws { throw readOnlyError(.writeZeroes) }
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+        throw readOnlyError(.write)
+    }
+    public func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
+        throw readOnlyError(.writeZeroes)
+    }
     public func discard(at offset: UInt64, count: UInt64) throws { throw readOnlyError(.discard) }
     public func flush() throws { try checkOpen(.flush) }
 
@@ -283,7 +334,9 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
                 }
                 result.appendMerging(Extent(offset: position, length: runEnd - position, flags: [.hole, .zero]))
             case .zero(let allocated):
-                result.appendMerging(Extent(offset: position, length: runEnd - position, flags: allocated ? [.zero] : [.hole, .zero]))
+                result.appendMerging(
+                    Extent(offset: position, length: runEnd - position, flags: allocated ? [.zero] : [.hole, .zero])
+                )
             case .normal, .compressed:
                 result.appendMerging(Extent(offset: position, length: runEnd - position, flags: []))
             }

@@ -19,12 +19,13 @@
 // Data writes may come from several threads: host clusters are handed out under a mutex and written
 // outside it.
 
+import BlockIO
+import Synchronization
+import VImage
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
-import VImage
-import Synchronization
 
 /// Writes a qcow2 version 3 image.
 public final class Qcow2Writer: @unchecked Sendable {
@@ -53,11 +54,19 @@ public final class Qcow2Writer: @unchecked Sendable {
     ///   - backingFile: the backing file name to store (relative names are relative to the image's folder).
     ///   - backingFormat: the backing file's format, stored in a header extension.
     public init(
-        file: any BlockDevice, path: String?, virtualSize: UInt64, clusterBits: Int = 16, backingFile: String? = nil,
+        file: any BlockDevice,
+        path: String?,
+        virtualSize: UInt64,
+        clusterBits: Int = 16,
+        backingFile: String? = nil,
         backingFormat: String? = nil
     ) throws {
         guard clusterBits >= 9 && clusterBits <= 21 else {
-            throw ImageFormatError(.invalidArgument, path: path, message: "qcow2 cluster size must be a power of two from 512 B to 2 MiB")
+            throw ImageFormatError(
+                .invalidArgument,
+                path: path,
+                message: "qcow2 cluster size must be a power of two from 512 B to 2 MiB"
+            )
         }
         guard virtualSize <= Qcow2Header.maxVirtualSize - 511 else {
             throw ImageFormatError(.invalidArgument, path: path, message: "virtual size \(virtualSize) is too large")
@@ -65,7 +74,11 @@ public final class Qcow2Writer: @unchecked Sendable {
         let size = (virtualSize + 511) & ~511
         let entries = Qcow2Header.l1Entries(virtualSize: size, clusterBits: UInt32(clusterBits))
         guard entries <= UInt64(Qcow2Header.maxL1Entries) else {
-            throw ImageFormatError(.invalidArgument, path: path, message: "virtual size \(size) needs a larger cluster size (the L1 table would exceed 32 MiB)")
+            throw ImageFormatError(
+                .invalidArgument,
+                path: path,
+                message: "virtual size \(size) needs a larger cluster size (the L1 table would exceed 32 MiB)"
+            )
         }
         if let backingFile, backingFile.utf8.count > Int(Qcow2Header.maxBackingNameLength) || backingFile.isEmpty {
             throw ImageFormatError(.invalidArgument, path: path, message: "backing file name must be 1 to 1023 bytes")
@@ -81,7 +94,11 @@ public final class Qcow2Writer: @unchecked Sendable {
         self.l1Clusters = (entries * 8 + cs - 1) / cs
         self.state = Mutex(State(next: 1 + l1Clusters))
         guard headerTemplate().encode().count <= clusterSize else {
-            throw ImageFormatError(.invalidArgument, path: path, message: "header and backing file name do not fit in one cluster")
+            throw ImageFormatError(
+                .invalidArgument,
+                path: path,
+                message: "header and backing file name do not fit in one cluster"
+            )
         }
     }
 
@@ -107,16 +124,26 @@ public final class Qcow2Writer: @unchecked Sendable {
     private func assign(_ index: UInt64, _ make: (inout State) -> UInt64) throws -> UInt64 {
         let cs = UInt64(clusterSize)
         guard index < (virtualSize + cs - 1) / cs else {
-            throw ImageFormatError(.invalidArgument, path: path, message: "guest cluster \(index) is past the end of the image")
+            throw ImageFormatError(
+                .invalidArgument,
+                path: path,
+                message: "guest cluster \(index) is past the end of the image"
+            )
         }
         let perTable = UInt64(clusterSize / 8)
         return try state.withLock { state in
-            guard !state.finished else { throw ImageFormatError(.invalidArgument, path: path, message: "image is already finished") }
+            guard !state.finished else {
+                throw ImageFormatError(.invalidArgument, path: path, message: "image is already finished")
+            }
             let l1Index = index / perTable
             var table = state.tables.removeValue(forKey: l1Index) ?? [UInt64](repeating: 0, count: Int(perTable))
             defer { state.tables[l1Index] = table }
             guard table[Int(index % perTable)] == 0 else {
-                throw ImageFormatError(.invalidArgument, path: path, message: "guest cluster \(index) was already written")
+                throw ImageFormatError(
+                    .invalidArgument,
+                    path: path,
+                    message: "guest cluster \(index) was already written"
+                )
             }
             let entry = make(&state)
             table[Int(index % perTable)] = entry
@@ -130,7 +157,9 @@ public final class Qcow2Writer: @unchecked Sendable {
     public func finish() throws -> UInt64 {
         let cs = UInt64(clusterSize)
         let (tables, dataEnd) = try state.withLock { state -> ([UInt64: [UInt64]], UInt64) in
-            guard !state.finished else { throw ImageFormatError(.invalidArgument, path: path, message: "image is already finished") }
+            guard !state.finished else {
+                throw ImageFormatError(.invalidArgument, path: path, message: "image is already finished")
+            }
             state.finished = true
             return (state.tables, state.next)
         }
@@ -176,9 +205,20 @@ public final class Qcow2Writer: @unchecked Sendable {
 
     private func headerTemplate() -> Qcow2Header {
         var h = Qcow2Header(
-            version: 3, backingFileOffset: 0, backingFileSize: 0, clusterBits: clusterBits, virtualSize: virtualSize, cryptMethod: 0,
-            l1Size: UInt32(l1Entries), l1TableOffset: 0, refcountTableOffset: 0, refcountTableClusters: 0, snapshotCount: 0,
-            snapshotsOffset: 0, headerLength: 112)
+            version: 3,
+            backingFileOffset: 0,
+            backingFileSize: 0,
+            clusterBits: clusterBits,
+            virtualSize: virtualSize,
+            cryptMethod: 0,
+            l1Size: UInt32(l1Entries),
+            l1TableOffset: 0,
+            refcountTableOffset: 0,
+            refcountTableClusters: 0,
+            snapshotCount: 0,
+            snapshotsOffset: 0,
+            headerLength: 112
+        )
         h.backingFile = backingFile
         h.backingFormat = backingFormat
         return h
@@ -202,7 +242,8 @@ public final class Qcow2Writer: @unchecked Sendable {
 
     /// The size of the file this writer produces for `dataClusters` data clusters spread over
     /// `l2Tables` L2 tables (what `measure` reports as required).
-    public static func fileSize(virtualSize: UInt64, clusterBits: Int, dataClusters: UInt64, l2Tables: UInt64) -> UInt64 {
+    public static func fileSize(virtualSize: UInt64, clusterBits: Int, dataClusters: UInt64, l2Tables: UInt64) -> UInt64
+    {
         let cs = UInt64(1) << UInt64(clusterBits)
         let size = (virtualSize + 511) & ~511
         let l1 = Qcow2Header.l1Entries(virtualSize: size, clusterBits: UInt32(clusterBits))

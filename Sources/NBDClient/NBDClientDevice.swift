@@ -64,9 +64,12 @@ public struct NBDURI: Sendable, Hashable {
 
     /// - Throws: `BlockIOError` `.invalidArgument` naming what is wrong.
     public init(parsing uri: String) throws {
-        func bad(_ why: String) -> BlockIOError { BlockIOError(.invalidArgument, operation: .open, path: uri, message: "invalid NBD URI: \(why)") }
+        func bad(_ why: String) -> BlockIOError {
+            BlockIOError(.invalidArgument, operation: .open, path: uri, message: "invalid NBD URI: \(why)")
+        }
         let schemes: [(prefix: String, secure: Bool, unix: Bool)] = [
-            ("nbd://", false, false), ("nbds://", true, false), ("nbd+unix://", false, true), ("nbds+unix://", true, true),
+            ("nbd://", false, false), ("nbds://", true, false), ("nbd+unix://", false, true),
+            ("nbds+unix://", true, true),
         ]
         guard let scheme = schemes.first(where: { uri.hasPrefix($0.prefix) }) else {
             throw bad("use nbd[s]://host[:port]/export or nbd[s]+unix:///export?socket=PATH")
@@ -111,7 +114,9 @@ public struct NBDURI: Sendable, Hashable {
                 settings.certificates = directory
             }
             if let verify = query.removeValue(forKey: "tls-verify-peer") {
-                guard let value = Self.boolean(verify) else { throw bad("tls-verify-peer must be true or false, not '\(verify)'") }
+                guard let value = Self.boolean(verify) else {
+                    throw bad("tls-verify-peer must be true or false, not '\(verify)'")
+                }
                 settings.verifyPeer = value
             }
             tls = settings
@@ -123,7 +128,9 @@ public struct NBDURI: Sendable, Hashable {
         }
         if let unknown = query.keys.sorted().first {
             let known = (scheme.unix ? [Self.socketParameter] : []) + (scheme.secure ? Self.tlsParameters : [])
-            throw bad("unknown parameter '\(unknown)'\(known.isEmpty ? "" : " (\(scheme.prefix) knows \(known.joined(separator: ", ")))")")
+            throw bad(
+                "unknown parameter '\(unknown)'\(known.isEmpty ? "" : " (\(scheme.prefix) knows \(known.joined(separator: ", ")))")"
+            )
         }
     }
 
@@ -142,7 +149,9 @@ public struct NBDURI: Sendable, Hashable {
         let key = "tls-certificates="
         let items = uri[uri.index(after: mark)...].split(separator: "&", omittingEmptySubsequences: false).map { item in
             let value = item.dropFirst(key.count)
-            guard item.hasPrefix(key), !value.isEmpty, !percentDecoded(String(value)).hasPrefix("/") else { return String(item) }
+            guard item.hasPrefix(key), !value.isEmpty, !percentDecoded(String(value)).hasPrefix("/") else {
+                return String(item)
+            }
             let base = directory.hasSuffix("/") ? directory : directory + "/"
             return key + percentEncoded(base) + value
         }
@@ -154,7 +163,8 @@ public struct NBDURI: Sendable, Hashable {
         var out = ""
         for b in s.utf8 {
             switch b {
-            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"), UInt8(ascii: "0")...UInt8(ascii: "9"),
+            case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
+                UInt8(ascii: "0")...UInt8(ascii: "9"),
                 UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: "_"), UInt8(ascii: "~"), UInt8(ascii: "/"):
                 out.unicodeScalars.append(UnicodeScalar(b))
             default:
@@ -169,7 +179,9 @@ public struct NBDURI: Sendable, Hashable {
         var out: [UInt8] = []
         var bytes = Array(s.utf8)[...]
         while let b = bytes.popFirst() {
-            if b == UInt8(ascii: "%"), bytes.count >= 2, let v = UInt8(String(decoding: bytes.prefix(2), as: UTF8.self), radix: 16) {
+            if b == UInt8(ascii: "%"), bytes.count >= 2,
+                let v = UInt8(String(decoding: bytes.prefix(2), as: UTF8.self), radix: 16)
+            {
                 out.append(v)
                 bytes = bytes.dropFirst(2)
             } else {
@@ -206,7 +218,9 @@ public final class NBDClientDevice: BlockDevice {
         var all = [first]
         if first.flags.contains(.canMultiConn) {
             for _ in 1..<max(1, connections) {
-                guard let more = try? NBDConnection.open(parsed, uri: uri, tls: tls), more.size == first.size else { break }
+                guard let more = try? NBDConnection.open(parsed, uri: uri, tls: tls), more.size == first.size else {
+                    break
+                }
                 all.append(more)
             }
         }
@@ -233,7 +247,8 @@ public final class NBDClientDevice: BlockDevice {
     }
 
     /// Runs `body` on a free connection.
-    private func withConnection<T>(_ operation: BlockIOError.Operation, _ body: (NBDConnection) throws -> T) throws -> T {
+    private func withConnection<T>(_ operation: BlockIOError.Operation, _ body: (NBDConnection) throws -> T) throws -> T
+    {
         guard !closed.load(ordering: .relaxed) else {
             throw BlockIOError(.closed, operation: operation, path: uri, message: "the export is closed")
         }
@@ -254,7 +269,7 @@ public final class NBDClientDevice: BlockDevice {
         if connection!.isBroken { connection = try reconnect(replacing: connection!, operation) }
         do {
             return try body(connection!)
-        } catch where connection!.isBroken {
+        } catch  where connection!.isBroken {
             // The connection died under this request (a server restart, say). Every NBD command is
             // idempotent (writes put the same bytes at the same place), so it is safe to send it once more
             // on a new connection.
@@ -266,18 +281,29 @@ public final class NBDClientDevice: BlockDevice {
     /// A new connection in place of a broken one (a server restart, a timed-out reply), so that one failed
     /// request does not fail every later one. The export must look the same as before; if it cannot be
     /// reached, the request fails and the next one tries again.
-    private func reconnect(replacing broken: NBDConnection, _ operation: BlockIOError.Operation) throws -> NBDConnection {
+    private func reconnect(replacing broken: NBDConnection, _ operation: BlockIOError.Operation) throws -> NBDConnection
+    {
         let fresh: NBDConnection
         do {
             fresh = try NBDConnection.open(target, uri: uri, tls: tls)
         } catch {
-            throw BlockIOError(.system, operation: operation, errno: EIO, path: uri, message: "lost the connection and cannot reconnect: \(error)")
+            throw BlockIOError(
+                .system,
+                operation: operation,
+                errno: EIO,
+                path: uri,
+                message: "lost the connection and cannot reconnect: \(error)"
+            )
         }
         guard fresh.size == size, fresh.flags == transmissionFlags else {
             fresh.disconnect()
             throw BlockIOError(
-                .system, operation: operation, errno: EIO, path: uri,
-                message: "lost the connection, and the export changed (size or flags) on reconnecting")
+                .system,
+                operation: operation,
+                errno: EIO,
+                path: uri,
+                message: "lost the connection, and the export changed (size or flags) on reconnecting"
+            )
         }
         return fresh
     }
@@ -294,7 +320,9 @@ public final class NBDClientDevice: BlockDevice {
         while done < buffer.count {
             let n = min(buffer.count - done, Self.maximumRequest)
             let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + n])
-            try withConnection(.read) { try $0.request(.read, flags: [], offset: offset + UInt64(done), length: UInt32(n), readInto: slice) }
+            try withConnection(.read) {
+                try $0.request(.read, flags: [], offset: offset + UInt64(done), length: UInt32(n), readInto: slice)
+            }
             done += n
         }
     }
@@ -307,7 +335,9 @@ public final class NBDClientDevice: BlockDevice {
         while done < buffer.count {
             let n = min(buffer.count - done, Self.maximumRequest)
             let slice = UnsafeRawBufferPointer(rebasing: buffer[done..<done + n])
-            try withConnection(.write) { try $0.request(.write, flags: flags, offset: offset + UInt64(done), length: UInt32(n), payload: slice) }
+            try withConnection(.write) {
+                try $0.request(.write, flags: flags, offset: offset + UInt64(done), length: UInt32(n), payload: slice)
+            }
             done += n
         }
         if fua && !transmissionFlags.contains(.sendFUA) { try flush() }
@@ -317,18 +347,32 @@ public final class NBDClientDevice: BlockDevice {
         try checkWritable(.writeZeroes)
         try checkRange(offset: offset, count: count, operation: .writeZeroes)
         guard capabilities.contains(.writeZeroes) else {
-            if fast { throw BlockIOError(.notSupported, operation: .writeZeroes, path: uri, message: "the export cannot zero quickly") }
+            if fast {
+                throw BlockIOError(
+                    .notSupported,
+                    operation: .writeZeroes,
+                    path: uri,
+                    message: "the export cannot zero quickly"
+                )
+            }
             var done: UInt64 = 0
             let zeroes = [UInt8](repeating: 0, count: Int(min(count, 1 << 20)))
             while done < count {
                 let n = Int(min(count - done, UInt64(zeroes.count)))
-                try zeroes.withUnsafeBytes { try write(UnsafeRawBufferPointer(rebasing: $0[..<n]), at: offset + done, fua: false) }
+                try zeroes.withUnsafeBytes {
+                    try write(UnsafeRawBufferPointer(rebasing: $0[..<n]), at: offset + done, fua: false)
+                }
                 done += UInt64(n)
             }
             return
         }
         if fast && !capabilities.contains(.fastZero) {
-            throw BlockIOError(.notSupported, operation: .writeZeroes, path: uri, message: "the export cannot zero quickly")
+            throw BlockIOError(
+                .notSupported,
+                operation: .writeZeroes,
+                path: uri,
+                message: "the export cannot zero quickly"
+            )
         }
         var flags: NBDCommandFlags = mayUnmap ? [] : [.noHole]
         if fast { flags.insert(.fastZero) }
@@ -374,7 +418,7 @@ public final class NBDClientDevice: BlockDevice {
             do {
                 try connection.request(.flush, flags: [], offset: 0, length: 0)
                 return
-            } catch where connection.isBroken {
+            } catch  where connection.isBroken {
                 continue
             }
         }

@@ -58,7 +58,9 @@ final class NBDConnection: @unchecked Sendable {
         switch target.transport {
         case .unix(let path):
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-            guard fd >= 0 else { throw BlockIOError(.system, operation: .open, errno: errno, path: uri, message: "socket failed") }
+            guard fd >= 0 else {
+                throw BlockIOError(.system, operation: .open, errno: errno, path: uri, message: "socket failed")
+            }
             var address = sockaddr_un()
             address.sun_family = sa_family_t(AF_UNIX)
             let bytes = Array(path.utf8)
@@ -70,12 +72,20 @@ final class NBDConnection: @unchecked Sendable {
                 for (i, b) in bytes.enumerated() { raw[i] = b }
             }
             let rc = withUnsafePointer(to: &address) {
-                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                }
             }
             guard rc == 0 else {
                 let e = errno
                 Glibc.close(fd)
-                throw BlockIOError(.system, operation: .open, errno: e, path: uri, message: "cannot connect to \(path): \(String(cString: strerror(e)))")
+                throw BlockIOError(
+                    .system,
+                    operation: .open,
+                    errno: e,
+                    path: uri,
+                    message: "cannot connect to \(path): \(String(cString: strerror(e)))"
+                )
             }
             return fd
         case .tcp(let host, let port):
@@ -84,7 +94,13 @@ final class NBDConnection: @unchecked Sendable {
             var result: UnsafeMutablePointer<addrinfo>?
             let rc = getaddrinfo(host, String(port), &hints, &result)
             guard rc == 0, let first = result else {
-                throw BlockIOError(.system, operation: .open, errno: EHOSTUNREACH, path: uri, message: "cannot resolve \(host): \(String(cString: gai_strerror(rc)))")
+                throw BlockIOError(
+                    .system,
+                    operation: .open,
+                    errno: EHOSTUNREACH,
+                    path: uri,
+                    message: "cannot resolve \(host): \(String(cString: gai_strerror(rc)))"
+                )
             }
             defer { freeaddrinfo(result) }
             var lastErrno = ECONNREFUSED
@@ -102,7 +118,13 @@ final class NBDConnection: @unchecked Sendable {
                 }
                 info = ai.pointee.ai_next
             }
-            throw BlockIOError(.system, operation: .open, errno: lastErrno, path: uri, message: "cannot connect to \(host):\(port): \(String(cString: strerror(lastErrno)))")
+            throw BlockIOError(
+                .system,
+                operation: .open,
+                errno: lastErrno,
+                path: uri,
+                message: "cannot connect to \(host):\(port): \(String(cString: strerror(lastErrno)))"
+            )
         }
     }
 
@@ -110,15 +132,21 @@ final class NBDConnection: @unchecked Sendable {
     /// URI's host, nil over a unix socket), then NBD_OPT_GO (falling back to NBD_OPT_EXPORT_NAME on old
     /// servers).
     private static func negotiate(
-        fd: Int32, export: String, uri: String, tls: (context: TLSClientContext, serverName: String?)?
+        fd: Int32,
+        export: String,
+        uri: String,
+        tls: (context: TLSClientContext, serverName: String?)?
     ) throws -> NBDConnection {
         var io = RawIO(transport: .socket(fd), uri: uri)
         var r = try io.readBuffer(18)
-        guard r.readInteger(as: UInt64.self) == NBDMagic.greeting, r.readInteger(as: UInt64.self) == NBDMagic.options else {
+        guard r.readInteger(as: UInt64.self) == NBDMagic.greeting, r.readInteger(as: UInt64.self) == NBDMagic.options
+        else {
             throw io.error("not an NBD server (bad greeting)")
         }
         let serverFlags = NBDHandshakeFlags(rawValue: r.readInteger()!)
-        guard serverFlags.contains(.fixedNewstyle) else { throw io.error("the server does not speak fixed newstyle NBD") }
+        guard serverFlags.contains(.fixedNewstyle) else {
+            throw io.error("the server does not speak fixed newstyle NBD")
+        }
         var clientFlags: NBDClientFlags = [.fixedNewstyle]
         if serverFlags.contains(.noZeroes) { clientFlags.insert(.noZeroes) }
         var flagsBuffer = ByteBuffer()
@@ -150,7 +178,9 @@ final class NBDConnection: @unchecked Sendable {
             if type == .info {
                 guard let info = data.readInteger(as: UInt16.self) else { throw io.error("short NBD_REP_INFO") }
                 if NBDInfoType(rawValue: info) == .export {
-                    guard let exportSize = data.readInteger(as: UInt64.self), let exportFlags = data.readInteger(as: UInt16.self) else {
+                    guard let exportSize = data.readInteger(as: UInt64.self),
+                        let exportFlags = data.readInteger(as: UInt16.self)
+                    else {
                         throw io.error("short NBD_INFO_EXPORT")
                     }
                     size = exportSize
@@ -203,12 +233,19 @@ final class NBDConnection: @unchecked Sendable {
         let detail = message.isEmpty ? "" : " (\(message))"
         switch type {
         case .errUnsupported:
-            throw io.error("the server does not offer TLS: NBD_OPT_STARTTLS is unsupported\(detail)", errno: EPROTONOSUPPORT)
+            throw io.error(
+                "the server does not offer TLS: NBD_OPT_STARTTLS is unsupported\(detail)",
+                errno: EPROTONOSUPPORT
+            )
         case .errPolicy:
             throw io.error("the server refused TLS by policy\(detail)", errno: EACCES)
         default:
-            if type.isError { throw io.error("the server refused TLS with error \(type.rawValue & 0x7fff_ffff)\(detail)") }
-            throw io.error("the server answered NBD_OPT_STARTTLS with reply type \(type.rawValue), not an acknowledgement")
+            if type.isError {
+                throw io.error("the server refused TLS with error \(type.rawValue & 0x7fff_ffff)\(detail)")
+            }
+            throw io.error(
+                "the server answered NBD_OPT_STARTTLS with reply type \(type.rawValue), not an acknowledgement"
+            )
         }
     }
 
@@ -216,10 +253,16 @@ final class NBDConnection: @unchecked Sendable {
 
     /// Sends one request and waits for its simple reply; reads land in `readInto`.
     func request(
-        _ command: NBDCommand, flags: NBDCommandFlags, offset: UInt64, length: UInt32,
-        payload: UnsafeRawBufferPointer? = nil, readInto: UnsafeMutableRawBufferPointer? = nil
+        _ command: NBDCommand,
+        flags: NBDCommandFlags,
+        offset: UInt64,
+        length: UInt32,
+        payload: UnsafeRawBufferPointer? = nil,
+        readInto: UnsafeMutableRawBufferPointer? = nil
     ) throws {
-        guard !disconnected else { throw BlockIOError(.closed, operation: .read, path: uri, message: "the connection is closed") }
+        guard !disconnected else {
+            throw BlockIOError(.closed, operation: .read, path: uri, message: "the connection is closed")
+        }
         let io = RawIO(transport: transport, uri: uri)
         let cookie = nextCookie
         nextCookie &+= 1
@@ -230,7 +273,9 @@ final class NBDConnection: @unchecked Sendable {
             try io.write(header)
             if let payload { try io.write(payload) }
             var r = try io.readBuffer(16)
-            guard r.readInteger(as: UInt32.self) == NBDMagic.simpleReply else { throw io.error("bad reply magic from the server") }
+            guard r.readInteger(as: UInt32.self) == NBDMagic.simpleReply else {
+                throw io.error("bad reply magic from the server")
+            }
             error = r.readInteger(as: UInt32.self)!
             guard r.readInteger(as: UInt64.self) == cookie else { throw io.error("reply for an unknown request") }
             if error == 0, let readInto { try io.read(into: readInto) }
@@ -242,8 +287,13 @@ final class NBDConnection: @unchecked Sendable {
             throw error
         }
         if error != 0 {
-            throw BlockIOError(.system, operation: command == .read ? .read : .write, errno: Int32(bitPattern: error), path: uri,
-                message: "the server answered \(command) at \(offset)+\(length) with error \(error)")
+            throw BlockIOError(
+                .system,
+                operation: command == .read ? .read : .write,
+                errno: Int32(bitPattern: error),
+                path: uri,
+                message: "the server answered \(command) at \(offset)+\(length) with error \(error)"
+            )
         }
     }
 

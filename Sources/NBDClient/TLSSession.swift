@@ -92,8 +92,10 @@ final class TLSClientContext: @unchecked Sendable {
                 SSL_CTX_set_verify(context, SSL_VERIFY_NONE, nil)
             }
             if let directory {
-                let certificate = directory + FileName.certificate, key = directory + FileName.privateKey
-                let hasCertificate = Self.fileType(certificate) != nil, hasKey = Self.fileType(key) != nil
+                let certificate = directory + FileName.certificate
+                let key = directory + FileName.privateKey
+                let hasCertificate = Self.fileType(certificate) != nil
+                let hasKey = Self.fileType(key) != nil
                 if hasCertificate || hasKey {
                     // One without the other is a half-copied directory: say so rather than connect anonymously.
                     try Self.requireFile(certificate, why: "\(FileName.privateKey) needs it", fail)
@@ -104,7 +106,9 @@ final class TLSClientContext: @unchecked Sendable {
                     guard SSL_CTX_use_PrivateKey_file(context, key, SSL_FILETYPE_PEM) == 1 else {
                         let reasons = TLSSession.takeErrors()
                         // OpenSSL checks the key against the certificate as it loads it.
-                        if reasons.contains("key values mismatch") { throw fail("\(key) does not belong to \(certificate)") }
+                        if reasons.contains("key values mismatch") {
+                            throw fail("\(key) does not belong to \(certificate)")
+                        }
                         throw fail("\(key) holds no unencrypted PEM private key: \(reasons)")
                     }
                     guard SSL_CTX_check_private_key(context) == 1 else {
@@ -176,14 +180,26 @@ final class TLSSession: @unchecked Sendable {
         presentsCertificate = context.presentsCertificate
         ERR_clear_error()
         guard let method = Self.method, let ssl = SSL_new(context.context) else {
-            throw BlockIOError(.system, operation: .open, errno: ENOMEM, path: uri, message: "cannot set up TLS: \(Self.takeErrors())")
+            throw BlockIOError(
+                .system,
+                operation: .open,
+                errno: ENOMEM,
+                path: uri,
+                message: "cannot set up TLS: \(Self.takeErrors())"
+            )
         }
         socket = .allocate(capacity: 1)
         socket.initialize(to: copenssl_socket(fd: fd, error: 0, end_of_file: 0))
         guard let bio = copenssl_socket_bio(method, socket) else {
             SSL_free(ssl)
             socket.deallocate()
-            throw BlockIOError(.system, operation: .open, errno: ENOMEM, path: uri, message: "cannot set up TLS: \(Self.takeErrors())")
+            throw BlockIOError(
+                .system,
+                operation: .open,
+                errno: ENOMEM,
+                path: uri,
+                message: "cannot set up TLS: \(Self.takeErrors())"
+            )
         }
         SSL_set_bio(ssl, bio, bio)  // ssl owns the BIO from here
         self.ssl = ssl
@@ -218,7 +234,8 @@ final class TLSSession: @unchecked Sendable {
     }
 
     private func isAddress(_ host: String) -> Bool {
-        var v4 = in_addr(), v6 = in6_addr()
+        var v4 = in_addr()
+        var v6 = in6_addr()
         return inet_pton(AF_INET, host, &v4) == 1 || inet_pton(AF_INET6, host, &v6) == 1
     }
 
@@ -239,11 +256,13 @@ final class TLSSession: @unchecked Sendable {
             let verification = SSL_get_verify_result(ssl)
             if context.settings.verifyPeer && verification != X509_V_OK {
                 let reason = String(cString: X509_verify_cert_error_string(verification))
-                let against = context.settings.certificates.map { "\($0)/\(TLSClientContext.FileName.certificateAuthority)" }
+                let against =
+                    context.settings.certificates.map { "\($0)/\(TLSClientContext.FileName.certificateAuthority)" }
                     ?? "the system's trusted certificates"
                 throw error(
                     "the server's TLS certificate was rejected (\(reason)); it was checked against \(against)",
-                    errno: EACCES)
+                    errno: EACCES
+                )
             }
             throw failure(code, during: "the TLS handshake")
         }
@@ -336,7 +355,8 @@ final class TLSSession: @unchecked Sendable {
         // TLS 1.3 finishes the client's handshake before the server has judged the client's certificate,
         // so a refusal arrives as an alert on the first read after it.
         if reasons.contains("certificate required") {
-            message += " (the server requires a client certificate: put client-cert.pem and client-key.pem in"
+            message +=
+                " (the server requires a client certificate: put client-cert.pem and client-key.pem in"
                 + " the tls-certificates directory)"
         } else if reasons.contains("unknown ca") || reasons.contains("bad certificate") {
             message += " (the server did not accept the client certificate)"

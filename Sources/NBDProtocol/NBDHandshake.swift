@@ -60,7 +60,9 @@ public struct NBDSession: Sendable, Hashable {
     public var baseAllocationContextID: UInt32?
 
     public init(
-        export: NBDExportDescription, clientFlags: NBDClientFlags = .known, structuredReplies: Bool = false,
+        export: NBDExportDescription,
+        clientFlags: NBDClientFlags = .known,
+        structuredReplies: Bool = false,
         baseAllocationContextID: UInt32? = nil
     ) {
         self.export = export
@@ -280,8 +282,11 @@ public struct NBDHandshakeStateMachine: Sendable {
             return [
                 .send(
                     .exportNameReply(
-                        size: export.size, flags: export.flags.union(.hasFlags),
-                        zeroes: !clientFlags.contains(.noZeroes))),
+                        size: export.size,
+                        flags: export.flags.union(.hasFlags),
+                        zeroes: !clientFlags.contains(.noZeroes)
+                    )
+                ),
                 .startTransmission(session),
             ]
 
@@ -347,7 +352,9 @@ public struct NBDHandshakeStateMachine: Sendable {
             actions.append(reply(.ack))
             if option == .go {
                 state = .done
-                actions.append(.startTransmission(makeSession(export: export, requestedName: name, clientFlags: clientFlags)))
+                actions.append(
+                    .startTransmission(makeSession(export: export, requestedName: name, clientFlags: clientFlags))
+                )
             }
             return actions
 
@@ -415,7 +422,11 @@ public struct NBDHandshakeStateMachine: Sendable {
         return [.send(.optionReply(option: .startTLS, type: .ack, data: [])), .startTLS]
     }
 
-    private func makeSession(export: NBDExportDescription, requestedName: String, clientFlags: NBDClientFlags)
+    private func makeSession(
+        export: NBDExportDescription,
+        requestedName: String,
+        clientFlags: NBDClientFlags
+    )
         -> NBDSession
     {
         // A meta context selection is only valid for the export it named (the spec asks servers to forget a
@@ -427,8 +438,11 @@ public struct NBDHandshakeStateMachine: Sendable {
             contextID = NBDBaseAllocation.contextID
         }
         return NBDSession(
-            export: export, clientFlags: clientFlags, structuredReplies: structuredReplies,
-            baseAllocationContextID: contextID)
+            export: export,
+            clientFlags: clientFlags,
+            structuredReplies: structuredReplies,
+            baseAllocationContextID: contextID
+        )
     }
 }
 

@@ -32,8 +32,13 @@ public struct NBDRequest: Sendable, Hashable {
     public var payloadDiscarded: Bool
 
     public init(
-        flags: NBDCommandFlags = [], command: NBDCommand, cookie: UInt64, offset: UInt64 = 0, length: UInt32 = 0,
-        payload: ByteBuffer? = nil, payloadDiscarded: Bool = false
+        flags: NBDCommandFlags = [],
+        command: NBDCommand,
+        cookie: UInt64,
+        offset: UInt64 = 0,
+        length: UInt32 = 0,
+        payload: ByteBuffer? = nil,
+        payloadDiscarded: Bool = false
     ) {
         self.flags = flags
         self.command = command
@@ -105,7 +110,9 @@ public struct NBDRequestDecoder: ByteToMessageDecoder {
     }
 
     public mutating func decodeLast(
-        context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool
+        context: ChannelHandlerContext,
+        buffer: inout ByteBuffer,
+        seenEOF: Bool
     ) throws -> DecodingState {
         // A partial request at EOF is simply dropped: the client is gone and nobody awaits a reply.
         while let request = try next(from: &buffer) {
@@ -137,8 +144,12 @@ public struct NBDRequestDecoder: ByteToMessageDecoder {
             throw NBDProtocolError(.badMagic, "bad request magic 0x\(String(magic, radix: 16))")
         }
         var request = NBDRequest(
-            flags: NBDCommandFlags(rawValue: flags), command: NBDCommand(rawValue: command), cookie: cookie,
-            offset: offset, length: length)
+            flags: NBDCommandFlags(rawValue: flags),
+            command: NBDCommand(rawValue: command),
+            cookie: cookie,
+            offset: offset,
+            length: length
+        )
         if request.command == .write {
             if length > maximumPayload {
                 buffer.moveReaderIndex(forwardBy: NBDRequest.headerSize)

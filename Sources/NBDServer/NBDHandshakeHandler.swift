@@ -54,7 +54,10 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
     ///   - tls: the TLS setup, or nil to answer STARTTLS with NBD_REP_ERR_UNSUP.
     ///   - timeout: how long the whole negotiation, TLS handshake included, may take.
     init(
-        exports: [NBDExportDescription], tls: NBDTLSConfiguration? = nil, timeout: TimeAmount, logger: Logger,
+        exports: [NBDExportDescription],
+        tls: NBDTLSConfiguration? = nil,
+        timeout: TimeAmount,
+        logger: Logger,
         makeTransmission: @escaping TransmissionFactory
     ) {
         self.machine = NBDHandshakeStateMachine(exports: exports, tls: tls?.policy ?? .unavailable)
@@ -139,7 +142,8 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
             case .close(let reason):
                 logger.info("closing connection during handshake", metadata: ["reason": "\(reason)"])
                 finish(context: context)
-                context.writeAndFlush(Self.wrapOutboundOut(context.channel.allocator.buffer(capacity: 0))).assumeIsolated()
+                context.writeAndFlush(Self.wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)))
+                    .assumeIsolated()
                     .whenComplete { _ in context.close(promise: nil) }
                 return
             case .startTLS:
@@ -164,7 +168,9 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
         }
         if let rest = cumulation, rest.readableBytes > 0 {
             logger.info(
-                "closing connection during handshake", metadata: ["reason": "data sent before the STARTTLS reply"])
+                "closing connection during handshake",
+                metadata: ["reason": "data sent before the STARTTLS reply"]
+            )
             finish(context: context)
             context.close(promise: nil)
             return
@@ -193,7 +199,8 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
             metadata: [
                 "export": "\(session.export.name)", "structured": "\(session.structuredReplies)",
                 "base:allocation": "\(session.baseAllocationContextID != nil)",
-            ])
+            ]
+        )
         do {
             try context.pipeline.syncOperations.addHandlers(handlers, position: .after(self))
         } catch {

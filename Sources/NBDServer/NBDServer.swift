@@ -135,7 +135,9 @@ public final class NBDServer: Sendable {
     /// the export owns it (the bus flushes and closes it on unplug).
     public func removeExport(named name: String) {
         exportTable.withLock { $0.removeAll { $0.name == name } }
-        let victims = state.withLock { s in s.connectionExports.filter { $0.value == name }.compactMap { s.connections[$0.key] } }
+        let victims = state.withLock { s in
+            s.connectionExports.filter { $0.value == name }.compactMap { s.connections[$0.key] }
+        }
         for channel in victims { channel.close(promise: nil) }
     }
 
@@ -233,8 +235,10 @@ public final class NBDServer: Sendable {
         let inFlight = configuration.maximumInFlightPerConnection
         let deviceThreads = configuration.deviceThreads
         let handshake = NBDHandshakeHandler(
-            exports: exports.map(\.negotiationDescription), tls: configuration.tls,
-            timeout: configuration.handshakeTimeout, logger: logger
+            exports: exports.map(\.negotiationDescription),
+            tls: configuration.tls,
+            timeout: configuration.handshakeTimeout,
+            logger: logger
         ) { session in
             guard let export = exports.first(where: { $0.name == session.export.name }) else { return nil }
             self.state.withLock { $0.connectionExports[id] = export.name }
@@ -245,8 +249,13 @@ public final class NBDServer: Sendable {
                 NBDReplyWriter(),
                 ByteToMessageHandler(NBDRequestDecoder()),
                 NBDTransmissionHandler(
-                    session: session, export: export, threadPool: threadPool, logger: connectionLogger,
-                    maximumInFlight: inFlight, parallelism: deviceThreads),
+                    session: session,
+                    export: export,
+                    threadPool: threadPool,
+                    logger: connectionLogger,
+                    maximumInFlight: inFlight,
+                    parallelism: deviceThreads
+                ),
             ]
         }
         do {

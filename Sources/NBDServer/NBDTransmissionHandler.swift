@@ -72,8 +72,13 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private var lastWrite: EventLoopFuture<Void>?
 
     init(
-        session: NBDSession, export: NBDExport, threadPool: NIOThreadPool, logger: Logger,
-        maximumInFlight: Int = 64, maximumInFlightBytes: Int = 128 << 20, parallelism: Int = 4
+        session: NBDSession,
+        export: NBDExport,
+        threadPool: NIOThreadPool,
+        logger: Logger,
+        maximumInFlight: Int = 64,
+        maximumInFlightBytes: Int = 128 << 20,
+        parallelism: Int = 4
     ) {
         self.parallelism = max(1, parallelism)
         self.session = session
@@ -95,14 +100,30 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             return
         }
         if draining {
-            reply(context: context, request: request, error: .ESHUTDOWN, message: "server is shutting down", started: started)
+            reply(
+                context: context,
+                request: request,
+                error: .ESHUTDOWN,
+                message: "server is shutting down",
+                started: started
+            )
             return
         }
         if let rejection = validate(request, in: session) {
             logger.debug(
                 "refused request",
-                metadata: ["command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)", "error": "\(rejection.code)"])
-            reply(context: context, request: request, error: rejection.code, message: rejection.message, started: started)
+                metadata: [
+                    "command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)",
+                    "error": "\(rejection.code)",
+                ]
+            )
+            reply(
+                context: context,
+                request: request,
+                error: rejection.code,
+                message: rejection.message,
+                started: started
+            )
             return
         }
         let bytes = request.command == .read || request.command == .write ? Int(request.length) : 0
@@ -171,13 +192,20 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             replyRead(context: context, request: request, data: data, started: started)
         case .success(.extents(let descriptors)):
             let contextID = session.baseAllocationContextID ?? 0
-            let chunk = NBDReplyChunk(cookie: request.cookie, content: .blockStatus(contextID: contextID, descriptors: descriptors))
+            let chunk = NBDReplyChunk(
+                cookie: request.cookie,
+                content: .blockStatus(contextID: contextID, descriptors: descriptors)
+            )
             send(context: context, .chunk(chunk), request: request, failed: false, started: started, flush: false)
         case .failure(let error):
             let code = nbdErrorCode(for: error)
             logger.warning(
                 "request failed",
-                metadata: ["command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)", "error": "\(error)"])
+                metadata: [
+                    "command": "\(request.command)", "offset": "\(request.offset)", "length": "\(request.length)",
+                    "error": "\(error)",
+                ]
+            )
             reply(context: context, request: request, error: code, message: "\(error)", started: started, flush: false)
         }
     }
@@ -193,7 +221,10 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         // Framing errors (a bad request magic) cannot be recovered from; I/O errors mean the peer is gone.
         logger.log(
-            level: error.isUncleanTLSShutdown ? .debug : .info, "closing connection", metadata: ["reason": "\(error)"])
+            level: error.isUncleanTLSShutdown ? .debug : .info,
+            "closing connection",
+            metadata: ["reason": "\(error)"]
+        )
         context.close(promise: nil)
     }
 
@@ -236,8 +267,11 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             }
         case .writeZeroes:
             try device.writeZeroes(
-                at: offset, count: length, mayUnmap: !request.flags.contains(.noHole),
-                fast: request.flags.contains(.fastZero))
+                at: offset,
+                count: length,
+                mayUnmap: !request.flags.contains(.noHole),
+                fast: request.flags.contains(.fastZero)
+            )
             if request.flags.contains(.fua) { try device.flush() }
         case .trim:
             try device.discard(at: offset, count: length)
@@ -285,10 +319,13 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
 
     // MARK: Replies
 
-    private func replyRead(context: ChannelHandlerContext, request: NBDRequest, data: ByteBuffer, started: NIODeadline) {
+    private func replyRead(context: ChannelHandlerContext, request: NBDRequest, data: ByteBuffer, started: NIODeadline)
+    {
         let reply: NBDReply
         if session.structuredReplies {
-            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: .offsetData(offset: request.offset, data: data)))
+            reply = .chunk(
+                NBDReplyChunk(cookie: request.cookie, content: .offsetData(offset: request.offset, data: data))
+            )
         } else {
             reply = .simple(cookie: request.cookie, error: .success, data: data)
         }
@@ -297,7 +334,11 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
 
     /// A reply without data: success or an error, in the shape the command and session call for.
     private func reply(
-        context: ChannelHandlerContext, request: NBDRequest, error: NBDErrorCode, message: String, started: NIODeadline,
+        context: ChannelHandlerContext,
+        request: NBDRequest,
+        error: NBDErrorCode,
+        message: String,
+        started: NIODeadline,
         flush: Bool = true
     ) {
         let structured =
@@ -313,12 +354,20 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     }
 
     private func send(
-        context: ChannelHandlerContext, _ reply: NBDReply, request: NBDRequest, failed: Bool, started: NIODeadline, flush: Bool
+        context: ChannelHandlerContext,
+        _ reply: NBDReply,
+        request: NBDRequest,
+        failed: Bool,
+        started: NIODeadline,
+        flush: Bool
     ) {
         let latency = NIODeadline.now() - started
         export.stats.record(
-            command: request.command, bytes: request.length, failed: failed,
-            latencyNanoseconds: UInt64(max(0, latency.nanoseconds)))
+            command: request.command,
+            bytes: request.length,
+            failed: failed,
+            latencyNanoseconds: UInt64(max(0, latency.nanoseconds))
+        )
         guard context.channel.isActive else { return }
         let promise = context.eventLoop.makePromise(of: Void.self)
         context.write(Self.wrapOutboundOut(reply), promise: promise)

@@ -36,11 +36,15 @@ enum Backends {
             guard size > 0, size % 512 == 0, size <= 1 << 44 else {
                 throw BusError("a RAM disk needs a size that is a positive multiple of 512 bytes (at most 16 TiB)")
             }
-            guard request.snapshot == nil, !request.overlay else { throw BusError("a RAM disk has no snapshots or overlays") }
+            guard request.snapshot == nil, !request.overlay else {
+                throw BusError("a RAM disk has no snapshots or overlays")
+            }
             let ram = MemoryDevice(size: size, growable: false, readOnly: request.readOnly)
             return OpenedBackend(device: ram, format: "ram", image: nil, owned: [ram], source: "ram")
         }
-        guard let source = request.source, !source.isEmpty else { throw BusError("nothing to plug: give an image, an nbd:// URI or --ram SIZE") }
+        guard let source = request.source, !source.isEmpty else {
+            throw BusError("nothing to plug: give an image, an nbd:// URI or --ram SIZE")
+        }
         if Self.remoteSchemes.contains(where: { source.hasPrefix($0) }) {
             guard request.snapshot == nil else { throw BusError("--snapshot needs a VIMG image, not an NBD export") }
             let remote = try opener.openRemote(source, request.readOnly || request.overlay)
@@ -57,9 +61,17 @@ enum Backends {
             }
             if format == "qcow2" && !request.readOnly && !request.overlay {
                 try? device.close()
-                throw BusError("\(source): qcow2 images plug read-only; add --read-only, or --overlay for a throwaway writable layer")
+                throw BusError(
+                    "\(source): qcow2 images plug read-only; add --read-only, or --overlay for a throwaway writable layer"
+                )
             }
-            base = OpenedBackend(device: device, format: format, image: device as? VImage, owned: [device], source: path)
+            base = OpenedBackend(
+                device: device,
+                format: format,
+                image: device as? VImage,
+                owned: [device],
+                source: path
+            )
             if request.snapshot != nil && !request.readOnly && !request.overlay {
                 _ = base.close()
                 throw BusError("a snapshot plugs read-only; add --read-only, or --overlay to write on top of it")
@@ -72,7 +84,12 @@ enum Backends {
             try VImage.create(on: host, virtualSize: base.device.size)
             let overlay = try VImage.open(host: host, path: nil, readOnly: false, backing: base.device)
             return OpenedBackend(
-                device: overlay, format: base.format + "+overlay", image: nil, owned: [overlay] + base.owned, source: base.source)
+                device: overlay,
+                format: base.format + "+overlay",
+                image: nil,
+                owned: [overlay] + base.owned,
+                source: base.source
+            )
         } catch {
             _ = base.close()
             throw error

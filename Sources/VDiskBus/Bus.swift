@@ -66,7 +66,13 @@ public final class Bus: Sendable {
     private let operations = Mutex<Void>(())
     let log: @Sendable (String) -> Void
 
-    public init(paths: BusPaths, opener: BusOpener, exporter: (any BusExporter)?, persist: Bool, log: @escaping @Sendable (String) -> Void) {
+    public init(
+        paths: BusPaths,
+        opener: BusOpener,
+        exporter: (any BusExporter)?,
+        persist: Bool,
+        log: @escaping @Sendable (String) -> Void
+    ) {
         self.paths = paths
         self.opener = opener
         self.exporter = exporter
@@ -94,7 +100,9 @@ public final class Bus: Sendable {
                 let notes = try unplug(target, force: request.force ?? false)
                 return BusResponse(ok: true, notes: notes)
             case .snapshot:
-                guard let target = request.target, let snap = request.snapshotName else { return .failure("snapshot needs a disk and a snapshot name") }
+                guard let target = request.target, let snap = request.snapshotName else {
+                    return .failure("snapshot needs a disk and a snapshot name")
+                }
                 let notes = try snapshot(target, name: snap)
                 return BusResponse(ok: true, notes: notes)
             case .shutdown:
@@ -111,17 +119,27 @@ public final class Bus: Sendable {
 
     func info(_ disk: PluggedDisk) -> DiskInfo {
         DiskInfo(
-            name: disk.name, device: disk.devicePath, frontEnd: disk.frontEnd, source: disk.backend.source,
-            format: disk.backend.format, size: disk.counting.size, readOnly: disk.readOnly, overlay: disk.request.overlay,
-            snapshot: disk.request.snapshot, nbdURI: disk.exported ? exporter?.uri(for: disk.name) : nil,
-            counters: disk.counting.snapshot)
+            name: disk.name,
+            device: disk.devicePath,
+            frontEnd: disk.frontEnd,
+            source: disk.backend.source,
+            format: disk.backend.format,
+            size: disk.counting.size,
+            readOnly: disk.readOnly,
+            overlay: disk.request.overlay,
+            snapshot: disk.request.snapshot,
+            nbdURI: disk.exported ? exporter?.uri(for: disk.name) : nil,
+            counters: disk.counting.snapshot
+        )
     }
 
     // MARK: Plug
 
     static func validName(_ name: String) -> Bool {
         !name.isEmpty && name.count <= 64 && name.first != "." && name.first != "-"
-            && name.unicodeScalars.allSatisfy { CharacterSet.alphanumerics.contains($0) && $0.isASCII || "._-".unicodeScalars.contains($0) }
+            && name.unicodeScalars.allSatisfy {
+                CharacterSet.alphanumerics.contains($0) && $0.isASCII || "._-".unicodeScalars.contains($0)
+            }
     }
 
     /// Plugs a disk and returns what was attached.
@@ -132,13 +150,21 @@ public final class Bus: Sendable {
                 let path = URL(fileURLWithPath: source).standardizedFileURL.resolvingSymlinksInPath().path
                 // A snapshot of a plugged VIMG disk may be plugged beside it (read-only or under an overlay).
                 let alongside = request.snapshot != nil && (request.readOnly || request.overlay)
-                if let other = disks.withLock({ $0.values.first { $0.backend.source == path } }), !(alongside && other.backend.image != nil) {
-                    throw BusError("\(source) is already plugged as '\(other.name)'\(other.devicePath.map { " (\($0))" } ?? "")")
+                if let other = disks.withLock({ $0.values.first { $0.backend.source == path } }),
+                    !(alongside && other.backend.image != nil)
+                {
+                    throw BusError(
+                        "\(source) is already plugged as '\(other.name)'\(other.devicePath.map { " (\($0))" } ?? "")"
+                    )
                 }
             }
-            let backend = try Backends.open(request, opener: opener, alongside: { path in
-                disks.withLock { $0.values.first { $0.backend.source == path && $0.backend.image != nil } } != nil
-            })
+            let backend = try Backends.open(
+                request,
+                opener: opener,
+                alongside: { path in
+                    disks.withLock { $0.values.first { $0.backend.source == path && $0.backend.image != nil } } != nil
+                }
+            )
             let disk = PluggedDisk(name: name, request: request, backend: backend)
             do {
                 try attach(disk)
@@ -193,15 +219,26 @@ public final class Bus: Sendable {
         case .nbd:
             guard let exporter else { throw BusError("--device nbd needs the bus's NBD server") }
             guard KernelNBD.isAvailable else {
-                throw BusError("this kernel has no NBD devices (/dev/nbd0 is missing; try 'modprobe nbd', or --device loop)")
+                throw BusError(
+                    "this kernel has no NBD devices (/dev/nbd0 is missing; try 'modprobe nbd', or --device loop)"
+                )
             }
-            disk.devicePath = try KernelNBD.connect(socket: exporter.socketPath, export: disk.name, readOnly: disk.readOnly)
+            disk.devicePath = try KernelNBD.connect(
+                socket: exporter.socketPath,
+                export: disk.name,
+                readOnly: disk.readOnly
+            )
             disk.frontEnd = "nbd"
         case .loop:
             let mountpoint = paths.mountDirectory + "/" + disk.name
             try makeDirectory(paths.mountDirectory)
             try makeDirectory(mountpoint)
-            let fuse = FUSEExport(device: disk.counting, mountpoint: mountpoint, fileName: "disk", readOnly: disk.readOnly)
+            let fuse = FUSEExport(
+                device: disk.counting,
+                mountpoint: mountpoint,
+                fileName: "disk",
+                readOnly: disk.readOnly
+            )
             try fuse.start()
             disk.fuse = fuse
             disk.frontEnd = "loop"
@@ -211,7 +248,12 @@ public final class Bus: Sendable {
             // 2.5x and 4 KiB random writes at depth 32 3x faster than buffered. It also keeps no second copy
             // of every block in the FUSE file's page cache, so what the bus's NBD export writes is what the
             // loop device reads. The kernel falls back to buffered I/O where it cannot do direct I/O.
-            disk.devicePath = try LoopDevice.attach(file: fuse.filePath, readOnly: disk.readOnly, directIO: true, partitionScan: true)
+            disk.devicePath = try LoopDevice.attach(
+                file: fuse.filePath,
+                readOnly: disk.readOnly,
+                directIO: true,
+                partitionScan: true
+            )
         }
     }
 
@@ -239,8 +281,12 @@ public final class Bus: Sendable {
         try disks.withLock { table in
             if let disk = table[target] { return disk }
             let resolved = URL(fileURLWithPath: target).resolvingSymlinksInPath().path
-            if let disk = table.values.first(where: { $0.devicePath == target || $0.devicePath == resolved }) { return disk }
-            throw BusError("no plugged disk is named '\(target)'\(table.isEmpty ? " (nothing is plugged)" : "; see 'vdisk list'")")
+            if let disk = table.values.first(where: { $0.devicePath == target || $0.devicePath == resolved }) {
+                return disk
+            }
+            throw BusError(
+                "no plugged disk is named '\(target)'\(table.isEmpty ? " (nothing is plugged)" : "; see 'vdisk list'")"
+            )
         }
     }
 
@@ -270,7 +316,9 @@ public final class Bus: Sendable {
             if !mounts.isEmpty {
                 let list = mounts.map { "\($0.device) on \($0.mountpoint)" }.joined(separator: ", ")
                 guard force else {
-                    throw BusError("'\(disk.name)' is mounted (\(list)); unmount it first, or use --force to unmount it")
+                    throw BusError(
+                        "'\(disk.name)' is mounted (\(list)); unmount it first, or use --force to unmount it"
+                    )
                 }
                 for m in mounts.reversed() {
                     try Mounts.unmount(m.mountpoint)
@@ -301,9 +349,13 @@ public final class Bus: Sendable {
         try operations.withLock { _ in
             let disk = try find(target)
             guard let image = disk.backend.image, !disk.request.overlay else {
-                throw BusError("'\(disk.name)' is not a VIMG image (\(disk.backend.format)); only VIMG disks have internal snapshots")
+                throw BusError(
+                    "'\(disk.name)' is not a VIMG image (\(disk.backend.format)); only VIMG disks have internal snapshots"
+                )
             }
-            guard !disk.readOnly else { throw BusError("'\(disk.name)' is plugged read-only; snapshots change the image") }
+            guard !disk.readOnly else {
+                throw BusError("'\(disk.name)' is plugged read-only; snapshots change the image")
+            }
             var frozen: [String] = []
             defer { for m in frozen.reversed() { _ = Mounts.thaw(m) } }
             if let device = disk.devicePath {
@@ -316,7 +368,10 @@ public final class Bus: Sendable {
             try image.createSnapshot(named: name)
             try image.flush()
             log("snapshot '\(name)' of \(disk.name)")
-            return ["snapshot '\(name)' of \(disk.name) created" + (frozen.isEmpty ? "" : " (froze \(frozen.joined(separator: ", ")))")]
+            return [
+                "snapshot '\(name)' of \(disk.name) created"
+                    + (frozen.isEmpty ? "" : " (froze \(frozen.joined(separator: ", ")))")
+            ]
         }
     }
 

@@ -34,7 +34,10 @@ public final class BusDaemon: Sendable {
         let fd = open(paths.lockFile, O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw BusError("cannot open \(paths.lockFile): \(String(cString: strerror(errno)))") }
         guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-            let other = (try? String(contentsOfFile: paths.lockFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines) ?? "?"
+            let other =
+                (try? String(contentsOfFile: paths.lockFile, encoding: .utf8))?.trimmingCharacters(
+                    in: .whitespacesAndNewlines
+                ) ?? "?"
             close(fd)
             throw BusError("a bus is already running on \(paths.controlSocket) (pid \(other))")
         }
@@ -110,7 +113,9 @@ public final class BusDaemon: Sendable {
         // Root only: the socket is 0600, and the peer's uid is checked too (a socket handed over by a
         // root process must not let anyone else plug devices).
         guard let uid = connection.peerUID, uid == 0 || uid == getuid() else {
-            try? connection.writeLine(try Wire.encode(BusResponse.failure("permission denied: the bus serves root only")))
+            try? connection.writeLine(
+                try Wire.encode(BusResponse.failure("permission denied: the bus serves root only"))
+            )
             return
         }
         while let line = try? connection.readLine() {
@@ -145,7 +150,9 @@ public struct BusClient: Sendable {
     public func send(_ request: BusRequest) throws -> BusResponse {
         let socket = try LineSocket.connect(to: paths.controlSocket)
         try socket.writeLine(try Wire.encode(request))
-        guard let line = try socket.readLine() else { throw BusError("the bus closed the connection without answering") }
+        guard let line = try socket.readLine() else {
+            throw BusError("the bus closed the connection without answering")
+        }
         return try Wire.decode(BusResponse.self, from: line)
     }
 

@@ -41,8 +41,14 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     public var device: DeviceKind = .auto
 
     public init(
-        source: String? = nil, ramSize: UInt64? = nil, name: String? = nil, format: String? = nil, readOnly: Bool = false,
-        snapshot: String? = nil, overlay: Bool = false, device: DeviceKind = .auto
+        source: String? = nil,
+        ramSize: UInt64? = nil,
+        name: String? = nil,
+        format: String? = nil,
+        readOnly: Bool = false,
+        snapshot: String? = nil,
+        overlay: Bool = false,
+        device: DeviceKind = .auto
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -104,7 +110,14 @@ public struct BusRequest: Codable, Sendable {
     /// The snapshot name (snapshot).
     public var snapshotName: String?
 
-    public init(op: Operation, plug: PlugRequest? = nil, target: String? = nil, force: Bool? = nil, all: Bool? = nil, snapshotName: String? = nil) {
+    public init(
+        op: Operation,
+        plug: PlugRequest? = nil,
+        target: String? = nil,
+        force: Bool? = nil,
+        all: Bool? = nil,
+        snapshotName: String? = nil
+    ) {
         self.op = op
         self.plug = plug
         self.target = target
@@ -125,7 +138,14 @@ public struct BusResponse: Codable, Sendable {
     /// The bus's process id (ping).
     public var pid: Int32?
 
-    public init(ok: Bool, error: String? = nil, disk: DiskInfo? = nil, disks: [DiskInfo]? = nil, notes: [String]? = nil, pid: Int32? = nil) {
+    public init(
+        ok: Bool,
+        error: String? = nil,
+        disk: DiskInfo? = nil,
+        disks: [DiskInfo]? = nil,
+        notes: [String]? = nil,
+        pid: Int32? = nil
+    ) {
         self.ok = ok
         self.error = error
         self.disk = disk

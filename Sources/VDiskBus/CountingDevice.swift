@@ -12,7 +12,7 @@ final class CountingDevice: BlockDevice {
     var capabilities: BlockDeviceCapabilities { inner.capabilities }
     var snapshot: IOCounters { counters.withLock { $0 } }
 
-    private func count<T>(_ update: (inout IOCounters) -> Void, _ body: () throws -> T) throws -> T {
+    private func count<T>(_ body: () throws -> T, then update: (inout IOCounters) -> Void) throws -> T {
         do {
             let result = try body()
             counters.withLock { update(&$0) }
@@ -24,23 +24,45 @@ final class CountingDevice: BlockDevice {
     }
 
     func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        try count({ $0.reads += 1; $0.bytesRead += UInt64(buffer.count) }) { try inner.read(into: buffer, at: offset) }
+        try count {
+            try inner.read(into: buffer, at: offset)
+        } then: {
+            $0.reads += 1
+            $0.bytesRead += UInt64(buffer.count)
+        }
     }
 
     func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-        try count({ $0.writes += 1; $0.bytesWritten += UInt64(buffer.count) }) { try inner.write(buffer, at: offset, fua: fua) }
+        try count {
+            try inner.write(buffer, at: offset, fua: fua)
+        } then: {
+            $0.writes += 1
+            $0.bytesWritten += UInt64(buffer.count)
+        }
     }
 
     func writeZeroes(at offset: UInt64, count n: UInt64, mayUnmap: Bool, fast: Bool) throws {
-        try count({ $0.zeroes += 1 }) { try inner.writeZeroes(at: offset, count: n, mayUnmap: mayUnmap, fast: fast) }
+        try count {
+            try inner.writeZeroes(at: offset, count: n, mayUnmap: mayUnmap, fast: fast)
+        } then: {
+            $0.zeroes += 1
+        }
     }
 
     func discard(at offset: UInt64, count n: UInt64) throws {
-        try count({ $0.discards += 1 }) { try inner.discard(at: offset, count: n) }
+        try count {
+            try inner.discard(at: offset, count: n)
+        } then: {
+            $0.discards += 1
+        }
     }
 
     func flush() throws {
-        try count({ $0.flushes += 1 }) { try inner.flush() }
+        try count {
+            try inner.flush()
+        } then: {
+            $0.flushes += 1
+        }
     }
 
     func extents(at offset: UInt64, count n: UInt64) throws -> [Extent] {

@@ -23,14 +23,18 @@ enum KernelNBD {
             if access("/sys/block/\(name)/pid", F_OK) == 0 { continue }
             if let size = try? String(contentsOfFile: "/sys/block/\(name)/size", encoding: .utf8),
                 size.trimmingCharacters(in: .whitespacesAndNewlines) != "0"
-            { continue }
+            {
+                continue
+            }
             var output = ""
             var arguments = ["-unix", socket, "/dev/\(name)", "-N", export, "-b", "4096"]
             if readOnly { arguments.append("-readonly") }
             let status = runTool(client, arguments, output: &output)
             if status == 0 { return "/dev/\(name)" }
             if output.contains("busy") || output.contains("in use") { continue }
-            throw BusError("nbd-client could not connect /dev/\(name): \(output.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw BusError(
+                "nbd-client could not connect /dev/\(name): \(output.trimmingCharacters(in: .whitespacesAndNewlines))"
+            )
         }
         throw BusError("no free /dev/nbdN device")
     }

@@ -19,7 +19,10 @@ enum Mounts {
             let fields = line.split(separator: " ")
             guard fields.count >= 2 else { continue }
             let source = unescape(String(fields[0]))
-            guard source == device || (source.hasPrefix(device + "p") && source.dropFirst(device.count + 1).allSatisfy(\.isNumber)) else { continue }
+            guard
+                source == device
+                    || (source.hasPrefix(device + "p") && source.dropFirst(device.count + 1).allSatisfy(\.isNumber))
+            else { continue }
             result.append(Mount(device: source, mountpoint: unescape(String(fields[1]))))
         }
         return result
@@ -53,7 +56,9 @@ enum Mounts {
 
     static func freeze(_ mountpoint: String) throws {
         let status = runTool("/sbin/fsfreeze", ["-f", mountpoint])
-        guard status == 0 else { throw BusError("cannot freeze \(mountpoint) for the snapshot (fsfreeze exit \(status))") }
+        guard status == 0 else {
+            throw BusError("cannot freeze \(mountpoint) for the snapshot (fsfreeze exit \(status))")
+        }
     }
 
     @discardableResult

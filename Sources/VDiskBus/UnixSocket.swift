@@ -22,12 +22,17 @@ final class LineSocket {
         guard fd >= 0 else { throw BusError("cannot create a socket: \(String(cString: strerror(errno)))") }
         var address = try unixAddress(path)
         let rc = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         guard rc == 0 else {
             let e = errno
             close(fd)
-            throw BusError(e == ENOENT || e == ECONNREFUSED ? "no bus is running at \(path)" : "cannot connect to \(path): \(String(cString: strerror(e)))")
+            throw BusError(
+                e == ENOENT || e == ECONNREFUSED
+                    ? "no bus is running at \(path)" : "cannot connect to \(path): \(String(cString: strerror(e)))"
+            )
         }
         return LineSocket(fd: fd)
     }
@@ -79,7 +84,9 @@ func unixAddress(_ path: String) throws -> sockaddr_un {
     address.sun_family = sa_family_t(AF_UNIX)
     let bytes = Array(path.utf8)
     let capacity = MemoryLayout.size(ofValue: address.sun_path)
-    guard bytes.count < capacity else { throw BusError("socket path too long (\(bytes.count) bytes, at most \(capacity - 1)): \(path)") }
+    guard bytes.count < capacity else {
+        throw BusError("socket path too long (\(bytes.count) bytes, at most \(capacity - 1)): \(path)")
+    }
     withUnsafeMutableBytes(of: &address.sun_path) { raw in
         for (i, b) in bytes.enumerated() { raw[i] = b }
         raw[bytes.count] = 0
@@ -115,11 +122,16 @@ func spawnThread(_ body: @escaping @Sendable () -> Void) {
     }
     let box = Unmanaged.passRetained(Box(body)).toOpaque()
     var thread = pthread_t()
-    let rc = pthread_create(&thread, nil, { raw in
-        let box = Unmanaged<AnyObject>.fromOpaque(raw!).takeRetainedValue() as! Box
-        box.body()
-        return nil
-    }, box)
+    let rc = pthread_create(
+        &thread,
+        nil,
+        { raw in
+            let box = Unmanaged<AnyObject>.fromOpaque(raw!).takeRetainedValue() as! Box
+            box.body()
+            return nil
+        },
+        box
+    )
     if rc == 0 {
         pthread_detach(thread)
     } else {

@@ -24,8 +24,11 @@ public enum LZ4 {
         var output = [UInt8](repeating: 0, count: limit)
         let n = output.withUnsafeMutableBytes { out in
             LZ4_compress_default(
-                input.baseAddress!.assumingMemoryBound(to: CChar.self), out.baseAddress!.assumingMemoryBound(to: CChar.self),
-                Int32(input.count), Int32(limit))
+                input.baseAddress!.assumingMemoryBound(to: CChar.self),
+                out.baseAddress!.assumingMemoryBound(to: CChar.self),
+                Int32(input.count),
+                Int32(limit)
+            )
         }
         guard n > 0 else { return nil }
         output.removeSubrange(Int(n)...)
@@ -35,11 +38,17 @@ public enum LZ4 {
     /// Decompresses `input` into exactly `output.count` bytes; false if the data is malformed or decodes
     /// to any other size (liblz4's safe decoder never reads or writes out of bounds).
     public static func decompress(_ input: UnsafeRawBufferPointer, into output: UnsafeMutableRawBufferPointer) -> Bool {
-        guard input.count <= Int(Int32.max), output.count <= Int(Int32.max), let src = input.baseAddress, let dst = output.baseAddress else {
+        guard input.count <= Int(Int32.max), output.count <= Int(Int32.max), let src = input.baseAddress,
+            let dst = output.baseAddress
+        else {
             return false
         }
         let n = LZ4_decompress_safe(
-            src.assumingMemoryBound(to: CChar.self), dst.assumingMemoryBound(to: CChar.self), Int32(input.count), Int32(output.count))
+            src.assumingMemoryBound(to: CChar.self),
+            dst.assumingMemoryBound(to: CChar.self),
+            Int32(input.count),
+            Int32(output.count)
+        )
         return Int(n) == output.count
     }
 }
@@ -49,19 +58,36 @@ extension VImage {
     func decompress(_ d: CompressedDescriptor) throws -> [UInt8] {
         let span = Int(d.byteLength)
         guard d.sectors <= CompressedDescriptor.maxSectors, span > 4 else {
-            throw VImageError(.corrupt, path: path, offset: d.hostOffset, message: "compressed cluster descriptor is invalid")
+            throw VImageError(
+                .corrupt,
+                path: path,
+                offset: d.hostOffset,
+                message: "compressed cluster descriptor is invalid"
+            )
         }
         let record = try host.read(count: span, at: d.hostOffset)
         let length = Int(UInt32(record[0]) << 24 | UInt32(record[1]) << 16 | UInt32(record[2]) << 8 | UInt32(record[3]))
         guard length >= 1, length <= span - 4 else {
-            throw VImageError(.corrupt, path: path, offset: d.hostOffset, message: "compressed record length \(length) does not fit its \(span)-byte span")
+            throw VImageError(
+                .corrupt,
+                path: path,
+                offset: d.hostOffset,
+                message: "compressed record length \(length) does not fit its \(span)-byte span"
+            )
         }
         var output = [UInt8](repeating: 0, count: geometry.clusterSize)
         let ok = record.withUnsafeBytes { input in
-            output.withUnsafeMutableBytes { LZ4.decompress(UnsafeRawBufferPointer(rebasing: input[4..<4 + length]), into: $0) }
+            output.withUnsafeMutableBytes {
+                LZ4.decompress(UnsafeRawBufferPointer(rebasing: input[4..<4 + length]), into: $0)
+            }
         }
         guard ok else {
-            throw VImageError(.corrupt, path: path, offset: d.hostOffset, message: "compressed cluster does not decompress to \(geometry.clusterSize) bytes")
+            throw VImageError(
+                .corrupt,
+                path: path,
+                offset: d.hostOffset,
+                message: "compressed cluster does not decompress to \(geometry.clusterSize) bytes"
+            )
         }
         return output
     }

@@ -16,7 +16,10 @@ public enum DiskImage {
     /// - Returns: a device whose `size` is the guest (virtual) size.
     /// - Throws: `VImageError` or `BlockIOError` with a clear message.
     public static func open(
-        path: String, format: Format? = nil, readOnly: Bool, snapshot: String? = nil
+        path: String,
+        format: Format? = nil,
+        readOnly: Bool,
+        snapshot: String? = nil
     ) throws -> any BlockDevice {
         let format = try format ?? probe(path: path)
         switch format {

@@ -119,7 +119,8 @@ public enum ImageCheck {
     /// `backing-chain` finding and a check error (exit code 1). Repair cannot fix it; `vimg rebase`
     /// can. Only headers are read.
     static func checkBackingChain(host: any BlockDevice, path: String, report: inout CheckReport) {
-        guard let bytes = try? readHeaderCluster(host, fileSize: host.size), let header = try? ImageHeader.decode(bytes),
+        guard let bytes = try? readHeaderCluster(host, fileSize: host.size),
+            let header = try? ImageHeader.decode(bytes),
             let name = header.backingFileName
         else { return }
         let kind: String
@@ -197,10 +198,15 @@ public enum ImageCheck {
         // an active COPIED L2 entry. Data on metadata and COPIED on a shared cluster are rare: the marks
         // tell whether any exists, and only then are the L2 tables read again to name the entries, so
         // the common case keeps no per-reference list (memory stays one counter and one byte per cluster).
-        let structuralMark: UInt8 = 1, l2Mark: UInt8 = 2, dataMark: UInt8 = 4, copiedMark: UInt8 = 8
+        let structuralMark: UInt8 = 1
+        let l2Mark: UInt8 = 2
+        let dataMark: UInt8 = 4
+        let copiedMark: UInt8 = 8
         var marks = [UInt8](repeating: 0, count: Int(fileClusters))
         if fileClusters > 0 { marks[0] = structuralMark }
-        func isMarked(_ cluster: UInt64, _ mark: UInt8) -> Bool { cluster < fileClusters && marks[Int(cluster)] & mark != 0 }
+        func isMarked(_ cluster: UInt64, _ mark: UInt8) -> Bool {
+            cluster < fileClusters && marks[Int(cluster)] & mark != 0
+        }
         // Where each reference was found, as indices: the text is built only for a finding.
         var walkNames: [String] = []
         func describe(_ site: Site) -> String {
@@ -212,10 +218,21 @@ public enum ImageCheck {
         }
         var l2References: [(entry: UInt64, cluster: UInt64, site: Site)] = []
         /// References a metadata area, which must be cluster aligned and inside the file.
-        func referenceMetadata(_ offset: UInt64, bytes: UInt64, _ what: String, isL2: Bool = false, report: inout CheckReport) -> Bool {
+        func referenceMetadata(
+            _ offset: UInt64,
+            bytes: UInt64,
+            _ what: String,
+            isL2: Bool = false,
+            report: inout CheckReport
+        ) -> Bool {
             let (end, overflow) = offset.addingReportingOverflow(bytes)
             guard g.isAligned(offset), offset != 0, !overflow, end <= fileSize else {
-                report.add(.corruption, "outside-file", "\(what) at 0x\(String(offset, radix: 16)) is misaligned or outside the file", at: offset)
+                report.add(
+                    .corruption,
+                    "outside-file",
+                    "\(what) at 0x\(String(offset, radix: 16)) is misaligned or outside the file",
+                    at: offset
+                )
                 return false
             }
             for c in g.clusterIndex(offset)..<g.clusters(covering: end) {
@@ -231,7 +248,11 @@ public enum ImageCheck {
         var dropSnapshots = false
         var refcountStructure: [UInt64] = []
         if referenceMetadata(header.refcountTableOffset.rawValue, bytes: rtBytes, "refcount table", report: &report) {
-            refcountStructure += Array(g.clusterIndex(header.refcountTableOffset.rawValue)..<g.clusters(covering: header.refcountTableOffset.rawValue + rtBytes))
+            refcountStructure += Array(
+                g.clusterIndex(
+                    header.refcountTableOffset.rawValue
+                )..<g.clusters(covering: header.refcountTableOffset.rawValue + rtBytes)
+            )
         }
         let table = try host.read(count: Int(rtBytes), at: header.refcountTableOffset.rawValue).withUnsafeBytes {
             decodeTable($0, as: UInt64.self)
@@ -239,7 +260,11 @@ public enum ImageCheck {
         var blockOffsets = [UInt64?](repeating: nil, count: table.count)
         for (i, raw) in table.enumerated() where raw != 0 {
             if raw & ~hostOffsetMask != 0 {
-                report.add(.corruption, "reserved-bits", "refcount table entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))")
+                report.add(
+                    .corruption,
+                    "reserved-bits",
+                    "refcount table entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))"
+                )
             }
             let offset = raw & hostOffsetMask
             if referenceMetadata(offset, bytes: cs, "refcount block \(i)", report: &report) {
@@ -260,18 +285,26 @@ public enum ImageCheck {
         func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String, report: inout CheckReport) throws {
             // An empty L1 table may still own the cluster reserved for it (a 0-byte image).
             guard l1Size > 0 || l1Offset != 0 else { return }
-            guard referenceMetadata(l1Offset, bytes: max(8, UInt64(l1Size) * 8), "\(name) L1 table", report: &report) else {
+            guard referenceMetadata(l1Offset, bytes: max(8, UInt64(l1Size) * 8), "\(name) L1 table", report: &report)
+            else {
                 if !active { dropSnapshots = true }
                 return
             }
-            let l1 = try host.read(count: Int(l1Size) * 8, at: l1Offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+            let l1 = try host.read(count: Int(l1Size) * 8, at: l1Offset).withUnsafeBytes {
+                decodeTable($0, as: UInt64.self)
+            }
             walkNames.append(name)
             let walkIndex = Int32(walkNames.count - 1)
             for (i, raw) in l1.enumerated() where raw != 0 {
                 let entry = L1Entry(rawValue: raw)
                 let entryOffset = l1Offset + UInt64(i * 8)
                 if entry.reservedBits != 0 {
-                    report.add(.corruption, "reserved-bits", "\(name) L1 entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
+                    report.add(
+                        .corruption,
+                        "reserved-bits",
+                        "\(name) L1 entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))",
+                        at: entryOffset
+                    )
                     entryFixes.append((entryOffset, raw & (hostOffsetMask | copiedFlag)))
                 }
                 guard let l2 = entry.l2Table?.rawValue else { continue }
@@ -281,7 +314,9 @@ public enum ImageCheck {
                 }
                 l2References.append((entryOffset, g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.l1Entry)))
                 if active && entry.isCopied {
-                    l1CopiedChecks.append((g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw))
+                    l1CopiedChecks.append(
+                        (g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw)
+                    )
                 }
                 guard visitedL2.insert(l2).inserted else { continue }
                 let copiedScan = active && entry.isCopied
@@ -291,7 +326,12 @@ public enum ImageCheck {
                     let site = Site(walk: walkIndex, l1: i, l2: j)
                     let entryOffset = l2 + UInt64(j * 8)
                     if L2Entry.reservedBits(raw) != 0 {
-                        report.add(.corruption, "reserved-bits", "\(describe(site)) has reserved bits set (0x\(String(raw, radix: 16)))", at: entryOffset)
+                        report.add(
+                            .corruption,
+                            "reserved-bits",
+                            "\(describe(site)) has reserved bits set (0x\(String(raw, radix: 16)))",
+                            at: entryOffset
+                        )
                         entryFixes.append((entryOffset, raw & ~L2Entry.reservedBits(raw)))
                     }
                     let e = L2Entry(raw: raw & ~L2Entry.reservedBits(raw))
@@ -313,7 +353,12 @@ public enum ImageCheck {
                     if case .compressed(let d) = e {
                         let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
                         if overflow || end > fileSize || d.hostOffset == 0 {
-                            report.add(.corruption, "compressed-out-of-range", "\(describe(site)): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file", at: d.hostOffset)
+                            report.add(
+                                .corruption,
+                                "compressed-out-of-range",
+                                "\(describe(site)): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file",
+                                at: d.hostOffset
+                            )
                             entryFixes.append((entryOffset, 0))
                         } else {
                             for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) {
@@ -336,15 +381,37 @@ public enum ImageCheck {
                 }
             }
         }
-        try walk(l1Offset: header.l1TableOffset.rawValue, l1Size: header.l1Size, active: true, name: "active", report: &report)
+        try walk(
+            l1Offset: header.l1TableOffset.rawValue,
+            l1Size: header.l1Size,
+            active: true,
+            name: "active",
+            report: &report
+        )
 
         if header.snapshotCount > 0 {
-            if referenceMetadata(header.snapshotTableOffset.rawValue, bytes: UInt64(header.snapshotTableSize), "snapshot table", report: &report) {
+            if referenceMetadata(
+                header.snapshotTableOffset.rawValue,
+                bytes: UInt64(header.snapshotTableSize),
+                "snapshot table",
+                report: &report
+            ) {
                 let bytes = try host.read(count: Int(header.snapshotTableSize), at: header.snapshotTableOffset.rawValue)
                 do {
-                    let snapshots = try SnapshotTable.decode(bytes, count: Int(header.snapshotCount), geometry: g, fileSize: fileSize)
+                    let snapshots = try SnapshotTable.decode(
+                        bytes,
+                        count: Int(header.snapshotCount),
+                        geometry: g,
+                        fileSize: fileSize
+                    )
                     for s in snapshots {
-                        try walk(l1Offset: s.l1TableOffset.rawValue, l1Size: s.l1Size, active: false, name: "snapshot '\(s.name)'", report: &report)
+                        try walk(
+                            l1Offset: s.l1TableOffset.rawValue,
+                            l1Size: s.l1Size,
+                            active: false,
+                            name: "snapshot '\(s.name)'",
+                            report: &report
+                        )
                     }
                 } catch let error as VImageError {
                     report.add(.corruption, "snapshot-table", error.message, at: header.snapshotTableOffset.rawValue)
@@ -357,7 +424,12 @@ public enum ImageCheck {
 
         // Tables or data placed on metadata: whatever is written through them overwrites the metadata.
         for r in l2References where isMarked(r.cluster, structuralMark) {
-            report.add(.corruption, "metadata-overlap", "\(describe(r.site)) points at metadata (cluster \(r.cluster))", at: r.entry)
+            report.add(
+                .corruption,
+                "metadata-overlap",
+                "\(describe(r.site)) points at metadata (cluster \(r.cluster))",
+                at: r.entry
+            )
             entryFixes.append((r.entry, 0))
         }
         /// The entries of a walked L2 table, decoded as the walk decoded them (reserved bits ignored).
@@ -381,7 +453,12 @@ public enum ImageCheck {
                     default: break
                     }
                     for c in clusters where isMarked(c, metadataMarks) {
-                        report.add(.corruption, "metadata-overlap", "\(describe(site)) maps data onto metadata (cluster \(c))", at: entryOffset)
+                        report.add(
+                            .corruption,
+                            "metadata-overlap",
+                            "\(describe(site)) maps data onto metadata (cluster \(c))",
+                            at: entryOffset
+                        )
                         entryFixes.append((entryOffset, 0))
                     }
                 }
@@ -406,14 +483,23 @@ public enum ImageCheck {
             guard UInt32(stored) != expected else { return }
             let offset = cluster * cs
             if UInt32(stored) > expected {
-                report.add(.leak, expected == 0 ? "leaked-cluster" : "refcount-too-high",
-                    "cluster \(cluster) has refcount \(stored) but \(expected) references", at: offset)
+                report.add(
+                    .leak,
+                    expected == 0 ? "leaked-cluster" : "refcount-too-high",
+                    "cluster \(cluster) has refcount \(stored) but \(expected) references",
+                    at: offset
+                )
             } else {
                 let tableIndex = cluster / perBlock
                 let hasBlock = tableIndex < UInt64(covered.count) && covered[Int(tableIndex)]
-                report.add(.corruption, "refcount-too-low",
-                    hasBlock ? "cluster \(cluster) has refcount \(stored) but \(expected) references"
-                        : "cluster \(cluster) is referenced \(expected) times but has no refcount block", at: offset)
+                report.add(
+                    .corruption,
+                    "refcount-too-low",
+                    hasBlock
+                        ? "cluster \(cluster) has refcount \(stored) but \(expected) references"
+                        : "cluster \(cluster) is referenced \(expected) times but has no refcount block",
+                    at: offset
+                )
             }
         }
         for c in 0..<Int(fileClusters) where UInt32(stored[c]) != expected[c] {
@@ -430,9 +516,12 @@ public enum ImageCheck {
         func checkCopied(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64, report: inout CheckReport) {
             let references = cluster < fileClusters ? expected[Int(cluster)] : beyond[cluster] ?? 0
             if references != 1 {
-                report.add(.corruption, "copied-flag",
+                report.add(
+                    .corruption,
+                    "copied-flag",
                     "\(describe(site)): COPIED flag is set but the cluster has \(references) references",
-                    at: cluster * cs)
+                    at: cluster * cs
+                )
                 entryFixes.append((entry, raw & ~copiedFlag))
             }
         }
@@ -447,17 +536,31 @@ public enum ImageCheck {
         if copiedSuspect {
             for t in l2Walked where t.copiedScan {
                 for (j, raw) in try rereadTable(t).enumerated() where raw & copiedFlag != 0 {
-                    guard let host = L2Entry(raw: raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else { continue }
+                    guard let host = L2Entry(raw: raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else {
+                        continue
+                    }
                     checkCopied(
-                        cluster: g.clusterIndex(host), site: Site(walk: t.walk, l1: t.l1, l2: j), entry: t.offset + UInt64(j * 8), raw: raw,
-                        report: &report)
+                        cluster: g.clusterIndex(host),
+                        site: Site(walk: t.walk, l1: t.l1, l2: j),
+                        entry: t.offset + UInt64(j * 8),
+                        raw: raw,
+                        report: &report
+                    )
                 }
             }
         }
         return Analysis(
-            header: header, fileClusters: fileClusters, expected: expected, beyond: beyond, stored: stored,
-            storedBeyond: storedBeyond, blockOffsets: blockOffsets, entryFixes: entryFixes, dropSnapshots: dropSnapshots,
-            refcountStructure: refcountStructure)
+            header: header,
+            fileClusters: fileClusters,
+            expected: expected,
+            beyond: beyond,
+            stored: stored,
+            storedBeyond: storedBeyond,
+            blockOffsets: blockOffsets,
+            entryFixes: entryFixes,
+            dropSnapshots: dropSnapshots,
+            refcountStructure: refcountStructure
+        )
     }
 }
 
@@ -484,7 +587,9 @@ extension ImageCheck {
     ///   - mode: `.leaks` or `.all`.
     ///   - dryRun: report what would be done, change nothing.
     public static func repair(path: String, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
-        let host = try wrapIO(path) { try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive) }
+        let host = try wrapIO(path) {
+            try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive)
+        }
         defer { try? host.close() }
         var result = try wrapIO(path) { try repair(host: host, mode: mode, dryRun: dryRun) }
         checkBackingChain(host: host, path: path, report: &result.before)
@@ -513,20 +618,28 @@ extension ImageCheck {
             var changes: [Int: [(Int, UInt16)]] = [:]
             for c in 0..<Int(analysis.fileClusters) where UInt32(analysis.stored[c]) > analysis.expected[c] {
                 let tableIndex = c / perBlock
-                guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else { continue }
+                guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else {
+                    continue
+                }
                 actions.append("cluster \(c): refcount \(analysis.stored[c]) -> \(analysis.expected[c])")
                 changes[tableIndex, default: []].append((c % perBlock, UInt16(analysis.expected[c])))
             }
             for (cluster, count) in analysis.storedBeyond where UInt32(count) > analysis.beyond[cluster] ?? 0 {
                 let tableIndex = Int(cluster / UInt64(perBlock))
-                guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else { continue }
+                guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else {
+                    continue
+                }
                 actions.append("cluster \(cluster): refcount \(count) -> \(analysis.beyond[cluster] ?? 0)")
-                changes[tableIndex, default: []].append((Int(cluster % UInt64(perBlock)), UInt16(analysis.beyond[cluster] ?? 0)))
+                changes[tableIndex, default: []].append(
+                    (Int(cluster % UInt64(perBlock)), UInt16(analysis.beyond[cluster] ?? 0))
+                )
             }
             if dryRun { return RepairResult(before: before, actions: actions, after: before) }
             for (tableIndex, updates) in changes {
                 let offset = analysis.blockOffsets[tableIndex]!
-                var block = try host.read(count: Int(cs), at: offset).withUnsafeBytes { decodeTable($0, as: UInt16.self) }
+                var block = try host.read(count: Int(cs), at: offset).withUnsafeBytes {
+                    decodeTable($0, as: UInt16.self)
+                }
                 for (index, value) in updates { block[index] = value }
                 try host.write(encodeTable(block[...]), at: offset)
             }
@@ -548,7 +661,11 @@ extension ImageCheck {
                     fixes[fix.offset] = (fixes[fix.offset] ?? UInt64.max) & fix.value
                 }
                 for (offset, value) in fixes.sorted(by: { $0.key < $1.key }) {
-                    actions.append(value == 0 ? "drop the untrusted entry at 0x\(String(offset, radix: 16))" : "rewrite the entry at 0x\(String(offset, radix: 16)) as 0x\(String(value, radix: 16))")
+                    actions.append(
+                        value == 0
+                            ? "drop the untrusted entry at 0x\(String(offset, radix: 16))"
+                            : "rewrite the entry at 0x\(String(offset, radix: 16)) as 0x\(String(value, radix: 16))"
+                    )
                 }
                 if analysis.dropSnapshots { actions.append("drop the snapshot table (it cannot be trusted)") }
                 if round == 0 { actions.append("rebuild all refcounts from the references") }

@@ -75,8 +75,12 @@ public struct ImageHeader: Sendable, Hashable {
     public var extensions: [HeaderExtension] = []
 
     public init(
-        clusterBits: UInt32, virtualSize: UInt64, l1TableOffset: HostOffset, l1Size: UInt32,
-        refcountTableOffset: HostOffset, refcountTableClusters: UInt32
+        clusterBits: UInt32,
+        virtualSize: UInt64,
+        l1TableOffset: HostOffset,
+        l1Size: UInt32,
+        refcountTableOffset: HostOffset,
+        refcountTableClusters: UInt32
     ) {
         self.clusterBits = clusterBits
         self.virtualSize = virtualSize
@@ -91,13 +95,21 @@ public struct ImageHeader: Sendable, Hashable {
 
     /// The backing file name from its extension, if the image is a clone.
     public var backingFileName: String? {
-        get { extensions.first { $0.type == HeaderExtension.backingFileName }.map { String(decoding: $0.data, as: UTF8.self) } }
+        get {
+            extensions.first { $0.type == HeaderExtension.backingFileName }.map {
+                String(decoding: $0.data, as: UTF8.self)
+            }
+        }
         set { setExtension(HeaderExtension.backingFileName, newValue.map { Array($0.utf8) }) }
     }
 
     /// The backing file format from its extension ("vimg", "raw", "qcow2"), if given.
     public var backingFileFormat: String? {
-        get { extensions.first { $0.type == HeaderExtension.backingFileFormat }.map { String(decoding: $0.data, as: UTF8.self) } }
+        get {
+            extensions.first { $0.type == HeaderExtension.backingFileFormat }.map {
+                String(decoding: $0.data, as: UTF8.self)
+            }
+        }
         set { setExtension(HeaderExtension.backingFileFormat, newValue.map { Array($0.utf8) }) }
     }
 
@@ -167,7 +179,11 @@ public struct ImageHeader: Sendable, Hashable {
             throw VImageError(.invalidImage, offset: 0, message: "truncated VIMG header")
         }
         guard version == currentVersion else {
-            throw VImageError(.unsupportedFeature, offset: 4, message: "unsupported VIMG version \(version) (this build reads version 1)")
+            throw VImageError(
+                .unsupportedFeature,
+                offset: 4,
+                message: "unsupported VIMG version \(version) (this build reads version 1)"
+            )
         }
         guard clusterBits >= minClusterBits, clusterBits <= maxClusterBits else {
             throw VImageError(.invalidImage, offset: 12, message: "cluster_bits \(clusterBits) is outside 12...21")
@@ -180,12 +196,19 @@ public struct ImageHeader: Sendable, Hashable {
         let unknown = IncompatibleFeatures(rawValue: incompatible).subtracting(.known)
         guard unknown.isEmpty else {
             throw VImageError(
-                .unsupportedFeature, offset: 24,
-                message: "image uses unsupported incompatible features 0x\(String(unknown.rawValue, radix: 16))")
+                .unsupportedFeature,
+                offset: 24,
+                message: "image uses unsupported incompatible features 0x\(String(unknown.rawValue, radix: 16))"
+            )
         }
         var header = ImageHeader(
-            clusterBits: clusterBits, virtualSize: virtualSize, l1TableOffset: HostOffset(l1Offset), l1Size: l1Size,
-            refcountTableOffset: HostOffset(rtOffset), refcountTableClusters: rtClusters)
+            clusterBits: clusterBits,
+            virtualSize: virtualSize,
+            l1TableOffset: HostOffset(l1Offset),
+            l1Size: l1Size,
+            refcountTableOffset: HostOffset(rtOffset),
+            refcountTableClusters: rtClusters
+        )
         header.version = version
         header.headerSize = headerSize
         header.incompatibleFeatures = IncompatibleFeatures(rawValue: incompatible)
@@ -201,7 +224,11 @@ public struct ImageHeader: Sendable, Hashable {
         var position = (Int(headerSize) + 7) & ~7
         while true {
             guard position + 8 <= limit else {
-                throw VImageError(.invalidImage, offset: UInt64(position), message: "header extensions run past cluster 0")
+                throw VImageError(
+                    .invalidImage,
+                    offset: UInt64(position),
+                    message: "header extensions run past cluster 0"
+                )
             }
             var er = ByteReader(bytes, at: position)
             let type = er.readInteger(as: UInt32.self)!
@@ -209,11 +236,19 @@ public struct ImageHeader: Sendable, Hashable {
             if type == 0 { break }
             let padded = (length + 7) & ~7
             guard length <= limit, position + 8 + padded <= limit, let data = er.readBytes(length) else {
-                throw VImageError(.invalidImage, offset: UInt64(position), message: "header extension \(type) of \(length) bytes runs past cluster 0")
+                throw VImageError(
+                    .invalidImage,
+                    offset: UInt64(position),
+                    message: "header extension \(type) of \(length) bytes runs past cluster 0"
+                )
             }
             if type == HeaderExtension.backingFileName {
                 guard length > 0, length <= maxBackingNameLength, !data.contains(0) else {
-                    throw VImageError(.invalidImage, offset: UInt64(position), message: "backing file name of \(length) bytes is invalid")
+                    throw VImageError(
+                        .invalidImage,
+                        offset: UInt64(position),
+                        message: "backing file name of \(length) bytes is invalid"
+                    )
                 }
             }
             header.extensions.append(HeaderExtension(type: type, data: data))
@@ -231,34 +266,74 @@ public struct ImageHeader: Sendable, Hashable {
             VImageError(.invalidImage, offset: UInt64(field), message: message)
         }
         guard refcountOrder == 4 else { throw fail(60, "refcount_order \(refcountOrder) is not supported (must be 4)") }
-        guard virtualSize <= Self.maxVirtualSize else { throw fail(16, "virtual size \(virtualSize) exceeds the 2^56 limit") }
+        guard virtualSize <= Self.maxVirtualSize else {
+            throw fail(16, "virtual size \(virtualSize) exceeds the 2^56 limit")
+        }
         guard virtualSize % 512 == 0 else { throw fail(16, "virtual size \(virtualSize) is not a multiple of 512") }
-        guard l1Size <= Self.maxL1Entries else { throw fail(56, "L1 table of \(l1Size) entries exceeds the limit of \(Self.maxL1Entries)") }
+        guard l1Size <= Self.maxL1Entries else {
+            throw fail(56, "L1 table of \(l1Size) entries exceeds the limit of \(Self.maxL1Entries)")
+        }
         guard UInt64(l1Size) >= geometry.l1Entries(forVirtualSize: virtualSize) else {
             throw fail(56, "L1 table of \(l1Size) entries cannot map a virtual size of \(virtualSize)")
         }
-        try checkTable(fileSize, field: 48, name: "L1 table", offset: l1TableOffset.rawValue, bytes: UInt64(l1Size) * 8, allowEmpty: true)
+        try checkTable(
+            fileSize,
+            field: 48,
+            name: "L1 table",
+            offset: l1TableOffset.rawValue,
+            bytes: UInt64(l1Size) * 8,
+            allowEmpty: true
+        )
         guard refcountTableClusters >= 1,
             UInt64(refcountTableClusters) * clusterSize / 8 <= Self.maxRefcountTableEntries
         else { throw fail(72, "refcount table of \(refcountTableClusters) clusters is outside the limits") }
         try checkTable(
-            fileSize, field: 64, name: "refcount table", offset: refcountTableOffset.rawValue,
-            bytes: UInt64(refcountTableClusters) * clusterSize, allowEmpty: false)
-        guard snapshotCount <= Self.maxSnapshots else { throw fail(76, "\(snapshotCount) snapshots exceed the limit of \(Self.maxSnapshots)") }
-        guard snapshotTableSize <= Self.maxSnapshotTableSize else { throw fail(88, "snapshot table of \(snapshotTableSize) bytes exceeds the limit") }
+            fileSize,
+            field: 64,
+            name: "refcount table",
+            offset: refcountTableOffset.rawValue,
+            bytes: UInt64(refcountTableClusters) * clusterSize,
+            allowEmpty: false
+        )
+        guard snapshotCount <= Self.maxSnapshots else {
+            throw fail(76, "\(snapshotCount) snapshots exceed the limit of \(Self.maxSnapshots)")
+        }
+        guard snapshotTableSize <= Self.maxSnapshotTableSize else {
+            throw fail(88, "snapshot table of \(snapshotTableSize) bytes exceeds the limit")
+        }
         if snapshotCount == 0 {
             guard snapshotTableOffset.rawValue == 0, snapshotTableSize == 0 else {
                 throw fail(80, "snapshot table fields are set but snapshot_count is 0")
             }
         } else {
-            guard snapshotTableSize >= 40 * snapshotCount else { throw fail(88, "snapshot table is too small for \(snapshotCount) snapshots") }
-            try checkTable(fileSize, field: 80, name: "snapshot table", offset: snapshotTableOffset.rawValue, bytes: UInt64(snapshotTableSize), allowEmpty: false)
+            guard snapshotTableSize >= 40 * snapshotCount else {
+                throw fail(88, "snapshot table is too small for \(snapshotCount) snapshots")
+            }
+            try checkTable(
+                fileSize,
+                field: 80,
+                name: "snapshot table",
+                offset: snapshotTableOffset.rawValue,
+                bytes: UInt64(snapshotTableSize),
+                allowEmpty: false
+            )
         }
     }
 
-    private func checkTable(_ fileSize: UInt64, field: Int, name: String, offset: UInt64, bytes: UInt64, allowEmpty: Bool) throws {
+    private func checkTable(
+        _ fileSize: UInt64,
+        field: Int,
+        name: String,
+        offset: UInt64,
+        bytes: UInt64,
+        allowEmpty: Bool
+    ) throws {
         guard geometry.isAligned(offset) else {
-            throw VImageError(.invalidImage, offset: UInt64(field), message: "\(name) offset 0x\(String(offset, radix: 16)) is not cluster aligned")
+            throw VImageError(
+                .invalidImage,
+                offset: UInt64(field),
+                message: "\(name) offset 0x\(String(offset, radix: 16)) is not cluster aligned"
+            )
         }
         if bytes == 0 && allowEmpty { return }
         guard offset != 0 else {
@@ -266,7 +341,12 @@ public struct ImageHeader: Sendable, Hashable {
         }
         let (end, overflow) = offset.addingReportingOverflow(bytes)
         guard !overflow, end <= fileSize else {
-            throw VImageError(.invalidImage, offset: UInt64(field), message: "\(name) at 0x\(String(offset, radix: 16)) (\(bytes) bytes) lies outside the file (\(fileSize) bytes)")
+            throw VImageError(
+                .invalidImage,
+                offset: UInt64(field),
+                message:
+                    "\(name) at 0x\(String(offset, radix: 16)) (\(bytes) bytes) lies outside the file (\(fileSize) bytes)"
+            )
         }
     }
 }

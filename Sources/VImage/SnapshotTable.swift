@@ -18,7 +18,14 @@ public struct SnapshotEntry: Sendable, Hashable {
 
     public static let maxNameLength = 1023
 
-    public init(l1TableOffset: HostOffset, l1Size: UInt32, virtualSize: UInt64, createdNanoseconds: UInt64, id: UInt32, name: String) {
+    public init(
+        l1TableOffset: HostOffset,
+        l1Size: UInt32,
+        virtualSize: UInt64,
+        createdNanoseconds: UInt64,
+        id: UInt32,
+        name: String
+    ) {
         self.l1TableOffset = l1TableOffset
         self.l1Size = l1Size
         self.virtualSize = virtualSize
@@ -51,7 +58,12 @@ public enum SnapshotTable {
 
     /// Decodes `count` entries, checking every field against the format's limits.
     /// - Throws: `VImageError.invalidImage` naming the entry.
-    public static func decode(_ bytes: [UInt8], count: Int, geometry: ClusterGeometry, fileSize: UInt64) throws -> [SnapshotEntry] {
+    public static func decode(
+        _ bytes: [UInt8],
+        count: Int,
+        geometry: ClusterGeometry,
+        fileSize: UInt64
+    ) throws -> [SnapshotEntry] {
         var r = ByteReader(bytes)
         var entries: [SnapshotEntry] = []
         var names = Set<String>()
@@ -68,7 +80,9 @@ public enum SnapshotTable {
             else { throw fail("entry runs past the end of the snapshot table") }
             _ = r.skip((8 - r.index % 8) % 8)
             guard flags == 0 else { throw fail("reserved flags are set") }
-            guard nameLength >= 1, Int(nameLength) <= SnapshotEntry.maxNameLength else { throw fail("name length \(nameLength) is invalid") }
+            guard nameLength >= 1, Int(nameLength) <= SnapshotEntry.maxNameLength else {
+                throw fail("name length \(nameLength) is invalid")
+            }
             guard let name = String(validating: nameBytes, as: UTF8.self) else { throw fail("name is not UTF-8") }
             guard virtualSize <= ImageHeader.maxVirtualSize, l1Size <= ImageHeader.maxL1Entries,
                 UInt64(l1Size) >= geometry.l1Entries(forVirtualSize: virtualSize)
@@ -80,7 +94,13 @@ public enum SnapshotTable {
             guard names.insert(name).inserted else { throw fail("duplicate name '\(name)'") }
             guard ids.insert(id).inserted else { throw fail("duplicate id \(id)") }
             var entry = SnapshotEntry(
-                l1TableOffset: HostOffset(l1Offset), l1Size: l1Size, virtualSize: virtualSize, createdNanoseconds: created, id: id, name: name)
+                l1TableOffset: HostOffset(l1Offset),
+                l1Size: l1Size,
+                virtualSize: virtualSize,
+                createdNanoseconds: created,
+                id: id,
+                name: name
+            )
             entry.extra = extra
             entries.append(entry)
         }

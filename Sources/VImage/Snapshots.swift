@@ -33,7 +33,14 @@ extension VImage {
     /// The image's internal snapshots, oldest first.
     public var snapshotList: [SnapshotInfo] {
         monitor.withLock {
-            snapshots.map { SnapshotInfo(id: $0.id, name: $0.name, virtualSize: $0.virtualSize, createdNanoseconds: $0.createdNanoseconds) }
+            snapshots.map {
+                SnapshotInfo(
+                    id: $0.id,
+                    name: $0.name,
+                    virtualSize: $0.virtualSize,
+                    createdNanoseconds: $0.createdNanoseconds
+                )
+            }
         }
     }
 
@@ -42,7 +49,11 @@ extension VImage {
     public func createSnapshot(named name: String) throws {
         try mutateSnapshots(operation: "create snapshot") {
             guard !name.isEmpty, name.utf8.count <= SnapshotEntry.maxNameLength else {
-                throw VImageError(.invalidArgument, path: path, message: "snapshot names are 1 to \(SnapshotEntry.maxNameLength) bytes")
+                throw VImageError(
+                    .invalidArgument,
+                    path: path,
+                    message: "snapshot names are 1 to \(SnapshotEntry.maxNameLength) bytes"
+                )
             }
             guard !snapshots.contains(where: { $0.name == name }) else {
                 throw VImageError(.alreadyExists, path: path, message: "snapshot '\(name)' already exists")
@@ -61,11 +72,17 @@ extension VImage {
             var now = timespec()
             clock_gettime(CLOCK_REALTIME, &now)
             let entry = SnapshotEntry(
-                l1TableOffset: HostOffset(geometry.offset(ofCluster: copy)), l1Size: UInt32(l1.count),
-                virtualSize: header.virtualSize, createdNanoseconds: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec),
-                id: (snapshots.map(\.id).max() ?? 0) + 1, name: name)
+                l1TableOffset: HostOffset(geometry.offset(ofCluster: copy)),
+                l1Size: UInt32(l1.count),
+                virtualSize: header.virtualSize,
+                createdNanoseconds: UInt64(now.tv_sec) * 1_000_000_000 + UInt64(now.tv_nsec),
+                id: (snapshots.map(\.id).max() ?? 0) + 1,
+                name: name
+            )
             try writeBackRefcounts(sync: false)  // synced with the table below, before the header switch
-            if !l1.isEmpty { try host.write(encodeTable(l1.map { $0 & ~copiedFlag }[...]), at: entry.l1TableOffset.rawValue) }
+            if !l1.isEmpty {
+                try host.write(encodeTable(l1.map { $0 & ~copiedFlag }[...]), at: entry.l1TableOffset.rawValue)
+            }
             try switchSnapshotTable(to: snapshots + [entry], beforeSwitch: { try self.writeL1Sectors() })
         }
     }
@@ -97,7 +114,9 @@ extension VImage {
             }
             var newL1 = try readSnapshotL1(target)
             for raw in newL1 {
-                if let table = L1Entry(rawValue: raw).l2Table { try incrementRefcount(geometry.clusterIndex(table.rawValue)) }
+                if let table = L1Entry(rawValue: raw).l2Table {
+                    try incrementRefcount(geometry.clusterIndex(table.rawValue))
+                }
             }
             newL1 = newL1.map { $0 & ~copiedFlag }
             let oldL1 = l1
@@ -117,7 +136,14 @@ extension VImage {
             } else {
                 let start = try allocateRun(max(1, newClusters))
                 try writeBackRefcounts()
-                try host.write(encodeTable(newL1[...]) + [UInt8](repeating: 0, count: Int(max(1, newClusters) * UInt64(geometry.clusterSize)) - newL1.count * 8), at: geometry.offset(ofCluster: start))
+                try host.write(
+                    encodeTable(newL1[...])
+                        + [UInt8](
+                            repeating: 0,
+                            count: Int(max(1, newClusters) * UInt64(geometry.clusterSize)) - newL1.count * 8
+                        ),
+                    at: geometry.offset(ofCluster: start)
+                )
                 try host.flush()
                 header.l1TableOffset = HostOffset(geometry.offset(ofCluster: start))
                 header.l1Size = UInt32(newL1.count)
@@ -140,8 +166,20 @@ extension VImage {
     ///
     /// A snapshot's L2 tables and data clusters are shared (refcount above one), so the writer never
     /// changes them in place and the view stays stable, as long as nobody deletes the snapshot meanwhile.
-    public static func openSnapshotAlongsideWriter(path: String, snapshot: String, options: OpenOptions = .init()) throws -> VImage {
-        try open(path: path, readOnly: true, backing: nil, resolveBacking: true, options: options, snapshot: snapshot, lock: FileDevice.LockMode.none)
+    public static func openSnapshotAlongsideWriter(
+        path: String,
+        snapshot: String,
+        options: OpenOptions = .init()
+    ) throws -> VImage {
+        try open(
+            path: path,
+            readOnly: true,
+            backing: nil,
+            resolveBacking: true,
+            options: options,
+            snapshot: snapshot,
+            lock: FileDevice.LockMode.none
+        )
     }
 
     /// Shows snapshot `name` instead of the active state (read-only images only; used by --snapshot).
@@ -218,7 +256,9 @@ extension VImage {
         try host.flush()
         snapshots = entries
         if oldSize > 0 {
-            for c in 0..<geometry.clusters(covering: oldSize) { try decrementRefcount(geometry.clusterIndex(oldOffset) + c) }
+            for c in 0..<geometry.clusters(covering: oldSize) {
+                try decrementRefcount(geometry.clusterIndex(oldOffset) + c)
+            }
         }
     }
 

@@ -79,7 +79,8 @@ public enum L2Entry: Hashable, Sendable {
     public var rawValue: UInt64 {
         switch self {
         case .unallocated: return 0
-        case .zero(let host, let copied): return (host?.rawValue ?? 0) | zeroFlag | (copied && host != nil ? copiedFlag : 0)
+        case .zero(let host, let copied):
+            return (host?.rawValue ?? 0) | zeroFlag | (copied && host != nil ? copiedFlag : 0)
         case .normal(let host, let copied): return host.rawValue | (copied ? copiedFlag : 0)
         case .compressed(let d): return compressedFlag | ((d.sectors - 1) << 47) | (d.hostOffset / 512)
         }

@@ -9,10 +9,11 @@
 //
 // A run never crosses an L2 table, so a plan touches one table.
 
+import BlockIO
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
 
 /// How a piece of a guest read is satisfied.
 enum ReadSource {
@@ -63,7 +64,8 @@ extension VImage {
                         try level.checkOpen()
                         source = try level.readSource(at: offset)
                     }
-                    if case .backing = source, let next = level.backingImage, offset + UInt64(buffer.count) <= next.size {
+                    if case .backing = source, let next = level.backingImage, offset + UInt64(buffer.count) <= next.size
+                    {
                         level = next
                         continue
                     }
@@ -106,7 +108,9 @@ extension VImage {
             while position < tableEnd && pieces.count < 64 {
                 let inCluster = geometry.offsetInCluster(position)
                 let length = Int(min(UInt64(geometry.clusterSize - inCluster), tableEnd - position))
-                let entry = entries.map { L2Entry(raw: $0[geometry.l2Index(guestCluster: geometry.clusterIndex(position))]) } ?? .unallocated
+                let entry =
+                    entries.map { L2Entry(raw: $0[geometry.l2Index(guestCluster: geometry.clusterIndex(position))]) }
+                    ?? .unallocated
                 let source: ReadSource
                 switch entry {
                 case .unallocated: source = backing == nil ? .zero : .backing(position)
@@ -152,7 +156,9 @@ extension VImage {
         case .backing(let offset): try readBacking(into: target, at: offset)
         case .compressed(let d, let inCluster):
             let cluster = try decompress(d)
-            cluster.withUnsafeBytes { target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inCluster..<inCluster + target.count])) }
+            cluster.withUnsafeBytes {
+                target.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inCluster..<inCluster + target.count]))
+            }
         }
     }
 
@@ -164,7 +170,9 @@ extension VImage {
         }
         let backingSize = backing.size
         let available = offset >= backingSize ? 0 : Int(min(UInt64(target.count), backingSize - offset))
-        if available > 0 { try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: target[0..<available]), at: offset) }
+        if available > 0 {
+            try backing.read(into: UnsafeMutableRawBufferPointer(rebasing: target[0..<available]), at: offset)
+        }
         if available < target.count {
             UnsafeMutableRawBufferPointer(rebasing: target[available...]).initializeMemory(as: UInt8.self, repeating: 0)
         }
@@ -205,7 +213,9 @@ extension VImage {
         let tableEnd = (first / UInt64(geometry.l2Entries) + 1) * UInt64(geometry.l2Entries) - 1
         let maxClusters = UInt64(max(1, (32 << 20) >> geometry.clusterBits))
         let runEnd = min(lastCluster, tableEnd, first + maxClusters - 1)
-        let lengthThrough = { (cluster: UInt64) -> Int in Int(min(end, self.geometry.offset(ofCluster: cluster + 1)) - offset) }
+        let lengthThrough = { (cluster: UInt64) -> Int in
+            Int(min(end, self.geometry.offset(ofCluster: cluster + 1)) - offset)
+        }
 
         let entry = try l2Entry(guestCluster: first)
         if case .normal(let host, copied: true) = entry {
@@ -215,7 +225,8 @@ extension VImage {
             while cluster < runEnd {
                 expected += UInt64(geometry.clusterSize)
                 guard !inflight.contains(cluster + 1),
-                    case .normal(let next, copied: true) = try l2Entry(guestCluster: cluster + 1), next.rawValue == expected
+                    case .normal(let next, copied: true) = try l2Entry(guestCluster: cluster + 1),
+                    next.rawValue == expected
                 else { break }
                 cluster += 1
             }
@@ -241,7 +252,9 @@ extension VImage {
                 try decrementRefcount(newHost)
                 break
             }
-            allocations.append(Allocation(guestCluster: cluster, hostCluster: newHost, old: old, isFresh: newHost >= endBefore))
+            allocations.append(
+                Allocation(guestCluster: cluster, hostCluster: newHost, old: old, isFresh: newHost >= endBefore)
+            )
             inflight.insert(cluster)
             previousHost = newHost
             cluster += 1
@@ -293,7 +306,9 @@ extension VImage {
         }
         // Fresh clusters past the old end of file already read as zeroes: write only the guest bytes.
         let headNeedsFill = inFirst > 0 && !(readsZero(allocations[0]) && allocations[0].isFresh)
-        let tailNeedsFill = tailGap > 0 && !(readsZero(allocations[allocations.count - 1]) && allocations[allocations.count - 1].isFresh)
+        let tailNeedsFill =
+            tailGap > 0
+            && !(readsZero(allocations[allocations.count - 1]) && allocations[allocations.count - 1].isFresh)
         if !headNeedsFill && !tailNeedsFill {
             try host.write(data, at: hostStart + UInt64(inFirst), fua: false)
             return
@@ -304,13 +319,19 @@ extension VImage {
             try fillOldContent(allocations[0], into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<cs]))
         }
         if tailNeedsFill && (allocations.count > 1 || !headNeedsFill) {
-            try fillOldContent(allocations[allocations.count - 1], into: UnsafeMutableRawBufferPointer(rebasing: buffer[(runBytes - cs)...]))
+            try fillOldContent(
+                allocations[allocations.count - 1],
+                into: UnsafeMutableRawBufferPointer(rebasing: buffer[(runBytes - cs)...])
+            )
         }
         if !headNeedsFill && inFirst > 0 {
             UnsafeMutableRawBufferPointer(rebasing: buffer[0..<inFirst]).initializeMemory(as: UInt8.self, repeating: 0)
         }
         if !tailNeedsFill && tailGap > 0 {
-            UnsafeMutableRawBufferPointer(rebasing: buffer[(runBytes - tailGap)...]).initializeMemory(as: UInt8.self, repeating: 0)
+            UnsafeMutableRawBufferPointer(rebasing: buffer[(runBytes - tailGap)...]).initializeMemory(
+                as: UInt8.self,
+                repeating: 0
+            )
         }
         UnsafeMutableRawBufferPointer(rebasing: buffer[inFirst..<inFirst + data.count]).copyMemory(from: data)
         try host.write(UnsafeRawBufferPointer(buffer), at: hostStart, fua: false)
@@ -335,7 +356,8 @@ extension VImage {
             // Re-read: a snapshot or another table copy may have changed the entry since planning.
             let current = L2Entry(raw: table.entries[index])
             queueFree(current)
-            table.entries[index] = L2Entry.normal(HostOffset(geometry.offset(ofCluster: a.hostCluster)), copied: true).rawValue
+            table.entries[index] =
+                L2Entry.normal(HostOffset(geometry.offset(ofCluster: a.hostCluster)), copied: true).rawValue
         }
         table.isDirty = true
         if pendingFrees.count > 65536 { try writeBack() }
@@ -380,7 +402,10 @@ extension VImage {
                 try checkOpen()
                 try wrapIO(path) {
                     // One L2 table at a time, waiting for in-flight allocations in it.
-                    let tableLast = min(last, (cluster / UInt64(geometry.l2Entries) + 1) * UInt64(geometry.l2Entries) - 1)
+                    let tableLast = min(
+                        last,
+                        (cluster / UInt64(geometry.l2Entries) + 1) * UInt64(geometry.l2Entries) - 1
+                    )
                     while (cluster...tableLast).contains(where: { inflight.contains($0) }) { monitor.wait() }
                     let l1Index = geometry.l1Index(guestCluster: cluster)
                     let hasTable = L1Entry(rawValue: l1[l1Index]).l2Table != nil
@@ -394,7 +419,8 @@ extension VImage {
                         let old = L2Entry(raw: table.entries[index])
                         let new: L2Entry
                         switch (mode, old) {
-                        case (.keep, .normal(let host, copied: true)), (.keep, .zero(preallocated: .some(let host), copied: true)):
+                        case (.keep, .normal(let host, copied: true)),
+                            (.keep, .zero(preallocated: .some(let host), copied: true)):
                             new = .zero(preallocated: host, copied: true)  // keep the storage for later writes
                         default:
                             new = backing == nil ? .unallocated : .zero(preallocated: nil, copied: false)
@@ -499,7 +525,10 @@ extension VImage {
                         if l1Index < l1.count, L1Entry(rawValue: l1[l1Index]).l2Table == nil {
                             // No table: the whole table range is unallocated.
                             let rangeEnd = min(end, UInt64(l1Index + 1) * geometry.bytesPerL2)
-                            add(&result, MappingExtent(offset: position, length: rangeEnd - position, kind: .unallocated))
+                            add(
+                                &result,
+                                MappingExtent(offset: position, length: rangeEnd - position, kind: .unallocated)
+                            )
                             position = rangeEnd
                             continue
                         }

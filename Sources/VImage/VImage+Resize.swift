@@ -36,15 +36,22 @@ extension VImage {
                 if target < old {
                     guard allowShrink else {
                         throw VImageError(
-                            .invalidArgument, path: path,
-                            message: "shrinking from \(old) to \(target) bytes discards data past the new end; use --shrink to confirm")
+                            .invalidArgument,
+                            path: path,
+                            message:
+                                "shrinking from \(old) to \(target) bytes discards data past the new end; use --shrink to confirm"
+                        )
                     }
                     dropped = try dropClusters(from: geometry.clusters(covering: target))
                     try writeBack()
                 }
                 let needed = geometry.l1Entries(forVirtualSize: target)
                 guard needed <= UInt64(ImageHeader.maxL1Entries) else {
-                    throw VImageError(.invalidArgument, path: path, message: "size \(target) needs a larger cluster size")
+                    throw VImageError(
+                        .invalidArgument,
+                        path: path,
+                        message: "size \(target) needs a larger cluster size"
+                    )
                 }
                 if needed > UInt64(l1.count) {
                     // A bigger L1 table elsewhere: written and synced before the header points at it.
@@ -82,7 +89,11 @@ extension VImage {
     /// Makes every guest cluster from `firstCluster` on read as nothing-allocated-here (zero without a
     /// backing file, zero-flagged with one), queueing frees. Returns the bytes of data clusters dropped.
     /// Lock held.
-    func dropClusters(from firstCluster: UInt64, to endCluster: UInt64? = nil, unallocate: Bool = false) throws -> UInt64 {
+    func dropClusters(
+        from firstCluster: UInt64,
+        to endCluster: UInt64? = nil,
+        unallocate: Bool = false
+    ) throws -> UInt64 {
         var dropped: UInt64 = 0
         let perTable = UInt64(geometry.l2Entries)
         let end = endCluster ?? UInt64(l1.count) * perTable
@@ -95,7 +106,8 @@ extension VImage {
                 continue
             }
             let table = try writableL2Table(guestCluster: cluster)
-            let replacement: L2Entry = unallocate || backing == nil ? .unallocated : .zero(preallocated: nil, copied: false)
+            let replacement: L2Entry =
+                unallocate || backing == nil ? .unallocated : .zero(preallocated: nil, copied: false)
             for c in cluster..<tableLast {
                 let index = geometry.l2Index(guestCluster: c)
                 let old = L2Entry(raw: table.entries[index])
@@ -179,8 +191,12 @@ extension VImage {
                     var position = m.offset
                     while position < end {
                         let n = Int(min(UInt64(chunk), end - position))
-                        try buffer.withUnsafeMutableBytes { try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: position) }
-                        try buffer.withUnsafeBytes { try target.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: position, fua: false) }
+                        try buffer.withUnsafeMutableBytes {
+                            try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: position)
+                        }
+                        try buffer.withUnsafeBytes {
+                            try target.write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: position, fua: false)
+                        }
                         position += UInt64(n)
                     }
                 }
@@ -194,7 +210,12 @@ extension VImage {
     /// Makes this image independent of the difference between its current backing chain and `newBase`
     /// (nil: no backing file), then records the new backing file: the data movement of a safe
     /// `vimg rebase`. Guest content is unchanged.
-    public func rebase(onto newBase: (any BlockDevice)?, name: String?, format: String?, progress: ((UInt64, UInt64) -> Void)? = nil) throws {
+    public func rebase(
+        onto newBase: (any BlockDevice)?,
+        name: String?,
+        format: String?,
+        progress: ((UInt64, UInt64) -> Void)? = nil
+    ) throws {
         let cs = geometry.clusterSize
         let unallocated = try mapping(at: 0, count: size).filter { $0.kind == .unallocated }
         let total = unallocated.reduce(0) { $0 + $1.length }
@@ -205,14 +226,20 @@ extension VImage {
             var position = m.offset
             while position < m.offset + m.length {
                 let n = Int(min(UInt64(cs) - position % UInt64(cs), m.offset + m.length - position))
-                try old.withUnsafeMutableBytes { try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: position) }
+                try old.withUnsafeMutableBytes {
+                    try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: position)
+                }
                 for i in 0..<n { new[i] = 0 }
                 if let newBase, position < newBase.size {
                     let available = Int(min(UInt64(n), newBase.size - position))
-                    try new.withUnsafeMutableBytes { try newBase.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<available]), at: position) }
+                    try new.withUnsafeMutableBytes {
+                        try newBase.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<available]), at: position)
+                    }
                 }
                 if old[0..<n] != new[0..<n] {
-                    try old.withUnsafeBytes { try write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: position, fua: false) }
+                    try old.withUnsafeBytes {
+                        try write(UnsafeRawBufferPointer(rebasing: $0[0..<n]), at: position, fua: false)
+                    }
                 }
                 position += UInt64(n)
                 done += UInt64(n)

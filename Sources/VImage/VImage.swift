@@ -19,11 +19,12 @@
 // touches one waits until its allocation commits, so two partial writes to one new cluster cannot race.
 // Writes to clusters already owned (refcount one) go straight to the host with no waiting.
 
+import BlockIO
+import Synchronization
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
-import Synchronization
 
 /// A VIMG image opened for reading or writing.
 public final class VImage: BlockDevice, @unchecked Sendable {
@@ -127,8 +128,16 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     public var currentHeader: ImageHeader { monitor.withLock { header } }
 
     private init(
-        path: String?, host: any BlockDevice, ownsHost: Bool, readOnly: Bool, header: ImageHeader, l1: [UInt64],
-        refcountTable: [UInt64], hostEnd: UInt64, backing: (any BlockDevice)?, options: OpenOptions
+        path: String?,
+        host: any BlockDevice,
+        ownsHost: Bool,
+        readOnly: Bool,
+        header: ImageHeader,
+        l1: [UInt64],
+        refcountTable: [UInt64],
+        hostEnd: UInt64,
+        backing: (any BlockDevice)?,
+        options: OpenOptions
     ) {
         self.path = path
         self.host = host
@@ -162,20 +171,27 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     ///   - options: cluster size and backing file.
     /// - Throws: `VImageError.invalidArgument` for sizes outside the format's limits.
     public static func create(on host: any BlockDevice, virtualSize: UInt64, options: CreateOptions = .init()) throws {
-        guard options.clusterBits >= Int(ImageHeader.minClusterBits), options.clusterBits <= Int(ImageHeader.maxClusterBits) else {
+        guard options.clusterBits >= Int(ImageHeader.minClusterBits),
+            options.clusterBits <= Int(ImageHeader.maxClusterBits)
+        else {
             throw VImageError(.invalidArgument, message: "cluster size must be a power of two from 4 KiB to 2 MiB")
         }
         let geometry = ClusterGeometry(clusterBits: options.clusterBits)
         let (rounded, overflow) = virtualSize.addingReportingOverflow(511)
         guard !overflow, rounded & ~511 <= ImageHeader.maxVirtualSize else {
-            throw VImageError(.invalidArgument, message: "virtual size \(virtualSize) exceeds the format's limit of 64 PiB")
+            throw VImageError(
+                .invalidArgument,
+                message: "virtual size \(virtualSize) exceeds the format's limit of 64 PiB"
+            )
         }
         let size = rounded & ~511
         let l1Entries = geometry.l1Entries(forVirtualSize: size)
         guard l1Entries <= UInt64(ImageHeader.maxL1Entries) else {
             throw VImageError(
                 .invalidArgument,
-                message: "virtual size \(ByteSize.format(size)) needs a larger cluster size (L1 limit at \(ByteSize.format(UInt64(geometry.clusterSize))) clusters)")
+                message:
+                    "virtual size \(ByteSize.format(size)) needs a larger cluster size (L1 limit at \(ByteSize.format(UInt64(geometry.clusterSize))) clusters)"
+            )
         }
         let cs = UInt64(geometry.clusterSize)
         let l1Clusters = max(1, geometry.clusters(covering: l1Entries * 8))
@@ -196,8 +212,13 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         let total = l1Start + l1Clusters
 
         var header = ImageHeader(
-            clusterBits: UInt32(options.clusterBits), virtualSize: size, l1TableOffset: HostOffset(l1Start * cs),
-            l1Size: UInt32(l1Entries), refcountTableOffset: HostOffset(tableStart * cs), refcountTableClusters: UInt32(tableClusters))
+            clusterBits: UInt32(options.clusterBits),
+            virtualSize: size,
+            l1TableOffset: HostOffset(l1Start * cs),
+            l1Size: UInt32(l1Entries),
+            refcountTableOffset: HostOffset(tableStart * cs),
+            refcountTableClusters: UInt32(tableClusters)
+        )
         if let backingFile = options.backingFile {
             guard !backingFile.isEmpty, backingFile.utf8.count <= ImageHeader.maxBackingNameLength else {
                 throw VImageError(.invalidArgument, message: "backing file name must be 1 to 4095 bytes")
@@ -227,7 +248,9 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     /// Creates an image file at `path` (which must not exist). On failure the file is removed.
     public static func create(path: String, virtualSize: UInt64, options: CreateOptions = .init()) throws {
-        let file = try wrapIO(path) { try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive) }
+        let file = try wrapIO(path) {
+            try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive)
+        }
         do {
             try create(on: file, virtualSize: virtualSize, options: options)
             try file.close()
@@ -252,28 +275,68 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     ///   - backing: an already-open backing device; nil opens the one the header names (if any) read-only.
     /// - Throws: `VImageError` for invalid or unsupported images.
     public static func open(
-        host: any BlockDevice, path: String? = nil, readOnly: Bool, backing: (any BlockDevice)? = nil,
+        host: any BlockDevice,
+        path: String? = nil,
+        readOnly: Bool,
+        backing: (any BlockDevice)? = nil,
         options: OpenOptions = .init()
     ) throws -> VImage {
-        try open(host: host, ownsHost: false, path: path, readOnly: readOnly, backing: backing, resolveBacking: backing == nil, options: options)
+        try open(
+            host: host,
+            ownsHost: false,
+            path: path,
+            readOnly: readOnly,
+            backing: backing,
+            resolveBacking: backing == nil,
+            options: options
+        )
     }
 
     /// Opens the image file at `path`, taking an exclusive lock for writing or a shared one for reading.
     /// - Parameter snapshot: expose this internal snapshot (read-only) instead of the active state.
-    public static func open(path: String, readOnly: Bool, snapshot: String? = nil, options: OpenOptions = .init()) throws -> VImage {
-        try open(path: path, readOnly: readOnly, backing: nil, resolveBacking: true, options: options, snapshot: snapshot)
+    public static func open(
+        path: String,
+        readOnly: Bool,
+        snapshot: String? = nil,
+        options: OpenOptions = .init()
+    ) throws -> VImage {
+        try open(
+            path: path,
+            readOnly: readOnly,
+            backing: nil,
+            resolveBacking: true,
+            options: options,
+            snapshot: snapshot
+        )
     }
 
     static func open(
-        path: String, readOnly: Bool, backing: (any BlockDevice)?, resolveBacking: Bool, options: OpenOptions, snapshot: String? = nil,
+        path: String,
+        readOnly: Bool,
+        backing: (any BlockDevice)?,
+        resolveBacking: Bool,
+        options: OpenOptions,
+        snapshot: String? = nil,
         lock: FileDevice.LockMode? = nil
     ) throws -> VImage {
         let file = try wrapIO(path) {
-            try FileDevice.open(path: path, readOnly: readOnly, growable: true, lock: lock ?? (readOnly ? .shared : .exclusive))
+            try FileDevice.open(
+                path: path,
+                readOnly: readOnly,
+                growable: true,
+                lock: lock ?? (readOnly ? .shared : .exclusive)
+            )
         }
         do {
             let image = try open(
-                host: file, ownsHost: true, path: path, readOnly: readOnly, backing: backing, resolveBacking: resolveBacking, options: options)
+                host: file,
+                ownsHost: true,
+                path: path,
+                readOnly: readOnly,
+                backing: backing,
+                resolveBacking: resolveBacking,
+                options: options
+            )
             if let snapshot {
                 do {
                     try image.selectSnapshot(named: snapshot)
@@ -290,8 +353,14 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     }
 
     static func open(
-        host: any BlockDevice, ownsHost: Bool, path: String?, readOnly: Bool, backing: (any BlockDevice)?,
-        resolveBacking: Bool, options: OpenOptions, repairedDirty: Bool = false
+        host: any BlockDevice,
+        ownsHost: Bool,
+        path: String?,
+        readOnly: Bool,
+        backing: (any BlockDevice)?,
+        resolveBacking: Bool,
+        options: OpenOptions,
+        repairedDirty: Bool = false
     ) throws -> VImage {
         let fileSize = host.size
         let (header, l1, refcountTable) = try wrapIO(path) { () throws -> (ImageHeader, [UInt64], [UInt64]) in
@@ -305,12 +374,19 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             }
             let l1Bytes = try host.read(count: Int(header.l1Size) * 8, at: header.l1TableOffset.rawValue)
             let l1 = l1Bytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
-            let rtBytes = try host.read(count: Int(header.refcountTableClusters) * header.clusterSize, at: header.refcountTableOffset.rawValue)
+            let rtBytes = try host.read(
+                count: Int(header.refcountTableClusters) * header.clusterSize,
+                at: header.refcountTableOffset.rawValue
+            )
             let rt = rtBytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
             return (header, l1, rt)
         }
         if !readOnly && header.incompatibleFeatures.contains(.corrupt) {
-            throw VImageError(.corrupt, path: path, message: "image is marked corrupt; open it read-only, or repair it with 'vimg check -r all'")
+            throw VImageError(
+                .corrupt,
+                path: path,
+                message: "image is marked corrupt; open it read-only, or repair it with 'vimg check -r all'"
+            )
         }
         if !readOnly && !repairedDirty && header.incompatibleFeatures.contains(.dirty) {
             // Not closed cleanly: refcounts may be too high. Free the leaks now (refcounts are only ever
@@ -319,8 +395,15 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             let result = try wrapIO(path) { try ImageCheck.repair(host: host, mode: .leaks) }
             if result.after.corruptions == 0 && result.after.checkErrors == 0 {
                 let image = try open(
-                    host: host, ownsHost: ownsHost, path: path, readOnly: readOnly, backing: backing,
-                    resolveBacking: resolveBacking, options: options, repairedDirty: true)
+                    host: host,
+                    ownsHost: ownsHost,
+                    path: path,
+                    readOnly: readOnly,
+                    backing: backing,
+                    resolveBacking: resolveBacking,
+                    options: options,
+                    repairedDirty: true
+                )
                 image.wasDirtyAtOpen = true
                 return image
             }
@@ -328,20 +411,39 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         var backingDevice = backing
         var ownedBacking = false
         if backingDevice == nil, resolveBacking, let name = header.backingFileName {
-            backingDevice = try openBackingChain(name: name, format: header.backingFileFormat, childPath: path, options: options)
+            backingDevice = try openBackingChain(
+                name: name,
+                format: header.backingFileFormat,
+                childPath: path,
+                options: options
+            )
             ownedBacking = true
         }
         let geometry = header.geometry
         let fileClusters = geometry.clusters(covering: fileSize)
         let image = VImage(
-            path: path, host: host, ownsHost: ownsHost, readOnly: readOnly, header: header, l1: l1,
-            refcountTable: refcountTable, hostEnd: fileClusters, backing: backingDevice, options: options)
+            path: path,
+            host: host,
+            ownsHost: ownsHost,
+            readOnly: readOnly,
+            header: header,
+            l1: l1,
+            refcountTable: refcountTable,
+            hostEnd: fileClusters,
+            backing: backingDevice,
+            options: options
+        )
         image.ownsBacking = ownedBacking
         if header.snapshotCount > 0 {
             image.snapshots = try wrapIO(path) {
                 let bytes = try host.read(count: Int(header.snapshotTableSize), at: header.snapshotTableOffset.rawValue)
                 do {
-                    return try SnapshotTable.decode(bytes, count: Int(header.snapshotCount), geometry: header.geometry, fileSize: fileSize)
+                    return try SnapshotTable.decode(
+                        bytes,
+                        count: Int(header.snapshotCount),
+                        geometry: header.geometry,
+                        fileSize: fileSize
+                    )
                 } catch var error as VImageError {
                     error.path = path
                     throw error
@@ -371,7 +473,10 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     /// Why a backing chain cannot be opened; `error` is what `open` throws.
     struct BackingChainFailure: Error {
-        enum Kind: String { case missing = "backing-missing", loop = "backing-loop" }
+        enum Kind: String {
+            case missing = "backing-missing"
+            case loop = "backing-loop"
+        }
         var kind: Kind
         var error: VImageError
         init(_ kind: Kind, _ error: VImageError) {
@@ -383,7 +488,11 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// The levels of the backing chain below an image, top-down, found by reading only headers.
     /// - Throws: `BackingChainFailure` for a missing file or a loop; `VImageError` for anything else
     ///   (excess depth, an unknown format, an unreadable header).
-    static func backingChainLevels(name: String, format: String?, childPath: String?) throws -> [(path: String, format: DiskImage.Format)] {
+    static func backingChainLevels(
+        name: String,
+        format: String?,
+        childPath: String?
+    ) throws -> [(path: String, format: DiskImage.Format)] {
         var levels: [(path: String, format: DiskImage.Format)] = []
         var seen: Set<String> = [childPath.flatMap(realPath) ?? childPath ?? ""]
         var next: (name: String, format: String?, child: String?)? = (name, format, childPath)
@@ -393,21 +502,36 @@ public final class VImage: BlockDevice, @unchecked Sendable {
                 resolved = String(child[...slash]) + name
             }
             guard access(resolved, F_OK) == 0 else {
-                throw BackingChainFailure(.missing, VImageError(.notFound, path: child, message: "backing file '\(name)' not found (looked for \(resolved))"))
+                throw BackingChainFailure(
+                    .missing,
+                    VImageError(
+                        .notFound,
+                        path: child,
+                        message: "backing file '\(name)' not found (looked for \(resolved))"
+                    )
+                )
             }
             let canonical = realPath(resolved) ?? resolved
             guard seen.insert(canonical).inserted else {
-                throw BackingChainFailure(.loop, VImageError(.invalidImage, path: child, message: "backing chain loops back to \(canonical)"))
+                throw BackingChainFailure(
+                    .loop,
+                    VImageError(.invalidImage, path: child, message: "backing chain loops back to \(canonical)")
+                )
             }
             guard levels.count < maxBackingDepth else {
-                throw VImageError(.limitExceeded, path: childPath, message: "backing chain is deeper than \(maxBackingDepth) images")
+                throw VImageError(
+                    .limitExceeded,
+                    path: childPath,
+                    message: "backing chain is deeper than \(maxBackingDepth) images"
+                )
             }
-            let kind = try format.map { text -> DiskImage.Format in
-                guard let f = DiskImage.Format(rawValue: text) else {
-                    throw VImageError(.invalidImage, path: child, message: "unknown backing format '\(text)'")
-                }
-                return f
-            } ?? DiskImage.probe(path: resolved)
+            let kind =
+                try format.map { text -> DiskImage.Format in
+                    guard let f = DiskImage.Format(rawValue: text) else {
+                        throw VImageError(.invalidImage, path: child, message: "unknown backing format '\(text)'")
+                    }
+                    return f
+                } ?? DiskImage.probe(path: resolved)
             levels.append((resolved, kind))
             next = nil
             if kind == .vimg {
@@ -427,7 +551,12 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Opens a backing chain without recursion (a crafted chain cannot deepen the stack): walk the
     /// headers top-down to find every level, checking for missing files, loops and excess depth, then
     /// open the levels bottom-up, each over the one below.
-    private static func openBackingChain(name: String, format: String?, childPath: String?, options: OpenOptions) throws -> any BlockDevice {
+    private static func openBackingChain(
+        name: String,
+        format: String?,
+        childPath: String?,
+        options: OpenOptions
+    ) throws -> any BlockDevice {
         let levels: [(path: String, format: DiskImage.Format)]
         do {
             levels = try backingChainLevels(name: name, format: format, childPath: childPath)
@@ -439,13 +568,25 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             for level in levels.reversed() {
                 switch level.format {
                 case .vimg:
-                    let image = try VImage.open(path: level.path, readOnly: true, backing: device, resolveBacking: false, options: options)
+                    let image = try VImage.open(
+                        path: level.path,
+                        readOnly: true,
+                        backing: device,
+                        resolveBacking: false,
+                        options: options
+                    )
                     image.ownsBacking = true
                     device = image
                 case .raw:
-                    device = try wrapIO(level.path) { try FileDevice.open(path: level.path, readOnly: true, lock: .shared) }
+                    device = try wrapIO(level.path) {
+                        try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
+                    }
                 case .qcow2:
-                    throw VImageError(.unsupportedFeature, path: level.path, message: "qcow2 backing files are not supported yet")
+                    throw VImageError(
+                        .unsupportedFeature,
+                        path: level.path,
+                        message: "qcow2 backing files are not supported yet"
+                    )
                 }
             }
         } catch {
@@ -505,7 +646,9 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Writes all dirty metadata in the order the format requires, syncs, then applies queued frees.
     /// Called with the lock held.
     func writeBack() throws {
-        let metadataDirty = !dirtyL1Sectors.isEmpty || !pendingTableFrees.isEmpty || headerChanged || l2Cache.hasDirty || refcountCache.hasDirty
+        let metadataDirty =
+            !dirtyL1Sectors.isEmpty || !pendingTableFrees.isEmpty || headerChanged || l2Cache.hasDirty
+            || refcountCache.hasDirty
             || !dirtyRefcountTableSectors.isEmpty
         if metadataDirty { try setDirtyBit() }
         try writeBackRefcounts()
@@ -549,7 +692,10 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             if !dirtyBlocks.isEmpty { try host.flush() }
             for sector in dirtyRefcountTableSectors.sorted() {
                 let first = sector * 64
-                try host.write(encodeTable(refcountTable[first..<first + 64]), at: header.refcountTableOffset.rawValue + UInt64(sector * 512))
+                try host.write(
+                    encodeTable(refcountTable[first..<first + 64]),
+                    at: header.refcountTableOffset.rawValue + UInt64(sector * 512)
+                )
             }
             dirtyRefcountTableSectors.removeAll()
         }
@@ -579,7 +725,12 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             try? host.write(header.encodeFixed(), at: 0)
             try? host.flush()
         }
-        return VImageError(.corrupt, path: path, offset: offset, message: "image is corrupt: \(message); run 'vimg check'")
+        return VImageError(
+            .corrupt,
+            path: path,
+            offset: offset,
+            message: "image is corrupt: \(message); run 'vimg check'"
+        )
     }
 
     // MARK: L2 tables
@@ -588,7 +739,10 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     func l2Table(at offset: UInt64) throws -> CachedTable<UInt64> {
         if let table = l2Cache.lookup(offset) { return table }
         guard geometry.isAligned(offset), offset + UInt64(geometry.clusterSize) <= host.size else {
-            throw corruption("L2 table offset 0x\(String(offset, radix: 16)) is misaligned or outside the file", offset: offset)
+            throw corruption(
+                "L2 table offset 0x\(String(offset, radix: 16)) is misaligned or outside the file",
+                offset: offset
+            )
         }
         let bytes = try host.read(count: geometry.clusterSize, at: offset)
         let table = CachedTable(offset: offset, entries: bytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) })
@@ -627,7 +781,9 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// The writable L2 table for a guest cluster, allocating or copying it as needed. Lock held.
     func writableL2Table(guestCluster: UInt64) throws -> CachedTable<UInt64> {
         let l1Index = geometry.l1Index(guestCluster: guestCluster)
-        guard l1Index < l1.count else { throw VImageError(.outOfRange, path: path, message: "cluster beyond the L1 table") }
+        guard l1Index < l1.count else {
+            throw VImageError(.outOfRange, path: path, message: "cluster beyond the L1 table")
+        }
         let entry = L1Entry(rawValue: l1[l1Index])
         if let offset = entry.l2Table {
             if entry.isCopied { return try l2Table(at: offset.rawValue) }
@@ -641,7 +797,10 @@ public final class VImage: BlockDevice, @unchecked Sendable {
                 if case .compressed(let d) = e { try incrementRefcounts(of: d) }
             }
             // The copies are shared now: nothing in them is "copied" (refcount one) any more.
-            let table = CachedTable(offset: geometry.offset(ofCluster: newCluster), entries: entries.map { $0 & ~copiedFlag })
+            let table = CachedTable(
+                offset: geometry.offset(ofCluster: newCluster),
+                entries: entries.map { $0 & ~copiedFlag }
+            )
             table.isDirty = true
             try makeRoomInL2Cache()
             l2Cache.insert(table)
@@ -650,7 +809,10 @@ public final class VImage: BlockDevice, @unchecked Sendable {
             return table
         }
         let newCluster = try allocateCluster()
-        let table = CachedTable(offset: geometry.offset(ofCluster: newCluster), entries: [UInt64](repeating: 0, count: geometry.l2Entries))
+        let table = CachedTable(
+            offset: geometry.offset(ofCluster: newCluster),
+            entries: [UInt64](repeating: 0, count: geometry.l2Entries)
+        )
         table.isDirty = true
         try makeRoomInL2Cache()
         l2Cache.insert(table)
@@ -695,7 +857,9 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     func refcountSlot(_ cluster: UInt64) throws -> (CachedTable<UInt16>, Int)? {
         let perBlock = UInt64(geometry.refcountBlockEntries)
         let tableIndex = cluster / perBlock
-        guard tableIndex < UInt64(refcountTable.count), refcountTable[Int(tableIndex)] & hostOffsetMask != 0 else { return nil }
+        guard tableIndex < UInt64(refcountTable.count), refcountTable[Int(tableIndex)] & hostOffsetMask != 0 else {
+            return nil
+        }
         return (try refcountBlock(tableIndex: Int(tableIndex)), Int(cluster % perBlock))
     }
 
@@ -717,7 +881,10 @@ public final class VImage: BlockDevice, @unchecked Sendable {
 
     func decrementRefcount(_ cluster: UInt64) throws {
         guard let (block, index) = try refcountSlot(cluster), block.entries[index] > 0 else {
-            throw corruption("refcount of cluster \(cluster) would drop below zero", offset: geometry.offset(ofCluster: cluster))
+            throw corruption(
+                "refcount of cluster \(cluster) would drop below zero",
+                offset: geometry.offset(ofCluster: cluster)
+            )
         }
         block.entries[index] -= 1
         block.isDirty = true
@@ -819,7 +986,11 @@ public final class VImage: BlockDevice, @unchecked Sendable {
         while true {
             entries = (entries + perCluster - 1) / perCluster * perCluster
             guard entries <= ImageHeader.maxRefcountTableEntries else {
-                throw VImageError(.limitExceeded, path: path, message: "the image file has reached the refcount table limit")
+                throw VImageError(
+                    .limitExceeded,
+                    path: path,
+                    message: "the image file has reached the refcount table limit"
+                )
             }
             tableClusters = entries / perCluster
             // Fixed point: the ranges touched by [start, start + blocks + table) that have no block yet.

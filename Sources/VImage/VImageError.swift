@@ -1,7 +1,8 @@
+import BlockIO
+
 #if canImport(Glibc)
 import Glibc
 #endif
-import BlockIO
 
 /// The one public error of `VImage`: a stable code, a message, where it happened, and what caused it.
 public struct VImageError: ErrnoConvertible, CustomStringConvertible, Sendable {
@@ -39,7 +40,11 @@ public struct VImageError: ErrnoConvertible, CustomStringConvertible, Sendable {
     public var cause: (any Error & Sendable)?
 
     public init(
-        _ code: Code, path: String? = nil, offset: UInt64? = nil, message: String, cause: (any Error & Sendable)? = nil
+        _ code: Code,
+        path: String? = nil,
+        offset: UInt64? = nil,
+        message: String,
+        cause: (any Error & Sendable)? = nil
     ) {
         self.code = code
         self.message = message

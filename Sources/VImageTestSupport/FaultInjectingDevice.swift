@@ -53,7 +53,9 @@ public final class FaultInjectingDevice: BlockDevice, @unchecked Sendable {
             if remaining <= 0 { isPoweredOff = true }
             operationsUntilCut = remaining - 1
         }
-        if isPoweredOff { throw BlockIOError(.system, operation: operation, errno: 5, message: "power cut (fault injection)") }
+        if isPoweredOff {
+            throw BlockIOError(.system, operation: operation, errno: 5, message: "power cut (fault injection)")
+        }
     }
 
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
@@ -128,7 +130,10 @@ public final class FaultInjectingDevice: BlockDevice, @unchecked Sendable {
                         // Sector by sector (a sector is the unit a disk writes atomically).
                         var start = 0
                         while start < w.bytes.count {
-                            let sectorEnd = min(w.bytes.count, Int((w.offset + UInt64(start)) / 512 * 512 + 512 - w.offset))
+                            let sectorEnd = min(
+                                w.bytes.count,
+                                Int((w.offset + UInt64(start)) / 512 * 512 + 512 - w.offset)
+                            )
                             if Bool.random(using: &rng) {
                                 try! result.write(Array(w.bytes[start..<sectorEnd]), at: w.offset + UInt64(start))
                             }

@@ -80,8 +80,17 @@ public struct FixtureSpec: Sendable {
     public var note: String
 
     public init(
-        name: String, description: String, virtualSize: UInt64, clusterSize: Int, findings: [Finding], checkExit: Int32,
-        repairExit: Int32, opens: Bool = true, recoverable: Bool = true, written: [Written], lost: [(offset: UInt64, length: Int)] = [],
+        name: String,
+        description: String,
+        virtualSize: UInt64,
+        clusterSize: Int,
+        findings: [Finding],
+        checkExit: Int32,
+        repairExit: Int32,
+        opens: Bool = true,
+        recoverable: Bool = true,
+        written: [Written],
+        lost: [(offset: UInt64, length: Int)] = [],
         note: String = ""
     ) {
         self.name = name
@@ -102,25 +111,55 @@ public struct FixtureSpec: Sendable {
     public func expectedGuest() -> [UInt8] {
         var disk = [UInt8](repeating: 0, count: Int(virtualSize))
         for w in written {
-            disk.replaceSubrange(Int(w.offset)..<Int(w.offset) + w.length, with: w.content.bytes(count: w.length, offset: w.offset, seed: w.seed))
+            disk.replaceSubrange(
+                Int(w.offset)..<Int(w.offset) + w.length,
+                with: w.content.bytes(count: w.length, offset: w.offset, seed: w.seed)
+            )
         }
-        for l in lost { disk.replaceSubrange(Int(l.offset)..<Int(l.offset) + l.length, with: repeatElement(0, count: l.length)) }
+        for l in lost {
+            disk.replaceSubrange(Int(l.offset)..<Int(l.offset) + l.length, with: repeatElement(0, count: l.length))
+        }
         return disk
     }
 
     public func json() -> String {
         var guest: [(String, FixtureJSON)] = [("recoverable", .bool(recoverable))]
-        guest.append(("written", .array(written.map {
-            .object([("offset", .number($0.offset)), ("length", .number(UInt64($0.length))), ("content", .string($0.content.rawValue)), ("seed", .number($0.seed))])
-        })))
-        guest.append(("lost", .array(lost.map { .object([("offset", .number($0.offset)), ("length", .number(UInt64($0.length)))]) })))
+        guest.append(
+            (
+                "written",
+                .array(
+                    written.map {
+                        .object([
+                            ("offset", .number($0.offset)), ("length", .number(UInt64($0.length))),
+                            ("content", .string($0.content.rawValue)), ("seed", .number($0.seed)),
+                        ])
+                    }
+                )
+            )
+        )
+        guest.append(
+            (
+                "lost",
+                .array(lost.map { .object([("offset", .number($0.offset)), ("length", .number(UInt64($0.length)))]) })
+            )
+        )
         if recoverable { guest.append(("fnv1a64", .string(fnv1a64Hex(expectedGuest())))) }
         let fields: [(String, FixtureJSON)] = [
             ("name", .string(name)),
             ("description", .string(description)),
             ("virtual-size", .number(virtualSize)),
             ("cluster-size", .number(UInt64(clusterSize))),
-            ("findings", .array(findings.map { .object([("kind", .string($0.kind)), ("severity", .string($0.severity)), ("count", .number(UInt64($0.count)))]) })),
+            (
+                "findings",
+                .array(
+                    findings.map {
+                        .object([
+                            ("kind", .string($0.kind)), ("severity", .string($0.severity)),
+                            ("count", .number(UInt64($0.count))),
+                        ])
+                    }
+                )
+            ),
             ("check-exit", .number(UInt64(checkExit))),
             ("repair-all-exit", .number(UInt64(repairExit))),
             ("opens-read-only", .bool(opens)),
@@ -133,7 +172,9 @@ public struct FixtureSpec: Sendable {
     /// Parses an `.expected.json` written by `json()`.
     public static func parse(_ text: String) throws -> FixtureSpec {
         let root = try FixtureJSON.parse(text)
-        func bad(_ what: String) -> FixtureJSON.ParseError { FixtureJSON.ParseError(message: "expected.json: bad \(what)") }
+        func bad(_ what: String) -> FixtureJSON.ParseError {
+            FixtureJSON.ParseError(message: "expected.json: bad \(what)")
+        }
         guard let name = root["name"]?.string, let description = root["description"]?.string,
             let size = root["virtual-size"]?.number, let cs = root["cluster-size"]?.number,
             let findings = root["findings"]?.array, let checkExit = root["check-exit"]?.number,
@@ -142,11 +183,21 @@ public struct FixtureSpec: Sendable {
             let written = guest["written"]?.array, let lost = guest["lost"]?.array
         else { throw bad("fields") }
         var spec = FixtureSpec(
-            name: name, description: description, virtualSize: size, clusterSize: Int(cs), findings: [],
-            checkExit: Int32(checkExit), repairExit: Int32(repairExit), opens: opens, recoverable: recoverable, written: [],
-            note: root["note"]?.string ?? "")
+            name: name,
+            description: description,
+            virtualSize: size,
+            clusterSize: Int(cs),
+            findings: [],
+            checkExit: Int32(checkExit),
+            repairExit: Int32(repairExit),
+            opens: opens,
+            recoverable: recoverable,
+            written: [],
+            note: root["note"]?.string ?? ""
+        )
         for f in findings {
-            guard let kind = f["kind"]?.string, let severity = f["severity"]?.string, let count = f["count"]?.number else { throw bad("finding") }
+            guard let kind = f["kind"]?.string, let severity = f["severity"]?.string, let count = f["count"]?.number
+            else { throw bad("finding") }
             spec.findings.append(Finding(kind, severity, count: Int(count)))
         }
         for w in written {
@@ -204,7 +255,9 @@ public indirect enum FixtureJSON: Sendable {
         switch self {
         case .object(let fields):
             if fields.isEmpty { return "{}" }
-            return "{\n" + fields.map { inner + $0.0.jsonQuoted + ": " + $0.1.render(indent: inner) }.joined(separator: ",\n") + "\n" + indent + "}"
+            return "{\n"
+                + fields.map { inner + $0.0.jsonQuoted + ": " + $0.1.render(indent: inner) }.joined(separator: ",\n")
+                + "\n" + indent + "}"
         case .array(let items):
             if items.isEmpty { return "[]" }
             return "[\n" + items.map { inner + $0.render(indent: inner) }.joined(separator: ",\n") + "\n" + indent + "]"
@@ -232,7 +285,9 @@ public indirect enum FixtureJSON: Sendable {
 
         mutating func expect(_ c: UInt8) throws {
             skipSpace()
-            guard i < bytes.count, bytes[i] == c else { throw ParseError(message: "expected '\(Character(UnicodeScalar(c)))' at \(i)") }
+            guard i < bytes.count, bytes[i] == c else {
+                throw ParseError(message: "expected '\(Character(UnicodeScalar(c)))' at \(i)")
+            }
             i += 1
         }
 
@@ -273,7 +328,9 @@ public indirect enum FixtureJSON: Sendable {
             case UInt8(ascii: "t"), UInt8(ascii: "f"):
                 let isTrue = bytes[i] == UInt8(ascii: "t")
                 let word = Array((isTrue ? "true" : "false").utf8)
-                guard bytes.count - i >= word.count, Array(bytes[i..<i + word.count]) == word else { throw ParseError(message: "bad literal at \(i)") }
+                guard bytes.count - i >= word.count, Array(bytes[i..<i + word.count]) == word else {
+                    throw ParseError(message: "bad literal at \(i)")
+                }
                 i += word.count
                 return .bool(isTrue)
             default:
@@ -304,7 +361,9 @@ public indirect enum FixtureJSON: Sendable {
         }
 
         mutating func string() throws -> String {
-            guard i < bytes.count, bytes[i] == UInt8(ascii: "\"") else { throw ParseError(message: "expected a string at \(i)") }
+            guard i < bytes.count, bytes[i] == UInt8(ascii: "\"") else {
+                throw ParseError(message: "expected a string at \(i)")
+            }
             i += 1
             var out: [UInt8] = []
             while i < bytes.count, bytes[i] != UInt8(ascii: "\"") {
@@ -313,7 +372,8 @@ public indirect enum FixtureJSON: Sendable {
                     switch bytes[i] {
                     case UInt8(ascii: "n"): out.append(0x0a)
                     case UInt8(ascii: "u"):
-                        guard i + 4 < bytes.count, let v = UInt32(String(decoding: bytes[i + 1...i + 4], as: UTF8.self), radix: 16),
+                        guard i + 4 < bytes.count,
+                            let v = UInt32(String(decoding: bytes[i + 1...i + 4], as: UTF8.self), radix: 16),
                             let scalar = Unicode.Scalar(v)
                         else { throw ParseError(message: "bad escape at \(i)") }
                         out += Array(String(Character(scalar)).utf8)

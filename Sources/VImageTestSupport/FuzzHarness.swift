@@ -63,12 +63,17 @@ public enum FuzzHarness {
         if size > 0 {
             let count = Int(min(UInt64(readLength), size))
             _ = try? image.write(Pattern.bytes(count: count, offset: 0, seed: 3), at: 0)
-            _ = try? image.write(Pattern.bytes(count: count, offset: size / 2, seed: 3), at: min(size / 2, size - UInt64(count)))
+            _ = try? image.write(
+                Pattern.bytes(count: count, offset: size / 2, seed: 3),
+                at: min(size / 2, size - UInt64(count))
+            )
         }
         guard (try? image.close()) != nil else { return }
         let again = ImageCheck.check(host: copy)
         if !again.isClean {
-            fatalError("an image repaired clean by -r all is not clean after a write: \(again.findings.prefix(3).map(\.message))")
+            fatalError(
+                "an image repaired clean by -r all is not clean after a write: \(again.findings.prefix(3).map(\.message))"
+            )
         }
     }
 }

@@ -46,7 +46,11 @@ public struct ReferenceDisk: Sendable {
     }
 
     public mutating func resize(_ size: Int) {
-        if size < bytes.count { bytes.removeSubrange(size...) } else { bytes += [UInt8](repeating: 0, count: size - bytes.count) }
+        if size < bytes.count {
+            bytes.removeSubrange(size...)
+        } else {
+            bytes += [UInt8](repeating: 0, count: size - bytes.count)
+        }
     }
 
     public func read(at offset: Int, count: Int) -> ArraySlice<UInt8> { bytes[offset..<offset + count] }
@@ -101,7 +105,7 @@ public enum TestEnvironment {
         var pid: pid_t = 0
         let words: [String] = ["/bin/rm", "-rf", path]
         let argv: [UnsafeMutablePointer<CChar>?] = words.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
+        defer { for arg in argv { free(arg) } }
         guard posix_spawn(&pid, "/bin/rm", nil, nil, argv, environ) == 0 else { return }
         var status: Int32 = 0
         while waitpid(pid, &status, 0) < 0 && errno == EINTR {}
@@ -117,10 +121,17 @@ public struct ProcessResult: Sendable {
 
 /// Runs a program to completion, capturing its output (posix_spawn; no Foundation needed).
 @discardableResult
-public func run(_ program: String, _ arguments: [String], environment: [String: String]? = nil, input: [UInt8]? = nil) -> ProcessResult {
+public func run(
+    _ program: String,
+    _ arguments: [String],
+    environment: [String: String]? = nil,
+    input: [UInt8]? = nil
+) -> ProcessResult {
     let dir = TestEnvironment.temporaryDirectory("vdisk-run")
     defer { TestEnvironment.remove(dir) }
-    let outPath = dir + "/out", errPath = dir + "/err", inPath = dir + "/in"
+    let outPath = dir + "/out"
+    let errPath = dir + "/err"
+    let inPath = dir + "/in"
     if let input {
         let fd = open(inPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         _ = input.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
@@ -154,8 +165,8 @@ public func run(_ program: String, _ arguments: [String], environment: [String: 
     let argv = ([program] + arguments).map { strdup($0) } + [nil]
     let envp = env.map { strdup($0) } + [nil]
     defer {
-        argv.forEach { free($0) }
-        envp.forEach { free($0) }
+        for arg in argv { free(arg) }
+        for variable in envp { free(variable) }
     }
     var pid: pid_t = 0
     let rc = withCleanSignals { posix_spawnp(&pid, program, &actions, &$0, argv, envp) }
@@ -179,7 +190,8 @@ public func readFile(_ path: String) -> String {
 public func firstDifference(_ a: ArraySlice<UInt8>, _ b: ArraySlice<UInt8>) -> Int? {
     let n = min(a.count, b.count)
     var i = 0
-    var ia = a.startIndex, ib = b.startIndex
+    var ia = a.startIndex
+    var ib = b.startIndex
     while i < n {
         if a[ia] != b[ib] { return i }
         i += 1
@@ -210,7 +222,12 @@ func withCleanSignals(_ body: (inout posix_spawnattr_t) -> Int32) -> Int32 {
 /// Starts a program in the background with stdin from /dev/null and output to files (or /dev/null), a
 /// clean signal mask and default dispositions (test threads may block signals, and children inherit
 /// that), and returns its pid.
-public func spawn(_ program: String, _ arguments: [String], stdout: String = "/dev/null", stderr: String = "/dev/null") -> pid_t? {
+public func spawn(
+    _ program: String,
+    _ arguments: [String],
+    stdout: String = "/dev/null",
+    stderr: String = "/dev/null"
+) -> pid_t? {
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
@@ -218,7 +235,7 @@ public func spawn(_ program: String, _ arguments: [String], stdout: String = "/d
     posix_spawn_file_actions_addopen(&actions, 1, stdout, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
     posix_spawn_file_actions_addopen(&actions, 2, stderr, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
     let argv = ([program] + arguments).map { strdup($0) } + [nil]
-    defer { argv.forEach { free($0) } }
+    defer { for arg in argv { free(arg) } }
     var pid: pid_t = 0
     guard withCleanSignals({ posix_spawn(&pid, program, &actions, &$0, argv, environ) }) == 0 else { return nil }
     return pid
@@ -239,4 +256,3 @@ public func waitForExit(_ pid: pid_t, seconds: Int = 30) -> Int32 {
     waitpid(pid, &status, 0)
     return -1
 }
-

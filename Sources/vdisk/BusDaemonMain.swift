@@ -22,7 +22,9 @@ final class NBDBusExporter: BusExporter {
     }
 
     func add(name: String, device: any BlockDevice, readOnly: Bool) throws {
-        try server.addExport(NBDExport(name: name, description: "vdisk bus disk \(name)", device: device, readOnly: readOnly))
+        try server.addExport(
+            NBDExport(name: name, description: "vdisk bus disk \(name)", device: device, readOnly: readOnly)
+        )
     }
 
     func remove(name: String) { server.removeExport(named: name) }
@@ -43,13 +45,20 @@ func runBusDaemon(paths: BusPaths, persist: Bool) async throws {
     let log: @Sendable (String) -> Void = { printToStandardError("vdisk bus: \($0)") }
     let opener = BusOpener(
         openImage: { path, format, readOnly, snapshot in
-            let format = try format.map { name -> ImageFormats.Format in
-                guard let f = ImageFormats.Format(rawValue: name) else { throw BusError("unknown format '\(name)' (use vimg, raw or qcow2)") }
-                return f
-            } ?? ImageFormats.probe(path: path)
-            return (try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot), format.rawValue)
+            let format =
+                try format.map { name -> ImageFormats.Format in
+                    guard let f = ImageFormats.Format(rawValue: name) else {
+                        throw BusError("unknown format '\(name)' (use vimg, raw or qcow2)")
+                    }
+                    return f
+                } ?? ImageFormats.probe(path: path)
+            return (
+                try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot),
+                format.rawValue
+            )
         },
-        openRemote: { uri, readOnly in try NBDClientDevice.connect(uri: uri, readOnly: readOnly) })
+        openRemote: { uri, readOnly in try NBDClientDevice.connect(uri: uri, readOnly: readOnly) }
+    )
 
     // The lock first: a second bus must fail before it touches the first one's sockets.
     let placeholder = Bus(paths: paths, opener: opener, exporter: nil, persist: false, log: log)
@@ -58,9 +67,19 @@ func runBusDaemon(paths: BusPaths, persist: Bool) async throws {
 
     var logger = Logger(label: "vdisk.bus.nbd")
     logger.logLevel = .warning
-    let server = NBDServer(exports: [], configuration: NBDServerConfiguration(listeners: [.unixSocket(path: paths.nbdSocket)]), logger: logger)
+    let server = NBDServer(
+        exports: [],
+        configuration: NBDServerConfiguration(listeners: [.unixSocket(path: paths.nbdSocket)]),
+        logger: logger
+    )
     try await server.start()
-    let bus = Bus(paths: paths, opener: opener, exporter: NBDBusExporter(server: server, socketPath: paths.nbdSocket), persist: persist, log: log)
+    let bus = Bus(
+        paths: paths,
+        opener: opener,
+        exporter: NBDBusExporter(server: server, socketPath: paths.nbdSocket),
+        persist: persist,
+        log: log
+    )
     daemon.attach(bus)
     log("listening on \(paths.controlSocket), exporting on \(paths.nbdSocket) (pid \(getpid()))")
     bus.restoreState()

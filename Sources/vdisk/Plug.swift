@@ -10,7 +10,10 @@ import Glibc
 
 /// Options every bus client command shares.
 struct BusOptions: ParsableArguments {
-    @Option(name: .customLong("runtime-dir"), help: ArgumentHelp("The bus's runtime folder (default /run/vdisk, or $VDISK_RUNTIME_DIR).", valueName: "DIR"))
+    @Option(
+        name: .customLong("runtime-dir"),
+        help: ArgumentHelp("The bus's runtime folder (default /run/vdisk, or $VDISK_RUNTIME_DIR).", valueName: "DIR")
+    )
     var runtimeDirectory: String?
 
     var paths: BusPaths { BusPaths(runtimeDirectory: runtimeDirectory) }
@@ -36,10 +39,16 @@ struct BusOptions: ParsableArguments {
         let process = Process()
         process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
         process.arguments = ["bus", "--runtime-dir", paths.runtimeDirectory, "--detach"]
-        let log = FileHandle(forWritingAtPath: paths.logFile) ?? {
-            _ = FileManager.default.createFile(atPath: paths.logFile, contents: nil, attributes: [.posixPermissions: 0o600])
-            return FileHandle(forWritingAtPath: paths.logFile)
-        }()
+        let log =
+            FileHandle(forWritingAtPath: paths.logFile)
+            ?? {
+                _ = FileManager.default.createFile(
+                    atPath: paths.logFile,
+                    contents: nil,
+                    attributes: [.posixPermissions: 0o600]
+                )
+                return FileHandle(forWritingAtPath: paths.logFile)
+            }()
         log?.seekToEndOfFile()
         process.standardInput = FileHandle.nullDevice
         process.standardOutput = log
@@ -74,7 +83,8 @@ extension Vdisk {
                 An nbds:// or nbds+unix:// URI requires TLS: tls-certificates=DIR names the directory holding
                 ca-cert.pem (and client-cert.pem and client-key.pem if the server asks for a client
                 certificate); tls-verify-peer=false skips checking the server's certificate.
-                """)
+                """
+        )
 
         @Argument(help: "An image (VIMG, raw, qcow2) or an nbd[s]:// / nbd[s]+unix:// URI.")
         var source: String?
@@ -107,7 +117,9 @@ extension Vdisk {
 
         func validate() throws {
             if (source == nil) == (ram == nil) { throw ValidationError("give an image or URI to plug, or --ram SIZE") }
-            if let ram, ByteSize.parse(ram) == nil { throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G") }
+            if let ram, ByteSize.parse(ram) == nil {
+                throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G")
+            }
         }
 
         func run() throws {
@@ -118,11 +130,21 @@ extension Vdisk {
                 if let s = source, !s.contains("://") {
                     source = URL(fileURLWithPath: s).standardizedFileURL.path
                 } else if let s = source {
-                    source = NBDURI.resolvingCertificatesDirectory(in: s, against: FileManager.default.currentDirectoryPath)
+                    source = NBDURI.resolvingCertificatesDirectory(
+                        in: s,
+                        against: FileManager.default.currentDirectoryPath
+                    )
                 }
                 let request = PlugRequest(
-                    source: source, ramSize: ram.flatMap(ByteSize.parse), name: name, format: format, readOnly: readOnly,
-                    snapshot: snapshot, overlay: overlay, device: device)
+                    source: source,
+                    ramSize: ram.flatMap(ByteSize.parse),
+                    name: name,
+                    format: format,
+                    readOnly: readOnly,
+                    snapshot: snapshot,
+                    overlay: overlay,
+                    device: device
+                )
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }
                 switch output {
@@ -136,7 +158,8 @@ extension Vdisk {
     struct Unplug: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Flush, detach and close a plugged disk.",
-            discussion: "Refuses while a file system on the disk is mounted, unless --force (which unmounts it first).")
+            discussion: "Refuses while a file system on the disk is mounted, unless --force (which unmounts it first)."
+        )
 
         @Argument(help: "The disk's name or device path.")
         var target: String?
@@ -158,7 +181,9 @@ extension Vdisk {
                 let client = BusClient(paths: bus.paths)
                 if all && !client.isRunning { return }  // nothing is plugged
                 let response = try bus.send(BusRequest(op: .unplug, target: target, force: force, all: all))
-                for note in response.notes ?? [] where note.hasPrefix("unmounted") { printToStandardError("vdisk: \(note)") }
+                for note in response.notes ?? [] where note.hasPrefix("unmounted") {
+                    printToStandardError("vdisk: \(note)")
+                }
             }
         }
     }
@@ -192,8 +217,13 @@ extension Vdisk {
                     }
                     let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max()! }
                     for row in rows {
-                        print(row.enumerated().map { c, cell in c == row.count - 1 ? cell : cell.padding(toLength: widths[c], withPad: " ", startingAt: 0) }
-                            .joined(separator: "  "))
+                        print(
+                            row.enumerated().map { c, cell in
+                                c == row.count - 1
+                                    ? cell : cell.padding(toLength: widths[c], withPad: " ", startingAt: 0)
+                            }
+                            .joined(separator: "  ")
+                        )
                     }
                 }
             }
@@ -204,7 +234,8 @@ extension Vdisk {
         static let configuration = CommandConfiguration(
             commandName: "snapshot",
             abstract: "Take a consistent internal snapshot of a plugged VIMG disk.",
-            discussion: "File systems mounted from the disk are frozen (fsfreeze) while the snapshot is taken.")
+            discussion: "File systems mounted from the disk are frozen (fsfreeze) while the snapshot is taken."
+        )
 
         @Argument(help: "The disk's name or device path.")
         var target: String
@@ -228,7 +259,8 @@ extension Vdisk {
             discussion: """
                 Holds the plugged disks, serves the root-only control socket <runtime-dir>/bus.sock and exports
                 every disk over NBD on <runtime-dir>/nbd.sock. SIGINT or SIGTERM unplugs every disk cleanly.
-                """)
+                """
+        )
 
         @Flag(help: "Remember plugged disks and re-plug them when the bus starts again.")
         var persist = false

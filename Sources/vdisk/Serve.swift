@@ -29,7 +29,8 @@ extension Vdisk {
                 On SIGINT or SIGTERM the server stops accepting, finishes in-flight requests, flushes and
                 closes the images, and exits 0. SIGUSR1 writes the --stats-file at once.
                 See docs/NBD.md.
-                """)
+                """
+        )
 
         /// `--tls`: the words nbdkit uses.
         enum TLSMode: String, ExpressibleByArgument, CaseIterable {
@@ -57,25 +58,38 @@ extension Vdisk {
         @Option(help: "Close connections beyond this many.")
         var maxConnections: Int = 64
 
-        @Option(help: ArgumentHelp("Close connections that have not negotiated after this many seconds.", valueName: "seconds"))
+        @Option(
+            help: ArgumentHelp(
+                "Close connections that have not negotiated after this many seconds.",
+                valueName: "seconds"
+            )
+        )
         var handshakeTimeout: Int = 10
 
         @Option(
             name: .customLong("tls"),
-            help: ArgumentHelp("TLS: off, on (offered; plaintext clients still served) or require.", valueName: "mode"))
+            help: ArgumentHelp("TLS: off, on (offered; plaintext clients still served) or require.", valueName: "mode")
+        )
         var tlsMode: TLSMode = .off
 
         @Option(
             name: .customLong("tls-certificates"),
             help: ArgumentHelp(
                 "Directory holding server-cert.pem and server-key.pem (and ca-cert.pem for --tls-verify-peer).",
-                valueName: "dir"))
+                valueName: "dir"
+            )
+        )
         var tlsCertificates: String?
 
         @Flag(name: .customLong("tls-verify-peer"), help: "Require a client certificate signed by ca-cert.pem.")
         var tlsVerifyPeer = false
 
-        @Option(help: ArgumentHelp("Write per-export counters as JSON here (periodically, on SIGUSR1 and at exit).", valueName: "path"))
+        @Option(
+            help: ArgumentHelp(
+                "Write per-export counters as JSON here (periodically, on SIGUSR1 and at exit).",
+                valueName: "path"
+            )
+        )
         var statsFile: String?
 
         @Option(help: ArgumentHelp("Seconds between --stats-file updates.", valueName: "seconds"))

@@ -63,7 +63,8 @@ extension Vimg {
     struct Commit: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Merge a clone's changes into its backing image.",
-            discussion: "Writes every cluster allocated in IMAGE into its backing file, then empties IMAGE (unless -d).")
+            discussion: "Writes every cluster allocated in IMAGE into its backing file, then empties IMAGE (unless -d)."
+        )
 
         @Option(name: .short, help: "The backing image to commit into (must be IMAGE's backing file).")
         var base: String?
@@ -86,7 +87,12 @@ extension Vimg {
                 let backingFormat = try formatNamed(probe.currentHeader.backingFileFormat)
                 try probe.close()
                 if let base, realPath(base) != realPath(backingPath) {
-                    throw VImageError(.invalidArgument, path: file, message: "'\(base)' is not the image's backing file (\(backingPath)); commit one level at a time")
+                    throw VImageError(
+                        .invalidArgument,
+                        path: file,
+                        message:
+                            "'\(base)' is not the image's backing file (\(backingPath)); commit one level at a time"
+                    )
                 }
                 let target = try ImageFormats.open(path: backingPath, format: backingFormat, readOnly: false)
                 let image: VImage
@@ -122,7 +128,8 @@ extension Vimg {
                 Safe mode (default) first copies into IMAGE every cluster whose content would change, so the guest
                 sees the same disk. -u only rewrites the name (for a moved or renamed file with the same content).
                 -b "" makes IMAGE standalone.
-                """)
+                """
+        )
 
         @Option(name: .short, help: "The new backing file (\"\" for none).")
         var base: String
@@ -139,17 +146,24 @@ extension Vimg {
             try runReportingErrors {
                 let newName: String? = base.isEmpty ? nil : base
                 var resolved = base
-                if !base.hasPrefix("/"), let slash = file.lastIndex(of: "/") { resolved = String(file[...slash]) + base }
+                if !base.hasPrefix("/"), let slash = file.lastIndex(of: "/") {
+                    resolved = String(file[...slash]) + base
+                }
                 if unsafe {
                     let host = try FileDevice.open(path: file, readOnly: false, growable: true, lock: .exclusive)
                     let image = try VImage.open(host: host, path: file, readOnly: false, backing: MemoryDevice(size: 0))
-                    defer { try? image.close(); try? host.close() }
+                    defer {
+                        try? image.close()
+                        try? host.close()
+                    }
                     try image.setBacking(name: newName, format: baseFormat)
                     return
                 }
                 let image = try VImage.open(path: file, readOnly: false)
                 defer { try? image.close() }
-                let newBase: (any BlockDevice)? = try newName.map { _ in try ImageFormats.open(path: resolved, format: formatNamed(baseFormat), readOnly: true) }
+                let newBase: (any BlockDevice)? = try newName.map { _ in
+                    try ImageFormats.open(path: resolved, format: formatNamed(baseFormat), readOnly: true)
+                }
                 defer { try? newBase?.close() }
                 var bar: Progress? = nil
                 try image.rebase(onto: newBase, name: newName, format: baseFormat) { done, total in
@@ -166,7 +180,9 @@ extension Vimg {
     struct Resize: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Change an image's virtual size.",
-            discussion: "SIZE is absolute (10G) or relative (+1G, -512M). Shrinking needs --shrink and discards data past the new end.")
+            discussion:
+                "SIZE is absolute (10G) or relative (+1G, -512M). Shrinking needs --shrink and discards data past the new end."
+        )
 
         @Option(name: .short, help: "Image format (vimg or raw); probed when omitted.")
         var format: String?
@@ -199,10 +215,16 @@ extension Vimg {
                 }
                 if let image = device as? VImage {
                     let dropped = try image.resize(to: target, allowShrink: shrink)
-                    if dropped > 0 && !quiet { print("Discarded \(ByteSize.format(dropped)) of allocated data past the new end.") }
+                    if dropped > 0 && !quiet {
+                        print("Discarded \(ByteSize.format(dropped)) of allocated data past the new end.")
+                    }
                 } else if let raw = device as? FileDevice {
                     guard target >= current || shrink else {
-                        throw VImageError(.invalidArgument, path: file, message: "shrinking discards data past the new end; use --shrink to confirm")
+                        throw VImageError(
+                            .invalidArgument,
+                            path: file,
+                            message: "shrinking discards data past the new end; use --shrink to confirm"
+                        )
                     }
                     try raw.truncate(to: target)
                 }
@@ -215,7 +237,9 @@ extension Vimg {
     struct Compare: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Compare the guest content of two images.",
-            discussion: "Exit codes as qemu-img compare: 0 identical, 1 different, 2 error. Without -s, the larger image's extra part must read as zeroes.")
+            discussion:
+                "Exit codes as qemu-img compare: 0 identical, 1 different, 2 error. Without -s, the larger image's extra part must read as zeroes."
+        )
 
         @Option(name: .customShort("f"), help: "Format of the first image.")
         var firstFormat: String?
@@ -266,8 +290,12 @@ extension Vimg {
             var offset: UInt64 = 0
             while offset < common {
                 let n = Int(min(UInt64(chunk), common - offset))
-                try x.withUnsafeMutableBytes { try a.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset) }
-                try y.withUnsafeMutableBytes { try b.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset) }
+                try x.withUnsafeMutableBytes {
+                    try a.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset)
+                }
+                try y.withUnsafeMutableBytes {
+                    try b.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset)
+                }
                 if x[0..<n] != y[0..<n] {
                     let i = (0..<n).first { x[$0] != y[$0] }!
                     if !quiet { print("Content mismatch at offset \(offset + UInt64(i))!") }
@@ -279,7 +307,9 @@ extension Vimg {
             let longer = a.size > b.size ? a : b
             while offset < longer.size {
                 let n = Int(min(UInt64(chunk), longer.size - offset))
-                try x.withUnsafeMutableBytes { try longer.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset) }
+                try x.withUnsafeMutableBytes {
+                    try longer.read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n]), at: offset)
+                }
                 if let i = x[0..<n].firstIndex(where: { $0 != 0 }) {
                     if !quiet { print("Content mismatch at offset \(offset + UInt64(i))!") }
                     return 1

@@ -15,7 +15,8 @@ extension Vimg {
                 -r leaks frees leaked clusters. -r all also drops references that cannot be trusted and
                 rebuilds every refcount from the references; it clears the corrupt and dirty bits.
                 --dry-run prints what -r would do and changes nothing.
-                """)
+                """
+        )
 
         @OptionGroup var output: OutputOptions
 
@@ -35,7 +36,11 @@ extension Vimg {
                 var repairActions: [String]? = nil
                 let kind = try ImageFormats.probe(path: file)
                 if kind == .qcow2 && repair != nil {
-                    throw VImageError(.unsupportedFeature, path: file, message: "qcow2 images are read-only in vdisk; repair them with 'qemu-img check -r'")
+                    throw VImageError(
+                        .unsupportedFeature,
+                        path: file,
+                        message: "qcow2 images are read-only in vdisk; repair them with 'qemu-img check -r'"
+                    )
                 }
                 if kind == .qcow2 {
                     report = try Qcow2Check.check(path: file)
@@ -58,7 +63,8 @@ extension Vimg {
                 }
                 if output.format == .json {
                     var fields: [(String, JSON)] = [
-                        ("image-end-offset", .uint(report.imageEndOffset)), ("total-clusters", .uint(report.totalClusters)),
+                        ("image-end-offset", .uint(report.imageEndOffset)),
+                        ("total-clusters", .uint(report.totalClusters)),
                         ("check-errors", .int(Int64(report.checkErrors))),
                     ]
                     if report.leaks > 0 { fields.append(("leaks", .int(Int64(report.leaks)))) }
@@ -69,14 +75,24 @@ extension Vimg {
                         ("fragmented-clusters", .uint(report.fragmentedClusters)),
                         ("compressed-clusters", .uint(report.compressedClusters)),
                         ("dirty-flag", .bool(report.isDirty)),
-                        ("findings", .array(report.findings.map { f in
-                            var item: [(String, JSON)] = [("kind", .string(f.kind)), ("severity", .string(f.severity.rawValue)), ("message", .string(f.message))]
-                            if let offset = f.hostOffset { item.append(("offset", .uint(offset))) }
-                            return .object(item)
-                        })),
+                        (
+                            "findings",
+                            .array(
+                                report.findings.map { f in
+                                    var item: [(String, JSON)] = [
+                                        ("kind", .string(f.kind)), ("severity", .string(f.severity.rawValue)),
+                                        ("message", .string(f.message)),
+                                    ]
+                                    if let offset = f.hostOffset { item.append(("offset", .uint(offset))) }
+                                    return .object(item)
+                                }
+                            )
+                        ),
                     ]
                     if let reason = report.incompleteReason { fields.append(("error", .string(reason))) }
-                    if let repairActions { fields.append((dryRun ? "repair-plan" : "repairs", .array(repairActions.map { .string($0) }))) }
+                    if let repairActions {
+                        fields.append((dryRun ? "repair-plan" : "repairs", .array(repairActions.map { .string($0) })))
+                    }
                     print(JSON.object(fields).render())
                 } else {
                     printHuman(report)
@@ -120,7 +136,9 @@ extension Vimg {
                 let frac = hundredths % 100
                 return "\(hundredths / 100).\(frac < 10 ? "0" : "")\(frac)"
             }
-            print("\(r.allocatedClusters)/\(r.totalClusters) = \(pct(r.allocatedClusters))% allocated, \(pct(r.fragmentedClusters))% fragmented, \(pct(r.compressedClusters))% compressed clusters")
+            print(
+                "\(r.allocatedClusters)/\(r.totalClusters) = \(pct(r.allocatedClusters))% allocated, \(pct(r.fragmentedClusters))% fragmented, \(pct(r.compressedClusters))% compressed clusters"
+            )
             print("Image end offset: \(r.imageEndOffset)")
         }
     }

@@ -14,7 +14,9 @@ func parseFormatOptions(_ options: [String], format: ImageFormats.Format) throws
         let value = try parseSize(parts[1], what: "cluster size")
         let minimum: UInt64 = format == .qcow2 ? 512 : 4096
         guard value.nonzeroBitCount == 1, value >= minimum, value <= 2 << 20 else {
-            throw ValidationError("cluster_size must be a power of two from \(minimum == 512 ? "512" : "4K") to 2M for \(format.rawValue)")
+            throw ValidationError(
+                "cluster_size must be a power of two from \(minimum == 512 ? "512" : "4K") to 2M for \(format.rawValue)"
+            )
         }
         clusterBits = value.trailingZeroBitCount
     }
@@ -41,7 +43,8 @@ extension Vimg {
                   vimg convert -O vimg -c disk.raw disk.vimg       # LZ4-compressed, on all cores
                   vimg convert -f qcow2 -O raw -l snap1 vm.qcow2 snap1.raw
                   vimg convert -O vimg -B base.vimg new.raw clone.vimg
-                """)
+                """
+        )
 
         @Option(name: .customShort("f"), help: "Source format (raw, vimg, qcow2); probed when omitted.")
         var sourceFormat: String?
@@ -57,11 +60,18 @@ extension Vimg {
         var options: [String] = []
         @Option(name: .customShort("l"), help: "Convert this internal snapshot (name or id) of the source.")
         var snapshot: String?
-        @Option(name: .customShort("B"), help: "Make the output a clone over this backing file, holding only what differs.")
+        @Option(
+            name: .customShort("B"),
+            help: "Make the output a clone over this backing file, holding only what differs."
+        )
         var backing: String?
         @Option(name: .customShort("F"), help: "Backing file format.")
         var backingFormat: String?
-        @Option(name: .customShort("t"), help: "Output cache mode: unsafe (default, as qemu-img convert: no syncs) or writeback (the VIMG output is synced as it is written).")
+        @Option(
+            name: .customShort("t"),
+            help:
+                "Output cache mode: unsafe (default, as qemu-img convert: no syncs) or writeback (the VIMG output is synced as it is written)."
+        )
         var cache = "unsafe"
         @Flag(name: .short, help: "Quiet.")
         var quiet = false
@@ -71,11 +81,19 @@ extension Vimg {
         var destination: String
 
         func validate() throws {
-            guard ["raw", "vimg", "qcow2"].contains(outputFormat) else { throw ValidationError("unknown output format '\(outputFormat)' (use raw, vimg or qcow2)") }
-            if compress && outputFormat != "vimg" { throw ValidationError("-c (compression) is supported for -O vimg only") }
-            if backing != nil && outputFormat == "raw" { throw ValidationError("raw images cannot have a backing file (-B)") }
+            guard ["raw", "vimg", "qcow2"].contains(outputFormat) else {
+                throw ValidationError("unknown output format '\(outputFormat)' (use raw, vimg or qcow2)")
+            }
+            if compress && outputFormat != "vimg" {
+                throw ValidationError("-c (compression) is supported for -O vimg only")
+            }
+            if backing != nil && outputFormat == "raw" {
+                throw ValidationError("raw images cannot have a backing file (-B)")
+            }
             if backingFormat != nil && backing == nil { throw ValidationError("-F goes with -B") }
-            guard ["unsafe", "writeback"].contains(cache) else { throw ValidationError("unknown cache mode '\(cache)' (use unsafe or writeback)") }
+            guard ["unsafe", "writeback"].contains(cache) else {
+                throw ValidationError("unknown cache mode '\(cache)' (use unsafe or writeback)")
+            }
         }
 
         func run() throws {

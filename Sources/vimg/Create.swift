@@ -17,7 +17,8 @@ extension Vimg {
                   vimg create -o cluster_size=4096 small.vimg 512M
                   vimg create -f raw disk.raw 1G
                   vimg create -b base.vimg -F vimg child.vimg
-                """)
+                """
+        )
 
         @Option(name: .short, help: "Image format: vimg or raw.")
         var format: String = "vimg"
@@ -41,7 +42,9 @@ extension Vimg {
         var size: String?
 
         func validate() throws {
-            guard ["vimg", "raw"].contains(format) else { throw ValidationError("unknown format '\(format)' (use vimg or raw)") }
+            guard ["vimg", "raw"].contains(format) else {
+                throw ValidationError("unknown format '\(format)' (use vimg or raw)")
+            }
             if format == "raw" && backing != nil { throw ValidationError("raw images cannot have a backing file") }
             if size == nil && backing == nil { throw ValidationError("missing SIZE (required without -b)") }
         }
@@ -64,24 +67,40 @@ extension Vimg {
                 if let size {
                     virtualSize = try parseSize(size)
                 } else {
-                    let base = try ImageFormats.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
+                    let base = try ImageFormats.open(
+                        path: resolveBacking(),
+                        format: backingFormat.flatMap(DiskImage.Format.init),
+                        readOnly: true
+                    )
                     virtualSize = base.size
                     try base.close()
                 }
                 if format == "raw" {
-                    let file = try FileDevice.open(path: file, readOnly: false, create: true, growable: true, lock: .exclusive)
+                    let file = try FileDevice.open(
+                        path: file,
+                        readOnly: false,
+                        create: true,
+                        growable: true,
+                        lock: .exclusive
+                    )
                     try file.truncate(to: virtualSize)
                     try file.close()
                 } else {
                     if let backing {
                         // Fail early and clearly if the backing file cannot be opened.
-                        let base = try ImageFormats.open(path: resolveBacking(), format: backingFormat.flatMap(DiskImage.Format.init), readOnly: true)
+                        let base = try ImageFormats.open(
+                            path: resolveBacking(),
+                            format: backingFormat.flatMap(DiskImage.Format.init),
+                            readOnly: true
+                        )
                         try base.close()
                         _ = backing
                     }
                     try VImage.create(
-                        path: file, virtualSize: virtualSize,
-                        options: .init(clusterBits: clusterBits, backingFile: backing, backingFormat: backingFormat))
+                        path: file,
+                        virtualSize: virtualSize,
+                        options: .init(clusterBits: clusterBits, backingFile: backing, backingFormat: backingFormat)
+                    )
                     virtualSize = (virtualSize + 511) & ~511
                 }
                 if !quiet {
@@ -96,7 +115,9 @@ extension Vimg {
 
         /// A relative backing name is relative to the new image's folder.
         func resolveBacking() -> String {
-            guard let backing, !backing.hasPrefix("/"), let slash = file.lastIndex(of: "/") else { return backing ?? "" }
+            guard let backing, !backing.hasPrefix("/"), let slash = file.lastIndex(of: "/") else {
+                return backing ?? ""
+            }
             return String(file[...slash]) + backing
         }
     }

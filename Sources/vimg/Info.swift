@@ -25,7 +25,8 @@ extension Vimg {
                 var outputs: [(lines: [String], fields: [(String, JSON)])] = []
                 var seen = Set<String>()
                 while let current = path {
-                    guard seen.insert(realPath(current) ?? current).inserted, seen.count <= VImage.maxBackingDepth + 1 else {
+                    guard seen.insert(realPath(current) ?? current).inserted, seen.count <= VImage.maxBackingDepth + 1
+                    else {
                         throw VImageError(.invalidImage, path: current, message: "backing chain loops or is too deep")
                     }
                     let (lines, fields, backing, backingFormat) = try describe(current, kind)
@@ -34,7 +35,11 @@ extension Vimg {
                     kind = try formatNamed(backingFormat)
                 }
                 if output.format == .json {
-                    print(backingChain ? JSON.array(outputs.map { .object($0.fields) }).render() : JSON.object(outputs[0].fields).render())
+                    print(
+                        backingChain
+                            ? JSON.array(outputs.map { .object($0.fields) }).render()
+                            : JSON.object(outputs[0].fields).render()
+                    )
                 } else {
                     print(outputs.map { $0.lines.joined(separator: "\n") }.joined(separator: "\n\n"))
                 }
@@ -42,127 +47,177 @@ extension Vimg {
         }
 
         /// Text lines and JSON fields for one image, and its backing file (path as resolved, format).
-        func describe(_ file: String, _ format: DiskImage.Format?) throws -> ([String], [(String, JSON)], String?, String?) {
-                var backingPath: String? = nil
-                var backingFormat: String? = nil
-                let kind = try format ?? DiskImage.probe(path: file)
-                let actual = (try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
+        func describe(
+            _ file: String,
+            _ format: DiskImage.Format?
+        ) throws -> ([String], [(String, JSON)], String?, String?) {
+            var backingPath: String? = nil
+            var backingFormat: String? = nil
+            let kind = try format ?? DiskImage.probe(path: file)
+            let actual =
+                (try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
                     defer { try? f.close() }
                     return f.allocatedBytes()
                 } ?? 0
-                var fields: [(String, JSON)] = []
-                var lines: [String] = ["image: \(file)", "file format: \(kind.rawValue)"]
-                switch kind {
-                case .vimg:
-                    let image = try VImage.open(path: file, readOnly: true)
-                    defer { try? image.close() }
-                    let h = image.currentHeader
-                    let dirty = h.incompatibleFeatures.contains(.dirty)
-                    let corrupt = h.incompatibleFeatures.contains(.corrupt)
-                    lines += imageLines(virtualSize: h.virtualSize, actual: actual, clusterSize: h.clusterSize, backing: h.backingFileName, format: h.backingFileFormat)
-                    backingPath = image.backingPath
-                    backingFormat = h.backingFileFormat
-                    lines += [
-                        "Format specific information:",
-                        "    version: \(h.version)",
-                        "    refcount bits: \(1 << h.refcountOrder)",
-                        "    snapshots: \(h.snapshotCount)",
-                        "    dirty: \(dirty ? "yes (not closed cleanly; 'vimg check' reports leaked space)" : "no")",
-                        "    corrupt: \(corrupt ? "yes (writes refused until 'vimg check -r all')" : "no")",
-                    ]
-                    fields = [
-                        ("virtual-size", .uint(h.virtualSize)), ("filename", .string(file)),
-                        ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("vimg")),
-                        ("actual-size", .uint(actual)), ("dirty-flag", .bool(dirty)),
-                    ]
-                    if let backing = h.backingFileName {
-                        fields.append(("backing-filename", .string(backing)))
-                        if let f = h.backingFileFormat { fields.append(("backing-filename-format", .string(f))) }
-                    }
-                    fields.append(("format-specific", .object([
-                        ("type", .string("vimg")),
-                        ("data", .object([
-                            ("version", .uint(UInt64(h.version))), ("refcount-bits", .uint(1 << UInt64(h.refcountOrder))),
-                            ("snapshots", .uint(UInt64(h.snapshotCount))), ("corrupt", .bool(corrupt)),
-                            ("incompatible-features", .uint(h.incompatibleFeatures.rawValue)),
-                            ("compatible-features", .uint(h.compatibleFeatures)),
-                            ("autoclear-features", .uint(h.autoclearFeatures)),
-                        ])),
-                    ])))
-                case .raw:
-                    let device = try FileDevice.open(path: file, readOnly: true)
-                    defer { try? device.close() }
-                    lines += ["virtual size: \(ByteSize.format(device.size)) (\(device.size) bytes)", "disk size: \(ByteSize.format(actual))"]
-                    fields = [
-                        ("virtual-size", .uint(device.size)), ("filename", .string(file)), ("format", .string("raw")),
-                        ("actual-size", .uint(actual)), ("dirty-flag", .bool(false)),
-                    ]
-                case .qcow2:
-                    let device = try withFile(file) { try FileDevice.open(path: file, readOnly: true, lock: .shared) }
-                    let image: Qcow2Image
-                    do {
-                        image = try Qcow2Image(file: device, path: file, backing: nil)
-                    } catch {
-                        try? device.close()
-                        throw error
-                    }
-                    defer { try? image.close() }
-                    let h = image.header
-                    lines += imageLines(virtualSize: h.virtualSize, actual: actual, clusterSize: h.clusterSize, backing: h.backingFile, format: h.backingFormat)
-                    backingPath = image.backingPath
-                    backingFormat = h.backingFormat
-                    if !image.snapshots.isEmpty {
-                        lines.append("Snapshot list:")
-                        lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
-                        for s in image.snapshots {
-                            lines.append("\(s.id.padding(10))\(s.name.padding(18))\(ByteSize.format(s.vmStateSize).padding(23))\(s.dateSeconds)")
-                        }
-                    }
-                    let compat = h.version == 2 ? "0.10" : "1.1"
-                    lines += ["Format specific information:", "    compat: \(compat)"]
-                    if h.version >= 3 { lines.append("    compression type: \(h.compressionType)") }
-                    lines += [
-                        "    lazy refcounts: \(h.compatibleFeatures & 1 != 0)",
-                        "    refcount bits: \(1 << h.refcountOrder)",
-                        "    corrupt: \(h.isCorrupt)",
-                        "    extended l2: false",
-                    ]
-                    fields = [
-                        ("virtual-size", .uint(h.virtualSize)), ("filename", .string(file)),
-                        ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("qcow2")),
-                        ("actual-size", .uint(actual)), ("dirty-flag", .bool(h.isDirty)),
-                    ]
-                    if let backing = h.backingFile {
-                        fields.append(("backing-filename", .string(backing)))
-                        if let f = h.backingFormat { fields.append(("backing-filename-format", .string(f))) }
-                    }
-                    if !image.snapshots.isEmpty {
-                        fields.append(("snapshots", .array(image.snapshots.map { s in
-                            .object([
-                                ("id", .string(s.id)), ("name", .string(s.name)), ("vm-state-size", .uint(s.vmStateSize)),
-                                ("date-sec", .uint(UInt64(s.dateSeconds))), ("date-nsec", .uint(UInt64(s.dateNanoseconds))),
-                                ("vm-clock-nsec", .uint(s.vmClockNanoseconds)),
-                            ])
-                        })))
-                    }
-                    fields.append(("format-specific", .object([
-                        ("type", .string("qcow2")),
-                        ("data", .object([
-                            ("compat", .string(compat)), ("compression-type", .string("\(h.compressionType)")),
-                            ("lazy-refcounts", .bool(h.compatibleFeatures & 1 != 0)),
-                            ("refcount-bits", .uint(1 << UInt64(h.refcountOrder))), ("corrupt", .bool(h.isCorrupt)),
-                            ("extended-l2", .bool(false)),
-                        ])),
-                    ])))
+            var fields: [(String, JSON)] = []
+            var lines: [String] = ["image: \(file)", "file format: \(kind.rawValue)"]
+            switch kind {
+            case .vimg:
+                let image = try VImage.open(path: file, readOnly: true)
+                defer { try? image.close() }
+                let h = image.currentHeader
+                let dirty = h.incompatibleFeatures.contains(.dirty)
+                let corrupt = h.incompatibleFeatures.contains(.corrupt)
+                lines += imageLines(
+                    virtualSize: h.virtualSize,
+                    actual: actual,
+                    clusterSize: h.clusterSize,
+                    backing: h.backingFileName,
+                    format: h.backingFileFormat
+                )
+                backingPath = image.backingPath
+                backingFormat = h.backingFileFormat
+                lines += [
+                    "Format specific information:",
+                    "    version: \(h.version)",
+                    "    refcount bits: \(1 << h.refcountOrder)",
+                    "    snapshots: \(h.snapshotCount)",
+                    "    dirty: \(dirty ? "yes (not closed cleanly; 'vimg check' reports leaked space)" : "no")",
+                    "    corrupt: \(corrupt ? "yes (writes refused until 'vimg check -r all')" : "no")",
+                ]
+                fields = [
+                    ("virtual-size", .uint(h.virtualSize)), ("filename", .string(file)),
+                    ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("vimg")),
+                    ("actual-size", .uint(actual)), ("dirty-flag", .bool(dirty)),
+                ]
+                if let backing = h.backingFileName {
+                    fields.append(("backing-filename", .string(backing)))
+                    if let f = h.backingFileFormat { fields.append(("backing-filename-format", .string(f))) }
                 }
-                return (lines, fields, backingPath, backingFormat)
+                fields.append(
+                    (
+                        "format-specific",
+                        .object([
+                            ("type", .string("vimg")),
+                            (
+                                "data",
+                                .object([
+                                    ("version", .uint(UInt64(h.version))),
+                                    ("refcount-bits", .uint(1 << UInt64(h.refcountOrder))),
+                                    ("snapshots", .uint(UInt64(h.snapshotCount))), ("corrupt", .bool(corrupt)),
+                                    ("incompatible-features", .uint(h.incompatibleFeatures.rawValue)),
+                                    ("compatible-features", .uint(h.compatibleFeatures)),
+                                    ("autoclear-features", .uint(h.autoclearFeatures)),
+                                ])
+                            ),
+                        ])
+                    )
+                )
+            case .raw:
+                let device = try FileDevice.open(path: file, readOnly: true)
+                defer { try? device.close() }
+                lines += [
+                    "virtual size: \(ByteSize.format(device.size)) (\(device.size) bytes)",
+                    "disk size: \(ByteSize.format(actual))",
+                ]
+                fields = [
+                    ("virtual-size", .uint(device.size)), ("filename", .string(file)), ("format", .string("raw")),
+                    ("actual-size", .uint(actual)), ("dirty-flag", .bool(false)),
+                ]
+            case .qcow2:
+                let device = try withFile(file) { try FileDevice.open(path: file, readOnly: true, lock: .shared) }
+                let image: Qcow2Image
+                do {
+                    image = try Qcow2Image(file: device, path: file, backing: nil)
+                } catch {
+                    try? device.close()
+                    throw error
+                }
+                defer { try? image.close() }
+                let h = image.header
+                lines += imageLines(
+                    virtualSize: h.virtualSize,
+                    actual: actual,
+                    clusterSize: h.clusterSize,
+                    backing: h.backingFile,
+                    format: h.backingFormat
+                )
+                backingPath = image.backingPath
+                backingFormat = h.backingFormat
+                if !image.snapshots.isEmpty {
+                    lines.append("Snapshot list:")
+                    lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
+                    for s in image.snapshots {
+                        lines.append(
+                            "\(s.id.padding(10))\(s.name.padding(18))\(ByteSize.format(s.vmStateSize).padding(23))\(s.dateSeconds)"
+                        )
+                    }
+                }
+                let compat = h.version == 2 ? "0.10" : "1.1"
+                lines += ["Format specific information:", "    compat: \(compat)"]
+                if h.version >= 3 { lines.append("    compression type: \(h.compressionType)") }
+                lines += [
+                    "    lazy refcounts: \(h.compatibleFeatures & 1 != 0)",
+                    "    refcount bits: \(1 << h.refcountOrder)",
+                    "    corrupt: \(h.isCorrupt)",
+                    "    extended l2: false",
+                ]
+                fields = [
+                    ("virtual-size", .uint(h.virtualSize)), ("filename", .string(file)),
+                    ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("qcow2")),
+                    ("actual-size", .uint(actual)), ("dirty-flag", .bool(h.isDirty)),
+                ]
+                if let backing = h.backingFile {
+                    fields.append(("backing-filename", .string(backing)))
+                    if let f = h.backingFormat { fields.append(("backing-filename-format", .string(f))) }
+                }
+                if !image.snapshots.isEmpty {
+                    fields.append(
+                        (
+                            "snapshots",
+                            .array(
+                                image.snapshots.map { s in
+                                    .object([
+                                        ("id", .string(s.id)), ("name", .string(s.name)),
+                                        ("vm-state-size", .uint(s.vmStateSize)),
+                                        ("date-sec", .uint(UInt64(s.dateSeconds))),
+                                        ("date-nsec", .uint(UInt64(s.dateNanoseconds))),
+                                        ("vm-clock-nsec", .uint(s.vmClockNanoseconds)),
+                                    ])
+                                }
+                            )
+                        )
+                    )
+                }
+                fields.append(
+                    (
+                        "format-specific",
+                        .object([
+                            ("type", .string("qcow2")),
+                            (
+                                "data",
+                                .object([
+                                    ("compat", .string(compat)), ("compression-type", .string("\(h.compressionType)")),
+                                    ("lazy-refcounts", .bool(h.compatibleFeatures & 1 != 0)),
+                                    ("refcount-bits", .uint(1 << UInt64(h.refcountOrder))),
+                                    ("corrupt", .bool(h.isCorrupt)),
+                                    ("extended-l2", .bool(false)),
+                                ])
+                            ),
+                        ])
+                    )
+                )
+            }
+            return (lines, fields, backingPath, backingFormat)
         }
     }
 }
 
 extension String {
     /// Left-aligned in a column of `width` characters (at least one space after).
-    func padding(_ width: Int) -> String { count >= width ? self + " " : self + String(repeating: " ", count: width - count) }
+    func padding(_ width: Int) -> String {
+        count >= width ? self + " " : self + String(repeating: " ", count: width - count)
+    }
 }
 
 /// Runs a file operation, giving a plain error for a missing file.
@@ -175,7 +230,13 @@ func withFile<T>(_ path: String, _ body: () throws -> T) throws -> T {
 }
 
 /// The lines `vimg info` prints for every image format: sizes, cluster size and backing file.
-private func imageLines(virtualSize: UInt64, actual: UInt64, clusterSize: Int, backing: String?, format: String?) -> [String] {
+private func imageLines(
+    virtualSize: UInt64,
+    actual: UInt64,
+    clusterSize: Int,
+    backing: String?,
+    format: String?
+) -> [String] {
     var lines = [
         "virtual size: \(ByteSize.format(virtualSize)) (\(virtualSize) bytes)",
         "disk size: \(ByteSize.format(actual))",

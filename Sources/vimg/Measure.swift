@@ -7,7 +7,9 @@ extension Vimg {
     struct Measure: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Show how much space an image of a format needs (as qemu-img measure).",
-            discussion: "With FILE: the space its data needs after 'vimg convert -O FMT'. With --size: a new image of that size.")
+            discussion:
+                "With FILE: the space its data needs after 'vimg convert -O FMT'. With --size: a new image of that size."
+        )
 
         @OptionGroup var output: OutputOptions
         @Option(name: .customShort("O"), help: "Output format: raw, vimg or qcow2 (default raw).")
@@ -25,7 +27,9 @@ extension Vimg {
 
         func validate() throws {
             if (size == nil) == (file == nil) { throw ValidationError("give either --size SIZE or FILE") }
-            guard ["raw", "vimg", "qcow2"].contains(outputFormat) else { throw ValidationError("unknown output format '\(outputFormat)'") }
+            guard ["raw", "vimg", "qcow2"].contains(outputFormat) else {
+                throw ValidationError("unknown output format '\(outputFormat)'")
+            }
         }
 
         func run() throws {
@@ -33,11 +37,27 @@ extension Vimg {
                 let kind = try formatNamed(outputFormat)!
                 let bits = try parseFormatOptions(options, format: kind)
                 var source: (any BlockDevice)? = nil
-                if let file { source = try ImageFormats.open(path: file, format: formatNamed(format), readOnly: true, snapshot: snapshot) }
+                if let file {
+                    source = try ImageFormats.open(
+                        path: file,
+                        format: formatNamed(format),
+                        readOnly: true,
+                        snapshot: snapshot
+                    )
+                }
                 defer { try? source?.close() }
-                let result = try ImageMeasure.measure(source: source, size: try size.map { try parseSize($0) }, format: kind, clusterBits: bits)
+                let result = try ImageMeasure.measure(
+                    source: source,
+                    size: try size.map { try parseSize($0) },
+                    format: kind,
+                    clusterBits: bits
+                )
                 if output.format == .json {
-                    print(JSON.object([("required", .uint(result.required)), ("fully-allocated", .uint(result.fullyAllocated))]).render())
+                    print(
+                        JSON.object([
+                            ("required", .uint(result.required)), ("fully-allocated", .uint(result.fullyAllocated)),
+                        ]).render()
+                    )
                 } else {
                     print("required size: \(result.required)")
                     print("fully allocated size: \(result.fullyAllocated)")

@@ -16,7 +16,8 @@ extension Vimg {
                   vimg snapshot -l disk.vimg
                   vimg snapshot -a before-upgrade disk.vimg
                   vimg snapshot -d before-upgrade disk.vimg
-                """)
+                """
+        )
 
         @Option(name: .customShort("c"), help: "Create a snapshot with this name.")
         var create: String?
@@ -48,25 +49,35 @@ extension Vimg {
                 guard list else { return }
                 let snapshots = image.snapshotList
                 if output.format == .json {
-                    print(JSON.array(snapshots.map { s in
-                        .object([
-                            ("id", .string(String(s.id))), ("name", .string(s.name)), ("virtual-size", .uint(s.virtualSize)),
-                            ("date-sec", .uint(s.createdNanoseconds / 1_000_000_000)),
-                            ("date-nsec", .uint(s.createdNanoseconds % 1_000_000_000)),
-                        ])
-                    }).render())
+                    print(
+                        JSON.array(
+                            snapshots.map { s in
+                                .object([
+                                    ("id", .string(String(s.id))), ("name", .string(s.name)),
+                                    ("virtual-size", .uint(s.virtualSize)),
+                                    ("date-sec", .uint(s.createdNanoseconds / 1_000_000_000)),
+                                    ("date-nsec", .uint(s.createdNanoseconds % 1_000_000_000)),
+                                ])
+                            }
+                        ).render()
+                    )
                     return
                 }
                 guard !snapshots.isEmpty else { return }
                 print("Snapshot list:")
                 print(pad("ID", 8) + pad("TAG", 24) + pad("SIZE", 12) + "DATE")
                 for s in snapshots {
-                    print(pad(String(s.id), 8) + pad(s.name, 24) + pad(ByteSize.format(s.virtualSize), 12) + formatDate(s.createdNanoseconds))
+                    print(
+                        pad(String(s.id), 8) + pad(s.name, 24) + pad(ByteSize.format(s.virtualSize), 12)
+                            + formatDate(s.createdNanoseconds)
+                    )
                 }
             }
         }
 
-        func pad(_ s: String, _ width: Int) -> String { s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count) }
+        func pad(_ s: String, _ width: Int) -> String {
+            s.count >= width ? s + " " : s + String(repeating: " ", count: width - s.count)
+        }
 
         func formatDate(_ nanoseconds: UInt64) -> String {
             var seconds = time_t(nanoseconds / 1_000_000_000)
@@ -81,7 +92,9 @@ extension Vimg {
     struct Clone: ParsableCommand {
         static let configuration = CommandConfiguration(
             abstract: "Create a linked clone: a new image that reads through to BASE until written.",
-            discussion: "Same as 'vimg create -b BASE -F FMT CHILD'. A relative BASE path is stored relative to CHILD's folder.")
+            discussion:
+                "Same as 'vimg create -b BASE -F FMT CHILD'. A relative BASE path is stored relative to CHILD's folder."
+        )
 
         @Option(name: .customShort("F"), help: "Base format (vimg or raw); probed when omitted.")
         var baseFormat: String?
@@ -95,7 +108,9 @@ extension Vimg {
         var child: String
 
         func run() throws {
-            let create = try Create.parse(["-b", base, child] + (baseFormat.map { ["-F", $0] } ?? []) + options.flatMap { ["-o", $0] })
+            let create = try Create.parse(
+                ["-b", base, child] + (baseFormat.map { ["-F", $0] } ?? []) + options.flatMap { ["-o", $0] }
+            )
             try create.validate()
             try create.run()
         }

@@ -12,9 +12,13 @@ struct Vimg: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "vimg",
         abstract: "Create, inspect and check VIMG copy-on-write disk images.",
-        discussion: "Habits follow qemu-img: -f/-O for formats, --output=json for scripts, qemu-img check's exit codes.",
+        discussion:
+            "Habits follow qemu-img: -f/-O for formats, --output=json for scripts, qemu-img check's exit codes.",
         version: "0.1.0",
-        subcommands: [Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self, Resize.self, Compare.self, Convert.self, Measure.self]
+        subcommands: [
+            Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self,
+            Resize.self, Compare.self, Convert.self, Measure.self,
+        ]
     )
 }
 
@@ -70,7 +74,13 @@ func parseSize(_ text: String, what: String = "size") throws -> UInt64 {
 
 /// A tiny JSON writer: ordered keys (like qemu-img's output) and no Foundation dependency.
 enum JSON {
-    case int(Int64), uint(UInt64), bool(Bool), string(String), array([JSON]), object([(String, JSON)]), null
+    case int(Int64)
+    case uint(UInt64)
+    case bool(Bool)
+    case string(String)
+    case array([JSON])
+    case object([(String, JSON)])
+    case null
 
     func render(indent: Int = 0) -> String {
         let pad = String(repeating: " ", count: indent)
@@ -86,7 +96,10 @@ enum JSON {
             return "[\n" + items.map { inner + $0.render(indent: indent + 4) }.joined(separator: ",\n") + "\n\(pad)]"
         case .object(let fields):
             if fields.isEmpty { return "{}" }
-            return "{\n" + fields.map { inner + $0.0.jsonQuoted + ": " + $0.1.render(indent: indent + 4) }.joined(separator: ",\n") + "\n\(pad)}"
+            return "{\n"
+                + fields.map { inner + $0.0.jsonQuoted + ": " + $0.1.render(indent: indent + 4) }.joined(
+                    separator: ",\n"
+                ) + "\n\(pad)}"
         }
     }
 }

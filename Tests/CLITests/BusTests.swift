@@ -2,7 +2,8 @@ import Glibc
 import Testing
 import VImageTestSupport
 
-let busTestsCanRun = TestEnvironment.isRoot && access("/dev/fuse", F_OK) == 0 && access("/dev/loop-control", F_OK) == 0
+let busTestsCanRun =
+    TestEnvironment.isRoot && access("/dev/fuse", F_OK) == 0 && access("/dev/loop-control", F_OK) == 0
     && TestEnvironment.which("mkfs.ext4") != nil && TestEnvironment.which("sfdisk") != nil
 
 /// The bus end to end, as root, through the kernel: plug, partition, mkfs, mount, copy, unmount, unplug,
@@ -79,13 +80,15 @@ struct BusTests {
 
     /// Writes a small tree of files with known content into `root`.
     func writeTree(_ root: String, seed: Int) throws {
-        let r = sh("""
+        let r = sh(
+            """
             set -e
             mkdir -p \(root)/tree/a/b \(root)/tree/c
             for i in $(seq 1 20); do head -c $((i * 3000 + \(seed))) /dev/urandom > \(root)/tree/a/b/f$i; done
             cp -r \(TestEnvironment.packageRoot)/Sources/VImage \(root)/tree/c/
             (cd \(root)/tree && find . -type f -exec sha256sum {} + | sort -k2) > \(root).sums
-            """)
+            """
+        )
         try #require(r.status == 0, "writing files: \(r.stderr)")
     }
 
@@ -172,11 +175,13 @@ struct BusTests {
     /// the plugging command's working folder (the bus resolves nothing itself).
     @Test(
         .enabled(if: TestEnvironment.which("qemu-nbd") != nil, "qemu-nbd not installed"),
-        arguments: RemoteServer.allCases.filter { $0 == .qemu || TestCertificates.shared != nil })
+        arguments: RemoteServer.allCases.filter { $0 == .qemu || TestCertificates.shared != nil }
+    )
     func remoteNBDExportEndToEnd(_ server: RemoteServer) throws {
         let h = Harness(vdisk: vdisk)
         defer { h.stopAndCheckClean() }
-        let file = h.dir + "/remote.raw", socket = h.dir + "/remote.sock"
+        let file = h.dir + "/remote.raw"
+        let socket = h.dir + "/remote.sock"
         #expect(run(vimg, ["create", "-f", "raw", file, "128M"]).status == 0)
         var uri = "nbd+unix:///exp?socket=\(socket)"
         if server != .qemu {
@@ -186,18 +191,28 @@ struct BusTests {
             certificates.writeClientFiles(to: h.dir + "/pki-client", identity: .client)
             // From any working folder, enough ../ reach /.
             let cwd = String(cString: getcwd(nil, 0))
-            let relative = String(repeating: "../", count: cwd.split(separator: "/").count) + h.dir.dropFirst() + "/pki-client"
-            uri = "nbds+unix:///exp?socket=\(socket)&tls-certificates=\(server == .vdiskTLS ? relative : h.dir + "/pki-client")"
+            let relative =
+                String(repeating: "../", count: cwd.split(separator: "/").count) + h.dir.dropFirst() + "/pki-client"
+            uri =
+                "nbds+unix:///exp?socket=\(socket)&tls-certificates=\(server == .vdiskTLS ? relative : h.dir + "/pki-client")"
         }
         switch server {
         case .qemu, .qemuTLS:
-            let tls = server == .qemu ? "" : "--object tls-creds-x509,id=tls0,dir=\(h.dir)/pki-server,endpoint=server,verify-peer=on --tls-creds tls0"
-            #expect(sh("qemu-nbd \(tls) -f raw -k \(socket) -x exp --persistent --pid-file=\(h.dir)/server.pid \(file) >/dev/null 2>&1 &").status == 0)
+            let tls =
+                server == .qemu
+                ? ""
+                : "--object tls-creds-x509,id=tls0,dir=\(h.dir)/pki-server,endpoint=server,verify-peer=on --tls-creds tls0"
+            #expect(
+                sh(
+                    "qemu-nbd \(tls) -f raw -k \(socket) -x exp --persistent --pid-file=\(h.dir)/server.pid \(file) >/dev/null 2>&1 &"
+                ).status == 0
+            )
             for _ in 0..<100 where access(socket, F_OK) != 0 { usleep(20_000) }
         case .vdiskTLS:
             let serving = sh(
                 "\(vdisk) serve --socket \(socket) --export exp --tls=require --tls-verify-peer --tls-certificates \(h.dir)/pki-server "
-                    + "\(file) >/dev/null 2>\(h.dir)/serve.err & echo $! > \(h.dir)/server.pid")
+                    + "\(file) >/dev/null 2>\(h.dir)/serve.err & echo $! > \(h.dir)/server.pid"
+            )
             #expect(serving.status == 0)
             for _ in 0..<200 where access(socket, F_OK) != 0 { usleep(20_000) }
         }
@@ -208,7 +223,9 @@ struct BusTests {
             let anonymous = h.dir + "/pki-anonymous"
             mkdir(anonymous, 0o700)
             TestCertificates.shared!.writeClientFiles(to: anonymous, identity: .none)
-            let refused = h.vd(["plug", "--name", "refused", "nbds+unix:///exp?socket=\(socket)&tls-certificates=\(anonymous)"])
+            let refused = h.vd([
+                "plug", "--name", "refused", "nbds+unix:///exp?socket=\(socket)&tls-certificates=\(anonymous)",
+            ])
             #expect(refused.status != 0 && refused.stderr.contains("client certificate"), "\(refused.stderr)")
         }
         try partitionedRoundTrip(h, source: [uri, "--name", "remote"], replug: true, checkImage: nil)
@@ -229,7 +246,8 @@ struct BusTests {
     @Test func cloneOverBase() throws {
         let h = Harness(vdisk: vdisk)
         defer { h.stopAndCheckClean() }
-        let base = h.dir + "/base.vimg", child = h.dir + "/child.vimg"
+        let base = h.dir + "/base.vimg"
+        let child = h.dir + "/child.vimg"
         #expect(run(vimg, ["create", base, "128M"]).status == 0)
         let d = try h.plug([base])
         #expect(run("mkfs.ext4", ["-q", d]).status == 0)
@@ -318,7 +336,12 @@ struct BusTests {
 
     /// Invariant: every plugged disk is an NBD export on the bus's socket; with --device none that is all
     /// it is, and real clients read back what they wrote.
-    @Test(.enabled(if: TestEnvironment.which("qemu-io") != nil && TestEnvironment.which("nbdinfo") != nil, "qemu-io/nbdinfo not installed"))
+    @Test(
+        .enabled(
+            if: TestEnvironment.which("qemu-io") != nil && TestEnvironment.which("nbdinfo") != nil,
+            "qemu-io/nbdinfo not installed"
+        )
+    )
     func exportsOnTheBusSocket() throws {
         let h = Harness(vdisk: vdisk)
         defer { h.stopAndCheckClean() }
@@ -326,7 +349,10 @@ struct BusTests {
         #expect(uri == "nbd+unix:///r?socket=\(h.runtime)/nbd.sock")
         let info = run("nbdinfo", ["--size", uri])
         #expect(info.stdout == "33554432\n", "\(info.stdout)\(info.stderr)")
-        let io = run("qemu-io", ["-f", "raw", uri, "-c", "write -P 0x5c 1M 2M", "-c", "read -P 0x5c 1M 2M", "-c", "read -P 0 0 1M"])
+        let io = run(
+            "qemu-io",
+            ["-f", "raw", uri, "-c", "write -P 0x5c 1M 2M", "-c", "read -P 0x5c 1M 2M", "-c", "read -P 0 0 1M"]
+        )
         #expect(io.status == 0 && !io.stdout.contains("verification failed"), "\(io.stdout)\(io.stderr)")
         let list = h.vd(["list", "--output=json"])
         #expect(list.stdout.contains("\"bytesWritten\" : 2097152"), "\(list.stdout)")
@@ -356,7 +382,10 @@ struct BusTests {
         let twice = h.vd(["plug", image])
         #expect(twice.status == 1 && twice.stderr.contains("already plugged"), "\(twice.stderr)")
         let unknown = h.vd(["unplug", "nosuchdisk"])
-        #expect(unknown.status == 1 && unknown.stderr.contains("no plugged disk is named 'nosuchdisk'"), "\(unknown.stderr)")
+        #expect(
+            unknown.status == 1 && unknown.stderr.contains("no plugged disk is named 'nosuchdisk'"),
+            "\(unknown.stderr)"
+        )
         let badName = h.vd(["plug", "--ram", "1M", "--name", "../x"])
         #expect(badName.status == 1 && badName.stderr.contains("invalid disk name"), "\(badName.stderr)")
         let qcow = h.dir + "/q.qcow2"
@@ -384,7 +413,9 @@ struct BusTests {
         for _ in 0..<100 where access(h.runtime + "/bus.sock", F_OK) != 0 { usleep(50_000) }
         _ = try h.plug([image, "--name", "kept"])
         #expect(h.vd(["bus", "--stop"]).status == 0)
-        #expect(sh("VDISK_RUNTIME_DIR=\(h.runtime) setsid \(vdisk) bus --persist >>\(h.dir)/bus.log 2>&1 &").status == 0)
+        #expect(
+            sh("VDISK_RUNTIME_DIR=\(h.runtime) setsid \(vdisk) bus --persist >>\(h.dir)/bus.log 2>&1 &").status == 0
+        )
         var listed = ""
         for _ in 0..<100 {
             listed = h.vd(["list"]).stdout
@@ -396,7 +427,12 @@ struct BusTests {
     }
 
     /// The /dev/nbdN path, where the kernel has NBD (these CI machines do not).
-    @Test(.enabled(if: access("/dev/nbd0", F_OK) == 0 && TestEnvironment.which("nbd-client") != nil, "the kernel has no /dev/nbd0 here"))
+    @Test(
+        .enabled(
+            if: access("/dev/nbd0", F_OK) == 0 && TestEnvironment.which("nbd-client") != nil,
+            "the kernel has no /dev/nbd0 here"
+        )
+    )
     func kernelNBDDevice() throws {
         let h = Harness(vdisk: vdisk)
         defer { h.stopAndCheckClean() }

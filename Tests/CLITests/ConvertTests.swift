@@ -47,10 +47,13 @@ struct ConvertTests {
         defer { try? file.close() }
         try file.truncate(to: UInt64(size))
         let text = Array("all work and no play makes jack a dull boy\n".utf8)
-        var offset = 0, piece = 0
+        var offset = 0
+        var piece = 0
         while offset < size {
             let length = min(size - offset, [256 << 10, 192 << 10, 320 << 10][piece % 3])
-            if piece % 3 == 0 { try file.write(Pattern.bytes(count: length, offset: UInt64(offset), seed: 5), at: UInt64(offset)) }
+            if piece % 3 == 0 {
+                try file.write(Pattern.bytes(count: length, offset: UInt64(offset), seed: 5), at: UInt64(offset))
+            }
             if piece % 3 == 1 { try file.write((0..<length).map { text[$0 % text.count] }, at: UInt64(offset)) }
             offset += length
             piece += 1
@@ -59,7 +62,8 @@ struct ConvertTests {
 
     /// Expects `vimg convert -O raw` and `qemu-img convert -O raw` to produce the same bytes.
     func expectSameRaw(_ source: String, _ extra: [String] = [], dir: String) throws {
-        let ours = dir + "/ours.raw", theirs = dir + "/theirs.raw"
+        let ours = dir + "/ours.raw"
+        let theirs = dir + "/theirs.raw"
         unlink(ours)
         unlink(theirs)
         must(vimg, ["convert", "-O", "raw"] + extra + [source, ours])
@@ -74,7 +78,8 @@ struct ConvertTests {
             let src = dir + "/src.raw"
             try mixedRaw(src)
             for (name, options) in [
-                ("zlib", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"]), ("c512", ["-o", "cluster_size=512"]),
+                ("zlib", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"]),
+                ("c512", ["-o", "cluster_size=512"]),
                 ("c2m", ["-o", "cluster_size=2M"]),
             ] {
                 must("qemu-img", ["convert", "-O", "qcow2"] + options + [src, dir + "/\(name).qcow2"])
@@ -102,7 +107,8 @@ struct ConvertTests {
             let src = dir + "/src.raw"
             try mixedRaw(src)
             for compress in [false, true] {
-                let v = dir + "/v\(compress).vimg", q = dir + "/v\(compress).qcow2"
+                let v = dir + "/v\(compress).vimg"
+                let q = dir + "/v\(compress).qcow2"
                 must(vimg, ["convert", "-O", "vimg"] + (compress ? ["-c"] : []) + [src, v])
                 must(vimg, ["check", v])
                 must(vimg, ["convert", "-f", "vimg", "-O", "qcow2", v, q])
@@ -154,14 +160,19 @@ struct ConvertTests {
             for i in (1 << 20)..<(1 << 20) + (128 << 10) { changed[i] = 0 }  // was pattern data
             try writeBytes(changed, to: dir + "/new.raw")
             must("qemu-img", ["convert", "-O", "qcow2", base, dir + "/base.qcow2"])
-            for (format, backing, backingFormat) in [("vimg", "base.raw", "raw"), ("qcow2", "base.raw", "raw"), ("vimg", "base.qcow2", "qcow2")] {
+            for (format, backing, backingFormat) in [
+                ("vimg", "base.raw", "raw"), ("qcow2", "base.raw", "raw"), ("vimg", "base.qcow2", "qcow2"),
+            ] {
                 let out = dir + "/clone-\(format)-\(backingFormat).\(format)"
                 must(vimg, ["convert", "-O", format, "-B", backing, "-F", backingFormat, dir + "/new.raw", out])
                 must(vimg, ["compare", out, dir + "/new.raw"])
                 let map = must(vimg, ["map", "--output=json", out]).stdout
                 // Only the changed clusters (64 KiB at 64 KiB, 128 KiB of zeroes at 1 MiB) live in the clone.
                 #expect(map.contains("\"start\": 65536,\n        \"length\": 65536,\n        \"depth\": 0"), "\(map)")
-                #expect(map.contains("\"start\": 1048576,\n        \"length\": 131072,\n        \"depth\": 0"), "\(map)")
+                #expect(
+                    map.contains("\"start\": 1048576,\n        \"length\": 131072,\n        \"depth\": 0"),
+                    "\(map)"
+                )
                 if format == "qcow2" {
                     must("qemu-img", ["check", out])
                     must("qemu-img", ["compare", out, dir + "/new.raw"])
@@ -181,10 +192,16 @@ struct ConvertTests {
             #expect(info.contains("file format: qcow2\nvirtual size: 4 MiB (4194304 bytes)"))
             #expect(info.contains("cluster_size: 65536") && info.contains("compression type: zstd"))
             let check = run(vimg, ["check", "--output=json", q])
-            #expect(check.status == 0 && check.stdout.contains("\"format\": \"qcow2\""), "\(check.stdout)\(check.stderr)")
+            #expect(
+                check.status == 0 && check.stdout.contains("\"format\": \"qcow2\""),
+                "\(check.stdout)\(check.stderr)"
+            )
             let map = must(vimg, ["map", "--output=json", q]).stdout
             #expect(map.contains("\"data\": true") && map.contains("\"zero\": true"))
-            for args in [["-O", "qcow2", src], ["-O", "qcow2", "--size", "10G"], ["-O", "raw", src], ["-O", "qcow2", "-o", "cluster_size=4K", src]] {
+            for args in [
+                ["-O", "qcow2", src], ["-O", "qcow2", "--size", "10G"], ["-O", "raw", src],
+                ["-O", "qcow2", "-o", "cluster_size=4K", src],
+            ] {
                 let ours = must(vimg, ["measure"] + args).stdout
                 let theirs = must("qemu-img", ["measure"] + args).stdout
                 #expect(ours == theirs, "measure \(args)")
@@ -215,7 +232,10 @@ struct ConvertTests {
             let snapshot = run(vimg, ["convert", "-l", "nope", "-O", "raw", dir + "/src.raw", dir + "/out.raw"])
             #expect(snapshot.status == 1 && snapshot.stderr.contains("snapshots"))
             #expect(run(vimg, ["convert", "-c", "-O", "raw", dir + "/src.raw", dir + "/out.raw"]).status != 0)
-            #expect(run(vimg, ["convert", "-O", "vimg", "-o", "cluster_size=512", dir + "/src.raw", dir + "/out.vimg"]).status != 0)
+            #expect(
+                run(vimg, ["convert", "-O", "vimg", "-o", "cluster_size=512", dir + "/src.raw", dir + "/out.vimg"])
+                    .status != 0
+            )
             must("qemu-img", ["convert", "-O", "qcow2", dir + "/src.raw", dir + "/s.qcow2"])
             let readWrite = run(vimg, ["resize", dir + "/s.qcow2", "2M"])
             #expect(readWrite.status == 1 && readWrite.stderr.contains("read-only"), "\(readWrite.stderr)")
@@ -229,7 +249,13 @@ struct ConvertTests {
     @Test func corruptSourcesNeverTrap() throws {
         try inTemporaryDirectory { dir in
             try mixedRaw(dir + "/src.raw", size: 1 << 20)
-            must("qemu-img", ["convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k,compression_type=zstd", dir + "/src.raw", dir + "/q.qcow2"])
+            must(
+                "qemu-img",
+                [
+                    "convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k,compression_type=zstd", dir + "/src.raw",
+                    dir + "/q.qcow2",
+                ]
+            )
             must(vimg, ["convert", "-c", "-O", "vimg", "-o", "cluster_size=4K", dir + "/src.raw", dir + "/v.vimg"])
             var random = SeededRandom(seed: 7)
             for name in ["q.qcow2", "v.vimg"] {
@@ -249,7 +275,10 @@ struct ConvertTests {
                     for format in ["raw", "qcow2"] {
                         unlink(dir + "/out")
                         let r = run("timeout", ["20", vimg, "convert", "-O", format, bad, dir + "/out"])
-                        #expect(r.status == 0 || r.status == 1, "\(name) round \(round): status \(r.status) \(r.stderr)")
+                        #expect(
+                            r.status == 0 || r.status == 1,
+                            "\(name) round \(round): status \(r.status) \(r.stderr)"
+                        )
                     }
                 }
             }

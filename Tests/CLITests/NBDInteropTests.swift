@@ -21,7 +21,13 @@ final class ServeProcess {
     init?(_ arguments: [String], directory: String, name: String = "serve") {
         self.directory = directory
         stderrPath = directory + "/\(name).err"
-        guard let pid = spawn(TestEnvironment.product("vdisk"), ["serve"] + arguments, stdout: directory + "/\(name).out", stderr: stderrPath)
+        guard
+            let pid = spawn(
+                TestEnvironment.product("vdisk"),
+                ["serve"] + arguments,
+                stdout: directory + "/\(name).out",
+                stderr: stderrPath
+            )
         else { return nil }
         self.pid = pid
         for _ in 0..<200 {
@@ -106,8 +112,10 @@ enum Clients {
     static let qemuImg = TestEnvironment.which("qemu-img")
     static let qemuIO = TestEnvironment.which("qemu-io")
     /// nbdsh runs `python3 -mnbd`; Debian's python3 has the libnbd bindings, so pin PATH to it.
-    static let nbdsh: String? = access("/usr/bin/nbdsh", X_OK) == 0 && access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/nbdsh" : nil
-    static let vdiskBuilt = access(TestEnvironment.product("vdisk"), X_OK) == 0 && access(TestEnvironment.product("vimg"), X_OK) == 0
+    static let nbdsh: String? =
+        access("/usr/bin/nbdsh", X_OK) == 0 && access("/usr/bin/python3", X_OK) == 0 ? "/usr/bin/nbdsh" : nil
+    static let vdiskBuilt =
+        access(TestEnvironment.product("vdisk"), X_OK) == 0 && access(TestEnvironment.product("vimg"), X_OK) == 0
 
     /// Runs an nbdsh script (Python, with `nbd` imported) against `uri`; the handle `h` is connected
     /// with base:allocation requested. The URI may name local files (`tls-certificates=DIR`), which
@@ -228,7 +236,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
                 "write -P 0xab 0 1M", "read -P 0xab 0 1M", "write -P 0xcd 1M 3M", "read -P 0xcd 1M 3M",
                 "write -z 2M 1M", "read -P 0 2M 1M", "discard 0 512k", "read -P 0 0 512k", "read -P 0xab 512k 512k",
                 "write -P 0x11 5000 333", "read -P 0x11 5000 333", "flush",
-            ])
+            ]
+        )
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(!result.stdout.contains("Pattern verification failed"), "\(result.stdout)")
         #expect(served.stop() == 0)
@@ -256,7 +265,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
     /// Invariant: nbdcopy of random data into the export and back out gives the same checksum.
     @Test(.enabled(if: Clients.nbdcopy != nil)) func nbdcopyRoundTrip() throws {
         let served = try ServedImage()
-        let source = served.directory + "/source.raw", back = served.directory + "/back.raw"
+        let source = served.directory + "/source.raw"
+        let back = served.directory + "/back.raw"
         #expect(run("/bin/sh", ["-c", "head -c 67108864 /dev/urandom > \(source)"]).status == 0)
         let upload = run(Clients.nbdcopy!, [source, served.uri])
         #expect(upload.status == 0, "\(upload.stderr)")
@@ -307,7 +317,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
             h.flush()
             h.shutdown()
             print('ok')
-            """)
+            """
+        )
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(result.stdout.contains("ok"))
         #expect(served.stop() == 0)
@@ -329,7 +340,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
                     assert e.errno in (1, 'EPERM'), e.errno
             assert h.pread(1, 0) == b'\\x00'
             print('ok')
-            """)
+            """
+        )
         #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
         #expect(served.stop() == 0)
     }
@@ -352,7 +364,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
                 h.aio_pread(buf, i * (4 << 20))
             h.poll(0)
             os._exit(0)
-            """)
+            """
+        )
         #expect(vanish.status == 0, "\(vanish.stderr)")
         let check = qemuIO(served.uri, (0..<6).map { "read -P \(0x21 + $0) \($0 * 8)M 8M" })
         #expect(check.status == 0 && !check.stdout.contains("Pattern verification failed"), "\(check.stdout)")
@@ -365,7 +378,10 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
     @Test(.enabled(if: Clients.qemuIO != nil)) func sigtermLeavesCleanImage() throws {
         let served = try ServedImage()
         qemuIO(served.uri, ["write -P 0x42 0 2M"])
-        let load = spawn(Clients.qemuIO!, ["-f", "raw", served.uri, "-c", "write -P 0x43 8M 16M", "-c", "write -P 0x44 24M 16M"])
+        let load = spawn(
+            Clients.qemuIO!,
+            ["-f", "raw", served.uri, "-c", "write -P 0x43 8M 16M", "-c", "write -P 0x44 24M 16M"]
+        )
         #expect(load != nil)
         usleep(200_000)
         #expect(served.stop() == 0)
@@ -383,7 +399,10 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         let served = try ServedImage()
         let flushed = qemuIO(served.uri, ["write -P 0x99 1M 4M", "flush"])
         #expect(flushed.status == 0)
-        let load = spawn(Clients.qemuIO!, ["-f", "raw", served.uri, "-c", "write -P 0x10 8M 24M", "-c", "write -z 40M 8M", "-c", "discard 1M 64k"])
+        let load = spawn(
+            Clients.qemuIO!,
+            ["-f", "raw", served.uri, "-c", "write -P 0x10 8M 24M", "-c", "write -z 40M 8M", "-c", "discard 1M 64k"]
+        )
         usleep(300_000)
         #expect(served.server?.stop(SIGKILL) == 128 + SIGKILL)
         if let load { waitForExit(load) }
@@ -398,7 +417,9 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
     /// Invariant: with --port the server listens on 127.0.0.1 only, and clients reach it at nbd://.
     @Test(.enabled(if: Clients.nbdinfo != nil && Clients.qemuIO != nil)) func tcp() throws {
         let served = try ServedImage(start: false)
-        let server = try #require(ServeProcess(["--port", "0", "--export", "tcpdisk", served.image], directory: served.directory))
+        let server = try #require(
+            ServeProcess(["--port", "0", "--export", "tcpdisk", served.image], directory: served.directory)
+        )
         #expect(server.banner.contains("tcp:127.0.0.1:"))
         let port = try #require(server.tcpPort)
         let uri = "nbd://127.0.0.1:\(port)/tcpdisk"
@@ -422,7 +443,9 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         try served.start(["--stats-file", stats], images: [served.image, second])
         let list = run(Clients.nbdinfo!, ["--list", served.uri])
         #expect(list.stdout.contains("export=\"disk.vimg\"") && list.stdout.contains("export=\"second.vimg\""))
-        #expect(run(Clients.nbdinfo!, ["--size", "nbd+unix:///second.vimg?socket=\(served.socket)"]).stdout == "1048576\n")
+        #expect(
+            run(Clients.nbdinfo!, ["--size", "nbd+unix:///second.vimg?socket=\(served.socket)"]).stdout == "1048576\n"
+        )
         qemuIO(served.uri, ["write -P 0x61 0 1M"])
         served.server?.signal(SIGUSR1)
         var text = ""
@@ -452,7 +475,9 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
             spawn(
                 TestEnvironment.which("systemd-socket-activate")!,
                 ["-l", served.socket, TestEnvironment.product("vdisk"), "serve", served.image],
-                stderr: served.directory + "/activate.err"))
+                stderr: served.directory + "/activate.err"
+            )
+        )
         for _ in 0..<100 where access(served.socket, F_OK) != 0 { usleep(50_000) }
         let size = run(Clients.nbdinfo!, ["--size", served.uri])
         #expect(size.stdout == "67108864\n", "\(size.stderr)\(readFile(served.directory + "/activate.err"))")
@@ -502,7 +527,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
             h.flush()
             h.shutdown()
             print('ok')
-            """)
+            """
+        )
         #expect(script.status == 0 && script.stdout.contains("ok"), "\(script.stdout)\(script.stderr)")
 
         // SIGTERM with a TLS client connected and idle: a clean exit and a clean image.
@@ -511,10 +537,12 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         let idle = spawn(
             "/usr/bin/python3",
             [
-                "-m", "nbd", "-c", "h.set_uri_allow_local_file(True)", "-c", "h.connect_uri(\(Clients.pythonString(overSocket)))",
+                "-m", "nbd", "-c", "h.set_uri_allow_local_file(True)", "-c",
+                "h.connect_uri(\(Clients.pythonString(overSocket)))",
                 "-c", "h.pwrite(b'x', 0); print('connected', flush=True)", "-c", "import time; time.sleep(30)",
             ],
-            stdout: idleOutput)
+            stdout: idleOutput
+        )
         for _ in 0..<200 where !readFile(idleOutput).contains("connected") { usleep(50_000) }
         #expect(readFile(idleOutput).contains("connected"))
         #expect(served.stop() == 0)
@@ -550,7 +578,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         let commands = ["write -P 0xc3 0 2M", "read -P 0xc3 0 2M", "write -z 1M 64k", "read -P 0 1M 64k", "flush"]
         let io = run(
             Clients.qemuIO!,
-            qemuTLSArguments(socket: served.socket, certificates: pki.anonymous) + commands.flatMap { ["-c", $0] })
+            qemuTLSArguments(socket: served.socket, certificates: pki.anonymous) + commands.flatMap { ["-c", $0] }
+        )
         #expect(io.status == 0, "\(io.stdout)\(io.stderr)")
         #expect(io.stdout.contains("wrote 2097152/2097152"), "\(io.stdout)")
         #expect(!io.stdout.contains("Pattern verification failed"), "\(io.stdout)")
@@ -560,7 +589,8 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         let readBack = run(
             Clients.qemuIO!,
             qemuTLSArguments(port: port, certificates: pki.anonymous)
-                + ["-r", "-c", "read -P 0xc3 0 1M", "-c", "read -P 0xc3 1088k 960k"])
+                + ["-r", "-c", "read -P 0xc3 0 1M", "-c", "read -P 0xc3 1088k 960k"]
+        )
         #expect(readBack.status == 0, "\(readBack.stdout)\(readBack.stderr)")
         #expect(!readBack.stdout.contains("Pattern verification failed"), "\(readBack.stdout)")
 
@@ -588,10 +618,13 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         let io = run(
             Clients.qemuIO!,
             qemuTLSArguments(socket: served.socket, certificates: pki.client)
-                + ["-c", "write -P 0x7e 4M 64k", "-c", "read -P 0x7e 4M 64k"])
+                + ["-c", "write -P 0x7e 4M 64k", "-c", "read -P 0x7e 4M 64k"]
+        )
         #expect(io.status == 0 && !io.stdout.contains("Pattern verification failed"), "\(io.stdout)\(io.stderr)")
         let anonymous = run(
-            Clients.qemuIO!, qemuTLSArguments(socket: served.socket, certificates: pki.anonymous) + ["-c", "read 0 4k"])
+            Clients.qemuIO!,
+            qemuTLSArguments(socket: served.socket, certificates: pki.anonymous) + ["-c", "read 0 4k"]
+        )
         #expect(anonymous.status != 0)
         #expect(served.stop() == 0)
     }
@@ -613,7 +646,9 @@ func qemuIO(_ uri: String, _ commands: [String], readOnly: Bool = false) -> Proc
         }
 
         func expectFailure(
-            _ arguments: [String], _ message: String, sourceLocation: SourceLocation = #_sourceLocation
+            _ arguments: [String],
+            _ message: String,
+            sourceLocation: SourceLocation = #_sourceLocation
         ) {
             let result = run(vdisk, serve + ["--tls=require"] + arguments + [served.image])
             #expect(result.status == 1, "\(arguments): \(result.stderr)", sourceLocation: sourceLocation)

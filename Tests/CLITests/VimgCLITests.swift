@@ -31,19 +31,21 @@ import VImageTestSupport
             #expect(r.stdout == "Formatting '\(dir)/a.vimg', fmt=vimg cluster_size=4096 size=10737418240\n")
             let info = run(vimg, ["info", dir + "/a.vimg"])
             #expect(info.status == 0)
-            #expect(stable(info.stdout) == """
-                image: \(dir)/a.vimg
-                file format: vimg
-                virtual size: 10 GiB (10737418240 bytes)
-                cluster_size: 4096
-                Format specific information:
-                    version: 1
-                    refcount bits: 16
-                    snapshots: 0
-                    dirty: no
-                    corrupt: no
+            #expect(
+                stable(info.stdout) == """
+                    image: \(dir)/a.vimg
+                    file format: vimg
+                    virtual size: 10 GiB (10737418240 bytes)
+                    cluster_size: 4096
+                    Format specific information:
+                        version: 1
+                        refcount bits: 16
+                        snapshots: 0
+                        dirty: no
+                        corrupt: no
 
-                """)
+                    """
+            )
             let json = run(vimg, ["info", "--output=json", dir + "/a.vimg"])
             #expect(json.status == 0)
             #expect(json.stdout.contains("\"virtual-size\": 10737418240,"))
@@ -55,7 +57,9 @@ import VImageTestSupport
     /// Invariant: sizes take qemu-img's suffixes; bad input is a clear error with a non-zero exit.
     @Test func createErrors() {
         inTemporaryDirectory { dir in
-            for (size, bytes) in [("512M", "536870912"), ("1T", "1099511627776"), ("1536K", "1572864"), ("65536", "65536")] {
+            for (size, bytes) in [
+                ("512M", "536870912"), ("1T", "1099511627776"), ("1536K", "1572864"), ("65536", "65536"),
+            ] {
                 let r = run(vimg, ["create", dir + "/s\(size).vimg", size])
                 #expect(r.status == 0 && r.stdout.contains("size=\(bytes)"), "\(size): \(r.stdout)\(r.stderr)")
             }
@@ -84,12 +88,32 @@ import VImageTestSupport
             let r = run(vimg, ["map", "--output=json", path])
             #expect(r.status == 0)
             let compact = r.stdout.filter { !$0.isWhitespace }
-            #expect(compact.contains("{\"start\":0,\"length\":1048576,\"depth\":0,\"present\":false,\"zero\":true,\"data\":false}"), "\(r.stdout)")
-            #expect(compact.contains("{\"start\":1048576,\"length\":65536,\"depth\":0,\"present\":true,\"zero\":false,\"data\":true,\"offset\":"), "\(r.stdout)")
-            #expect(compact.contains("{\"start\":2097152,\"length\":65536,\"depth\":0,\"present\":true,\"zero\":true,\"data\":false"), "\(r.stdout)")
+            #expect(
+                compact.contains(
+                    "{\"start\":0,\"length\":1048576,\"depth\":0,\"present\":false,\"zero\":true,\"data\":false}"
+                ),
+                "\(r.stdout)"
+            )
+            #expect(
+                compact.contains(
+                    "{\"start\":1048576,\"length\":65536,\"depth\":0,\"present\":true,\"zero\":false,\"data\":true,\"offset\":"
+                ),
+                "\(r.stdout)"
+            )
+            #expect(
+                compact.contains(
+                    "{\"start\":2097152,\"length\":65536,\"depth\":0,\"present\":true,\"zero\":true,\"data\":false"
+                ),
+                "\(r.stdout)"
+            )
             let human = run(vimg, ["map", path])
             #expect(human.status == 0)
-            #expect(human.stdout.hasPrefix("Offset          Length          Mapped to       File\n0x100000        0x10000         0x"), "\(human.stdout)")
+            #expect(
+                human.stdout.hasPrefix(
+                    "Offset          Length          Mapped to       File\n0x100000        0x10000         0x"
+                ),
+                "\(human.stdout)"
+            )
         }
     }
 
@@ -132,7 +156,10 @@ import VImageTestSupport
             try poke(path, [0, 1], at: try refcountEntryOffset(path, cluster: Int(end >> 16)))
             let leak = run(vimg, ["check", path])
             #expect(leak.status == 3, "\(leak.stdout)")
-            #expect(leak.stdout.contains("Leaked: cluster \(end >> 16) has refcount 1 but 0 references"), "\(leak.stdout)")
+            #expect(
+                leak.stdout.contains("Leaked: cluster \(end >> 16) has refcount 1 but 0 references"),
+                "\(leak.stdout)"
+            )
             let leakJSON = run(vimg, ["check", "--output=json", path])
             #expect(leakJSON.status == 3 && leakJSON.stdout.contains("\"leaks\": 1"), "\(leakJSON.stdout)")
             let dry = run(vimg, ["check", "-r", "leaks", "--dry-run", path])
@@ -173,7 +200,8 @@ import VImageTestSupport
     @Test(.enabled(if: hasQemu, "qemu-img/qemu-io not installed (Tools/setup.sh installs qemu-utils)"))
     func qemuReadsOurRaw() throws {
         try inTemporaryDirectory { dir in
-            let base = dir + "/base.raw", child = dir + "/child.vimg"
+            let base = dir + "/base.raw"
+            let child = dir + "/child.vimg"
             #expect(run(vimg, ["create", "-f", "raw", base, "64M"]).status == 0)
             let info = run("qemu-img", ["info", "--output=json", "-f", "raw", base])
             #expect(info.status == 0 && info.stdout.contains("\"virtual-size\": 67108864"), "\(info.stdout)")
@@ -185,9 +213,14 @@ import VImageTestSupport
             try image.close()
             let commit = run(vimg, ["commit", child])
             #expect(commit.status == 0, "\(commit.stderr)")
-            let io = run("qemu-io", ["-f", "raw", "-r", base,
-                "-c", "read -P 0xab 4M 1M", "-c", "read -P 0xcd 67104768 4096", "-c", "read -P 0xef 12345 700",
-                "-c", "read -P 0 0 12345", "-c", "read -P 0 5M 1M"])
+            let io = run(
+                "qemu-io",
+                [
+                    "-f", "raw", "-r", base,
+                    "-c", "read -P 0xab 4M 1M", "-c", "read -P 0xcd 67104768 4096", "-c", "read -P 0xef 12345 700",
+                    "-c", "read -P 0 0 12345", "-c", "read -P 0 5M 1M",
+                ]
+            )
             #expect(io.status == 0 && !io.stdout.contains("Pattern verification failed"), "\(io.stdout)\(io.stderr)")
             // And qemu-img agrees the clone (through its raw base) and the base are the same guest disk.
             let plain = dir + "/plain.raw"

@@ -71,7 +71,10 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
             let extents = try device.extents(at: position, count: device.size - position)
             #expect(extents.first?.offset == position)
             for e in extents where e.flags.contains(.zero) {
-                #expect(ours[Int(e.offset)..<Int(e.end)].allSatisfy { $0 == 0 }, "zero extent \(e) of \(path) holds data")
+                #expect(
+                    ours[Int(e.offset)..<Int(e.end)].allSatisfy { $0 == 0 },
+                    "zero extent \(e) of \(path) holds data"
+                )
             }
             position = extents.last!.end
         }
@@ -83,8 +86,10 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
         try inTemporaryDirectory { dir in
             try writeMixedRaw(dir + "/src.raw")
             let variants: [(String, [String])] = [
-                ("zlib", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"]), ("c512", ["-o", "cluster_size=512"]),
-                ("c2m", ["-o", "cluster_size=2M"]), ("v2", ["-o", "compat=0.10"]), ("zstd512", ["-c", "-o", "compression_type=zstd,cluster_size=512"]),
+                ("zlib", ["-c"]), ("zstd", ["-c", "-o", "compression_type=zstd"]),
+                ("c512", ["-o", "cluster_size=512"]),
+                ("c2m", ["-o", "cluster_size=2M"]), ("v2", ["-o", "compat=0.10"]),
+                ("zstd512", ["-c", "-o", "compression_type=zstd,cluster_size=512"]),
             ]
             for (name, options) in variants {
                 let path = dir + "/\(name).qcow2"
@@ -117,7 +122,9 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
             #expect(extents.count == 1 && extents[0].flags.contains(.zero))
             #expect(try Qcow2Check.check(image).isClean)
             try image.close()
-            #expect(throws: ImageFormatError.self) { try ImageFormats.open(path: path, readOnly: true, snapshot: "none") }
+            #expect(throws: ImageFormatError.self) {
+                try ImageFormats.open(path: path, readOnly: true, snapshot: "none")
+            }
             #expect(throws: ImageFormatError.self) { try ImageFormats.open(path: path, readOnly: false) }
         }
     }
@@ -137,7 +144,10 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
             let base = try VImage.open(path: dir + "/base.vimg", readOnly: false)
             try base.write(Pattern.bytes(count: 1 << 20, offset: 0, seed: 9), at: 512 << 10)
             try base.close()
-            must("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "base.vimg", "-F", "raw", dir + "/onvimg.qcow2", "2M"])
+            must(
+                "qemu-img",
+                ["create", "-q", "-f", "qcow2", "-b", "base.vimg", "-F", "raw", dir + "/onvimg.qcow2", "2M"]
+            )
             let image = try ImageFormats.openQcow2(path: dir + "/onvimg.qcow2")
             #expect(image.backing is FileDevice)  // named raw: read as raw bytes, as qemu would
             try image.close()
@@ -180,9 +190,20 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
     /// A valid version 3 header of a 1 MiB image with 64 KiB clusters in a 4-cluster file.
     func header() -> [UInt8] {
         var h = Qcow2Header(
-            version: 3, backingFileOffset: 0, backingFileSize: 0, clusterBits: 16, virtualSize: 1 << 20, cryptMethod: 0, l1Size: 1,
-            l1TableOffset: 3 << 16, refcountTableOffset: 1 << 16, refcountTableClusters: 1, snapshotCount: 0, snapshotsOffset: 0,
-            headerLength: 112)
+            version: 3,
+            backingFileOffset: 0,
+            backingFileSize: 0,
+            clusterBits: 16,
+            virtualSize: 1 << 20,
+            cryptMethod: 0,
+            l1Size: 1,
+            l1TableOffset: 3 << 16,
+            refcountTableOffset: 1 << 16,
+            refcountTableClusters: 1,
+            snapshotCount: 0,
+            snapshotsOffset: 0,
+            headerLength: 112
+        )
         h.backingFormat = "raw"
         var bytes = h.encode()
         bytes += [UInt8](repeating: 0, count: (1 << 16) - bytes.count)
@@ -191,10 +212,17 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
     let fileSize: UInt64 = 4 << 16
 
     func put<T: FixedWidthInteger>(_ value: T, at offset: Int, in bytes: inout [UInt8]) {
-        for i in 0..<MemoryLayout<T>.size { bytes[offset + i] = UInt8(truncatingIfNeeded: value >> ((MemoryLayout<T>.size - 1 - i) * 8)) }
+        for i in 0..<MemoryLayout<T>.size {
+            bytes[offset + i] = UInt8(truncatingIfNeeded: value >> ((MemoryLayout<T>.size - 1 - i) * 8))
+        }
     }
 
-    func refused(_ change: (inout [UInt8]) -> Void, fileSize: UInt64? = nil, _ code: ImageFormatError.Code, _ fragment: String) {
+    func refused(
+        _ change: (inout [UInt8]) -> Void,
+        fileSize: UInt64? = nil,
+        _ code: ImageFormatError.Code,
+        _ fragment: String
+    ) {
         var bytes = header()
         change(&bytes)
         do {
@@ -211,39 +239,84 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
     /// Invariant: the valid header decodes with its fields.
     @Test func validHeader() throws {
         let h = try Qcow2Header.decode(header(), fileSize: fileSize)
-        #expect(h.version == 3 && h.clusterSize == 65536 && h.virtualSize == 1 << 20 && h.backingFormat == "raw" && h.compressionType == .zlib)
+        #expect(
+            h.version == 3 && h.clusterSize == 65536 && h.virtualSize == 1 << 20 && h.backingFormat == "raw"
+                && h.compressionType == .zlib
+        )
     }
 
     @Test func badMagic() { refused({ $0[0] = 0 }, .invalidImage, "bad magic") }
     @Test func badVersion() { refused({ put(UInt32(4), at: 4, in: &$0) }, .unsupportedFeature, "version 4") }
-    @Test func clusterBitsTooSmall() { refused({ put(UInt32(8), at: 20, in: &$0) }, .unsupportedFeature, "cluster_bits 8") }
-    @Test func clusterBitsTooLarge() { refused({ put(UInt32(22), at: 20, in: &$0) }, .unsupportedFeature, "cluster_bits 22") }
+    @Test func clusterBitsTooSmall() {
+        refused({ put(UInt32(8), at: 20, in: &$0) }, .unsupportedFeature, "cluster_bits 8")
+    }
+    @Test func clusterBitsTooLarge() {
+        refused({ put(UInt32(22), at: 20, in: &$0) }, .unsupportedFeature, "cluster_bits 22")
+    }
     @Test func extendedL2() { refused({ put(UInt64(1 << 4), at: 72, in: &$0) }, .unsupportedFeature, "extended L2") }
-    @Test func externalDataFile() { refused({ put(UInt64(1 << 2), at: 72, in: &$0) }, .unsupportedFeature, "external data file") }
-    @Test func unknownIncompatibleBit() { refused({ put(UInt64(1 << 40), at: 72, in: &$0) }, .unsupportedFeature, "bit 40") }
+    @Test func externalDataFile() {
+        refused({ put(UInt64(1 << 2), at: 72, in: &$0) }, .unsupportedFeature, "external data file")
+    }
+    @Test func unknownIncompatibleBit() {
+        refused({ put(UInt64(1 << 40), at: 72, in: &$0) }, .unsupportedFeature, "bit 40")
+    }
     @Test func zstdWithoutFeatureBit() { refused({ $0[104] = 1 }, .invalidImage, "compression type feature") }
-    @Test func featureBitWithoutZstd() { refused({ put(UInt64(1 << 3), at: 72, in: &$0) }, .invalidImage, "compression type bit") }
+    @Test func featureBitWithoutZstd() {
+        refused({ put(UInt64(1 << 3), at: 72, in: &$0) }, .invalidImage, "compression type bit")
+    }
     @Test func unknownCompressionType() { refused({ $0[104] = 7 }, .unsupportedFeature, "compression type 7") }
     @Test func encrypted() { refused({ put(UInt32(2), at: 32, in: &$0) }, .unsupportedFeature, "encrypted") }
     @Test func l1TooSmall() { refused({ put(UInt64(1 << 40), at: 24, in: &$0) }, .invalidImage, "too small") }
     @Test func l1TooLarge() { refused({ put(UInt32(1 << 30), at: 36, in: &$0) }, .limitExceeded, "larger than 32 MiB") }
     @Test func l1PastEnd() { refused({ put(UInt64(100 << 16), at: 40, in: &$0) }, .invalidImage, "past the end") }
-    @Test func l1Unaligned() { refused({ put(UInt64(3 << 16 + 8), at: 40, in: &$0) }, .invalidImage, "not cluster aligned") }
-    @Test func refcountTableHuge() { refused({ put(UInt32.max, at: 56, in: &$0) }, .limitExceeded, "larger than 8 MiB") }
+    @Test func l1Unaligned() {
+        refused({ put(UInt64(3 << 16 + 8), at: 40, in: &$0) }, .invalidImage, "not cluster aligned")
+    }
+    @Test func refcountTableHuge() {
+        refused({ put(UInt32.max, at: 56, in: &$0) }, .limitExceeded, "larger than 8 MiB")
+    }
     @Test func tooManySnapshots() { refused({ put(UInt32(1 << 20), at: 60, in: &$0) }, .limitExceeded, "snapshots") }
     @Test func snapshotTablePastEnd() {
-        refused({ put(UInt32(1), at: 60, in: &$0); put(UInt64(1 << 40), at: 64, in: &$0) }, .invalidImage, "snapshot table")
+        refused(
+            {
+                put(UInt32(1), at: 60, in: &$0)
+                put(UInt64(1 << 40), at: 64, in: &$0)
+            },
+            .invalidImage,
+            "snapshot table"
+        )
     }
     @Test func backingNameTooLong() {
-        refused({ put(UInt64(512), at: 8, in: &$0); put(UInt32(4096), at: 16, in: &$0) }, .invalidImage, "1...1023")
+        refused(
+            {
+                put(UInt64(512), at: 8, in: &$0)
+                put(UInt32(4096), at: 16, in: &$0)
+            },
+            .invalidImage,
+            "1...1023"
+        )
     }
     @Test func backingNameOutsideCluster() {
-        refused({ put(UInt64(65530), at: 8, in: &$0); put(UInt32(100), at: 16, in: &$0) }, .invalidImage, "outside the first cluster")
+        refused(
+            {
+                put(UInt64(65530), at: 8, in: &$0)
+                put(UInt32(100), at: 16, in: &$0)
+            },
+            .invalidImage,
+            "outside the first cluster"
+        )
     }
     @Test func headerLengthOdd() { refused({ put(UInt32(107), at: 100, in: &$0) }, .invalidImage, "header_length") }
     @Test func refcountOrderTooLarge() { refused({ put(UInt32(7), at: 96, in: &$0) }, .invalidImage, "refcount_order") }
     @Test func extensionPastCluster() {
-        refused({ put(UInt32(0x1234), at: 112, in: &$0); put(UInt32(1 << 20), at: 116, in: &$0) }, .invalidImage, "runs past")
+        refused(
+            {
+                put(UInt32(0x1234), at: 112, in: &$0)
+                put(UInt32(1 << 20), at: 116, in: &$0)
+            },
+            .invalidImage,
+            "runs past"
+        )
     }
     @Test func truncatedHeader() {
         #expect(throws: ImageFormatError.self) { try Qcow2Header.decode(Array(header()[0..<50]), fileSize: 50) }
@@ -264,7 +337,10 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
         let pristine = try fileBytes(original)
         let image = try ImageFormats.openQcow2(path: original)
         // Metadata lives in the header, L1, L2, refcount and snapshot clusters: corrupt those.
-        var metadata: [Int] = [0, Int(image.header.l1TableOffset), Int(image.header.refcountTableOffset), Int(image.header.snapshotsOffset)]
+        var metadata: [Int] = [
+            0, Int(image.header.l1TableOffset), Int(image.header.refcountTableOffset),
+            Int(image.header.snapshotsOffset),
+        ]
         try image.close()
         metadata += Array(stride(from: 4096, to: 64 << 10, by: 4096))
         var random = SeededRandom(seed: 42)
@@ -289,7 +365,9 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
             try file.write(bytes, at: 0)
             try file.close()
             for snapshot in [nil, "s"] as [String?] {
-                guard let device = try? ImageFormats.open(path: path, format: .qcow2, readOnly: true, snapshot: snapshot) else { continue }
+                guard
+                    let device = try? ImageFormats.open(path: path, format: .qcow2, readOnly: true, snapshot: snapshot)
+                else { continue }
                 _ = try? deviceBytes(device)
                 _ = try? device.extents(at: 0, count: device.size)
                 if let q = device as? Qcow2Image { _ = try? Qcow2Check.check(q) }

@@ -14,7 +14,11 @@ private let qemuIO = TestEnvironment.which("qemu-io")
 /// default also requires client certificates. qemu-io, qemu's own TLS client, writes and reads the other side.
 @Suite(
     .serialized,
-    .enabled(if: qemuNBD != nil && qemuIO != nil && TestCertificates.shared != nil, "needs qemu-nbd, qemu-io and openssl"))
+    .enabled(
+        if: qemuNBD != nil && qemuIO != nil && TestCertificates.shared != nil,
+        "needs qemu-nbd, qemu-io and openssl"
+    )
+)
 struct QemuInteropTests {
     /// qemu-nbd serving a raw file over TLS, on a unix socket or TCP (127.0.0.1), killed on `stop`.
     final class QemuServer {
@@ -36,7 +40,10 @@ struct QemuInteropTests {
                 (self.socket, port) = (socket, nil)
             }
             let arguments =
-                ["--object", "tls-creds-x509,id=tls0,dir=\(pki.server),endpoint=server,verify-peer=on", "--tls-creds", "tls0"]
+                [
+                    "--object", "tls-creds-x509,id=tls0,dir=\(pki.server),endpoint=server,verify-peer=on",
+                    "--tls-creds", "tls0",
+                ]
                 + listen + ["-f", "raw", "-x", "exp", "--persistent", file]
             pid = try #require(spawn(qemuNBD!, arguments, stderr: directory + "/qemu-nbd.err"))
             for _ in 0..<200 where !ready { usleep(25_000) }
@@ -78,7 +85,9 @@ struct QemuInteropTests {
             return run(
                 qemuIO!,
                 ["--object", "tls-creds-x509,id=tls0,dir=\(certificates),endpoint=client"]
-                    + ["--image-opts", "driver=nbd,\(server),export=exp,tls-creds=tls0"] + commands.flatMap { ["-c", $0] })
+                    + ["--image-opts", "driver=nbd,\(server),export=exp,tls-creds=tls0"]
+                    + commands.flatMap { ["-c", $0] }
+            )
         }
 
         func stop() {
@@ -112,7 +121,10 @@ struct QemuInteropTests {
         try client.close()
 
         let read = server.qemuIOCommands(["read -P 0x3c 8M 1M", "read -P 0xa5 1M 3M"], certificates: pki.client)
-        #expect(read.status == 0 && !read.stdout.contains("Pattern verification failed"), "\(read.stdout)\(read.stderr)")
+        #expect(
+            read.status == 0 && !read.stdout.contains("Pattern verification failed"),
+            "\(read.stdout)\(read.stderr)"
+        )
     }
 
     /// Invariant: qemu-nbd (verify-peer=on) refuses a client without a certificate, and the client says
@@ -124,9 +136,13 @@ struct QemuInteropTests {
         #expect(run("/usr/bin/truncate", ["-s", "1M", file]).status == 0)
         let server = try QemuServer(file: file, pki: pki, directory: pki.base, tcp: false)
         defer { server.stop() }
-        let anonymous = failure { _ = try NBDClientDevice.connect(uri: server.uri(certificates: pki.anonymous), readOnly: true) }
+        let anonymous = failure {
+            _ = try NBDClientDevice.connect(uri: server.uri(certificates: pki.anonymous), readOnly: true)
+        }
         #expect(anonymous.contains("client certificate"), "\(anonymous)")
-        let wrongCA = failure { _ = try NBDClientDevice.connect(uri: server.uri(certificates: pki.wrongCA), readOnly: true) }
+        let wrongCA = failure {
+            _ = try NBDClientDevice.connect(uri: server.uri(certificates: pki.wrongCA), readOnly: true)
+        }
         #expect(wrongCA.contains("the server's TLS certificate was rejected"), "\(wrongCA)")
     }
 }

@@ -16,8 +16,10 @@ private func startServer(file: String, socket: String) async throws -> NBDServer
     var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: socket)])
     configuration.deviceThreads = 2
     let server = NBDServer(
-        exports: [NBDExport(name: "disk", device: device)], configuration: configuration,
-        logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        exports: [NBDExport(name: "disk", device: device)],
+        configuration: configuration,
+        logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+    )
     try await server.start()
     return server
 }
@@ -36,7 +38,11 @@ private func startServer(file: String, socket: String) async throws -> NBDServer
         close(fd)
 
         var server = try await startServer(file: file, socket: socket)
-        let client = try NBDClientDevice.connect(uri: "nbd+unix:///disk?socket=\(socket)", readOnly: false, connections: 2)
+        let client = try NBDClientDevice.connect(
+            uri: "nbd+unix:///disk?socket=\(socket)",
+            readOnly: false,
+            connections: 2
+        )
         let first = Pattern.bytes(count: 65536, offset: 0, seed: 21)
         try first.withUnsafeBytes { try client.write($0, at: 0, fua: false) }
         try client.flush()

@@ -56,12 +56,16 @@ final class TestServer {
 
     init(tls: NBDTLSConfiguration?, host: String = "127.0.0.1", size: UInt64 = 8 << 20) async throws {
         device = MemoryDevice(size: size)
-        var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: directory + "/nbd.sock"), .tcp(host: host, port: 0)])
+        var configuration = NBDServerConfiguration(listeners: [
+            .unixSocket(path: directory + "/nbd.sock"), .tcp(host: host, port: 0),
+        ])
         configuration.tls = tls
         configuration.deviceThreads = 4
         server = NBDServer(
-            exports: [NBDExport(name: "mem", device: device)], configuration: configuration,
-            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+            exports: [NBDExport(name: "mem", device: device)],
+            configuration: configuration,
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+        )
         try await server.start()
         port = try #require(server.tcpPort)
     }
@@ -82,7 +86,9 @@ final class TestServer {
 
 /// Runs `body` with a server and certificates, and always stops and cleans up.
 func withTLSServer(
-    mode: NBDTLSConfiguration.Mode? = .required, verifyPeer: Bool = false, host: String = "127.0.0.1",
+    mode: NBDTLSConfiguration.Mode? = .required,
+    verifyPeer: Bool = false,
+    host: String = "127.0.0.1",
     _ body: (TestServer, PKI) async throws -> Void
 ) async throws {
     let pki = try PKI()
@@ -121,7 +127,10 @@ struct TLSClientTests {
         try client.writeZeroes(at: 1 << 20, count: 65536, mayUnmap: true, fast: false)
         try client.flush()
         var expected = data
-        expected.replaceSubrange((1 << 20 - 512 * 1024)..<(1 << 20 - 512 * 1024 + 65536), with: repeatElement(0, count: 65536))
+        expected.replaceSubrange(
+            (1 << 20 - 512 * 1024)..<(1 << 20 - 512 * 1024 + 65536),
+            with: repeatElement(0, count: 65536)
+        )
         var back = [UInt8](repeating: 0xff, count: data.count)
         try back.withUnsafeMutableBytes { try client.read(into: $0, at: 512 * 1024) }
         #expect(back == expected)
@@ -135,7 +144,11 @@ struct TLSClientTests {
         try await withTLSServer { server, pki in
             try roundTrip(server.unixURI("tls-certificates=\(pki.anonymous)"), server: server, seed: 1)
             try roundTrip(server.tcpURI("tls-certificates=\(pki.anonymous)"), server: server, seed: 2)
-            try roundTrip(server.tcpURI("tls-certificates=\(pki.anonymous)", host: "localhost"), server: server, seed: 3)
+            try roundTrip(
+                server.tcpURI("tls-certificates=\(pki.anonymous)", host: "localhost"),
+                server: server,
+                seed: 3
+            )
             // A client certificate the server does not ask for is harmless.
             try roundTrip(server.unixURI("tls-certificates=\(pki.client)"), server: server, seed: 4)
         }
@@ -145,7 +158,10 @@ struct TLSClientTests {
     /// TLS session consistent: every thread reads back what it wrote.
     @Test func concurrentConnections() async throws {
         try await withTLSServer { server, pki in
-            let client = try NBDClientDevice.connect(uri: server.tcpURI("tls-certificates=\(pki.anonymous)"), readOnly: false)
+            let client = try NBDClientDevice.connect(
+                uri: server.tcpURI("tls-certificates=\(pki.anonymous)"),
+                readOnly: false
+            )
             #expect(client.capabilities.contains(.multiConnection))
             let failures = Counter()
             DispatchLikeThreads.run(count: 8) { thread in
@@ -175,14 +191,20 @@ struct TLSClientTests {
     /// host; a mismatch fails with a message saying so, and tls-verify-peer=false skips both checks.
     @Test func serverVerification() async throws {
         try await withTLSServer(host: "127.0.0.2") { server, pki in
-            for uri in [server.unixURI("tls-certificates=\(pki.wrongCA)"), server.tcpURI("tls-certificates=\(pki.wrongCA)", host: "127.0.0.2")] {
+            for uri in [
+                server.unixURI("tls-certificates=\(pki.wrongCA)"),
+                server.tcpURI("tls-certificates=\(pki.wrongCA)", host: "127.0.0.2"),
+            ] {
                 let message = failure { _ = try NBDClientDevice.connect(uri: uri, readOnly: true) }
                 #expect(message.contains("the server's TLS certificate was rejected"), "\(message)")
                 #expect(message.contains("\(pki.wrongCA)/ca-cert.pem"), "\(message)")
             }
             // The certificate names localhost and 127.0.0.1, not 127.0.0.2.
             let mismatch = failure {
-                _ = try NBDClientDevice.connect(uri: server.tcpURI("tls-certificates=\(pki.anonymous)", host: "127.0.0.2"), readOnly: true)
+                _ = try NBDClientDevice.connect(
+                    uri: server.tcpURI("tls-certificates=\(pki.anonymous)", host: "127.0.0.2"),
+                    readOnly: true
+                )
             }
             #expect(mismatch.contains("rejected (IP address mismatch)"), "\(mismatch)")
             // Without a directory the system's CAs are used, which do not know the test CA.
@@ -190,7 +212,11 @@ struct TLSClientTests {
             #expect(system.contains("checked against the system's trusted certificates"), "\(system)")
             // Not verifying: no directory needed, and neither check applies.
             try roundTrip(server.tcpURI("tls-verify-peer=false", host: "127.0.0.2"), server: server, seed: 5)
-            try roundTrip(server.unixURI("tls-verify-peer=false&tls-certificates=\(pki.wrongCA)"), server: server, seed: 6)
+            try roundTrip(
+                server.unixURI("tls-verify-peer=false&tls-certificates=\(pki.wrongCA)"),
+                server: server,
+                seed: 6
+            )
         }
     }
 
@@ -200,9 +226,16 @@ struct TLSClientTests {
         try await withTLSServer(verifyPeer: true) { server, pki in
             try roundTrip(server.unixURI("tls-certificates=\(pki.client)"), server: server, seed: 7)
             try roundTrip(server.tcpURI("tls-certificates=\(pki.client)"), server: server, seed: 8)
-            let anonymous = failure { _ = try NBDClientDevice.connect(uri: server.unixURI("tls-certificates=\(pki.anonymous)"), readOnly: true) }
+            let anonymous = failure {
+                _ = try NBDClientDevice.connect(
+                    uri: server.unixURI("tls-certificates=\(pki.anonymous)"),
+                    readOnly: true
+                )
+            }
             #expect(anonymous.contains("client certificate"), "\(anonymous)")
-            let stranger = failure { _ = try NBDClientDevice.connect(uri: server.unixURI("tls-certificates=\(pki.stranger)"), readOnly: true) }
+            let stranger = failure {
+                _ = try NBDClientDevice.connect(uri: server.unixURI("tls-certificates=\(pki.stranger)"), readOnly: true)
+            }
             #expect(stranger.contains("TLS"), "\(stranger)")
         }
     }
@@ -211,7 +244,9 @@ struct TLSClientTests {
     /// clear message, on either transport. A plain URI to a server requiring TLS says to use nbds://.
     @Test func noSilentPlaintext() async throws {
         try await withTLSServer(mode: nil) { server, pki in
-            for uri in [server.unixURI("tls-certificates=\(pki.anonymous)"), server.tcpURI("tls-certificates=\(pki.anonymous)")] {
+            for uri in [
+                server.unixURI("tls-certificates=\(pki.anonymous)"), server.tcpURI("tls-certificates=\(pki.anonymous)"),
+            ] {
                 let message = failure { _ = try NBDClientDevice.connect(uri: uri, readOnly: true) }
                 #expect(message.contains("the server does not offer TLS"), "\(message)")
             }
@@ -237,9 +272,17 @@ struct TLSClientTests {
         defer { pki.remove() }
         let certificates = try #require(TestCertificates.shared)
         // No server is needed: the directory is checked first (the socket does not exist).
-        func expect(_ directory: String, _ text: String, query: String = "", sourceLocation: SourceLocation = #_sourceLocation) {
+        func expect(
+            _ directory: String,
+            _ text: String,
+            query: String = "",
+            sourceLocation: SourceLocation = #_sourceLocation
+        ) {
             let uri = "nbds+unix:///?socket=\(pki.base)/none.sock&tls-certificates=\(directory)\(query)"
-            let message = failure({ _ = try NBDClientDevice.connect(uri: uri, readOnly: true) }, sourceLocation: sourceLocation)
+            let message = failure(
+                { _ = try NBDClientDevice.connect(uri: uri, readOnly: true) },
+                sourceLocation: sourceLocation
+            )
             #expect(message.contains(text), "\(message)", sourceLocation: sourceLocation)
         }
         expect(pki.base + "/nowhere", "nowhere: No such file or directory")
@@ -280,11 +323,16 @@ enum DispatchLikeThreads {
         for index in 0..<count {
             let box = Unmanaged.passRetained(Box { body(index) }).toOpaque()
             var thread = pthread_t()
-            pthread_create(&thread, nil, { raw in
-                let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-                box.body()
-                return nil
-            }, box)
+            pthread_create(
+                &thread,
+                nil,
+                { raw in
+                    let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+                    box.body()
+                    return nil
+                },
+                box
+            )
             threads.append(thread)
         }
         for thread in threads { pthread_join(thread, nil) }

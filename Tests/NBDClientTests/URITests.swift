@@ -19,9 +19,15 @@ import Testing
 
     /// Invariant: plain URIs parse as before and never ask for TLS.
     @Test func plain() throws {
-        #expect(try parse("nbd://example.org/disk") == NBDURI(transport: .tcp(host: "example.org", port: 10809), export: "disk"))
+        #expect(
+            try parse("nbd://example.org/disk")
+                == NBDURI(transport: .tcp(host: "example.org", port: 10809), export: "disk")
+        )
         #expect(try parse("nbd://[::1]:1234") == NBDURI(transport: .tcp(host: "::1", port: 1234), export: ""))
-        #expect(try parse("nbd+unix:///a%20b?socket=/run/x.sock") == NBDURI(transport: .unix(path: "/run/x.sock"), export: "a b"))
+        #expect(
+            try parse("nbd+unix:///a%20b?socket=/run/x.sock")
+                == NBDURI(transport: .unix(path: "/run/x.sock"), export: "a b")
+        )
         #expect(try parse("nbd+unix://?socket=/s").export == "")
         #expect(try parse("nbd://h/e").tls == nil)
     }
@@ -32,12 +38,22 @@ import Testing
         #expect(
             try parse("nbds://127.0.0.1:10810/disk?tls-certificates=/etc/pki")
                 == NBDURI(
-                    transport: .tcp(host: "127.0.0.1", port: 10810), export: "disk",
-                    tls: NBDURI.TLS(certificates: "/etc/pki", verifyPeer: true)))
+                    transport: .tcp(host: "127.0.0.1", port: 10810),
+                    export: "disk",
+                    tls: NBDURI.TLS(certificates: "/etc/pki", verifyPeer: true)
+                )
+        )
         #expect(try parse("nbds://server.example").tls == NBDURI.TLS(certificates: nil, verifyPeer: true))
         #expect(try parse("nbds://[::1]/").transport == .tcp(host: "::1", port: 10809))
         let unix = try parse("nbds+unix:///exp?socket=/run/a%26b.sock&tls-certificates=/my%20pki&tls-verify-peer=false")
-        #expect(unix == NBDURI(transport: .unix(path: "/run/a&b.sock"), export: "exp", tls: NBDURI.TLS(certificates: "/my pki", verifyPeer: false)))
+        #expect(
+            unix
+                == NBDURI(
+                    transport: .unix(path: "/run/a&b.sock"),
+                    export: "exp",
+                    tls: NBDURI.TLS(certificates: "/my pki", verifyPeer: false)
+                )
+        )
         // Parameters in any order; the usual spellings of booleans.
         let reordered = try parse("nbds+unix:///?tls-verify-peer=TRUE&socket=/s")
         #expect(reordered.tls == NBDURI.TLS(certificates: nil, verifyPeer: true))
@@ -60,7 +76,10 @@ import Testing
         rejects("nbds://h/?tls-verify-peer=maybe", "tls-verify-peer must be true or false, not 'maybe'")
         rejects("nbds://h/?tls-verify-peer", "tls-verify-peer must be true or false")
         rejects("nbds://h/?tls-certificates=/a&tls-certificates=/b", "tls-certificates is given twice")
-        rejects("nbds://h/?tls-certificate=/a", "unknown parameter 'tls-certificate' (nbds:// knows tls-certificates, tls-verify-peer)")
+        rejects(
+            "nbds://h/?tls-certificate=/a",
+            "unknown parameter 'tls-certificate' (nbds:// knows tls-certificates, tls-verify-peer)"
+        )
         rejects("nbds://h/?socket=/s", "unknown parameter 'socket'")
         rejects("nbd://h/?tls-psk-file=/k", "unknown parameter 'tls-psk-file'")
         rejects("nbds://:10809/", "missing host")
@@ -75,9 +94,14 @@ import Testing
         let resolved = resolve("nbds+unix:///e?socket=/s&tls-certificates=pki&tls-verify-peer=true")
         #expect(resolved == "nbds+unix:///e?socket=/s&tls-certificates=/home/a%20b%26c/pki&tls-verify-peer=true")
         #expect(try parse(resolved).tls?.certificates == "/home/a b&c/pki")
-        for unchanged in ["nbds://h/?tls-certificates=/etc/pki", "nbds://h/?tls-certificates=%2Fetc", "nbds://h/e", "nbd://h/e?x"] {
+        for unchanged in [
+            "nbds://h/?tls-certificates=/etc/pki", "nbds://h/?tls-certificates=%2Fetc", "nbds://h/e", "nbd://h/e?x",
+        ] {
             #expect(resolve(unchanged) == unchanged)
         }
-        #expect(NBDURI.resolvingCertificatesDirectory(in: "nbds://h/?tls-certificates=p", against: "/") == "nbds://h/?tls-certificates=/p")
+        #expect(
+            NBDURI.resolvingCertificatesDirectory(in: "nbds://h/?tls-certificates=p", against: "/")
+                == "nbds://h/?tls-certificates=/p"
+        )
     }
 }

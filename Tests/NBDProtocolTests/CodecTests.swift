@@ -15,7 +15,14 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
 @Suite struct RequestDecoderTests {
     static let sample: [NBDRequest] = [
         NBDRequest(command: .read, cookie: 1, offset: 4096, length: 512),
-        NBDRequest(flags: .fua, command: .write, cookie: 2, offset: 10, length: 5, payload: ByteBuffer(bytes: [1, 2, 3, 4, 5])),
+        NBDRequest(
+            flags: .fua,
+            command: .write,
+            cookie: 2,
+            offset: 10,
+            length: 5,
+            payload: ByteBuffer(bytes: [1, 2, 3, 4, 5])
+        ),
         NBDRequest(command: .flush, cookie: 3),
         NBDRequest(flags: [.noHole, .fastZero], command: .writeZeroes, cookie: 4, offset: 0, length: 1 << 20),
         NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 5, offset: 0, length: 65536),
@@ -79,18 +86,32 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
     @Test func simple() {
         #expect(
             encode(.simple(cookie: 0x0102, error: .EIO, data: ByteBuffer(bytes: [9])))
-                == [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 1, 2])
+                == [0x67, 0x44, 0x66, 0x98, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 1, 2]
+        )
         #expect(encode(.simple(cookie: 1, error: .success, data: ByteBuffer(bytes: [9, 8]))).suffix(2) == [9, 8])
     }
 
     /// Invariant: structured chunks carry magic, flags, type, cookie, length and a typed payload.
     @Test func structured() {
-        let data = encode(.chunk(NBDReplyChunk(cookie: 7, content: .offsetData(offset: 512, data: ByteBuffer(bytes: [1, 2, 3])))))
-        #expect(data == [0x66, 0x8E, 0x33, 0xEF, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 11, 0, 0, 0, 0, 0, 0, 2, 0, 1, 2, 3])
+        let data = encode(
+            .chunk(NBDReplyChunk(cookie: 7, content: .offsetData(offset: 512, data: ByteBuffer(bytes: [1, 2, 3]))))
+        )
+        #expect(
+            data == [
+                0x66, 0x8E, 0x33, 0xEF, 0, 1, 0, 1, 0, 0, 0, 0, 0, 0, 0, 7, 0, 0, 0, 11, 0, 0, 0, 0, 0, 0, 2, 0, 1, 2,
+                3,
+            ]
+        )
         let none = encode(.chunk(NBDReplyChunk(cookie: 7, content: .none)))
         #expect(none.count == 20 && none[6...7] == [0, 0] && none[16...] == [0, 0, 0, 0])
         let status = encode(
-            .chunk(NBDReplyChunk(cookie: 7, content: .blockStatus(contextID: 1, descriptors: [.init(length: 4096, flags: 3)]))))
+            .chunk(
+                NBDReplyChunk(
+                    cookie: 7,
+                    content: .blockStatus(contextID: 1, descriptors: [.init(length: 4096, flags: 3)])
+                )
+            )
+        )
         #expect(status[6...7] == [0, 5])
         #expect(status[16...] == [0, 0, 0, 12, 0, 0, 0, 1, 0, 0, 0x10, 0, 0, 0, 0, 3])
         let error = encode(.chunk(NBDReplyChunk(cookie: 7, content: .error(.ENOSPC, message: "full"))))
@@ -100,7 +121,9 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
 
     /// Invariant: the zero-copy writer puts the same bytes on the wire as the copying encoder.
     @Test func writerMatchesEncoder() throws {
-        let reply = NBDReply.chunk(NBDReplyChunk(cookie: 3, content: .offsetData(offset: 0, data: ByteBuffer(bytes: [5, 6, 7]))))
+        let reply = NBDReply.chunk(
+            NBDReplyChunk(cookie: 3, content: .offsetData(offset: 0, data: ByteBuffer(bytes: [5, 6, 7])))
+        )
         let channel = EmbeddedChannel(handler: NBDReplyWriter())
         try channel.writeOutbound(reply)
         var wire: [UInt8] = []
@@ -112,10 +135,16 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
 @Suite struct ValidationTests {
     static let writable = NBDSession(
         export: NBDExportDescription(
-            name: "d", size: 1 << 20, flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero]),
-        structuredReplies: true, baseAllocationContextID: 1)
+            name: "d",
+            size: 1 << 20,
+            flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero]
+        ),
+        structuredReplies: true,
+        baseAllocationContextID: 1
+    )
     static let readOnly = NBDSession(
-        export: NBDExportDescription(name: "r", size: 1 << 20, flags: [.hasFlags, .readOnly, .sendFlush]))
+        export: NBDExportDescription(name: "r", size: 1 << 20, flags: [.hasFlags, .readOnly, .sendFlush])
+    )
 
     func check(_ request: NBDRequest, _ session: NBDSession = writable) -> NBDErrorCode {
         validate(request, in: session)?.code ?? .success
@@ -131,9 +160,16 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 33 << 20)) == .EOVERFLOW)
         #expect(check(NBDRequest(flags: .fua, command: .read, cookie: 1, offset: 0, length: 1)) == .EINVAL)
         #expect(check(NBDRequest(command: .write, cookie: 1, offset: size, length: 1)) == .ENOSPC)
-        #expect(check(NBDRequest(command: .write, cookie: 1, offset: 0, length: 40 << 20, payloadDiscarded: true)) == .EOVERFLOW)
+        #expect(
+            check(NBDRequest(command: .write, cookie: 1, offset: 0, length: 40 << 20, payloadDiscarded: true))
+                == .EOVERFLOW
+        )
         #expect(check(NBDRequest(command: .trim, cookie: 1, offset: size - 4, length: 8)) == .ENOSPC)
-        #expect(check(NBDRequest(flags: [.noHole, .fastZero, .fua], command: .writeZeroes, cookie: 1, offset: 0, length: 8)) == .success)
+        #expect(
+            check(
+                NBDRequest(flags: [.noHole, .fastZero, .fua], command: .writeZeroes, cookie: 1, offset: 0, length: 8)
+            ) == .success
+        )
         #expect(check(NBDRequest(flags: .reqOne, command: .writeZeroes, cookie: 1, offset: 0, length: 8)) == .EINVAL)
         #expect(check(NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 1, offset: 0, length: 8)) == .success)
         #expect(check(NBDRequest(command: .flush, cookie: 1)) == .success)
@@ -146,7 +182,10 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 1), Self.readOnly) == .success)
         #expect(check(NBDRequest(command: .blockStatus, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EINVAL)
         // FAST_ZERO only where offered.
-        #expect(check(NBDRequest(flags: .fastZero, command: .writeZeroes, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EINVAL)
+        #expect(
+            check(NBDRequest(flags: .fastZero, command: .writeZeroes, cookie: 1, offset: 0, length: 1), Self.readOnly)
+                == .EINVAL
+        )
     }
 
     /// Invariant: errno values map onto the closed NBD error set, unknown ones to EIO.

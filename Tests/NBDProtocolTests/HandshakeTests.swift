@@ -111,7 +111,8 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
             ClientBytes.option(.list),
             ClientBytes.option(.setMetaContext, ClientBytes.metaContextData("disk", queries: ["base:allocation"])),
             ClientBytes.option(.go, ClientBytes.goData("disk", infos: [.name, .description, .blockSize])),
-            ByteBuffer(bytes: [0x25, 0x60, 0x95, 0x13]))  // the start of a first request
+            ByteBuffer(bytes: [0x25, 0x60, 0x95, 0x13])
+        )  // the start of a first request
 
         var bulkMachine = NBDHandshakeStateMachine(exports: testExports)
         _ = bulkMachine.start()
@@ -207,10 +208,16 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
         #expect(listed.map(\.1) == [.metaContext, .ack])
         #expect(listed[0].2 == [0, 0, 0, 1] + Array("base:allocation".utf8))
 
-        var other = ClientBytes.option(.setMetaContext, ClientBytes.metaContextData("", queries: ["qemu:dirty-bitmap:x"]))
+        var other = ClientBytes.option(
+            .setMetaContext,
+            ClientBytes.metaContextData("", queries: ["qemu:dirty-bitmap:x"])
+        )
         #expect(optionReplies(machine.receive(&other)).map(\.1) == [.ack])
 
-        var unknown = ClientBytes.option(.setMetaContext, ClientBytes.metaContextData("zzz", queries: ["base:allocation"]))
+        var unknown = ClientBytes.option(
+            .setMetaContext,
+            ClientBytes.metaContextData("zzz", queries: ["base:allocation"])
+        )
         #expect(optionReplies(machine.receive(&unknown)).map(\.1) == [.errUnknown])
 
         var set = ClientBytes.option(.setMetaContext, ClientBytes.metaContextData("disk", queries: ["base:allocation"]))
@@ -246,7 +253,10 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
     @Test func exportName() {
         var machine = NBDHandshakeStateMachine(exports: testExports)
         _ = machine.start()
-        var bytes = ClientBytes.concat(ClientBytes.flags([.fixedNewstyle]), ClientBytes.option(.exportName, Array("other".utf8)))
+        var bytes = ClientBytes.concat(
+            ClientBytes.flags([.fixedNewstyle]),
+            ClientBytes.option(.exportName, Array("other".utf8))
+        )
         let actions = machine.receive(&bytes)
         #expect(actions.first == .send(.exportNameReply(size: 4096, flags: [.hasFlags, .readOnly], zeroes: true)))
         #expect(session(in: actions)?.export.name == "other")
@@ -265,7 +275,10 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
         for garbage in [
             ClientBytes.flags(NBDClientFlags(rawValue: 0x80)),
             ClientBytes.concat(ClientBytes.flags(), ClientBytes.option(.go, [], magic: 0x1234)),
-            ClientBytes.concat(ClientBytes.flags(), ByteBuffer(bytes: [0x49, 0x48, 0x41, 0x56, 0x45, 0x4F, 0x50, 0x54, 0, 0, 0, 7, 0x7F, 0, 0, 0])),
+            ClientBytes.concat(
+                ClientBytes.flags(),
+                ByteBuffer(bytes: [0x49, 0x48, 0x41, 0x56, 0x45, 0x4F, 0x50, 0x54, 0, 0, 0, 7, 0x7F, 0, 0, 0])
+            ),
         ] {
             var machine = NBDHandshakeStateMachine(exports: testExports)
             _ = machine.start()
@@ -290,7 +303,9 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
     func makeChannel() throws -> EmbeddedChannel {
         let channel = EmbeddedChannel()
         let handler = NBDHandshakeHandler(
-            exports: testExports, timeout: .seconds(10), logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+            exports: testExports,
+            timeout: .seconds(10),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
         ) { _ in [] }
         try channel.pipeline.syncOperations.addHandler(handler)
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()

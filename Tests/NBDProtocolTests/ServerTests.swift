@@ -1,8 +1,8 @@
 import BlockIO
 import Logging
 import NBDProtocol
-import NIOCore
 import NBDServer
+import NIOCore
 import Testing
 import VImageTestSupport
 
@@ -27,7 +27,9 @@ final class RawClient {
         var timeout = timeval(tv_sec: 10, tv_usec: 0)
         setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
         let result = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         if result != 0 {
             close(fd)
@@ -66,14 +68,23 @@ final class RawClient {
     }
 
     /// Negotiates with GO; returns the export size and flags.
-    func handshake(export: String = "", structured: Bool = true, baseAllocation: Bool = true) -> (UInt64, NBDTransmissionFlags)? {
+    func handshake(
+        export: String = "",
+        structured: Bool = true,
+        baseAllocation: Bool = true
+    ) -> (UInt64, NBDTransmissionFlags)? {
         guard var greeting = receive(18), greeting.readInteger(as: UInt64.self) == NBDMagic.greeting else { return nil }
         send(ClientBytes.flags())
         if structured {
             send(ClientBytes.option(.structuredReply))
             guard readOptionReplies().last?.0 == .ack else { return nil }
             if baseAllocation {
-                send(ClientBytes.option(.setMetaContext, ClientBytes.metaContextData(export, queries: ["base:allocation"])))
+                send(
+                    ClientBytes.option(
+                        .setMetaContext,
+                        ClientBytes.metaContextData(export, queries: ["base:allocation"])
+                    )
+                )
                 guard readOptionReplies().last?.0 == .ack else { return nil }
             }
         }
@@ -111,7 +122,9 @@ final class RawClient {
 
     /// One reply: (cookie, error, payload). Simple replies to READ carry `readLength` data bytes;
     /// structured replies are read chunk by chunk until DONE, concatenating OFFSET_DATA payloads.
-    func reply(readLength: Int = 0) -> (cookie: UInt64, error: NBDErrorCode, data: ByteBuffer, descriptors: [NBDBlockDescriptor])? {
+    func reply(
+        readLength: Int = 0
+    ) -> (cookie: UInt64, error: NBDErrorCode, data: ByteBuffer, descriptors: [NBDBlockDescriptor])? {
         var data = ByteBuffer()
         var descriptors: [NBDBlockDescriptor] = []
         var error = NBDErrorCode.success
@@ -150,8 +163,11 @@ final class RawClient {
 
 /// Starts a server over memory devices in a temporary directory and stops it afterwards.
 func withServer(
-    size: UInt64 = 4 << 20, readOnly: Bool = false, maximumConnections: Int = 64,
-    handshakeTimeout: TimeAmount = .seconds(10), tls: NBDTLSConfiguration? = nil,
+    size: UInt64 = 4 << 20,
+    readOnly: Bool = false,
+    maximumConnections: Int = 64,
+    handshakeTimeout: TimeAmount = .seconds(10),
+    tls: NBDTLSConfiguration? = nil,
     _ body: (String, NBDServer, MemoryDevice) async throws -> Void
 ) async throws {
     let directory = TestEnvironment.temporaryDirectory("nbd-server")
@@ -164,8 +180,10 @@ func withServer(
     configuration.tls = tls
     configuration.deviceThreads = 4
     let server = NBDServer(
-        exports: [NBDExport(name: "mem", device: device, readOnly: readOnly)], configuration: configuration,
-        logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+        exports: [NBDExport(name: "mem", device: device, readOnly: readOnly)],
+        configuration: configuration,
+        logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+    )
     try await server.start()
     do {
         try await body(path, server, device)
@@ -196,9 +214,20 @@ func withServer(
             let client = try #require(RawClient(socketPath: path))
             let (size, flags) = try #require(client.handshake())
             #expect(size == 4 << 20)
-            #expect(flags.isSuperset(of: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .canMultiConn]))
+            #expect(
+                flags.isSuperset(of: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .canMultiConn])
+            )
             let pattern = Pattern.bytes(count: 100_000, offset: 12345, seed: 1)
-            client.request(NBDRequest(flags: .fua, command: .write, cookie: 1, offset: 12345, length: UInt32(pattern.count), payload: ByteBuffer(bytes: pattern)))
+            client.request(
+                NBDRequest(
+                    flags: .fua,
+                    command: .write,
+                    cookie: 1,
+                    offset: 12345,
+                    length: UInt32(pattern.count),
+                    payload: ByteBuffer(bytes: pattern)
+                )
+            )
             #expect(client.reply()?.error == .success)
             client.request(NBDRequest(command: .read, cookie: 2, offset: 12345, length: UInt32(pattern.count)))
             let read = try #require(client.reply())
@@ -208,7 +237,9 @@ func withServer(
             // Errors: out of range read and write, zero length, bad flags, unknown command; then still fine.
             client.request(NBDRequest(command: .read, cookie: 3, offset: size - 1, length: 2))
             #expect(client.reply()?.error == .EINVAL)
-            client.request(NBDRequest(command: .write, cookie: 4, offset: size, length: 1, payload: ByteBuffer(bytes: [1])))
+            client.request(
+                NBDRequest(command: .write, cookie: 4, offset: size, length: 1, payload: ByteBuffer(bytes: [1]))
+            )
             #expect(client.reply()?.error == .ENOSPC)
             client.request(NBDRequest(command: .read, cookie: 5, offset: 0, length: 0))
             #expect(client.reply()?.error == .EINVAL)
@@ -228,7 +259,9 @@ func withServer(
 
             client.request(NBDRequest(command: .trim, cookie: 10, offset: 0, length: UInt32(size)))
             #expect(client.reply()?.error == .success)
-            client.request(NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 11, offset: 0, length: UInt32(size)))
+            client.request(
+                NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 11, offset: 0, length: UInt32(size))
+            )
             #expect(client.reply()?.descriptors == [NBDBlockDescriptor(length: UInt32(size), flags: 3)])
             client.request(NBDRequest(command: .cache, cookie: 12, offset: 0, length: 4096))
             #expect(client.reply()?.error == .success)
@@ -267,7 +300,13 @@ func withServer(
             var batch = ByteBuffer()
             for i in 0..<count {
                 let data = Pattern.bytes(count: 4096, offset: UInt64(i * 4096), seed: 3)
-                NBDRequest(command: .write, cookie: UInt64(i), offset: UInt64(i * 4096), length: 4096, payload: ByteBuffer(bytes: data)).encode(into: &batch)
+                NBDRequest(
+                    command: .write,
+                    cookie: UInt64(i),
+                    offset: UInt64(i * 4096),
+                    length: 4096,
+                    payload: ByteBuffer(bytes: data)
+                ).encode(into: &batch)
                 expected.insert(UInt64(i))
             }
             client.send(batch)
@@ -307,7 +346,16 @@ func withServer(
             let written = Pattern.bytes(count: 4096, offset: 0, seed: 9)
             for (index, flags) in [NBDCommandFlags(), .fua, NBDCommandFlags()].enumerated() {
                 cookie += 1
-                add(NBDRequest(flags: flags, command: .write, cookie: cookie, offset: UInt64(6 << 20) + UInt64(index) * 4096, length: 4096, payload: ByteBuffer(bytes: written)))
+                add(
+                    NBDRequest(
+                        flags: flags,
+                        command: .write,
+                        cookie: cookie,
+                        offset: UInt64(6 << 20) + UInt64(index) * 4096,
+                        length: 4096,
+                        payload: ByteBuffer(bytes: written)
+                    )
+                )
             }
             cookie += 1
             add(NBDRequest(command: .flush, cookie: cookie, offset: 0, length: 0))
@@ -344,7 +392,9 @@ func withServer(
             let (_, flags) = try #require(client.handshake())
             #expect(flags.contains(.readOnly))
             #expect(!flags.contains(.sendTrim))
-            client.request(NBDRequest(command: .write, cookie: 1, offset: 0, length: 1, payload: ByteBuffer(bytes: [1])))
+            client.request(
+                NBDRequest(command: .write, cookie: 1, offset: 0, length: 1, payload: ByteBuffer(bytes: [1]))
+            )
             #expect(client.reply()?.error == .EPERM)
             client.request(NBDRequest(command: .trim, cookie: 2, offset: 0, length: 1))
             #expect(client.reply()?.error == .EPERM)
@@ -380,7 +430,9 @@ func withServer(
             do {
                 let vanishing = try #require(RawClient(socketPath: path))
                 _ = try #require(vanishing.handshake())
-                for i in 0..<16 { vanishing.request(NBDRequest(command: .read, cookie: UInt64(i), offset: 0, length: 1 << 20)) }
+                for i in 0..<16 {
+                    vanishing.request(NBDRequest(command: .read, cookie: UInt64(i), offset: 0, length: 1 << 20))
+                }
             }
 
             good.request(NBDRequest(command: .read, cookie: 1, offset: 0, length: 4096))
@@ -409,8 +461,10 @@ func withServer(
             var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: path)])
             configuration.deviceThreads = 1
             let second = NBDServer(
-                exports: [NBDExport(name: "x", device: MemoryDevice(size: 4096))], configuration: configuration,
-                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+                exports: [NBDExport(name: "x", device: MemoryDevice(size: 4096))],
+                configuration: configuration,
+                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+            )
             await #expect(throws: NBDServerError.self) { try await second.start() }
         }
         let directory = TestEnvironment.temporaryDirectory("nbd-stale")
@@ -425,13 +479,17 @@ func withServer(
             raw[path.utf8.count] = 0
         }
         _ = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
         }
         close(fd)
         #expect(access(path, F_OK) == 0)
         let server = NBDServer(
             exports: [NBDExport(name: "x", device: MemoryDevice(size: 4096))],
-            configuration: NBDServerConfiguration(listeners: [.unixSocket(path: path)]), logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+            configuration: NBDServerConfiguration(listeners: [.unixSocket(path: path)]),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+        )
         try await server.start()
         let client = try #require(RawClient(socketPath: path))
         #expect(client.handshake() != nil)
@@ -446,7 +504,9 @@ func withServer(
         let device = MemoryDevice(size: 64 << 20)
         let server = NBDServer(
             exports: [NBDExport(name: "x", device: device)],
-            configuration: NBDServerConfiguration(listeners: [.unixSocket(path: path)]), logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
+            configuration: NBDServerConfiguration(listeners: [.unixSocket(path: path)]),
+            logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+        )
         try await server.start()
         let client = try #require(RawClient(socketPath: path))
         _ = try #require(client.handshake(structured: false))

@@ -17,10 +17,18 @@ import VImageTestSupport
 
         mutating func add(size: Int = ChainTests.size, clusterBits: Int = 12) throws {
             let host = MemoryDevice(size: 0, growable: true)
-            try VImage.create(on: host, virtualSize: UInt64(size), options: .init(clusterBits: clusterBits, backingFile: images.isEmpty ? nil : "level\(images.count - 1)"))
+            try VImage.create(
+                on: host,
+                virtualSize: UInt64(size),
+                options: .init(clusterBits: clusterBits, backingFile: images.isEmpty ? nil : "level\(images.count - 1)")
+            )
             if let previous = images.last {
                 try previous.close()
-                images[images.count - 1] = try VImage.open(host: hosts.last!, readOnly: true, backing: images.count > 1 ? images[images.count - 2] : nil)
+                images[images.count - 1] = try VImage.open(
+                    host: hosts.last!,
+                    readOnly: true,
+                    backing: images.count > 1 ? images[images.count - 2] : nil
+                )
             }
             hosts.append(host)
             images.append(try VImage.open(host: host, readOnly: false, backing: images.last))
@@ -37,11 +45,18 @@ import VImageTestSupport
             try chain.add()
             for i in 0..<12 {
                 let offset = Int.random(in: 0..<Self.size - 9000, using: &rng)
-                let data = Pattern.bytes(count: Int.random(in: 1...9000, using: &rng), offset: UInt64(offset), seed: UInt64(level * 100 + i))
+                let data = Pattern.bytes(
+                    count: Int.random(in: 1...9000, using: &rng),
+                    offset: UInt64(offset),
+                    seed: UInt64(level * 100 + i)
+                )
                 try chain.top.write(data, at: UInt64(offset))
                 model.write(data, at: offset)
             }
-            #expect(firstDifference(try chain.top.read(count: Self.size, at: 0)[...], model.bytes[...]) == nil, "level \(level)")
+            #expect(
+                firstDifference(try chain.top.read(count: Self.size, at: 0)[...], model.bytes[...]) == nil,
+                "level \(level)"
+            )
         }
         for (host, image) in zip(chain.hosts, chain.images) {
             try image.close()
@@ -91,10 +106,18 @@ import VImageTestSupport
             try chain.top.write(data, at: UInt64(level * 30000))
             model.write(data, at: level * 30000)
         }
-        try chain.top.rebase(onto: ontoGrandparent ? chain.images[0] : nil, name: ontoGrandparent ? "level0" : nil, format: nil)
+        try chain.top.rebase(
+            onto: ontoGrandparent ? chain.images[0] : nil,
+            name: ontoGrandparent ? "level0" : nil,
+            format: nil
+        )
         #expect(chain.top.currentHeader.backingFileName == (ontoGrandparent ? "level0" : nil))
         try chain.top.close()
-        let reopened = try VImage.open(host: chain.hosts[2], readOnly: true, backing: ontoGrandparent ? chain.images[0] : nil)
+        let reopened = try VImage.open(
+            host: chain.hosts[2],
+            readOnly: true,
+            backing: ontoGrandparent ? chain.images[0] : nil
+        )
         #expect(firstDifference(try reopened.read(count: Self.size, at: 0)[...], model.bytes[...]) == nil)
         try reopened.close()
         #expect(ImageCheck.check(host: chain.hosts[2]).isClean)
@@ -119,7 +142,10 @@ import VImageTestSupport
         #expect(dropped > 0)
         #expect(try image.read(count: 1000 * 512, at: 0)[...] == data[0..<1000 * 512])
         try image.resize(to: 1 << 20)
-        #expect(try image.read(count: (1 << 20) - 1000 * 512, at: 1000 * 512) == [UInt8](repeating: 0, count: (1 << 20) - 1000 * 512))
+        #expect(
+            try image.read(count: (1 << 20) - 1000 * 512, at: 1000 * 512)
+                == [UInt8](repeating: 0, count: (1 << 20) - 1000 * 512)
+        )
         try image.close()
         #expect(ImageCheck.check(host: host).isClean)
     }
@@ -130,17 +156,27 @@ import VImageTestSupport
         let dir = TestEnvironment.temporaryDirectory()
         defer { TestEnvironment.remove(dir) }
         try VImage.create(path: dir + "/orphan.vimg", virtualSize: 1 << 20, options: .init(backingFile: "missing.vimg"))
-        #expect { try VImage.open(path: dir + "/orphan.vimg", readOnly: true) } throws: { ($0 as? VImageError)?.code == .notFound }
+        #expect { try VImage.open(path: dir + "/orphan.vimg", readOnly: true) } throws: {
+            ($0 as? VImageError)?.code == .notFound
+        }
 
         try VImage.create(path: dir + "/a.vimg", virtualSize: 1 << 20, options: .init(backingFile: "b.vimg"))
         try VImage.create(path: dir + "/b.vimg", virtualSize: 1 << 20, options: .init(backingFile: "a.vimg"))
-        #expect { try VImage.open(path: dir + "/a.vimg", readOnly: true) } throws: { ($0 as? VImageError)?.code == .invalidImage }
+        #expect { try VImage.open(path: dir + "/a.vimg", readOnly: true) } throws: {
+            ($0 as? VImageError)?.code == .invalidImage
+        }
 
         try VImage.create(path: dir + "/d0.vimg", virtualSize: 1 << 20)
         for i in 1...(VImage.maxBackingDepth + 1) {
-            try VImage.create(path: dir + "/d\(i).vimg", virtualSize: 1 << 20, options: .init(backingFile: "d\(i - 1).vimg", backingFormat: "vimg"))
+            try VImage.create(
+                path: dir + "/d\(i).vimg",
+                virtualSize: 1 << 20,
+                options: .init(backingFile: "d\(i - 1).vimg", backingFormat: "vimg")
+            )
         }
-        #expect { try VImage.open(path: dir + "/d\(VImage.maxBackingDepth + 1).vimg", readOnly: true) } throws: { ($0 as? VImageError)?.code == .limitExceeded }
+        #expect { try VImage.open(path: dir + "/d\(VImage.maxBackingDepth + 1).vimg", readOnly: true) } throws: {
+            ($0 as? VImageError)?.code == .limitExceeded
+        }
         let ok = try VImage.open(path: dir + "/d\(VImage.maxBackingDepth - 1).vimg", readOnly: true)
         try ok.close()
     }

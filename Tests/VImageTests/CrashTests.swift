@@ -44,70 +44,78 @@ import VImageTestSupport
         // Half the runs cut the power at a random device operation, often inside a flush or an eviction.
         if Bool.random(using: &rng) { device.cutPower(afterOperations: Int.random(in: 0...(steps * 4), using: &rng)) }
         for step in 0..<steps where !device.isOff {
-          do {
-            let offset = Int.random(in: 0..<size, using: &rng)
-            let length = Int.random(in: 1...min(size - offset, cs * 3), using: &rng)
-            switch Int.random(in: 0..<14, using: &rng) {
-            case 13:
-                let cluster = Int.random(in: 0..<size / cs, using: &rng)
-                let data = compressible(cs, seed: seed &+ UInt64(step), rng: &rng)
-                touch(cluster * cs, cs)
-                try data.withUnsafeBytes { try image.writeCompressed(cluster: UInt64(cluster), data: $0) }
-                current.write(data, at: cluster * cs)
-            case 10:
-                let name = "s\(nextSnapshot)"
-                nextSnapshot += 1
-                uncertain.insert(name)
-                try image.createSnapshot(named: name)  // includes a flush
-                uncertain.remove(name)
-                snapshots[name] = current.bytes
-                durable = current
-                touched.removeAll()
-            case 11:
-                guard let name = snapshots.keys.sorted().randomElement(using: &rng) else { continue }
-                snapshots[name] = nil
-                uncertain.insert(name)
-                try image.deleteSnapshot(named: name)
-                uncertain.remove(name)
-                durable = current
-                touched.removeAll()
-            case 12:
-                guard let name = snapshots.keys.sorted().randomElement(using: &rng) else { continue }
-                touch(0, size)
-                try image.applySnapshot(named: name)
-                current = ReferenceDisk(size: size)
-                current.write(snapshots[name]!, at: 0)
-                durable = current
-                touched.removeAll()
-            case 0..<6:
-                let data = Pattern.bytes(count: length, offset: UInt64(offset), seed: seed &+ UInt64(step))
-                touch(offset, length)  // before the call: a write cut short leaves its range unspecified
-                try image.write(data, at: UInt64(offset))
-                current.write(data, at: offset)
-            case 6:
-                touch(offset, length)
-                try image.writeZeroes(at: UInt64(offset), count: UInt64(length), mayUnmap: Bool.random(using: &rng), fast: false)
-                current.zero(at: offset, count: length)
-            case 7:
-                let start = (offset + cs - 1) / cs * cs
-                let end = offset + length == size ? size : (offset + length) / cs * cs
-                if start < end { touch(start, end - start) }
-                try image.discard(at: UInt64(offset), count: UInt64(length))
-                if start < end { current.zero(at: start, count: end - start) }
-            default:
-                try image.flush()
-                durable = current
-                touched.removeAll()
+            do {
+                let offset = Int.random(in: 0..<size, using: &rng)
+                let length = Int.random(in: 1...min(size - offset, cs * 3), using: &rng)
+                switch Int.random(in: 0..<14, using: &rng) {
+                case 13:
+                    let cluster = Int.random(in: 0..<size / cs, using: &rng)
+                    let data = compressible(cs, seed: seed &+ UInt64(step), rng: &rng)
+                    touch(cluster * cs, cs)
+                    try data.withUnsafeBytes { try image.writeCompressed(cluster: UInt64(cluster), data: $0) }
+                    current.write(data, at: cluster * cs)
+                case 10:
+                    let name = "s\(nextSnapshot)"
+                    nextSnapshot += 1
+                    uncertain.insert(name)
+                    try image.createSnapshot(named: name)  // includes a flush
+                    uncertain.remove(name)
+                    snapshots[name] = current.bytes
+                    durable = current
+                    touched.removeAll()
+                case 11:
+                    guard let name = snapshots.keys.sorted().randomElement(using: &rng) else { continue }
+                    snapshots[name] = nil
+                    uncertain.insert(name)
+                    try image.deleteSnapshot(named: name)
+                    uncertain.remove(name)
+                    durable = current
+                    touched.removeAll()
+                case 12:
+                    guard let name = snapshots.keys.sorted().randomElement(using: &rng) else { continue }
+                    touch(0, size)
+                    try image.applySnapshot(named: name)
+                    current = ReferenceDisk(size: size)
+                    current.write(snapshots[name]!, at: 0)
+                    durable = current
+                    touched.removeAll()
+                case 0..<6:
+                    let data = Pattern.bytes(count: length, offset: UInt64(offset), seed: seed &+ UInt64(step))
+                    touch(offset, length)  // before the call: a write cut short leaves its range unspecified
+                    try image.write(data, at: UInt64(offset))
+                    current.write(data, at: offset)
+                case 6:
+                    touch(offset, length)
+                    try image.writeZeroes(
+                        at: UInt64(offset),
+                        count: UInt64(length),
+                        mayUnmap: Bool.random(using: &rng),
+                        fast: false
+                    )
+                    current.zero(at: offset, count: length)
+                case 7:
+                    let start = (offset + cs - 1) / cs * cs
+                    let end = offset + length == size ? size : (offset + length) / cs * cs
+                    if start < end { touch(start, end - start) }
+                    try image.discard(at: UInt64(offset), count: UInt64(length))
+                    if start < end { current.zero(at: start, count: end - start) }
+                default:
+                    try image.flush()
+                    durable = current
+                    touched.removeAll()
+                }
+            } catch  where device.isOff {
+                break  // the operation in progress was never acknowledged
             }
-          } catch where device.isOff {
-            break  // the operation in progress was never acknowledged
-          }
         }
         // Power cut: the abandoned engine can no longer write anything.
         device.powerCut()
         let crashed = device.crashImage(mode, using: &rng)
         let report = ImageCheck.check(host: crashed)
-        try #require(report.corruptions == 0 && report.checkErrors == 0, "seed \(seed) \(mode): \(report.findings) \(report.incompleteReason ?? "")")
+        try #require(
+            report.corruptions == 0 && report.checkErrors == 0,
+            "seed \(seed) \(mode): \(report.findings) \(report.incompleteReason ?? "")"
+        )
         withExtendedLifetime(image) {}
 
         image = try VImage.open(host: crashed, readOnly: false, options: options)
@@ -125,11 +133,17 @@ import VImageTestSupport
             #expect(present.contains(name), "seed \(seed) \(mode): snapshot \(name) lost")
         }
         for name in present {
-            #expect(snapshots[name] != nil || uncertain.contains(name), "seed \(seed) \(mode): unexpected snapshot \(name)")
+            #expect(
+                snapshots[name] != nil || uncertain.contains(name),
+                "seed \(seed) \(mode): unexpected snapshot \(name)"
+            )
             guard let content = snapshots[name] else { continue }
             let view = try VImage.open(host: crashed, readOnly: true, options: options)
             try view.selectSnapshot(named: name)
-            #expect(firstDifference(try view.read(count: size, at: 0)[...], content[...]) == nil, "seed \(seed) \(mode): snapshot \(name) differs")
+            #expect(
+                firstDifference(try view.read(count: size, at: 0)[...], content[...]) == nil,
+                "seed \(seed) \(mode): snapshot \(name) differs"
+            )
             try view.close()
         }
         // Still fully usable: write everywhere touched, close, check.
@@ -137,7 +151,10 @@ import VImageTestSupport
         try image.write(data, at: 0)
         try image.close()
         let after = ImageCheck.check(host: crashed)
-        #expect(after.corruptions == 0 && after.checkErrors == 0, "seed \(seed) \(mode) after rewrite: \(after.findings)")
+        #expect(
+            after.corruptions == 0 && after.checkErrors == 0,
+            "seed \(seed) \(mode) after rewrite: \(after.findings)"
+        )
         image = try VImage.open(host: crashed, readOnly: true)
         #expect(firstDifference(try image.read(count: size, at: 0)[...], data[...]) == nil)
         try image.close()

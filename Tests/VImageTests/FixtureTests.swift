@@ -21,7 +21,9 @@ import Glibc
         defer { closedir(d) }
         var names: [String] = []
         while let entry = readdir(d) {
-            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            let name = withUnsafeBytes(of: entry.pointee.d_name) {
+                String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self)
+            }
             if name.hasSuffix(suffix) { names.append(name) }
         }
         return names.sorted()
@@ -57,8 +59,10 @@ import Glibc
     @Test func everyKindHasAFixture() {
         let names = Set(Self.corruptNames)
         for kind in [
-            "leaked-cluster", "refcount-too-low", "copied-flag", "l2-entry-outside-file", "reserved-bits-l1", "reserved-bits-l2",
-            "compressed-out-of-range", "snapshot-table", "metadata-overlap", "l2-table-misaligned", "l2-table-outside-file",
+            "leaked-cluster", "refcount-too-low", "copied-flag", "l2-entry-outside-file", "reserved-bits-l1",
+            "reserved-bits-l2",
+            "compressed-out-of-range", "snapshot-table", "metadata-overlap", "l2-table-misaligned",
+            "l2-table-outside-file",
             "l1-table-outside-file", "dirty", "marked-corrupt", "backing-missing", "backing-loop",
         ] {
             #expect(names.contains(kind), "no fixture for \(kind)")
@@ -76,9 +80,15 @@ import Glibc
         defer { TestEnvironment.remove(dir) }
 
         let report = try ImageCheck.check(path: path)
-        #expect(report.exitCode == spec.checkExit, "\(name): \(report.findings.map(\.message)) \(report.incompleteReason ?? "")")
+        #expect(
+            report.exitCode == spec.checkExit,
+            "\(name): \(report.findings.map(\.message)) \(report.incompleteReason ?? "")"
+        )
         let found = Self.findingCounts(report.findings.map { ($0.kind, $0.severity.rawValue) })
-        #expect(found == Set(spec.findings), "\(name): found \(found.sorted { $0.kind < $1.kind }), expected \(spec.findings)")
+        #expect(
+            found == Set(spec.findings),
+            "\(name): found \(found.sorted { $0.kind < $1.kind }), expected \(spec.findings)"
+        )
 
         let opened = Result { try VImage.open(path: path, readOnly: true) }
         if case .success(let image) = opened { try image.close() }
@@ -88,10 +98,16 @@ import Glibc
         }
 
         let result = try ImageCheck.repair(path: path, mode: .all)
-        #expect(result.after.exitCode == spec.repairExit, "\(name) after -r all: \(result.after.findings.map(\.message))")
+        #expect(
+            result.after.exitCode == spec.repairExit,
+            "\(name) after -r all: \(result.after.findings.map(\.message))"
+        )
         guard spec.recoverable else { return }
         let again = try ImageCheck.check(path: path)
-        #expect(again.isClean && !again.isDirty && !again.isMarkedCorrupt, "\(name) after -r all: \(again.findings.map(\.message))")
+        #expect(
+            again.isClean && !again.isDirty && !again.isMarkedCorrupt,
+            "\(name) after -r all: \(again.findings.map(\.message))"
+        )
 
         let image = try VImage.open(path: path, readOnly: false)
         let guest = try image.read(count: Int(spec.virtualSize), at: 0)
@@ -103,7 +119,10 @@ import Glibc
         try image.write(Pattern.bytes(count: 8192, offset: 599 * 4096, seed: 5), at: 599 * 4096)
         try image.close()
         let afterWrite = try ImageCheck.check(path: path)
-        #expect(afterWrite.isClean, "\(name): not clean after writing to the repaired image: \(afterWrite.findings.map(\.message))")
+        #expect(
+            afterWrite.isClean,
+            "\(name): not clean after writing to the repaired image: \(afterWrite.findings.map(\.message))"
+        )
     }
 
     /// Invariant: the built `vimg check` and `vimg check -r all` give the expected exit codes, and the

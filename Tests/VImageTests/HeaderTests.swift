@@ -11,8 +11,13 @@ import VImageTestSupport
     /// Invariant: encode then decode gives back every header field and every extension, unknown ones included.
     @Test func headerRoundTrip() throws {
         var h = ImageHeader(
-            clusterBits: 16, virtualSize: 10 << 30, l1TableOffset: HostOffset(3 << 16), l1Size: 20,
-            refcountTableOffset: HostOffset(1 << 16), refcountTableClusters: 1)
+            clusterBits: 16,
+            virtualSize: 10 << 30,
+            l1TableOffset: HostOffset(3 << 16),
+            l1Size: 20,
+            refcountTableOffset: HostOffset(1 << 16),
+            refcountTableClusters: 1
+        )
         h.incompatibleFeatures = [.dirty]
         h.compatibleFeatures = 0x5
         h.autoclearFeatures = 0x2
@@ -45,7 +50,9 @@ import VImageTestSupport
             .normal(HostOffset(0x40000), copied: false),
             .normal(HostOffset(0xFF_FFFF_0000), copied: true),
             .compressed(CompressedDescriptor(hostOffset: 0x50200, sectors: 3)),
-            .compressed(CompressedDescriptor(hostOffset: 512 * ((1 << 47) - 1), sectors: CompressedDescriptor.maxSectors)),
+            .compressed(
+                CompressedDescriptor(hostOffset: 512 * ((1 << 47) - 1), sectors: CompressedDescriptor.maxSectors)
+            ),
         ]
         for e in entries {
             #expect(L2Entry(raw: e.rawValue) == e, "\(e)")
@@ -56,12 +63,31 @@ import VImageTestSupport
 
     /// Invariant: snapshot entries (with extra data and UTF-8 names) decode to what was encoded.
     @Test func snapshotTableRoundTrip() throws {
-        var a = SnapshotEntry(l1TableOffset: HostOffset(4 << 16), l1Size: 2, virtualSize: 1 << 30, createdNanoseconds: 123, id: 1, name: "before upgrade")
+        var a = SnapshotEntry(
+            l1TableOffset: HostOffset(4 << 16),
+            l1Size: 2,
+            virtualSize: 1 << 30,
+            createdNanoseconds: 123,
+            id: 1,
+            name: "before upgrade"
+        )
         a.extra = [9, 8, 7]
-        let b = SnapshotEntry(l1TableOffset: HostOffset(5 << 16), l1Size: 4, virtualSize: 2 << 30, createdNanoseconds: 456, id: 2, name: "épreuve")
+        let b = SnapshotEntry(
+            l1TableOffset: HostOffset(5 << 16),
+            l1Size: 4,
+            virtualSize: 2 << 30,
+            createdNanoseconds: 456,
+            id: 2,
+            name: "épreuve"
+        )
         let bytes = SnapshotTable.encode([a, b])
         #expect(bytes.count % 8 == 0)
-        let back = try SnapshotTable.decode(bytes, count: 2, geometry: ClusterGeometry(clusterBits: 16), fileSize: 1 << 20)
+        let back = try SnapshotTable.decode(
+            bytes,
+            count: 2,
+            geometry: ClusterGeometry(clusterBits: 16),
+            fileSize: 1 << 20
+        )
         #expect(back == [a, b])
     }
 
@@ -118,32 +144,61 @@ import VImageTestSupport
             switch self {
             case .badMagic: return ({ $0[0] = 0x51 }, .invalidImage, "magic")
             case .badVersion: return ({ put(UInt32(2), at: 4, in: &$0) }, .unsupportedFeature, "version")
-            case .unknownIncompatibleBit: return ({ put(UInt64(1 << 40), at: 24, in: &$0) }, .unsupportedFeature, "incompatible")
-            case .reservedJournalBit: return ({ put(IncompatibleFeatures.journal.rawValue, at: 24, in: &$0) }, .unsupportedFeature, "incompatible")
+            case .unknownIncompatibleBit:
+                return ({ put(UInt64(1 << 40), at: 24, in: &$0) }, .unsupportedFeature, "incompatible")
+            case .reservedJournalBit:
+                return (
+                    { put(IncompatibleFeatures.journal.rawValue, at: 24, in: &$0) }, .unsupportedFeature, "incompatible"
+                )
             case .clusterBitsTooSmall: return ({ put(UInt32(9), at: 12, in: &$0) }, .invalidImage, "cluster_bits")
             case .clusterBitsTooLarge: return ({ put(UInt32(22), at: 12, in: &$0) }, .invalidImage, "cluster_bits")
             case .headerSizeTooSmall: return ({ put(UInt32(64), at: 8, in: &$0) }, .invalidImage, "header_size")
             case .headerSizeTooLarge: return ({ put(UInt32(1 << 20), at: 8, in: &$0) }, .invalidImage, "header_size")
-            case .virtualSizePastLimit: return ({ put(UInt64.max & ~511, at: 16, in: &$0) }, .invalidImage, "virtual size")
-            case .virtualSizeUnaligned: return ({ put(UInt64((1 << 30) + 1), at: 16, in: &$0) }, .invalidImage, "multiple of 512")
+            case .virtualSizePastLimit:
+                return ({ put(UInt64.max & ~511, at: 16, in: &$0) }, .invalidImage, "virtual size")
+            case .virtualSizeUnaligned:
+                return ({ put(UInt64((1 << 30) + 1), at: 16, in: &$0) }, .invalidImage, "multiple of 512")
             case .l1TooSmallForSize: return ({ put(UInt64(1) << 50, at: 16, in: &$0) }, .invalidImage, "L1")
             case .l1TooManyEntries: return ({ put(UInt32.max, at: 56, in: &$0) }, .invalidImage, "L1")
             case .l1OutsideFile: return ({ put(UInt64(1) << 40, at: 48, in: &$0) }, .invalidImage, "outside the file")
             case .l1Unaligned: return ({ put(UInt64(0x10200), at: 48, in: &$0) }, .invalidImage, "aligned")
-            case .l1OffsetOverflows: return ({ put(UInt64.max & ~0xFFFF, at: 48, in: &$0) }, .invalidImage, "outside the file")
-            case .refcountTableOutsideFile: return ({ put(UInt64(1) << 40, at: 64, in: &$0) }, .invalidImage, "refcount table")
+            case .l1OffsetOverflows:
+                return ({ put(UInt64.max & ~0xFFFF, at: 48, in: &$0) }, .invalidImage, "outside the file")
+            case .refcountTableOutsideFile:
+                return ({ put(UInt64(1) << 40, at: 64, in: &$0) }, .invalidImage, "refcount table")
             case .refcountTableEmpty: return ({ put(UInt32(0), at: 72, in: &$0) }, .invalidImage, "refcount table")
             case .refcountTableTooLarge: return ({ put(UInt32.max, at: 72, in: &$0) }, .invalidImage, "refcount table")
-            case .refcountTableOverflows: return ({ put(UInt64.max & ~0xFFFF, at: 64, in: &$0) }, .invalidImage, "refcount table")
+            case .refcountTableOverflows:
+                return ({ put(UInt64.max & ~0xFFFF, at: 64, in: &$0) }, .invalidImage, "refcount table")
             case .refcountOrder: return ({ put(UInt32(6), at: 60, in: &$0) }, .invalidImage, "refcount_order")
             case .tooManySnapshots: return ({ put(UInt32.max, at: 76, in: &$0) }, .invalidImage, "snapshots")
-            case .snapshotFieldsWithoutSnapshots: return ({ put(UInt64(1 << 16), at: 80, in: &$0) }, .invalidImage, "snapshot")
+            case .snapshotFieldsWithoutSnapshots:
+                return ({ put(UInt64(1 << 16), at: 80, in: &$0) }, .invalidImage, "snapshot")
             case .snapshotTableOutsideFile:
-                return ({ put(UInt32(1), at: 76, in: &$0); put(UInt64(1) << 40, at: 80, in: &$0); put(UInt32(64), at: 88, in: &$0) }, .invalidImage, "snapshot table")
+                return (
+                    {
+                        put(UInt32(1), at: 76, in: &$0)
+                        put(UInt64(1) << 40, at: 80, in: &$0)
+                        put(UInt32(64), at: 88, in: &$0)
+                    }, .invalidImage, "snapshot table"
+                )
             case .extensionPastCluster:
-                return ({ put(UInt32(0x99), at: 96, in: &$0); put(UInt32.max, at: 100, in: &$0) }, .invalidImage, "extension")
+                return (
+                    {
+                        put(UInt32(0x99), at: 96, in: &$0)
+                        put(UInt32.max, at: 100, in: &$0)
+                    }, .invalidImage, "extension"
+                )
             case .backingNameWithNul:
-                return ({ put(UInt32(1), at: 96, in: &$0); put(UInt32(3), at: 100, in: &$0); $0[104] = 0x61; $0[105] = 0; $0[106] = 0x62 }, .invalidImage, "backing")
+                return (
+                    {
+                        put(UInt32(1), at: 96, in: &$0)
+                        put(UInt32(3), at: 100, in: &$0)
+                        $0[104] = 0x61
+                        $0[105] = 0
+                        $0[106] = 0x62
+                    }, .invalidImage, "backing"
+                )
             case .truncated: return ({ $0.removeSubrange(40...) }, .invalidImage, "")
             }
         }

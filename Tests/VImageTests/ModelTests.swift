@@ -14,7 +14,10 @@ import VImageTestSupport
     @Test(arguments: [12, 16])
     func randomSequencesMatchReference(clusterBits: Int) throws {
         let sequences = clusterBits == 12 ? 400 : 200
-        for seed in (getenv("ONE_SEED").map { UInt64(String(cString: $0))!...UInt64(String(cString: $0))! } ?? 0...UInt64(sequences - 1)) {
+        for seed
+            in (getenv("ONE_SEED").map { UInt64(String(cString: $0))!...UInt64(String(cString: $0))! }
+            ?? 0...UInt64(sequences - 1))
+        {
             try runSequence(seed: seed &+ UInt64(clusterBits) << 32, clusterBits: clusterBits, steps: 30)
         }
     }
@@ -22,7 +25,9 @@ import VImageTestSupport
     func runSequence(seed: UInt64, clusterBits: Int, steps: Int) throws {
         var rng = SeededRandom(seed: seed)
         let cs = 1 << clusterBits
-        let size = cs * Int.random(in: 8...40, using: &rng) + (Bool.random(using: &rng) ? 0 : 512 * Int.random(in: 1...7, using: &rng))
+        let size =
+            cs * Int.random(in: 8...40, using: &rng)
+            + (Bool.random(using: &rng) ? 0 : 512 * Int.random(in: 1...7, using: &rng))
         let host = MemoryDevice(size: 0, growable: true)
         try VImage.create(on: host, virtualSize: UInt64(size), options: .init(clusterBits: clusterBits))
         let options = VImage.OpenOptions(l2CacheBytes: cs * 4, refcountCacheBytes: cs * 4)
@@ -168,11 +173,16 @@ enum DispatchLikeGroup {
         for i in 0..<count {
             let box = Unmanaged.passRetained(Box(body, i)).toOpaque()
             var thread = pthread_t()
-            pthread_create(&thread, nil, { raw in
-                let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-                box.body(box.index)
-                return nil
-            }, box)
+            pthread_create(
+                &thread,
+                nil,
+                { raw in
+                    let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
+                    box.body(box.index)
+                    return nil
+                },
+                box
+            )
             threads.append(thread)
         }
         for t in threads { pthread_join(t, nil) }

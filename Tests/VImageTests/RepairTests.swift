@@ -48,7 +48,10 @@ import VImageTestSupport
     /// Invariant: each kind of damage is reported with its kind and qemu-img's exit code, and `-r all`
     /// (or `-r leaks` for a leak) leaves an image that checks clean and reads the same guest data
     /// wherever the data was recoverable.
-    @Test(arguments: ["leaked-cluster", "refcount-too-low", "copied-flag", "outside-file", "reserved-bits", "snapshot-table", "compressed-out-of-range"])
+    @Test(arguments: [
+        "leaked-cluster", "refcount-too-low", "copied-flag", "outside-file", "reserved-bits", "snapshot-table",
+        "compressed-out-of-range",
+    ])
     func damageIsFoundAndRepaired(kind: String) throws {
         let (host, content) = try makeImage(snapshot: kind == "snapshot-table")
         let (block, l1, l2) = try layout(host)
@@ -83,7 +86,12 @@ import VImageTestSupport
         _ = l1
         let report = ImageCheck.check(host: host)
         #expect(report.exitCode == expectExit, "\(kind): \(report.findings)")
-        #expect(report.findings.contains { $0.kind == kind || (kind == "leaked-cluster" && $0.kind == "refcount-too-high") }, "\(kind): \(report.findings)")
+        #expect(
+            report.findings.contains {
+                $0.kind == kind || (kind == "leaked-cluster" && $0.kind == "refcount-too-high")
+            },
+            "\(kind): \(report.findings)"
+        )
 
         let result = try ImageCheck.repair(host: host, mode: kind == "leaked-cluster" ? .leaks : .all)
         #expect(result.after.exitCode == 0, "\(kind) after repair: \(result.after.findings)")
@@ -108,10 +116,14 @@ import VImageTestSupport
             let (host, _) = try makeImage(snapshot: trial % 2 == 0)
             let header = try ImageHeader.decode(try host.read(count: Self.cs, at: 0))
             // Metadata regions: header, refcount table and block, L1, L2 tables, snapshot table.
-            var regions: [(UInt64, Int)] = [(0, 128), (header.refcountTableOffset.rawValue, 64), (header.l1TableOffset.rawValue, 64)]
+            var regions: [(UInt64, Int)] = [
+                (0, 128), (header.refcountTableOffset.rawValue, 64), (header.l1TableOffset.rawValue, 64),
+            ]
             let (block, _, l2) = try layout(host)
             regions += [(block, 256), (l2, Self.cs)]
-            if header.snapshotCount > 0 { regions.append((header.snapshotTableOffset.rawValue, Int(header.snapshotTableSize))) }
+            if header.snapshotCount > 0 {
+                regions.append((header.snapshotTableOffset.rawValue, Int(header.snapshotTableSize)))
+            }
             for _ in 0..<Int.random(in: 1...6, using: &rng) {
                 let (start, length) = regions.randomElement(using: &rng)!
                 let at = start + UInt64.random(in: 0..<UInt64(length), using: &rng)
@@ -134,15 +146,24 @@ import VImageTestSupport
             }
             let result = try ImageCheck.repair(host: host, mode: .all)
             let settled = result.after.exitCode == 0 || result.after.exitCode == 1
-            #expect(settled, "trial \(trial): \(report.findings.map(\.message)) => \(result.actions) => \(result.after.findings.map(\.message))")
-            outcomes[result.after.exitCode == 0 ? (report.isClean ? "clean" : "repaired") : "clear error", default: 0] += 1
+            #expect(
+                settled,
+                "trial \(trial): \(report.findings.map(\.message)) => \(result.actions) => \(result.after.findings.map(\.message))"
+            )
+            outcomes[
+                result.after.exitCode == 0 ? (report.isClean ? "clean" : "repaired") : "clear error",
+                default: 0
+            ] += 1
             if result.after.exitCode == 0 {
                 let image = try VImage.open(host: host, readOnly: false)
                 try image.write(Pattern.bytes(count: Self.size, offset: 0, seed: 1), at: 0)
                 try image.close()
                 let again = ImageCheck.check(host: host)
                 let clean = again.isClean
-                #expect(clean, "trial \(trial): writing to the repaired image broke it: \(report.findings.map(\.message)) => \(result.actions) => \(again.findings.prefix(3).map(\.message))")
+                #expect(
+                    clean,
+                    "trial \(trial): writing to the repaired image broke it: \(report.findings.map(\.message)) => \(result.actions) => \(again.findings.prefix(3).map(\.message))"
+                )
             }
         }
         #expect(outcomes["repaired", default: 0] > 0)

@@ -76,7 +76,10 @@ import VImageTestSupport
                 for (name, content) in contents {
                     let view = try VImage.open(host: host, readOnly: true)
                     try view.selectSnapshot(named: name)
-                    #expect(firstDifference(try view.read(count: size, at: 0)[...], content[...]) == nil, "snapshot \(name)")
+                    #expect(
+                        firstDifference(try view.read(count: size, at: 0)[...], content[...]) == nil,
+                        "snapshot \(name)"
+                    )
                     try view.close()
                 }
             }
@@ -120,7 +123,12 @@ import VImageTestSupport
                 model.write(data, at: offset)
             case 4:
                 log.append("zero \(offset)+\(length)")
-                try image.writeZeroes(at: UInt64(offset), count: UInt64(length), mayUnmap: Bool.random(using: &rng), fast: false)
+                try image.writeZeroes(
+                    at: UInt64(offset),
+                    count: UInt64(length),
+                    mayUnmap: Bool.random(using: &rng),
+                    fast: false
+                )
                 model.zero(at: offset, count: length)
             case 5:
                 log.append("discard \(offset)+\(length)")
@@ -157,7 +165,11 @@ import VImageTestSupport
                 try image.close()
                 let base = try VImage.open(host: hosts.last!, readOnly: true, backing: backing, options: options)
                 let child = MemoryDevice(size: 0, growable: true)
-                try VImage.create(on: child, virtualSize: UInt64(size), options: .init(clusterBits: 12, backingFile: "base\(hosts.count)"))
+                try VImage.create(
+                    on: child,
+                    virtualSize: UInt64(size),
+                    options: .init(clusterBits: 12, backingFile: "base\(hosts.count)")
+                )
                 hosts.append(child)
                 backing = base
                 image = try VImage.open(host: child, readOnly: false, backing: base, options: options)
@@ -170,7 +182,10 @@ import VImageTestSupport
         for (name, content) in snapshots {
             let view = try VImage.open(host: hosts.last!, readOnly: true, backing: backing, options: options)
             try view.selectSnapshot(named: name)
-            #expect(firstDifference(try view.read(count: size, at: 0)[...], content[...]) == nil, "seed \(seed) snapshot \(name)")
+            #expect(
+                firstDifference(try view.read(count: size, at: 0)[...], content[...]) == nil,
+                "seed \(seed) snapshot \(name)"
+            )
             try view.close()
         }
         try image.close()

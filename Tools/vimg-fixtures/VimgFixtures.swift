@@ -47,7 +47,10 @@ struct Fixture {
         try VImage.create(on: host, virtualSize: virtualSize, options: .init(clusterBits: 12, backingFile: backingFile))
         // A clone's writes need a backing device; an empty one stands in for the named file.
         let image = try VImage.open(
-            host: host, readOnly: false, backing: backingFile == nil ? nil : MemoryDevice(size: virtualSize))
+            host: host,
+            readOnly: false,
+            backing: backingFile == nil ? nil : MemoryDevice(size: virtualSize)
+        )
         if backingFile != nil { written = [.init(offset: UInt64(cs), length: cs, content: .pattern, seed: 11)] }
         for w in written {
             try image.write(w.content.bytes(count: w.length, offset: w.offset, seed: w.seed), at: w.offset)
@@ -56,7 +59,9 @@ struct Fixture {
             for w in compressedWritten {
                 for c in stride(from: 0, to: w.length, by: cs) {
                     let data = w.content.bytes(count: cs, offset: w.offset + UInt64(c), seed: w.seed)
-                    try data.withUnsafeBytes { try image.writeCompressed(cluster: (w.offset + UInt64(c)) / UInt64(cs), data: $0) }
+                    try data.withUnsafeBytes {
+                        try image.writeCompressed(cluster: (w.offset + UInt64(c)) / UInt64(cs), data: $0)
+                    }
                 }
             }
             written += compressedWritten
@@ -76,11 +81,15 @@ struct Fixture {
 
     var header: ImageHeader { get throws { try ImageHeader.decode(try host.read(count: cs, at: 0)) } }
 
-    func u64(_ offset: UInt64) throws -> UInt64 { try host.read(count: 8, at: offset).reduce(0) { $0 << 8 | UInt64($1) } }
+    func u64(_ offset: UInt64) throws -> UInt64 {
+        try host.read(count: 8, at: offset).reduce(0) { $0 << 8 | UInt64($1) }
+    }
     func put(_ offset: UInt64, _ value: UInt64) throws {
         try host.write((0..<8).map { UInt8(truncatingIfNeeded: value >> (56 - 8 * $0)) }, at: offset)
     }
-    func put16(_ offset: UInt64, _ value: UInt16) throws { try host.write([UInt8(value >> 8), UInt8(value & 0xff)], at: offset) }
+    func put16(_ offset: UInt64, _ value: UInt16) throws {
+        try host.write([UInt8(value >> 8), UInt8(value & 0xff)], at: offset)
+    }
 
     /// Host offset of active L1 entry `index`.
     func l1Entry(_ index: Int) throws -> UInt64 { try header.l1TableOffset.rawValue + UInt64(index * 8) }
@@ -129,121 +138,250 @@ typealias F = FixtureSpec.Finding
 func corruptFixtures() throws -> [(spec: FixtureSpec, image: [UInt8])] {
     var out: [(FixtureSpec, [UInt8])] = []
     func add(
-        _ name: String, _ description: String, _ fixture: Fixture, findings: [F], check: Int32, repair: Int32, opens: Bool = true,
-        recoverable: Bool = true, lost: [(offset: UInt64, length: Int)] = [], note: String = ""
+        _ name: String,
+        _ description: String,
+        _ fixture: Fixture,
+        findings: [F],
+        check: Int32,
+        repair: Int32,
+        opens: Bool = true,
+        recoverable: Bool = true,
+        lost: [(offset: UInt64, length: Int)] = [],
+        note: String = ""
     ) {
         let spec = FixtureSpec(
-            name: name, description: description, virtualSize: virtualSize, clusterSize: cs, findings: findings, checkExit: check,
-            repairExit: repair, opens: opens, recoverable: recoverable, written: fixture.written, lost: lost, note: note)
+            name: name,
+            description: description,
+            virtualSize: virtualSize,
+            clusterSize: cs,
+            findings: findings,
+            checkExit: check,
+            repairExit: repair,
+            opens: opens,
+            recoverable: recoverable,
+            written: fixture.written,
+            lost: lost,
+            note: note
+        )
         out.append((spec, fixture.host.snapshotBytes()))
     }
 
     var f = try Fixture()
     try f.leakCluster()
-    add("leaked-cluster", "One cluster appended at the end of the file with refcount 1 and no reference.", f,
-        findings: [F("leaked-cluster", "leak")], check: 3, repair: 0)
+    add(
+        "leaked-cluster",
+        "One cluster appended at the end of the file with refcount 1 and no reference.",
+        f,
+        findings: [F("leaked-cluster", "leak")],
+        check: 3,
+        repair: 0
+    )
 
     f = try Fixture()
     try f.put16(try f.refcount(ofCluster: try f.dataCluster(1) / UInt64(cs)), 0)
-    add("refcount-too-low", "The data cluster of guest cluster 1 has refcount 0 but one reference.", f,
-        findings: [F("refcount-too-low", "corruption")], check: 2, repair: 0)
+    add(
+        "refcount-too-low",
+        "The data cluster of guest cluster 1 has refcount 0 but one reference.",
+        f,
+        findings: [F("refcount-too-low", "corruption")],
+        check: 2,
+        repair: 0
+    )
 
     f = try Fixture(snapshots: ["s"])
     try f.put(try f.l1Entry(0), try f.u64(try f.l1Entry(0)) | copied)
-    add("copied-flag", "Snapshot 's' shares L2 table A (refcount 2); the active L1 entry 0 has COPIED set anyway.", f,
-        findings: [F("copied-flag", "corruption")], check: 2, repair: 0,
-        note: "Repair clears the flag; the snapshot is kept.")
+    add(
+        "copied-flag",
+        "Snapshot 's' shares L2 table A (refcount 2); the active L1 entry 0 has COPIED set anyway.",
+        f,
+        findings: [F("copied-flag", "corruption")],
+        check: 2,
+        repair: 0,
+        note: "Repair clears the flag; the snapshot is kept."
+    )
 
     f = try Fixture()
     let oldData2 = try f.dataCluster(2)
     _ = oldData2
     try f.put(try f.l2Entry(2), farAway | copied)
-    add("l2-entry-outside-file",
+    add(
+        "l2-entry-outside-file",
         "The L2 entry of guest cluster 2 points at 1 GiB, past the end of the file and beyond every refcount block; its old data cluster is no longer referenced.",
-        f, findings: [F("refcount-too-low", "corruption"), F("leaked-cluster", "leak")], check: 2, repair: 0,
+        f,
+        findings: [F("refcount-too-low", "corruption"), F("leaked-cluster", "leak")],
+        check: 2,
+        repair: 0,
         lost: [f.guestCluster(2)],
-        note: "A data reference past the end of the file is not an outside-file finding (a crash between allocation and the data write can leave one, and it reads as zeroes); it is reported as refcount-too-low because no refcount block covers it. Repair drops the entry.")
+        note:
+            "A data reference past the end of the file is not an outside-file finding (a crash between allocation and the data write can leave one, and it reads as zeroes); it is reported as refcount-too-low because no refcount block covers it. Repair drops the entry."
+    )
 
     f = try Fixture()
     try f.put(try f.l2Entry(0), try f.u64(try f.l2Entry(0)) | 0x2)
-    add("reserved-bits-l2", "The L2 entry of guest cluster 0 has reserved bit 1 set.", f,
-        findings: [F("reserved-bits", "corruption")], check: 2, repair: 0)
+    add(
+        "reserved-bits-l2",
+        "The L2 entry of guest cluster 0 has reserved bit 1 set.",
+        f,
+        findings: [F("reserved-bits", "corruption")],
+        check: 2,
+        repair: 0
+    )
 
     f = try Fixture()
     try f.put(try f.l1Entry(1), try f.u64(try f.l1Entry(1)) | 0x2)
-    add("reserved-bits-l1", "Active L1 entry 1 (L2 table B) has reserved bit 1 set.", f,
-        findings: [F("reserved-bits", "corruption")], check: 2, repair: 0)
+    add(
+        "reserved-bits-l1",
+        "Active L1 entry 1 (L2 table B) has reserved bit 1 set.",
+        f,
+        findings: [F("reserved-bits", "corruption")],
+        check: 2,
+        repair: 0
+    )
 
     f = try Fixture(compressed: true)
     let entry5 = try f.u64(try f.l2Entry(5))
     precondition(entry5 & (1 << 62) != 0, "guest cluster 5 must be compressed")
     try f.put(try f.l2Entry(5), (entry5 & ~((1 << 47) - 1)) | (farAway / 512))
-    add("compressed-out-of-range",
+    add(
+        "compressed-out-of-range",
         "Guest clusters 4 and 5 are LZ4 records sharing one host cluster (refcount 2); guest 5's descriptor is moved to 1 GiB, past the end of the file.",
-        f, findings: [F("compressed-out-of-range", "corruption"), F("refcount-too-high", "leak")], check: 2, repair: 0,
-        lost: [f.guestCluster(5)], note: "Guest cluster 4 (compressed) survives the repair.")
+        f,
+        findings: [F("compressed-out-of-range", "corruption"), F("refcount-too-high", "leak")],
+        check: 2,
+        repair: 0,
+        lost: [f.guestCluster(5)],
+        note: "Guest cluster 4 (compressed) survives the repair."
+    )
 
     f = try Fixture(snapshots: ["s1", "s2"])
     var entries = try f.snapshotEntries()
     entries[1].id = entries[0].id
     try f.writeSnapshotTable(entries)
-    add("snapshot-table",
+    add(
+        "snapshot-table",
         "Two snapshots with the same id. The table cannot be trusted, so nothing it references is counted: the two snapshot L1 copies leak and both L2 tables have refcount 3 for 1 reference.",
-        f, findings: [F("snapshot-table", "corruption"), F("leaked-cluster", "leak", count: 2), F("refcount-too-high", "leak", count: 2)],
-        check: 2, repair: 0, opens: false,
-        note: "Open validates the snapshot table, so it refuses the image (invalidImage) until repair drops the table; the active data is intact.")
+        f,
+        findings: [
+            F("snapshot-table", "corruption"), F("leaked-cluster", "leak", count: 2),
+            F("refcount-too-high", "leak", count: 2),
+        ],
+        check: 2,
+        repair: 0,
+        opens: false,
+        note:
+            "Open validates the snapshot table, so it refuses the image (invalidImage) until repair drops the table; the active data is intact."
+    )
 
     f = try Fixture()
     try f.put(try f.l2Entry(3), try f.header.l1TableOffset.rawValue)
-    add("metadata-overlap",
+    add(
+        "metadata-overlap",
         "The L2 entry of guest cluster 3 maps data onto the active L1 table (without COPIED); its old data cluster is no longer referenced.",
         f,
-        findings: [F("metadata-overlap", "corruption"), F("refcount-too-low", "corruption"), F("leaked-cluster", "leak")],
-        check: 2, repair: 0, lost: [f.guestCluster(3)],
-        note: "A guest write to cluster 3 would overwrite the L1 table. Repair drops the entry.")
+        findings: [
+            F("metadata-overlap", "corruption"), F("refcount-too-low", "corruption"), F("leaked-cluster", "leak"),
+        ],
+        check: 2,
+        repair: 0,
+        lost: [f.guestCluster(3)],
+        note: "A guest write to cluster 3 would overwrite the L1 table. Repair drops the entry."
+    )
 
     f = try Fixture()
     try f.put(try f.l1Entry(1), ((try f.u64(try f.l1Entry(1)) & offsetMask) + 512) | copied)
-    add("l2-table-misaligned", "Active L1 entry 1 points 512 bytes into L2 table B; table B and its two data clusters are no longer referenced.", f,
-        findings: [F("outside-file", "corruption"), F("leaked-cluster", "leak", count: 3)], check: 2, repair: 0,
-        lost: [(600 * UInt64(cs), 2 * cs)], note: "Repair drops the L1 entry: guest clusters 600-601 read as zeroes.")
+    add(
+        "l2-table-misaligned",
+        "Active L1 entry 1 points 512 bytes into L2 table B; table B and its two data clusters are no longer referenced.",
+        f,
+        findings: [F("outside-file", "corruption"), F("leaked-cluster", "leak", count: 3)],
+        check: 2,
+        repair: 0,
+        lost: [(600 * UInt64(cs), 2 * cs)],
+        note: "Repair drops the L1 entry: guest clusters 600-601 read as zeroes."
+    )
 
     f = try Fixture()
     try f.put(try f.l1Entry(1), farAway | copied)
-    add("l2-table-outside-file", "Active L1 entry 1 points at 1 GiB, past the end of the file; table B and its two data clusters are no longer referenced.", f,
-        findings: [F("outside-file", "corruption"), F("leaked-cluster", "leak", count: 3)], check: 2, repair: 0,
-        lost: [(600 * UInt64(cs), 2 * cs)], note: "Repair drops the L1 entry: guest clusters 600-601 read as zeroes.")
+    add(
+        "l2-table-outside-file",
+        "Active L1 entry 1 points at 1 GiB, past the end of the file; table B and its two data clusters are no longer referenced.",
+        f,
+        findings: [F("outside-file", "corruption"), F("leaked-cluster", "leak", count: 3)],
+        check: 2,
+        repair: 0,
+        lost: [(600 * UInt64(cs), 2 * cs)],
+        note: "Repair drops the L1 entry: guest clusters 600-601 read as zeroes."
+    )
 
     f = try Fixture()
     var h = try f.header
     h.l1TableOffset = HostOffset(farAway)
     try f.host.write(h.encodeFixed(), at: 0)
-    add("l1-table-outside-file", "The header's l1_table_offset is 1 GiB, past the end of the file.", f,
-        findings: [], check: 1, repair: 1, opens: false, recoverable: false,
-        note: "Header validation refuses the image: open fails with invalidImage and check cannot complete (exit 1), before and after -r all. Not repairable (the active L1 table cannot be found).")
+    add(
+        "l1-table-outside-file",
+        "The header's l1_table_offset is 1 GiB, past the end of the file.",
+        f,
+        findings: [],
+        check: 1,
+        repair: 1,
+        opens: false,
+        recoverable: false,
+        note:
+            "Header validation refuses the image: open fails with invalidImage and check cannot complete (exit 1), before and after -r all. Not repairable (the active L1 table cannot be found)."
+    )
 
     f = try Fixture()
     try f.setFeatures(.dirty)
     try f.leakCluster()
-    add("dirty", "The dirty bit is set and one cluster leaked, as a writer that crashed after an allocation leaves it.", f,
-        findings: [F("dirty", "info"), F("leaked-cluster", "leak")], check: 3, repair: 0,
-        note: "Repair clears the dirty bit. A read-write open would also free the leak and clear it.")
+    add(
+        "dirty",
+        "The dirty bit is set and one cluster leaked, as a writer that crashed after an allocation leaves it.",
+        f,
+        findings: [F("dirty", "info"), F("leaked-cluster", "leak")],
+        check: 3,
+        repair: 0,
+        note: "Repair clears the dirty bit. A read-write open would also free the leak and clear it."
+    )
 
     f = try Fixture()
     try f.setFeatures(.corrupt)
-    add("marked-corrupt", "The corrupt bit is set; the metadata is otherwise consistent.", f,
-        findings: [F("marked-corrupt", "info")], check: 0, repair: 0,
-        note: "A read-write open is refused until -r all clears the bit; read-only opens work.")
+    add(
+        "marked-corrupt",
+        "The corrupt bit is set; the metadata is otherwise consistent.",
+        f,
+        findings: [F("marked-corrupt", "info")],
+        check: 0,
+        repair: 0,
+        note: "A read-write open is refused until -r all clears the bit; read-only opens work."
+    )
 
     f = try Fixture(backingFile: "backing-missing-base.vimg")
-    add("backing-missing", "A clone (guest cluster 1 written) whose backing file 'backing-missing-base.vimg' does not exist.", f,
-        findings: [F("backing-missing", "info")], check: 1, repair: 1, opens: false, recoverable: false,
-        note: "The image's own metadata is clean; its chain cannot be opened, so check cannot complete (exit 1, as qemu-img check, which fails to open it) and open fails with notFound. Repair cannot fix it; 'vimg rebase -u' can.")
+    add(
+        "backing-missing",
+        "A clone (guest cluster 1 written) whose backing file 'backing-missing-base.vimg' does not exist.",
+        f,
+        findings: [F("backing-missing", "info")],
+        check: 1,
+        repair: 1,
+        opens: false,
+        recoverable: false,
+        note:
+            "The image's own metadata is clean; its chain cannot be opened, so check cannot complete (exit 1, as qemu-img check, which fails to open it) and open fails with notFound. Repair cannot fix it; 'vimg rebase -u' can."
+    )
 
     f = try Fixture(backingFile: "backing-loop.vimg")
-    add("backing-loop", "A clone (guest cluster 1 written) whose backing file is itself, 'backing-loop.vimg'.", f,
-        findings: [F("backing-loop", "info")], check: 1, repair: 1, opens: false, recoverable: false,
-        note: "The chain loops: check cannot complete (exit 1) and open fails with invalidImage. Must keep its file name.")
+    add(
+        "backing-loop",
+        "A clone (guest cluster 1 written) whose backing file is itself, 'backing-loop.vimg'.",
+        f,
+        findings: [F("backing-loop", "info")],
+        check: 1,
+        repair: 1,
+        opens: false,
+        recoverable: false,
+        note:
+            "The chain loops: check cannot complete (exit 1) and open fails with invalidImage. Must keep its file name."
+    )
     return out
 }
 
