@@ -29,6 +29,11 @@ public final class Monitor: @unchecked Sendable {
 
     /// Waits for `broadcast()`; call with the lock held.
     public func wait() { pthread_cond_wait(condition, mutex) }
+    /// Waits for `broadcast()` or until `deadline` (CLOCK_REALTIME) passes; call with the lock held.
+    public func timedWait(until deadline: timespec) {
+        var deadline = deadline
+        _ = pthread_cond_timedwait(condition, mutex, &deadline)
+    }
     /// Wakes every waiter; call with the lock held.
     public func broadcast() { pthread_cond_broadcast(condition) }
 

@@ -115,6 +115,10 @@ public final class VImage: BlockDevice, @unchecked Sendable {
     /// Dirty on disk at open and not repaired: a clean close must not hide the leaks `check` should see.
     let leftDirty: Bool
 
+    /// Operations waiting for requests in flight to complete (for tests; always 0 until the engine has an
+    /// I/O gate).
+    var drainWaiters: Int { 0 }
+
     /// The virtual disk size in bytes.
     public var size: UInt64 { virtualSize.load(ordering: .relaxed) }
 
