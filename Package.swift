@@ -58,7 +58,7 @@ let package = Package(
             dependencies: ["NBDProtocol", "BlockIO", "COpenSSL", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
-        .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "FUSEExport"]),
+        .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "ImageFormats", "FUSEExport"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
@@ -74,7 +74,11 @@ let package = Package(
                 .product(name: "Logging", package: "swift-log"),
             ]
         ),
-        .executableTarget(name: "vimg-bench", dependencies: ["BlockIO", "VImage"], path: "Benchmarks/vimg-bench"),
+        .executableTarget(
+            name: "vimg-bench",
+            dependencies: ["BlockIO", "VImage", "ImageFormats"],
+            path: "Benchmarks/vimg-bench"
+        ),
         // Writes Fixtures/corrupt and the fuzz seed corpus (Tools/make-fixtures.sh).
         .executableTarget(
             name: "vimg-fixtures",
@@ -82,7 +86,7 @@ let package = Package(
             path: "Tools/vimg-fixtures"
         ),
         .testTarget(name: "BlockIOTests", dependencies: ["BlockIO", "VImageTestSupport"]),
-        .testTarget(name: "VImageTests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
+        .testTarget(name: "VImageTests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
         .testTarget(
             name: "NBDProtocolTests",
             dependencies: [
@@ -107,7 +111,7 @@ let package = Package(
             name: "ImageFormatsTests",
             dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]
         ),
-        .testTarget(name: "CLITests", dependencies: ["VImage", "BlockIO", "VImageTestSupport"]),
+        .testTarget(name: "CLITests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
     ],
     swiftLanguageModes: [.v6]
 )

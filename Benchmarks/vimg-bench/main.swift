@@ -5,6 +5,7 @@
 // "<seconds> <requests> <bytes>" for Tools/bench-engine.sh to turn into a table.
 
 import BlockIO
+import ImageFormats
 import VImage
 
 #if canImport(Glibc)
@@ -100,7 +101,7 @@ nonisolated func startWorker(_ shared: Shared) -> pthread_t {
 
 let options = parse()
 do {
-    let device = try DiskImage.open(path: options.path, readOnly: !options.write)
+    let device = try ImageFormats.open(path: options.path, readOnly: !options.write)
     let shared = Shared(device: device, options: options)
     var start = timespec()
     clock_gettime(CLOCK_MONOTONIC, &start)

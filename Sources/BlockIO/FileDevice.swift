@@ -290,3 +290,10 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         if Glibc.close(fd) != 0 { throw BlockIOError.system(.close, errno: errno, path: path) }
     }
 }
+
+/// The canonical absolute path of an existing file (symbolic links and `..` resolved), or nil.
+public func canonicalPath(_ path: String) -> String? {
+    guard let resolved = realpath(path, nil) else { return nil }
+    defer { free(resolved) }
+    return String(cString: resolved)
+}

@@ -77,7 +77,7 @@ public enum ImageConverter {
         var backing: (any BlockDevice)? = nil
         if let name = options.backingFile {
             backing = try ImageFormats.open(
-                path: resolve(name, relativeTo: destination),
+                path: BackingReference.resolve(name, relativeTo: destination),
                 format: options.backingFormat,
                 readOnly: true
             )
@@ -106,11 +106,6 @@ public enum ImageConverter {
             unlink(temporary)
             throw error
         }
-    }
-
-    static func resolve(_ name: String, relativeTo image: String) -> String {
-        guard !name.hasPrefix("/"), let slash = image.lastIndex(of: "/") else { return name }
-        return String(image[...slash]) + name
     }
 
     static func temporaryName(for destination: String) -> String {

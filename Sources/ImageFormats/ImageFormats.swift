@@ -1,12 +1,16 @@
 // Design notes
 // ------------
-// The one place that turns a path and an optional format name into a `BlockDevice`, for every format
-// vdisk reads: raw and VIMG through `DiskImage`, qcow2 through `Qcow2Image` (read-only).
+// The one place that turns a path (and an optional format name) into a `BlockDevice`, for every format
+// vdisk reads, and the one walker of backing chains. Every command of `vimg`, `vdisk serve` and the bus
+// open images here, so a VIMG clone over qcow2 over raw (at any depth up to 32) opens the same way
+// everywhere, and `VImage` itself knows nothing of qcow2: it is handed `openBacking` as its opener.
 //
-// A qcow2 backing chain is opened without recursion, so a crafted chain cannot deepen the stack: walk
-// the headers top-down (resolving each name against its image's folder, probing formats, refusing loops
-// and chains deeper than 32), then open the levels bottom-up, each over the one below. A VIMG or raw
-// level ends the walk: VIMG opens its own chain.
+// A chain is opened without recursion, so a crafted chain cannot deepen the stack:
+//
+//   walk down (headers only):  child ──► level 1 ──► level 2 ──► ... ──► raw / no backing name
+//                              each name resolved against its image's folder (BackingReference.resolve),
+//                              formats named or probed, loops (by canonical path) and depth > 32 refused
+//   open up:                   bottom level first, each opened over the one below, which it then owns
 
 import BlockIO
 import VImage
@@ -16,16 +20,47 @@ import Glibc
 #endif
 
 public enum ImageFormats {
-    public typealias Format = DiskImage.Format
+    /// The formats vdisk reads and writes.
+    public enum Format: String, Sendable, CaseIterable {
+        case vimg, raw, qcow2
+    }
 
-    /// The deepest backing chain an image may have.
-    public static let maxBackingDepth = 32
+    /// The deepest backing chain an image may have (levels below the image opened).
+    public static let maxBackingDepth = VImage.maxBackingDepth
 
-    /// Opens the image at `path`.
+    /// One level of a backing chain, found by reading headers only.
+    public struct ChainLevel: Sendable, Hashable {
+        public var path: String
+        public var format: Format
+
+        public init(path: String, format: Format) {
+            self.path = path
+            self.format = format
+        }
+    }
+
+    /// Why a backing chain cannot be walked.
+    public struct BackingChainError: Error, CustomStringConvertible {
+        public enum Kind: String, Sendable {
+            case missing = "backing-missing"
+            case loop = "backing-loop"
+            /// Too deep, an unknown format, an unreadable header.
+            case other = "backing-chain"
+        }
+        public var kind: Kind
+        public var error: ImageFormatError
+        public var description: String { error.description }
+    }
+
+    // MARK: Opening
+
+    /// Opens the image at `path`, with its backing chain.
     /// - Parameters:
     ///   - format: the format, or nil to probe it (a file that is not VIMG or qcow2 is raw).
-    ///   - readOnly: qcow2 images must be opened read-only.
-    ///   - snapshot: read an internal snapshot (by name or id) instead of the active state (read-only).
+    ///   - readOnly: open without write access (shared lock instead of an exclusive one). qcow2 images
+    ///     must be opened read-only.
+    ///   - snapshot: read an internal snapshot (by name; qcow2 also by id) instead of the active state
+    ///     (read-only).
     /// - Returns: a device whose `size` is the guest (virtual) size.
     /// - Throws: `ImageFormatError`, `VImageError` or `BlockIOError` with a clear message.
     public static func open(
@@ -34,37 +69,16 @@ public enum ImageFormats {
         readOnly: Bool,
         snapshot: String? = nil
     ) throws -> any BlockDevice {
-        let format = try format ?? probe(path: path)
-        switch format {
+        switch try format ?? probe(path: path) {
         case .raw:
-            return try DiskImage.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot)
-        case .vimg:
-            if snapshot == nil, let backing = try qcow2Backing(ofVImage: path) {
-                // VImage opens VIMG and raw backing files itself; a qcow2 one is opened here and handed in.
-                let device = try openQcow2(path: backing)
-                let host: FileDevice
-                do {
-                    host = try withPath(path) {
-                        try FileDevice.open(
-                            path: path,
-                            readOnly: readOnly,
-                            growable: true,
-                            lock: readOnly ? .shared : .exclusive
-                        )
-                    }
-                } catch {
-                    try? device.close()
-                    throw error
-                }
-                do {
-                    return try VImage.open(host: host, path: path, readOnly: readOnly, backing: device)
-                } catch {
-                    try? host.close()
-                    try? device.close()
-                    throw error
-                }
+            if snapshot != nil {
+                throw ImageFormatError(.invalidArgument, path: path, message: "raw images have no snapshots")
             }
-            return try DiskImage.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot)
+            return try withPath(path) {
+                try FileDevice.open(path: path, readOnly: readOnly, lock: readOnly ? .shared : .exclusive)
+            }
+        case .vimg:
+            return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot)
         case .qcow2:
             guard readOnly else {
                 throw ImageFormatError(
@@ -77,24 +91,229 @@ public enum ImageFormats {
         }
     }
 
-    /// The resolved path of a VIMG image's backing file when that file is qcow2.
-    static func qcow2Backing(ofVImage path: String) throws -> String? {
-        let header = try withPath(path) { () -> ImageHeader? in
-            let file = try FileDevice.open(path: path, readOnly: true)
-            defer { try? file.close() }
-            let bytes = try file.read(count: Int(min(file.size, 2 << 20)), at: 0)
-            return try? ImageHeader.decode(bytes)
+    /// Opens a VIMG image with its backing chain (any formats below it).
+    /// - Parameter alongsideWriter: open a snapshot without taking the file's lock, so it can be read
+    ///   while a writer has the image open (see `VImage.openSnapshotAlongsideWriter`).
+    public static func openVImage(
+        path: String,
+        readOnly: Bool,
+        snapshot: String? = nil,
+        options: VImage.OpenOptions = .init(),
+        alongsideWriter: Bool = false
+    ) throws -> VImage {
+        if alongsideWriter, let snapshot {
+            return try VImage.openSnapshotAlongsideWriter(
+                path: path,
+                snapshot: snapshot,
+                options: options,
+                backingOpener: openBacking
+            )
         }
-        guard let header, let name = header.backingFileName else { return nil }
-        let resolved = ImageConverter.resolve(name, relativeTo: path)
-        if let format = header.backingFileFormat { return format == "qcow2" ? resolved : nil }
-        guard access(resolved, F_OK) == 0 else { return nil }
-        return try probe(path: resolved) == .qcow2 ? resolved : nil
+        return try VImage.open(
+            path: path,
+            readOnly: readOnly,
+            snapshot: snapshot,
+            options: options,
+            backingOpener: openBacking
+        )
     }
+
+    /// Opens a qcow2 image and its backing chain.
+    public static func openQcow2(path: String, snapshot: String? = nil) throws -> Qcow2Image {
+        let file = try withPath(path) { try FileDevice.open(path: path, readOnly: true, lock: .shared) }
+        var backing: (any BlockDevice)? = nil
+        do {
+            let header = try Qcow2Header.read(from: file, path: path)
+            if let name = header.backingFile {
+                backing = try openBacking(BackingReference(name: name, format: header.backingFormat, imagePath: path))
+            }
+            return try Qcow2Image(file: file, path: path, snapshot: snapshot, backing: backing)
+        } catch {
+            try? backing?.close()
+            try? file.close()
+            throw error
+        }
+    }
+
+    /// Opens the backing chain a clone names, read-only, and returns its top level: the `BackingOpener`
+    /// every VIMG image is opened with.
+    public static func openBacking(_ reference: BackingReference) throws -> any BlockDevice {
+        let top = reference.imagePath.map { canonicalPath($0) ?? $0 }
+        let levels: [ChainLevel]
+        do {
+            levels = try backingLevels(from: reference, excluding: top.map { [$0] } ?? [])
+        } catch let failure as BackingChainError {
+            throw failure.error
+        }
+        var device: (any BlockDevice)? = nil
+        do {
+            for level in levels.reversed() {
+                let below = device
+                device = nil
+                device = try openLevel(level, over: below)
+            }
+        } catch {
+            try? device?.close()
+            throw error
+        }
+        return device!
+    }
+
+    /// Opens one chain level read-only over the (already open) level below, which it then owns.
+    private static func openLevel(_ level: ChainLevel, over below: (any BlockDevice)?) throws -> any BlockDevice {
+        var taken = false
+        do {
+            switch level.format {
+            case .raw:
+                try? below?.close()  // a raw level ends a chain: nothing is below it
+                taken = true
+                return try withPath(level.path) { try FileDevice.open(path: level.path, readOnly: true, lock: .shared) }
+            case .vimg:
+                return try VImage.open(
+                    path: level.path,
+                    readOnly: true,
+                    backingOpener: { _ in
+                        guard let below else {
+                            throw ImageFormatError(
+                                .invalidImage,
+                                path: level.path,
+                                message: "backing chain changed while opening"
+                            )
+                        }
+                        taken = true
+                        return below
+                    }
+                )
+            case .qcow2:
+                let file = try withPath(level.path) {
+                    try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
+                }
+                do {
+                    taken = true
+                    return try Qcow2Image(file: file, path: level.path, backing: below)
+                } catch {
+                    try? file.close()
+                    throw error
+                }
+            }
+        } catch {
+            if !taken { try? below?.close() }
+            throw error
+        }
+    }
+
+    // MARK: Chains
+
+    /// The levels of the backing chain below a clone, top-down, found by reading only headers.
+    /// - Parameter excluding: canonical paths that must not appear (the clone itself, to catch loops).
+    /// - Throws: `BackingChainError`.
+    public static func backingLevels(
+        from reference: BackingReference,
+        excluding: Set<String> = []
+    ) throws -> [ChainLevel] {
+        var levels: [ChainLevel] = []
+        var seen = excluding
+        var next: BackingReference? = reference
+        while let ref = next {
+            let resolved = ref.resolvedPath
+            guard access(resolved, F_OK) == 0 else {
+                throw BackingChainError(
+                    kind: .missing,
+                    error: ImageFormatError(
+                        .notFound,
+                        path: ref.imagePath,
+                        message: "backing file '\(ref.name)' not found (looked for \(resolved))"
+                    )
+                )
+            }
+            let canonical = canonicalPath(resolved) ?? resolved
+            guard seen.insert(canonical).inserted else {
+                throw BackingChainError(
+                    kind: .loop,
+                    error: ImageFormatError(
+                        .invalidImage,
+                        path: ref.imagePath,
+                        message: "backing chain loops back to \(canonical)"
+                    )
+                )
+            }
+            guard levels.count < maxBackingDepth else {
+                throw BackingChainError(
+                    kind: .other,
+                    error: ImageFormatError(
+                        .limitExceeded,
+                        path: ref.imagePath,
+                        message: "backing chain is deeper than \(maxBackingDepth) images"
+                    )
+                )
+            }
+            do {
+                let format: Format
+                if let text = ref.format {
+                    guard let named = Format(rawValue: text) else {
+                        throw ImageFormatError(
+                            .unsupportedFeature,
+                            path: ref.imagePath,
+                            message: "unknown backing format '\(text)'"
+                        )
+                    }
+                    format = named
+                } else {
+                    format = try probe(path: resolved)
+                }
+                levels.append(ChainLevel(path: resolved, format: format))
+                next = try backingReference(of: resolved, format: format)
+            } catch let error as ImageFormatError {
+                throw BackingChainError(kind: .other, error: error)
+            } catch {
+                throw BackingChainError(
+                    kind: .other,
+                    error: ImageFormatError(.invalidImage, path: resolved, message: "\(error)", cause: error)
+                )
+            }
+        }
+        return levels
+    }
+
+    /// The backing file an image names, read from its header alone (nil for raw images and for images
+    /// without one).
+    public static func backingReference(of path: String, format: Format) throws -> BackingReference? {
+        switch format {
+        case .raw:
+            return nil
+        case .vimg:
+            let header = try withPath(path) { () -> ImageHeader in
+                let file = try FileDevice.open(path: path, readOnly: true)
+                defer { try? file.close() }
+                let bytes = try file.read(count: Int(min(file.size, 2 << 20)), at: 0)
+                return try ImageHeader.decode(bytes)
+            }
+            return header.backingFileName.map {
+                BackingReference(name: $0, format: header.backingFileFormat, imagePath: path)
+            }
+        case .qcow2:
+            let header = try withPath(path) { () -> Qcow2Header in
+                let file = try FileDevice.open(path: path, readOnly: true)
+                defer { try? file.close() }
+                return try Qcow2Header.read(from: file, path: path)
+            }
+            return header.backingFile.map { BackingReference(name: $0, format: header.backingFormat, imagePath: path) }
+        }
+    }
+
+    // MARK: Formats
 
     /// Guesses a file's format from its magic bytes.
     public static func probe(path: String) throws -> Format {
-        try withPath(path) { try DiskImage.probe(path: path) }
+        try withPath(path) {
+            let file = try FileDevice.open(path: path, readOnly: true)
+            defer { try? file.close() }
+            guard file.size >= 4 else { return .raw }
+            let magic = try file.read(count: 4, at: 0)
+            if magic == ImageHeader.magicBytes { return .vimg }
+            if magic == Qcow2Header.magic { return .qcow2 }
+            return .raw
+        }
     }
 
     /// Parses a format name (`raw`, `vimg`, `qcow2`).
@@ -105,100 +324,57 @@ public enum ImageFormats {
         return format
     }
 
-    /// Opens a qcow2 image and its backing chain.
-    public static func openQcow2(path: String, snapshot: String? = nil) throws -> Qcow2Image {
-        // Walk down: every level's path, format, and (for qcow2) its already-validated header.
-        var levels: [(path: String, format: Format)] = [(path, .qcow2)]
-        var seen: Set<String> = [realPath(path) ?? path]
-        var current = path
-        while true {
-            let header = try withPath(current) { () -> Qcow2Header in
-                let file = try FileDevice.open(path: current, readOnly: true)
-                defer { try? file.close() }
-                return try Qcow2Header.read(from: file, path: current)
-            }
-            guard let name = header.backingFile else { break }
-            var resolved = name
-            if !name.hasPrefix("/"), let slash = current.lastIndex(of: "/") {
-                resolved = String(current[...slash]) + name
-            }
-            guard access(resolved, F_OK) == 0 else {
-                throw ImageFormatError(
-                    .notFound,
-                    path: current,
-                    message: "backing file '\(name)' not found (looked for \(resolved))"
-                )
-            }
-            let canonical = realPath(resolved) ?? resolved
-            guard seen.insert(canonical).inserted else {
-                throw ImageFormatError(
-                    .invalidImage,
-                    path: current,
-                    message: "backing chain loops back to \(canonical)"
-                )
-            }
-            guard levels.count <= maxBackingDepth else {
-                throw ImageFormatError(
-                    .limitExceeded,
-                    path: path,
-                    message: "backing chain is deeper than \(maxBackingDepth) images"
-                )
-            }
-            let kind: Format
-            if let text = header.backingFormat {
-                guard let f = Format(rawValue: text) else {
-                    throw ImageFormatError(
-                        .unsupportedFeature,
-                        path: current,
-                        message: "unsupported backing format '\(text)'"
-                    )
-                }
-                kind = f
-            } else {
-                kind = try probe(path: resolved)
-            }
-            levels.append((resolved, kind))
-            if kind != .qcow2 { break }
-            current = resolved
-        }
-        // Open up: each level over the one below; the top level reads the snapshot, if any.
-        var device: (any BlockDevice)? = nil
-        do {
-            for (index, level) in levels.enumerated().reversed() {
-                switch level.format {
-                case .raw:
-                    device = try withPath(level.path) {
-                        try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
-                    }
-                case .vimg:
-                    device = try VImage.open(path: level.path, readOnly: true)
-                case .qcow2:
-                    let file = try withPath(level.path) {
-                        try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
-                    }
-                    do {
-                        device = try Qcow2Image(
-                            file: file,
-                            path: level.path,
-                            snapshot: index == 0 ? snapshot : nil,
-                            backing: device
-                        )
-                    } catch {
-                        try? file.close()
-                        throw error
-                    }
-                }
-            }
-        } catch {
-            try? device?.close()
-            throw error
-        }
-        return device as! Qcow2Image
-    }
-}
+    // MARK: Checking
 
-func realPath(_ path: String) -> String? {
-    guard let resolved = realpath(path, nil) else { return nil }
-    defer { free(resolved) }
-    return String(cString: resolved)
+    /// Checks the image at `path` (VIMG or qcow2), including whether its backing chain can be opened.
+    public static func check(path: String) throws -> CheckReport {
+        switch try probe(path: path) {
+        case .qcow2:
+            return try Qcow2Check.check(path: path)
+        case .raw:
+            throw ImageFormatError(.invalidArgument, path: path, message: "raw images have no metadata to check")
+        case .vimg:
+            let file = try withPath(path) {
+                try FileDevice.open(path: path, readOnly: true, growable: true, lock: .shared)
+            }
+            defer { try? file.close() }
+            var report = ImageCheck.check(host: file)
+            checkBackingChain(of: path, report: &report)
+            return report
+        }
+    }
+
+    /// Checks and repairs the VIMG image at `path` (opened read-write with an exclusive lock).
+    /// - Parameters:
+    ///   - mode: `.leaks` or `.all`.
+    ///   - dryRun: report what would be done, change nothing.
+    public static func repair(path: String, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
+        let host = try withPath(path) {
+            try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive)
+        }
+        defer { try? host.close() }
+        var result = try withPath(path) { try ImageCheck.repair(host: host, mode: mode, dryRun: dryRun) }
+        checkBackingChain(of: path, report: &result.before)
+        checkBackingChain(of: path, report: &result.after)
+        return result
+    }
+
+    /// A clone whose backing chain cannot be opened cannot be read, so (as `qemu-img check`, which
+    /// fails to open it) the check is incomplete: a `backing-missing`, `backing-loop` or
+    /// `backing-chain` finding and a check error (exit code 1). Repair cannot fix it; `vimg rebase`
+    /// can. Only headers are read.
+    static func checkBackingChain(of path: String, report: inout CheckReport) {
+        guard let reference = try? backingReference(of: path, format: .vimg) else { return }
+        do {
+            _ = try backingLevels(from: reference, excluding: [canonicalPath(path) ?? path])
+        } catch let failure as BackingChainError {
+            report.add(.info, failure.kind.rawValue, failure.error.message)
+            report.checkErrors += 1
+            if report.incompleteReason == nil { report.incompleteReason = failure.error.message }
+        } catch {
+            report.add(.info, BackingChainError.Kind.other.rawValue, "\(error)")
+            report.checkErrors += 1
+            if report.incompleteReason == nil { report.incompleteReason = "\(error)" }
+        }
+    }
 }

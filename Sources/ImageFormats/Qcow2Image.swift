@@ -67,15 +67,7 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
         self.header = header
         self.fileSize = file.size
         self.backing = backing
-        if let name = header.backingFile {
-            if !name.hasPrefix("/"), let path, let slash = path.lastIndex(of: "/") {
-                backingPath = String(path[...slash]) + name
-            } else {
-                backingPath = name
-            }
-        } else {
-            backingPath = nil
-        }
+        backingPath = header.backingFile.map { BackingReference.resolve($0, relativeTo: path) }
         let table: (entries: [Qcow2Snapshot], bytes: UInt64) =
             header.snapshotCount > 0 ? try Qcow2Snapshot.readTable(from: file, header: header, path: path) : ([], 0)
         snapshots = table.entries

@@ -1,5 +1,6 @@
 import BlockIO
 import Foundation
+import ImageFormats
 import VImage
 
 /// An opened backend: the device the front ends see, and what must be closed (top first) on unplug.
@@ -55,7 +56,13 @@ enum Backends {
             let readOnly = request.readOnly || request.overlay || request.snapshot != nil
             let (device, format): (any BlockDevice, String)
             if let snapshot = request.snapshot, alongside(path) {
-                (device, format) = (try VImage.openSnapshotAlongsideWriter(path: path, snapshot: snapshot), "vimg")
+                let view = try ImageFormats.openVImage(
+                    path: path,
+                    readOnly: true,
+                    snapshot: snapshot,
+                    alongsideWriter: true
+                )
+                (device, format) = (view, "vimg")
             } else {
                 (device, format) = try opener.openImage(path, request.format, readOnly, request.snapshot)
             }

@@ -111,63 +111,61 @@ extension VImage {
         record[2] = UInt8((length >> 8) & 0xff)
         record[3] = UInt8(length & 0xff)
         record.replaceSubrange(4..<4 + payload.count, with: payload)
+        try guestWillChange(offset: offset, count: UInt64(cs))
         // Reserve the record's span (and the guest cluster) under the lock, write it outside, then commit.
-        let descriptor = try monitor.withLock { () -> CompressedDescriptor in
-            try checkOpen()
-            while inflight.contains(guestCluster) { monitor.wait() }
-            let d = try wrapIO(path) { try reserveCompressedSpan(bytes: record.count) }
-            inflight.insert(guestCluster)
+        let guest = GuestCluster(guestCluster)
+        let ready = { (m: Metadata) in m.acceptsRequest(touching: guest...guest) }
+        let (descriptor, ticket) = try plan(waitingUntil: ready) { m in
+            let d = try m.reserveCompressedSpan(bytes: record.count)
+            m.inflight.insert(guest)
             return d
         }
+        defer { leave(ticket) }
         do {
             try wrapIO(path) { try host.write(record, at: descriptor.hostOffset) }
         } catch {
-            monitor.withLock {
-                inflight.remove(guestCluster)
-                monitor.broadcast()
-            }
+            state.withLock(broadcast: true) { _ = $0.inflight.remove(guest) }
             throw error  // the reserved span stays counted: a leak at worst, never a bad reference
         }
-        try monitor.withLock {
-            defer {
-                inflight.remove(guestCluster)
-                monitor.broadcast()
-            }
+        try state.withLock(broadcast: true) { m in
+            defer { m.inflight.remove(guest) }
             try wrapIO(path) {
-                let table = try writableL2Table(guestCluster: guestCluster)
-                let index = geometry.l2Index(guestCluster: guestCluster)
-                queueFree(L2Entry(raw: table.entries[index]))
-                table.entries[index] = L2Entry.compressed(descriptor).rawValue
+                let table = try m.writableL2Table(guest)
+                let index = geometry.l2Index(of: guest)
+                m.queueFree(m.entries.decode(table.entries[index]))
+                table.entries[index] = m.entries.encode(.compressed(descriptor))
                 table.isDirty = true
             }
         }
     }
+}
 
+extension Metadata {
     /// Finds room for a record of `bytes` (a multiple of 512, less than a cluster) in the clusters set
     /// aside for compressed data, counting one reference on every cluster it touches. Lock held.
     ///
     /// The first record in a fresh cluster uses the reference its allocation made; later records add one.
-    func reserveCompressedSpan(bytes: Int) throws -> CompressedDescriptor {
+    mutating func reserveCompressedSpan(bytes: Int) throws -> CompressedDescriptor {
         let cs = UInt64(geometry.clusterSize)
         let length = UInt64(bytes)
-        var fresh: UInt64? = nil
-        if let cursor = compressedCursor, cursor % cs != 0 {
-            let current = geometry.clusterIndex(cursor)
-            if cursor + length <= (current + 1) * cs {
+        var fresh: HostCluster? = nil
+        if let cursor = compressedCursor, cursor.rawValue % cs != 0 {
+            let current = geometry.cluster(containing: cursor)
+            if cursor.rawValue + length <= geometry.offset(of: current + 1).rawValue {
                 try incrementRefcount(current)
-                compressedCursor = cursor + length
-                return CompressedDescriptor(hostOffset: cursor, sectors: length / 512)
+                compressedCursor = HostOffset(cursor.rawValue + length)
+                return CompressedDescriptor(hostOffset: cursor.rawValue, sectors: length / 512)
             }
             let next = try allocateCluster(after: current)
             if next == current + 1 {
                 try incrementRefcount(current)  // `next` holds its reference from the allocation
-                compressedCursor = cursor + length
-                return CompressedDescriptor(hostOffset: cursor, sectors: length / 512)
+                compressedCursor = HostOffset(cursor.rawValue + length)
+                return CompressedDescriptor(hostOffset: cursor.rawValue, sectors: length / 512)
             }
             fresh = next  // not contiguous: start the record there instead
         }
-        let start = geometry.offset(ofCluster: try fresh ?? allocateCluster())
-        compressedCursor = start + length
-        return CompressedDescriptor(hostOffset: start, sectors: length / 512)
+        let start = geometry.offset(of: try fresh ?? allocateCluster())
+        compressedCursor = HostOffset(start.rawValue + length)
+        return CompressedDescriptor(hostOffset: start.rawValue, sectors: length / 512)
     }
 }

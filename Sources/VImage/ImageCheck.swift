@@ -105,44 +105,6 @@ public enum ImageCheck {
         return report
     }
 
-    /// Checks the image file at `path`, opened read-only with a shared lock.
-    public static func check(path: String) throws -> CheckReport {
-        let file = try wrapIO(path) { try FileDevice.open(path: path, readOnly: true, growable: true, lock: .shared) }
-        defer { try? file.close() }
-        var report = check(host: file)
-        checkBackingChain(host: file, path: path, report: &report)
-        return report
-    }
-
-    /// A clone whose backing chain cannot be opened cannot be read, so (as `qemu-img check`, which
-    /// fails to open it) the check is incomplete: a `backing-missing`, `backing-loop` or
-    /// `backing-chain` finding and a check error (exit code 1). Repair cannot fix it; `vimg rebase`
-    /// can. Only headers are read.
-    static func checkBackingChain(host: any BlockDevice, path: String, report: inout CheckReport) {
-        guard let bytes = try? readHeaderCluster(host, fileSize: host.size),
-            let header = try? ImageHeader.decode(bytes),
-            let name = header.backingFileName
-        else { return }
-        let kind: String
-        let message: String
-        do {
-            _ = try VImage.backingChainLevels(name: name, format: header.backingFileFormat, childPath: path)
-            return
-        } catch let failure as VImage.BackingChainFailure {
-            kind = failure.kind.rawValue
-            message = failure.error.message
-        } catch let error as VImageError {
-            kind = "backing-chain"
-            message = error.message
-        } catch {
-            kind = "backing-chain"
-            message = "\(error)"
-        }
-        report.add(.info, kind, message)
-        report.checkErrors += 1
-        if report.incompleteReason == nil { report.incompleteReason = message }
-    }
-
     /// What a check learned, kept for repair.
     struct Analysis {
         var header: ImageHeader
@@ -162,394 +124,106 @@ public enum ImageCheck {
         var refcountStructure: [UInt64] = []
     }
 
+    /// The check, step by step (each step is a method of `CheckRun` below).
     @discardableResult
     static func run(host: any BlockDevice, report: inout CheckReport) throws -> Analysis {
-        let fileSize = host.size
-        let header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
+        var check = try CheckRun(host: host, report: report)
+        try check.countRefcountStructure()
+        try check.walkActiveL1()
+        try check.walkSnapshots()
+        try check.findDataOnMetadata()
+        try check.compareRefcounts()
+        try check.checkCopiedFlags()
+        report = check.report
+        return check.analysis
+    }
+}
+
+/// The state of one check as its steps build it up.
+///
+/// Marks per cluster of the file: metadata (the header, refcount structure, L1 tables and snapshot table:
+/// "structural"; L2 tables), data referenced by an L2 entry, and data claimed exclusive by an active COPIED
+/// L2 entry. Data on metadata and COPIED on a shared cluster are rare: the marks tell whether any exists,
+/// and only then are the L2 tables read again to name the entries, so the common case keeps no
+/// per-reference list (memory stays one counter and one byte per cluster).
+struct CheckRun {
+    static let structuralMark: UInt8 = 1
+    static let l2Mark: UInt8 = 2
+    static let dataMark: UInt8 = 4
+    static let copiedMark: UInt8 = 8
+
+    let host: any BlockDevice
+    let header: ImageHeader
+    let g: ClusterGeometry
+    let cs: UInt64
+    let fileSize: UInt64
+    let fileClusters: UInt64
+    var report: CheckReport
+
+    /// References per host cluster inside the file, and past its end (data clusters unwritten when a
+    /// writer crashed).
+    var expected: [UInt32]
+    var beyond: [UInt64: UInt32] = [:]
+    var marks: [UInt8]
+    /// Where each reference was found, as indices: the text is built only for a finding.
+    var walkNames: [String] = []
+    var l2References: [(entry: UInt64, cluster: UInt64, site: Site)] = []
+    var entryFixes: [(offset: UInt64, value: UInt64)] = []
+    var dropSnapshots = false
+    var refcountStructure: [UInt64] = []
+    var refcountTable: [UInt64] = []
+    var blockOffsets: [UInt64?] = []
+    var visitedL2 = Set<UInt64>()
+    /// Each distinct L2 table, where it was first reached, and whether its COPIED flags are promises
+    /// (reached through an active L1 entry with COPIED).
+    var l2Walked: [(offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)] = []
+    var l1CopiedChecks: [(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64)] = []
+    /// An active COPIED entry points past the end of the file (its references are known only at the end).
+    var copiedBeyond = false
+    var lastHost: UInt64? = nil
+    var stored: [UInt16] = []
+    var storedBeyond: [UInt64: UInt16] = [:]
+    var covered: [Bool] = []
+
+    /// Step 1: the header, validated, and the counters sized by the real file (never by a field).
+    init(host: any BlockDevice, report: CheckReport) throws {
+        self.host = host
+        self.report = report
+        fileSize = host.size
+        header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
         try header.validate(fileSize: fileSize)
-        let g = header.geometry
-        let cs = UInt64(g.clusterSize)
-        let fileClusters = g.clusters(covering: fileSize)
-        guard fileClusters <= maxClusters else {
+        g = header.geometry
+        cs = UInt64(g.clusterSize)
+        fileClusters = g.clusters(covering: fileSize)
+        guard fileClusters <= ImageCheck.maxClusters else {
             throw VImageError(.limitExceeded, message: "file is too large to check (\(fileClusters) clusters)")
         }
-        report.isDirty = header.incompatibleFeatures.contains(.dirty)
-        report.isMarkedCorrupt = header.incompatibleFeatures.contains(.corrupt)
-        report.totalClusters = g.clusters(covering: header.virtualSize)
-        report.imageEndOffset = fileSize
-        if report.isDirty {
-            report.add(.info, "dirty", "the image was not closed cleanly (dirty bit set); leaked clusters are possible")
+        self.report.isDirty = header.incompatibleFeatures.contains(.dirty)
+        self.report.isMarkedCorrupt = header.incompatibleFeatures.contains(.corrupt)
+        self.report.totalClusters = g.clusters(covering: header.virtualSize)
+        self.report.imageEndOffset = fileSize
+        if self.report.isDirty {
+            self.report.add(
+                .info,
+                "dirty",
+                "the image was not closed cleanly (dirty bit set); leaked clusters are possible"
+            )
         }
-        if report.isMarkedCorrupt {
-            report.add(.info, "marked-corrupt", "the image is marked corrupt")
+        if self.report.isMarkedCorrupt {
+            self.report.add(.info, "marked-corrupt", "the image is marked corrupt")
         }
-
-        var expected = [UInt32](repeating: 0, count: Int(fileClusters))
-        var beyond: [UInt64: UInt32] = [:]  // data clusters past the end of the file (unwritten when a writer crashed)
-        func reference(_ cluster: UInt64) {
-            if cluster < fileClusters {
-                expected[Int(cluster)] &+= 1
-            } else {
-                beyond[cluster, default: 0] &+= 1
-            }
+        // Informational extensions are ignored when malformed; say so, without failing the check.
+        for problem in header.informationalExtensionProblems {
+            self.report.add(.info, "header-extension", problem)
         }
-        // Marks per cluster of the file: metadata (the header, refcount structure, L1 tables and snapshot
-        // table: "structural"; L2 tables), data referenced by an L2 entry, and data claimed exclusive by
-        // an active COPIED L2 entry. Data on metadata and COPIED on a shared cluster are rare: the marks
-        // tell whether any exists, and only then are the L2 tables read again to name the entries, so
-        // the common case keeps no per-reference list (memory stays one counter and one byte per cluster).
-        let structuralMark: UInt8 = 1
-        let l2Mark: UInt8 = 2
-        let dataMark: UInt8 = 4
-        let copiedMark: UInt8 = 8
-        var marks = [UInt8](repeating: 0, count: Int(fileClusters))
-        if fileClusters > 0 { marks[0] = structuralMark }
-        func isMarked(_ cluster: UInt64, _ mark: UInt8) -> Bool {
-            cluster < fileClusters && marks[Int(cluster)] & mark != 0
-        }
-        // Where each reference was found, as indices: the text is built only for a finding.
-        var walkNames: [String] = []
-        func describe(_ site: Site) -> String {
-            switch site.l2 {
-            case Site.l1Entry: return "\(walkNames[Int(site.walk)]) L1 entry \(site.l1)"
-            case Site.activeL1Entry: return "L1 entry \(site.l1)"
-            default: return "\(walkNames[Int(site.walk)]) L2 table \(site.l1) entry \(site.l2)"
-            }
-        }
-        var l2References: [(entry: UInt64, cluster: UInt64, site: Site)] = []
-        /// References a metadata area, which must be cluster aligned and inside the file.
-        func referenceMetadata(
-            _ offset: UInt64,
-            bytes: UInt64,
-            _ what: String,
-            isL2: Bool = false,
-            report: inout CheckReport
-        ) -> Bool {
-            let (end, overflow) = offset.addingReportingOverflow(bytes)
-            guard g.isAligned(offset), offset != 0, !overflow, end <= fileSize else {
-                report.add(
-                    .corruption,
-                    "outside-file",
-                    "\(what) at 0x\(String(offset, radix: 16)) is misaligned or outside the file",
-                    at: offset
-                )
-                return false
-            }
-            for c in g.clusterIndex(offset)..<g.clusters(covering: end) {
-                reference(c)
-                marks[Int(c)] |= isL2 ? l2Mark : structuralMark
-            }
-            return true
-        }
-
+        expected = [UInt32](repeating: 0, count: Int(fileClusters))
+        marks = [UInt8](repeating: 0, count: Int(fileClusters))
+        if fileClusters > 0 { marks[0] = Self.structuralMark }
         reference(0)
-        let rtBytes = UInt64(header.refcountTableClusters) * cs
-        var entryFixes: [(offset: UInt64, value: UInt64)] = []
-        var dropSnapshots = false
-        var refcountStructure: [UInt64] = []
-        if referenceMetadata(header.refcountTableOffset.rawValue, bytes: rtBytes, "refcount table", report: &report) {
-            refcountStructure += Array(
-                g.clusterIndex(
-                    header.refcountTableOffset.rawValue
-                )..<g.clusters(covering: header.refcountTableOffset.rawValue + rtBytes)
-            )
-        }
-        let table = try host.read(count: Int(rtBytes), at: header.refcountTableOffset.rawValue).withUnsafeBytes {
-            decodeTable($0, as: UInt64.self)
-        }
-        var blockOffsets = [UInt64?](repeating: nil, count: table.count)
-        for (i, raw) in table.enumerated() where raw != 0 {
-            if raw & ~hostOffsetMask != 0 {
-                report.add(
-                    .corruption,
-                    "reserved-bits",
-                    "refcount table entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))"
-                )
-            }
-            let offset = raw & hostOffsetMask
-            if referenceMetadata(offset, bytes: cs, "refcount block \(i)", report: &report) {
-                blockOffsets[i] = offset
-                refcountStructure.append(g.clusterIndex(offset))
-            }
-        }
+    }
 
-        // The L1 tables: the active one, then each snapshot's.
-        var visitedL2 = Set<UInt64>()
-        /// Each distinct L2 table, where it was first reached, and whether its COPIED flags are promises
-        /// (reached through an active L1 entry with COPIED).
-        var l2Walked: [(offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)] = []
-        var l1CopiedChecks: [(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64)] = []
-        /// An active COPIED entry points past the end of the file (its references are known only at the end).
-        var copiedBeyond = false
-        var lastHost: UInt64? = nil
-        func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String, report: inout CheckReport) throws {
-            // An empty L1 table may still own the cluster reserved for it (a 0-byte image).
-            guard l1Size > 0 || l1Offset != 0 else { return }
-            guard referenceMetadata(l1Offset, bytes: max(8, UInt64(l1Size) * 8), "\(name) L1 table", report: &report)
-            else {
-                if !active { dropSnapshots = true }
-                return
-            }
-            let l1 = try host.read(count: Int(l1Size) * 8, at: l1Offset).withUnsafeBytes {
-                decodeTable($0, as: UInt64.self)
-            }
-            walkNames.append(name)
-            let walkIndex = Int32(walkNames.count - 1)
-            for (i, raw) in l1.enumerated() where raw != 0 {
-                let entry = L1Entry(rawValue: raw)
-                let entryOffset = l1Offset + UInt64(i * 8)
-                if entry.reservedBits != 0 {
-                    report.add(
-                        .corruption,
-                        "reserved-bits",
-                        "\(name) L1 entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))",
-                        at: entryOffset
-                    )
-                    entryFixes.append((entryOffset, raw & (hostOffsetMask | copiedFlag)))
-                }
-                guard let l2 = entry.l2Table?.rawValue else { continue }
-                guard referenceMetadata(l2, bytes: cs, "\(name) L2 table \(i)", isL2: true, report: &report) else {
-                    entryFixes.append((entryOffset, 0))
-                    continue
-                }
-                l2References.append((entryOffset, g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.l1Entry)))
-                if active && entry.isCopied {
-                    l1CopiedChecks.append(
-                        (g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw)
-                    )
-                }
-                guard visitedL2.insert(l2).inserted else { continue }
-                let copiedScan = active && entry.isCopied
-                l2Walked.append((l2, walkIndex, i, copiedScan))
-                let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
-                for (j, raw) in entries.enumerated() where raw != 0 {
-                    let site = Site(walk: walkIndex, l1: i, l2: j)
-                    let entryOffset = l2 + UInt64(j * 8)
-                    if L2Entry.reservedBits(raw) != 0 {
-                        report.add(
-                            .corruption,
-                            "reserved-bits",
-                            "\(describe(site)) has reserved bits set (0x\(String(raw, radix: 16)))",
-                            at: entryOffset
-                        )
-                        entryFixes.append((entryOffset, raw & ~L2Entry.reservedBits(raw)))
-                    }
-                    let e = L2Entry(raw: raw & ~L2Entry.reservedBits(raw))
-                    if let host = e.hostCluster?.rawValue, host >= fileSize {
-                        // Past the end: never written (a crash between the metadata and the data). Reads as
-                        // zeroes; `-r all` drops the reference so the refcounts need not cover it.
-                        entryFixes.append((entryOffset, 0))
-                    }
-                    if let host = e.hostCluster?.rawValue {
-                        let c = g.clusterIndex(host)
-                        reference(c)
-                        let claimsCopied = copiedScan && raw & copiedFlag != 0
-                        if c < fileClusters {
-                            marks[Int(c)] |= claimsCopied ? dataMark | copiedMark : dataMark
-                        } else if claimsCopied {
-                            copiedBeyond = true
-                        }
-                    }
-                    if case .compressed(let d) = e {
-                        let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
-                        if overflow || end > fileSize || d.hostOffset == 0 {
-                            report.add(
-                                .corruption,
-                                "compressed-out-of-range",
-                                "\(describe(site)): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file",
-                                at: d.hostOffset
-                            )
-                            entryFixes.append((entryOffset, 0))
-                        } else {
-                            for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) {
-                                reference(c)
-                                marks[Int(c)] |= dataMark
-                            }
-                        }
-                    }
-                    guard active else { continue }
-                    switch e {
-                    case .normal(let host, _):
-                        report.allocatedClusters += 1
-                        if let lastHost, host.rawValue != lastHost + cs { report.fragmentedClusters += 1 }
-                        lastHost = host.rawValue
-                    case .compressed:
-                        report.allocatedClusters += 1
-                        report.compressedClusters += 1
-                    default: break
-                    }
-                }
-            }
-        }
-        try walk(
-            l1Offset: header.l1TableOffset.rawValue,
-            l1Size: header.l1Size,
-            active: true,
-            name: "active",
-            report: &report
-        )
-
-        if header.snapshotCount > 0 {
-            if referenceMetadata(
-                header.snapshotTableOffset.rawValue,
-                bytes: UInt64(header.snapshotTableSize),
-                "snapshot table",
-                report: &report
-            ) {
-                let bytes = try host.read(count: Int(header.snapshotTableSize), at: header.snapshotTableOffset.rawValue)
-                do {
-                    let snapshots = try SnapshotTable.decode(
-                        bytes,
-                        count: Int(header.snapshotCount),
-                        geometry: g,
-                        fileSize: fileSize
-                    )
-                    for s in snapshots {
-                        try walk(
-                            l1Offset: s.l1TableOffset.rawValue,
-                            l1Size: s.l1Size,
-                            active: false,
-                            name: "snapshot '\(s.name)'",
-                            report: &report
-                        )
-                    }
-                } catch let error as VImageError {
-                    report.add(.corruption, "snapshot-table", error.message, at: header.snapshotTableOffset.rawValue)
-                    dropSnapshots = true
-                }
-            } else {
-                dropSnapshots = true
-            }
-        }
-
-        // Tables or data placed on metadata: whatever is written through them overwrites the metadata.
-        for r in l2References where isMarked(r.cluster, structuralMark) {
-            report.add(
-                .corruption,
-                "metadata-overlap",
-                "\(describe(r.site)) points at metadata (cluster \(r.cluster))",
-                at: r.entry
-            )
-            entryFixes.append((r.entry, 0))
-        }
-        /// The entries of a walked L2 table, decoded as the walk decoded them (reserved bits ignored).
-        func rereadTable(_ t: (offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)) throws -> [UInt64] {
-            try host.read(count: Int(cs), at: t.offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
-        }
-        let metadataMarks = structuralMark | l2Mark
-        if marks.contains(where: { $0 & dataMark != 0 && $0 & metadataMarks != 0 }) {
-            for t in l2Walked {
-                for (j, raw) in try rereadTable(t).enumerated() where raw != 0 {
-                    let site = Site(walk: t.walk, l1: t.l1, l2: j)
-                    let entryOffset = t.offset + UInt64(j * 8)
-                    var clusters: [UInt64] = []
-                    switch L2Entry(raw: raw & ~L2Entry.reservedBits(raw)) {
-                    case .normal(let host, _), .zero(.some(let host), _): clusters = [g.clusterIndex(host.rawValue)]
-                    case .compressed(let d):
-                        let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
-                        if !overflow && end <= fileSize && d.hostOffset != 0 {
-                            clusters = Array(g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1))
-                        }
-                    default: break
-                    }
-                    for c in clusters where isMarked(c, metadataMarks) {
-                        report.add(
-                            .corruption,
-                            "metadata-overlap",
-                            "\(describe(site)) maps data onto metadata (cluster \(c))",
-                            at: entryOffset
-                        )
-                        entryFixes.append((entryOffset, 0))
-                    }
-                }
-            }
-        }
-
-        // Compare with the stored refcounts.
-        let perBlock = UInt64(g.refcountBlockEntries)
-        var stored = [UInt16](repeating: 0, count: Int(fileClusters))
-        var storedBeyond: [UInt64: UInt16] = [:]
-        var covered = [Bool](repeating: false, count: table.count)
-        for (i, offset) in blockOffsets.enumerated() {
-            guard let offset else { continue }
-            covered[i] = true
-            let block = try host.read(count: Int(cs), at: offset).withUnsafeBytes { decodeTable($0, as: UInt16.self) }
-            for (j, count) in block.enumerated() where count != 0 {
-                let cluster = UInt64(i) * perBlock + UInt64(j)
-                if cluster < fileClusters { stored[Int(cluster)] = count } else { storedBeyond[cluster] = count }
-            }
-        }
-        func compare(_ cluster: UInt64, stored: UInt16, expected: UInt32, report: inout CheckReport) {
-            guard UInt32(stored) != expected else { return }
-            let offset = cluster * cs
-            if UInt32(stored) > expected {
-                report.add(
-                    .leak,
-                    expected == 0 ? "leaked-cluster" : "refcount-too-high",
-                    "cluster \(cluster) has refcount \(stored) but \(expected) references",
-                    at: offset
-                )
-            } else {
-                let tableIndex = cluster / perBlock
-                let hasBlock = tableIndex < UInt64(covered.count) && covered[Int(tableIndex)]
-                report.add(
-                    .corruption,
-                    "refcount-too-low",
-                    hasBlock
-                        ? "cluster \(cluster) has refcount \(stored) but \(expected) references"
-                        : "cluster \(cluster) is referenced \(expected) times but has no refcount block",
-                    at: offset
-                )
-            }
-        }
-        for c in 0..<Int(fileClusters) where UInt32(stored[c]) != expected[c] {
-            compare(UInt64(c), stored: stored[c], expected: expected[c], report: &report)
-        }
-        for cluster in Set(beyond.keys).union(storedBeyond.keys).sorted() {
-            compare(cluster, stored: storedBeyond[cluster] ?? 0, expected: beyond[cluster] ?? 0, report: &report)
-        }
-
-        // A COPIED flag promises the cluster has one reference, so writing it in place is safe. A set flag
-        // on a shared cluster would let a write change a snapshot: corruption. A clear flag on an owned
-        // cluster only costs a needless copy later (a crash between the refcount and flag updates of a
-        // snapshot operation can leave one), so it is not reported.
-        func checkCopied(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64, report: inout CheckReport) {
-            let references = cluster < fileClusters ? expected[Int(cluster)] : beyond[cluster] ?? 0
-            if references != 1 {
-                report.add(
-                    .corruption,
-                    "copied-flag",
-                    "\(describe(site)): COPIED flag is set but the cluster has \(references) references",
-                    at: cluster * cs
-                )
-                entryFixes.append((entry, raw & ~copiedFlag))
-            }
-        }
-        for check in l1CopiedChecks {
-            checkCopied(cluster: check.cluster, site: check.site, entry: check.entry, raw: check.raw, report: &report)
-        }
-        var copiedSuspect = copiedBeyond
-        for c in 0..<Int(fileClusters) where marks[c] & copiedMark != 0 && expected[c] != 1 {
-            copiedSuspect = true
-            break
-        }
-        if copiedSuspect {
-            for t in l2Walked where t.copiedScan {
-                for (j, raw) in try rereadTable(t).enumerated() where raw & copiedFlag != 0 {
-                    guard let host = L2Entry(raw: raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else {
-                        continue
-                    }
-                    checkCopied(
-                        cluster: g.clusterIndex(host),
-                        site: Site(walk: t.walk, l1: t.l1, l2: j),
-                        entry: t.offset + UInt64(j * 8),
-                        raw: raw,
-                        report: &report
-                    )
-                }
-            }
-        }
-        return Analysis(
+    var analysis: ImageCheck.Analysis {
+        ImageCheck.Analysis(
             header: header,
             fileClusters: fileClusters,
             expected: expected,
@@ -561,6 +235,348 @@ public enum ImageCheck {
             dropSnapshots: dropSnapshots,
             refcountStructure: refcountStructure
         )
+    }
+
+    mutating func reference(_ cluster: UInt64) {
+        if cluster < fileClusters {
+            expected[Int(cluster)] &+= 1
+        } else {
+            beyond[cluster, default: 0] &+= 1
+        }
+    }
+
+    func isMarked(_ cluster: UInt64, _ mark: UInt8) -> Bool {
+        cluster < fileClusters && marks[Int(cluster)] & mark != 0
+    }
+
+    func describe(_ site: Site) -> String {
+        switch site.l2 {
+        case Site.l1Entry: return "\(walkNames[Int(site.walk)]) L1 entry \(site.l1)"
+        case Site.activeL1Entry: return "L1 entry \(site.l1)"
+        default: return "\(walkNames[Int(site.walk)]) L2 table \(site.l1) entry \(site.l2)"
+        }
+    }
+
+    /// References a metadata area, which must be cluster aligned and inside the file.
+    mutating func referenceMetadata(_ offset: UInt64, bytes: UInt64, _ what: String, isL2: Bool = false) -> Bool {
+        let (end, overflow) = offset.addingReportingOverflow(bytes)
+        guard g.isAligned(offset), offset != 0, !overflow, end <= fileSize else {
+            report.add(
+                .corruption,
+                "outside-file",
+                "\(what) at 0x\(String(offset, radix: 16)) is misaligned or outside the file",
+                at: offset
+            )
+            return false
+        }
+        for c in g.clusterIndex(offset)..<g.clusters(covering: end) {
+            reference(c)
+            marks[Int(c)] |= isL2 ? Self.l2Mark : Self.structuralMark
+        }
+        return true
+    }
+
+    /// Step 2: the refcount table and every block it names.
+    mutating func countRefcountStructure() throws {
+        let rtBytes = UInt64(header.refcountTableClusters) * cs
+        let tableOffset = header.refcountTableOffset.rawValue
+        if referenceMetadata(tableOffset, bytes: rtBytes, "refcount table") {
+            refcountStructure += Array(g.clusterIndex(tableOffset)..<g.clusters(covering: tableOffset + rtBytes))
+        }
+        refcountTable = try host.read(count: Int(rtBytes), at: tableOffset).withUnsafeBytes {
+            decodeTable($0, as: UInt64.self)
+        }
+        blockOffsets = [UInt64?](repeating: nil, count: refcountTable.count)
+        for (i, raw) in refcountTable.enumerated() where raw != 0 {
+            if raw & ~hostOffsetMask != 0 {
+                report.add(
+                    .corruption,
+                    "reserved-bits",
+                    "refcount table entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))"
+                )
+            }
+            let offset = raw & hostOffsetMask
+            if referenceMetadata(offset, bytes: cs, "refcount block \(i)") {
+                blockOffsets[i] = offset
+                refcountStructure.append(g.clusterIndex(offset))
+            }
+        }
+    }
+
+    /// Step 3: the active L1 table and every L2 table and cluster it reaches.
+    mutating func walkActiveL1() throws {
+        try walk(l1Offset: header.l1TableOffset.rawValue, l1Size: header.l1Size, active: true, name: "active")
+    }
+
+    /// Step 4: the snapshot table and each snapshot's L1 table (a table that cannot be trusted is dropped
+    /// by `-r all`).
+    mutating func walkSnapshots() throws {
+        guard header.snapshotCount > 0 else { return }
+        let offset = header.snapshotTableOffset.rawValue
+        guard referenceMetadata(offset, bytes: UInt64(header.snapshotTableSize), "snapshot table") else {
+            dropSnapshots = true
+            return
+        }
+        let bytes = try host.read(count: Int(header.snapshotTableSize), at: offset)
+        do {
+            let snapshots = try SnapshotTable.decode(
+                bytes,
+                count: Int(header.snapshotCount),
+                geometry: g,
+                fileSize: fileSize
+            )
+            for s in snapshots {
+                try walk(
+                    l1Offset: s.l1TableOffset.rawValue,
+                    l1Size: s.l1Size,
+                    active: false,
+                    name: "snapshot '\(s.name)'"
+                )
+            }
+        } catch let error as VImageError {
+            report.add(.corruption, "snapshot-table", error.message, at: offset)
+            dropSnapshots = true
+        }
+    }
+
+    mutating func walk(l1Offset: UInt64, l1Size: UInt32, active: Bool, name: String) throws {
+        // An empty L1 table may still own the cluster reserved for it (a 0-byte image).
+        guard l1Size > 0 || l1Offset != 0 else { return }
+        guard referenceMetadata(l1Offset, bytes: max(8, UInt64(l1Size) * 8), "\(name) L1 table") else {
+            if !active { dropSnapshots = true }
+            return
+        }
+        let l1 = try host.read(count: Int(l1Size) * 8, at: l1Offset).withUnsafeBytes {
+            decodeTable($0, as: UInt64.self)
+        }
+        walkNames.append(name)
+        let walkIndex = Int32(walkNames.count - 1)
+        for (i, raw) in l1.enumerated() where raw != 0 {
+            let entry = L1Entry(rawValue: raw)
+            let entryOffset = l1Offset + UInt64(i * 8)
+            if entry.reservedBits != 0 {
+                report.add(
+                    .corruption,
+                    "reserved-bits",
+                    "\(name) L1 entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))",
+                    at: entryOffset
+                )
+                entryFixes.append((entryOffset, raw & (hostOffsetMask | copiedFlag)))
+            }
+            guard let l2 = entry.l2Table?.rawValue else { continue }
+            guard referenceMetadata(l2, bytes: cs, "\(name) L2 table \(i)", isL2: true) else {
+                entryFixes.append((entryOffset, 0))
+                continue
+            }
+            l2References.append((entryOffset, g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.l1Entry)))
+            if active && entry.isCopied {
+                l1CopiedChecks.append(
+                    (g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw)
+                )
+            }
+            guard visitedL2.insert(l2).inserted else { continue }
+            let copiedScan = active && entry.isCopied
+            l2Walked.append((l2, walkIndex, i, copiedScan))
+            let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+            for (j, raw) in entries.enumerated() where raw != 0 {
+                walkL2Entry(
+                    raw,
+                    site: Site(walk: walkIndex, l1: i, l2: j),
+                    at: l2 + UInt64(j * 8),
+                    active: active,
+                    copiedScan: copiedScan
+                )
+            }
+        }
+    }
+
+    mutating func walkL2Entry(_ raw: UInt64, site: Site, at entryOffset: UInt64, active: Bool, copiedScan: Bool) {
+        if L2Entry.reservedBits(raw) != 0 {
+            report.add(
+                .corruption,
+                "reserved-bits",
+                "\(describe(site)) has reserved bits set (0x\(String(raw, radix: 16)))",
+                at: entryOffset
+            )
+            entryFixes.append((entryOffset, raw & ~L2Entry.reservedBits(raw)))
+        }
+        let e = L2Entry(raw: raw & ~L2Entry.reservedBits(raw))
+        if let host = e.hostCluster?.rawValue, host >= fileSize {
+            // Past the end: never written (a crash between the metadata and the data). Reads as
+            // zeroes; `-r all` drops the reference so the refcounts need not cover it.
+            entryFixes.append((entryOffset, 0))
+        }
+        if let host = e.hostCluster?.rawValue {
+            let c = g.clusterIndex(host)
+            reference(c)
+            let claimsCopied = copiedScan && raw & copiedFlag != 0
+            if c < fileClusters {
+                marks[Int(c)] |= claimsCopied ? Self.dataMark | Self.copiedMark : Self.dataMark
+            } else if claimsCopied {
+                copiedBeyond = true
+            }
+        }
+        if case .compressed(let d) = e {
+            let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
+            if overflow || end > fileSize || d.hostOffset == 0 {
+                report.add(
+                    .corruption,
+                    "compressed-out-of-range",
+                    "\(describe(site)): compressed record at 0x\(String(d.hostOffset, radix: 16)) (\(d.byteLength) bytes) is outside the file",
+                    at: d.hostOffset
+                )
+                entryFixes.append((entryOffset, 0))
+            } else {
+                for c in g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1) {
+                    reference(c)
+                    marks[Int(c)] |= Self.dataMark
+                }
+            }
+        }
+        guard active else { return }
+        switch e {
+        case .normal(let host, _):
+            report.allocatedClusters += 1
+            if let lastHost, host.rawValue != lastHost + cs { report.fragmentedClusters += 1 }
+            lastHost = host.rawValue
+        case .compressed:
+            report.allocatedClusters += 1
+            report.compressedClusters += 1
+        default: break
+        }
+    }
+
+    /// The entries of a walked L2 table, read again (only when a finding needs naming).
+    func rereadTable(_ t: (offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)) throws -> [UInt64] {
+        try host.read(count: Int(cs), at: t.offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+    }
+
+    /// Step 5: tables or data placed on metadata: whatever is written through them overwrites the metadata.
+    mutating func findDataOnMetadata() throws {
+        for r in l2References where isMarked(r.cluster, Self.structuralMark) {
+            report.add(
+                .corruption,
+                "metadata-overlap",
+                "\(describe(r.site)) points at metadata (cluster \(r.cluster))",
+                at: r.entry
+            )
+            entryFixes.append((r.entry, 0))
+        }
+        let metadataMarks = Self.structuralMark | Self.l2Mark
+        guard marks.contains(where: { $0 & Self.dataMark != 0 && $0 & metadataMarks != 0 }) else { return }
+        for t in l2Walked {
+            for (j, raw) in try rereadTable(t).enumerated() where raw != 0 {
+                let site = Site(walk: t.walk, l1: t.l1, l2: j)
+                let entryOffset = t.offset + UInt64(j * 8)
+                var clusters: [UInt64] = []
+                switch L2Entry(raw: raw & ~L2Entry.reservedBits(raw)) {
+                case .normal(let host, _), .zero(.some(let host), _): clusters = [g.clusterIndex(host.rawValue)]
+                case .compressed(let d):
+                    let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
+                    if !overflow && end <= fileSize && d.hostOffset != 0 {
+                        clusters = Array(g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1))
+                    }
+                default: break
+                }
+                for c in clusters where isMarked(c, metadataMarks) {
+                    report.add(
+                        .corruption,
+                        "metadata-overlap",
+                        "\(describe(site)) maps data onto metadata (cluster \(c))",
+                        at: entryOffset
+                    )
+                    entryFixes.append((entryOffset, 0))
+                }
+            }
+        }
+    }
+
+    /// Step 6: the stored refcounts against the references found.
+    mutating func compareRefcounts() throws {
+        let perBlock = UInt64(g.refcountBlockEntries)
+        stored = [UInt16](repeating: 0, count: Int(fileClusters))
+        covered = [Bool](repeating: false, count: refcountTable.count)
+        for (i, offset) in blockOffsets.enumerated() {
+            guard let offset else { continue }
+            covered[i] = true
+            let block = try host.read(count: Int(cs), at: offset).withUnsafeBytes { decodeTable($0, as: UInt16.self) }
+            for (j, count) in block.enumerated() where count != 0 {
+                let cluster = UInt64(i) * perBlock + UInt64(j)
+                if cluster < fileClusters { stored[Int(cluster)] = count } else { storedBeyond[cluster] = count }
+            }
+        }
+        for c in 0..<Int(fileClusters) where UInt32(stored[c]) != expected[c] {
+            compare(UInt64(c), stored: stored[c], expected: expected[c])
+        }
+        for cluster in Set(beyond.keys).union(storedBeyond.keys).sorted() {
+            compare(cluster, stored: storedBeyond[cluster] ?? 0, expected: beyond[cluster] ?? 0)
+        }
+    }
+
+    mutating func compare(_ cluster: UInt64, stored: UInt16, expected: UInt32) {
+        guard UInt32(stored) != expected else { return }
+        let offset = cluster * cs
+        if UInt32(stored) > expected {
+            report.add(
+                .leak,
+                expected == 0 ? "leaked-cluster" : "refcount-too-high",
+                "cluster \(cluster) has refcount \(stored) but \(expected) references",
+                at: offset
+            )
+        } else {
+            let tableIndex = cluster / UInt64(g.refcountBlockEntries)
+            let hasBlock = tableIndex < UInt64(covered.count) && covered[Int(tableIndex)]
+            report.add(
+                .corruption,
+                "refcount-too-low",
+                hasBlock
+                    ? "cluster \(cluster) has refcount \(stored) but \(expected) references"
+                    : "cluster \(cluster) is referenced \(expected) times but has no refcount block",
+                at: offset
+            )
+        }
+    }
+
+    /// Step 7: COPIED flags. A COPIED flag promises the cluster has one reference, so writing it in place
+    /// is safe. A set flag on a shared cluster would let a write change a snapshot: corruption. A clear
+    /// flag on an owned cluster only costs a needless copy later (a crash between the refcount and flag
+    /// updates of a snapshot operation can leave one), so it is not reported.
+    mutating func checkCopiedFlags() throws {
+        for check in l1CopiedChecks {
+            checkCopied(cluster: check.cluster, site: check.site, entry: check.entry, raw: check.raw)
+        }
+        var copiedSuspect = copiedBeyond
+        for c in 0..<Int(fileClusters) where marks[c] & Self.copiedMark != 0 && expected[c] != 1 {
+            copiedSuspect = true
+            break
+        }
+        guard copiedSuspect else { return }
+        for t in l2Walked where t.copiedScan {
+            for (j, raw) in try rereadTable(t).enumerated() where raw & copiedFlag != 0 {
+                guard let host = L2Entry(raw: raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else {
+                    continue
+                }
+                checkCopied(
+                    cluster: g.clusterIndex(host),
+                    site: Site(walk: t.walk, l1: t.l1, l2: j),
+                    entry: t.offset + UInt64(j * 8),
+                    raw: raw
+                )
+            }
+        }
+    }
+
+    mutating func checkCopied(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64) {
+        let references = cluster < fileClusters ? expected[Int(cluster)] : beyond[cluster] ?? 0
+        if references != 1 {
+            report.add(
+                .corruption,
+                "copied-flag",
+                "\(describe(site)): COPIED flag is set but the cluster has \(references) references",
+                at: cluster * cs
+            )
+            entryFixes.append((entry, raw & ~copiedFlag))
+        }
     }
 }
 
@@ -582,21 +598,6 @@ public struct RepairResult: Sendable {
 }
 
 extension ImageCheck {
-    /// Checks and repairs the image file at `path` (opened read-write with an exclusive lock).
-    /// - Parameters:
-    ///   - mode: `.leaks` or `.all`.
-    ///   - dryRun: report what would be done, change nothing.
-    public static func repair(path: String, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
-        let host = try wrapIO(path) {
-            try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive)
-        }
-        defer { try? host.close() }
-        var result = try wrapIO(path) { try repair(host: host, mode: mode, dryRun: dryRun) }
-        checkBackingChain(host: host, path: path, report: &result.before)
-        checkBackingChain(host: host, path: path, report: &result.after)
-        return result
-    }
-
     /// Repairs the image stored on `host`.
     public static func repair(host: any BlockDevice, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
         var before = CheckReport()

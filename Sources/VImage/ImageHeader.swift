@@ -10,6 +10,8 @@
 // Fixed fields are rewritten in place with one 96-byte write (inside one sector, so it cannot tear);
 // the extension area is rewritten only when it changes (create, rebase).
 
+import BlockIO
+
 /// Incompatible feature bits: a reader that does not know a set bit must refuse the image.
 public struct IncompatibleFeatures: OptionSet, Sendable, Hashable {
     public let rawValue: UInt64
@@ -33,6 +35,8 @@ public struct HeaderExtension: Sendable, Hashable {
 
     public static let backingFileName: UInt32 = 1
     public static let backingFileFormat: UInt32 = 2
+    public static let featureNameTable: UInt32 = 6
+    public static let imageUUID: UInt32 = 7
 
     public init(type: UInt32, data: [UInt8]) {
         self.type = type
@@ -100,7 +104,7 @@ public struct ImageHeader: Sendable, Hashable {
                 String(decoding: $0.data, as: UTF8.self)
             }
         }
-        set { setExtension(HeaderExtension.backingFileName, newValue.map { Array($0.utf8) }) }
+        set { replaceExtension(HeaderExtension.backingFileName, newValue.map { Array($0.utf8) }) }
     }
 
     /// The backing file format from its extension ("vimg", "raw", "qcow2"), if given.
@@ -110,12 +114,7 @@ public struct ImageHeader: Sendable, Hashable {
                 String(decoding: $0.data, as: UTF8.self)
             }
         }
-        set { setExtension(HeaderExtension.backingFileFormat, newValue.map { Array($0.utf8) }) }
-    }
-
-    private mutating func setExtension(_ type: UInt32, _ data: [UInt8]?) {
-        extensions.removeAll { $0.type == type }
-        if let data { extensions.append(HeaderExtension(type: type, data: data)) }
+        set { replaceExtension(HeaderExtension.backingFileFormat, newValue.map { Array($0.utf8) }) }
     }
 
     /// The 96 fixed bytes: what an in-place header update writes.
@@ -195,10 +194,24 @@ public struct ImageHeader: Sendable, Hashable {
         }
         let unknown = IncompatibleFeatures(rawValue: incompatible).subtracting(.known)
         guard unknown.isEmpty else {
+            // Name the bits from the image's own feature name table when it has one (best effort).
+            var named = ImageHeader(
+                clusterBits: clusterBits,
+                virtualSize: 0,
+                l1TableOffset: .zero,
+                l1Size: 0,
+                refcountTableOffset: .zero,
+                refcountTableClusters: 0
+            )
+            named.extensions = (try? parseExtensions(bytes, from: Int(headerSize), clusterSize: clusterSize)) ?? []
+            let names = (0..<64).filter { unknown.rawValue & (1 << UInt64($0)) != 0 }.map { bit in
+                let name = named.featureNames.first { $0.kind == .incompatible && Int($0.bit) == bit }?.name
+                return "bit \(bit)" + (name.map { " (\($0))" } ?? "")
+            }
             throw VImageError(
                 .unsupportedFeature,
                 offset: 24,
-                message: "image uses unsupported incompatible features 0x\(String(unknown.rawValue, radix: 16))"
+                message: "image uses unsupported incompatible features: \(names.joined(separator: ", "))"
             )
         }
         var header = ImageHeader(
@@ -219,9 +232,15 @@ public struct ImageHeader: Sendable, Hashable {
         header.snapshotTableOffset = HostOffset(snapshotOffset)
         header.snapshotTableSize = snapshotSize
 
-        // Extensions: type-length-value records from header_size (rounded up to 8) to the end marker.
+        header.extensions = try parseExtensions(bytes, from: Int(headerSize), clusterSize: clusterSize)
+        return header
+    }
+
+    /// Extensions: type-length-value records from `headerSize` (rounded up to 8) to the end marker.
+    static func parseExtensions(_ bytes: [UInt8], from headerSize: Int, clusterSize: Int) throws -> [HeaderExtension] {
+        var extensions: [HeaderExtension] = []
         let limit = min(bytes.count, clusterSize)
-        var position = (Int(headerSize) + 7) & ~7
+        var position = (headerSize + 7) & ~7
         while true {
             guard position + 8 <= limit else {
                 throw VImageError(
@@ -251,10 +270,26 @@ public struct ImageHeader: Sendable, Hashable {
                     )
                 }
             }
-            header.extensions.append(HeaderExtension(type: type, data: data))
+            extensions.append(HeaderExtension(type: type, data: data))
             position += 8 + padded
         }
-        return header
+        return extensions
+    }
+
+    /// Reads, decodes and validates the header of the image stored on `host` (what `vimg info` shows).
+    /// - Throws: `VImageError` naming the offending field, with `path` set.
+    public static func read(from host: any BlockDevice, path: String? = nil) throws -> ImageHeader {
+        try wrapIO(path) {
+            do {
+                let fileSize = host.size
+                let header = try decode(try readHeaderCluster(host, fileSize: fileSize))
+                try header.validate(fileSize: fileSize)
+                return header
+            } catch var error as VImageError {
+                error.path = path
+                throw error
+            }
+        }
     }
 
     /// Checks every field against the format's limits and the file size, with overflow-checked arithmetic.

@@ -65,6 +65,11 @@ struct TableCache<Entry: FixedWidthInteger> {
     /// The least recently used table (linear scan: eviction is rare next to lookups).
     func leastRecentlyUsed() -> CachedTable<Entry>? { tables.values.min { $0.lastUse < $1.lastUse } }
 
+    /// The least recently used table among those `condition` accepts.
+    func leastRecentlyUsed(where condition: (CachedTable<Entry>) -> Bool) -> CachedTable<Entry>? {
+        tables.values.filter(condition).min { $0.lastUse < $1.lastUse }
+    }
+
     /// Dirty tables in host order, so write-back is sequential.
     func dirtyTables() -> [CachedTable<Entry>] { tables.values.filter(\.isDirty).sorted { $0.offset < $1.offset } }
 

@@ -7,7 +7,11 @@
 //           allocate (unallocated, zero, compressed, shared): new clusters, fill head and tail from the old
 //           content (backing, zeroes, decompressed, shared copy), write, then commit the L2 entries
 //
-// A run never crosses an L2 table, so a plan touches one table.
+// A run never crosses an L2 table, so a plan touches one table. Plans are made under the engine lock and
+// counted in the I/O gate until their host I/O completes (IOGate.swift); the I/O itself runs unlocked.
+//
+// Every change of guest content passes `guestWillChange` first: the one hook where tracking of written
+// ranges belongs (dirty bitmaps), whatever the request (write, write-zeroes, discard, compressed write).
 
 import BlockIO
 
@@ -17,23 +21,25 @@ import Glibc
 
 /// How a piece of a guest read is satisfied.
 enum ReadSource {
-    case host(UInt64)
+    case host(HostOffset)
     case zero
+    /// From the backing image at this guest offset.
     case backing(UInt64)
     case compressed(CompressedDescriptor, inCluster: Int)
 }
 
 /// One cluster of a write that needs a new host cluster.
 struct Allocation {
-    var guestCluster: UInt64
-    var hostCluster: UInt64
+    var guestCluster: GuestCluster
+    var hostCluster: HostCluster
     var old: L2Entry
+    /// Taken from past the old end of the file, so it reads as zeroes without being written.
     var isFresh: Bool
 }
 
 enum WritePlan {
     /// Write `length` bytes straight to `host`.
-    case inPlace(host: UInt64, length: Int)
+    case inPlace(host: HostOffset, length: Int)
     /// Write `length` bytes into newly allocated clusters, filling the rest of each cluster.
     case allocate([Allocation], length: Int)
 
@@ -51,37 +57,15 @@ extension VImage {
         try checkRange(offset: offset, count: UInt64(buffer.count), operation: .read)
         guard let base = buffer.baseAddress else { return }
         if geometry.offsetInCluster(offset) + buffer.count <= geometry.clusterSize {
-            // Fast path for the common small read inside one cluster: no plan array, one lookup. This is
-            // what keeps a read through a deep clone chain cheap (one of these per level).
-            // Down a clone chain, walk the levels here instead of recursing through each one's read().
-            try wrapIO(path) {
-                var level = self
-                while true {
-                    level.monitor.lock()
-                    let source: ReadSource
-                    do {
-                        defer { level.monitor.unlock() }
-                        try level.checkOpen()
-                        source = try level.readSource(at: offset)
-                    }
-                    if case .backing = source, let next = level.backingImage, offset + UInt64(buffer.count) <= next.size
-                    {
-                        level = next
-                        continue
-                    }
-                    try level.readPiece(source, into: buffer, guestOffset: offset)
-                    return
-                }
-            }
+            try readWithinCluster(into: buffer, at: offset)
             return
         }
         var done = 0
         while done < buffer.count {
             // Plan a batch of pieces under the lock, then do the I/O outside it.
-            let pieces = try monitor.withLock { () -> [(ReadSource, Int)] in
-                try checkOpen()
-                return try wrapIO(path) { try planRead(at: offset + UInt64(done), count: buffer.count - done) }
+            let (pieces, ticket) = try plan { m in try m.planRead(at: offset + UInt64(done), count: buffer.count - done)
             }
+            defer { leave(ticket) }
             for (source, length) in pieces {
                 let target = UnsafeMutableRawBufferPointer(start: base + done, count: length)
                 try wrapIO(path) { try readPiece(source, into: target, guestOffset: offset + UInt64(done)) }
@@ -90,68 +74,36 @@ extension VImage {
         }
     }
 
-    /// Up to 64 pieces, coalescing host-contiguous clusters; each L2 table is looked up once per run of
-    /// clusters it maps. Lock held.
-    func planRead(at offset: UInt64, count: Int) throws -> [(ReadSource, Int)] {
-        var pieces: [(ReadSource, Int)] = []
-        var position = offset
-        let end = offset + UInt64(count)
-        let perTable = UInt64(geometry.l2Entries)
-        while position < end && pieces.count < 64 {
-            let cluster = geometry.clusterIndex(position)
-            let l1Index = geometry.l1Index(guestCluster: cluster)
-            let tableEnd = min(end, geometry.offset(ofCluster: (cluster / perTable + 1) * perTable))
-            var entries: [UInt64]? = nil
-            if l1Index < l1.count, let tableOffset = L1Entry(rawValue: l1[l1Index]).l2Table {
-                entries = try l2Table(at: tableOffset.rawValue).entries
-            }
-            while position < tableEnd && pieces.count < 64 {
-                let inCluster = geometry.offsetInCluster(position)
-                let length = Int(min(UInt64(geometry.clusterSize - inCluster), tableEnd - position))
-                let entry =
-                    entries.map { L2Entry(raw: $0[geometry.l2Index(guestCluster: geometry.clusterIndex(position))]) }
-                    ?? .unallocated
-                let source: ReadSource
-                switch entry {
-                case .unallocated: source = backing == nil ? .zero : .backing(position)
-                case .zero: source = .zero
-                case .normal(let host, _): source = .host(host.rawValue + UInt64(inCluster))
-                case .compressed(let d): source = .compressed(d, inCluster: inCluster)
+    /// The common small read inside one cluster: no plan array, one lookup per level. Down a clone chain
+    /// it walks the levels here instead of recursing through each one's read(), which keeps reads
+    /// through deep chains cheap. Only this image can change under the read (backing levels are
+    /// read-only), so only its gate counts it.
+    private func readWithinCluster(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        var ticket: IOGate.Ticket? = nil
+        defer { leave(ticket) }
+        try wrapIO(path) {
+            var level = self
+            while true {
+                let isTop = level === self
+                let source = try level.state.withLock(waitingUntil: \.acceptsRequests) { m -> ReadSource in
+                    try m.checkOpen()
+                    let source = try m.readSource(at: offset)
+                    if isTop && !isReadOnly { ticket = gate.enter(epoch: m.gateEpoch) }
+                    return source
                 }
-                position += UInt64(length)
-                if let (last, lastLength) = pieces.last {
-                    var merge = false
-                    switch (last, source) {
-                    case (.host(let a), .host(let b)): merge = a + UInt64(lastLength) == b
-                    case (.backing(let a), .backing(let b)): merge = a + UInt64(lastLength) == b
-                    case (.zero, .zero): merge = true
-                    default: break
-                    }
-                    if merge {
-                        pieces[pieces.count - 1].1 += length
-                        continue
-                    }
+                if case .backing = source, let next = level.backingImage, offset + UInt64(buffer.count) <= next.size {
+                    level = next
+                    continue
                 }
-                pieces.append((source, length))
+                try level.readPiece(source, into: buffer, guestOffset: offset)
+                return
             }
-        }
-        return pieces
-    }
-
-    /// Where the byte at `offset` comes from. Lock held.
-    func readSource(at offset: UInt64) throws -> ReadSource {
-        let inCluster = geometry.offsetInCluster(offset)
-        switch try l2Entry(guestCluster: geometry.clusterIndex(offset)) {
-        case .unallocated: return backing == nil ? .zero : .backing(offset)
-        case .zero: return .zero
-        case .normal(let host, _): return .host(host.rawValue + UInt64(inCluster))
-        case .compressed(let d): return .compressed(d, inCluster: inCluster)
         }
     }
 
     func readPiece(_ source: ReadSource, into target: UnsafeMutableRawBufferPointer, guestOffset: UInt64) throws {
         switch source {
-        case .host(let offset): try host.read(into: target, at: offset)
+        case .host(let offset): try host.read(into: target, at: offset.rawValue)
         case .zero: target.initializeMemory(as: UInt8.self, repeating: 0)
         case .backing(let offset): try readBacking(into: target, at: offset)
         case .compressed(let d, let inCluster):
@@ -183,15 +135,19 @@ extension VImage {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
         try checkWritable(offset: offset, count: UInt64(buffer.count), operation: .write)
         guard let base = buffer.baseAddress else { return }
+        try guestWillChange(offset: offset, count: UInt64(buffer.count))
         var done = 0
         while done < buffer.count {
             let position = offset + UInt64(done)
-            let plan = try monitor.withLock { () -> WritePlan in
-                try checkOpen()
-                return try wrapIO(path) { try planWrite(at: position, count: buffer.count - done) }
+            let first = geometry.guestCluster(containing: position)
+            // A cluster being allocated by another request is waited for: two partial writes to one new
+            // cluster must not both fill it from the old content.
+            let ready = { (m: Metadata) in m.acceptsRequest(touching: first...first) }
+            let (plan, ticket) = try plan(waitingUntil: ready) { m in
+                try m.planWrite(at: position, count: buffer.count - done)
             }
             let chunk = UnsafeRawBufferPointer(start: base + done, count: plan.length)
-            try execute(plan, data: chunk, at: position)
+            try execute(plan, ticket: ticket, data: chunk, at: position)
             done += plan.length
         }
         if fua { try flush() }
@@ -202,90 +158,30 @@ extension VImage {
         try checkRange(offset: offset, count: count, operation: operation)
     }
 
-    /// Plans a prefix of a write: a run of clusters that are all owned and host-contiguous, or all need
-    /// allocation. Waits while the first cluster is being allocated by another request. Lock held.
-    func planWrite(at offset: UInt64, count: Int) throws -> WritePlan {
-        let first = geometry.clusterIndex(offset)
-        while inflight.contains(first) { monitor.wait() }
-        let end = offset + UInt64(count)
-        let lastCluster = geometry.clusterIndex(end - 1)
-        // Stay inside one L2 table, and bound a single plan to 32 MiB.
-        let tableEnd = (first / UInt64(geometry.l2Entries) + 1) * UInt64(geometry.l2Entries) - 1
-        let maxClusters = UInt64(max(1, (32 << 20) >> geometry.clusterBits))
-        let runEnd = min(lastCluster, tableEnd, first + maxClusters - 1)
-        let lengthThrough = { (cluster: UInt64) -> Int in
-            Int(min(end, self.geometry.offset(ofCluster: cluster + 1)) - offset)
-        }
+    /// The one place every change of guest content passes before it is planned (see the design notes).
+    func guestWillChange(offset: UInt64, count: UInt64) throws {}
 
-        let entry = try l2Entry(guestCluster: first)
-        if case .normal(let host, copied: true) = entry {
-            let start = host.rawValue + UInt64(geometry.offsetInCluster(offset))
-            var cluster = first
-            var expected = host.rawValue
-            while cluster < runEnd {
-                expected += UInt64(geometry.clusterSize)
-                guard !inflight.contains(cluster + 1),
-                    case .normal(let next, copied: true) = try l2Entry(guestCluster: cluster + 1),
-                    next.rawValue == expected
-                else { break }
-                cluster += 1
-            }
-            return .inPlace(host: start, length: lengthThrough(cluster))
-        }
-
-        // Allocation run: every cluster that is not owned in place, up to the first that is (or is busy).
-        _ = try writableL2Table(guestCluster: first)  // allocate or unshare the table before its clusters
-        var allocations: [Allocation] = []
-        var cluster = first
-        var previousHost: UInt64? = nil
-        while cluster <= runEnd {
-            if cluster != first {
-                if inflight.contains(cluster) { break }
-                if case .normal(_, copied: true) = try l2Entry(guestCluster: cluster) { break }
-            }
-            let old = try l2Entry(guestCluster: cluster)
-            // Only a cluster taken from the end of the file is known to read as zeroes (a reused one holds old data).
-            let endBefore = hostEnd
-            let newHost = try allocateCluster(after: previousHost)
-            if let previousHost, newHost != previousHost + 1 {
-                // Not contiguous: give it back (it was never referenced) and end the run here.
-                try decrementRefcount(newHost)
-                break
-            }
-            allocations.append(
-                Allocation(guestCluster: cluster, hostCluster: newHost, old: old, isFresh: newHost >= endBefore)
-            )
-            inflight.insert(cluster)
-            previousHost = newHost
-            cluster += 1
-        }
-        return .allocate(allocations, length: lengthThrough(allocations.last!.guestCluster))
-    }
-
-    func execute(_ plan: WritePlan, data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+    func execute(_ plan: WritePlan, ticket: IOGate.Ticket?, data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        defer { leave(ticket) }
         switch plan {
-        case .inPlace(let host, _):
-            try wrapIO(path) { try self.host.write(data, at: host, fua: false) }
+        case .inPlace(let hostOffset, _):
+            try wrapIO(path) { try host.write(data, at: hostOffset.rawValue, fua: false) }
         case .allocate(let allocations, _):
             do {
                 try wrapIO(path) { try writeAllocated(allocations, data: data, at: offset) }
             } catch {
-                monitor.withLock {
+                state.withLock(broadcast: true) { m in
                     // Never referenced: the clusters can be released at once.
                     for a in allocations {
-                        try? decrementRefcount(a.hostCluster)
-                        inflight.remove(a.guestCluster)
+                        try? m.decrementRefcount(a.hostCluster)
+                        m.inflight.remove(a.guestCluster)
                     }
-                    monitor.broadcast()
                 }
                 throw error
             }
-            try monitor.withLock {
-                defer {
-                    for a in allocations { inflight.remove(a.guestCluster) }
-                    monitor.broadcast()
-                }
-                try wrapIO(path) { try commit(allocations) }
+            try state.withLock(broadcast: true) { m in
+                defer { for a in allocations { m.inflight.remove(a.guestCluster) } }
+                try wrapIO(path) { try m.commit(allocations) }
             }
         }
     }
@@ -296,7 +192,7 @@ extension VImage {
         let inFirst = geometry.offsetInCluster(offset)
         let runBytes = allocations.count * cs
         let tailGap = runBytes - inFirst - data.count
-        let hostStart = geometry.offset(ofCluster: allocations[0].hostCluster)
+        let hostStart = geometry.offset(of: allocations[0].hostCluster).rawValue
         func readsZero(_ a: Allocation) -> Bool {
             switch a.old {
             case .zero: return true
@@ -338,40 +234,28 @@ extension VImage {
     }
 
     /// The content a cluster had before this write: backing data, zeroes, decompressed or shared bytes.
+    /// The old cluster stays referenced until the commit, and the guest cluster is in flight, so nothing
+    /// changes it meanwhile.
     func fillOldContent(_ a: Allocation, into target: UnsafeMutableRawBufferPointer) throws {
-        let guestOffset = geometry.offset(ofCluster: a.guestCluster)
         switch a.old {
-        case .unallocated: try readBacking(into: target, at: guestOffset)
+        case .unallocated: try readBacking(into: target, at: geometry.guestOffset(of: a.guestCluster))
         case .zero: target.initializeMemory(as: UInt8.self, repeating: 0)
         case .normal(let host, _): try self.host.read(into: target, at: host.rawValue)
         case .compressed(let d): try decompress(d).withUnsafeBytes { target.copyMemory(from: $0) }
         }
     }
 
-    /// Points the L2 entries at the written clusters and queues the old references for release. Lock held.
-    func commit(_ allocations: [Allocation]) throws {
-        let table = try writableL2Table(guestCluster: allocations[0].guestCluster)
-        for a in allocations {
-            let index = geometry.l2Index(guestCluster: a.guestCluster)
-            // Re-read: a snapshot or another table copy may have changed the entry since planning.
-            let current = L2Entry(raw: table.entries[index])
-            queueFree(current)
-            table.entries[index] =
-                L2Entry.normal(HostOffset(geometry.offset(ofCluster: a.hostCluster)), copied: true).rawValue
-        }
-        table.isDirty = true
-        if pendingFrees.count > 65536 { try writeBack() }
-    }
-
     // MARK: Zeroes and discard
 
     public func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
         try checkWritable(offset: offset, count: count, operation: .writeZeroes)
+        try guestWillChange(offset: offset, count: count)
         try zeroRange(offset: offset, count: count, mode: mayUnmap ? .unmap : .keep)
     }
 
     public func discard(at offset: UInt64, count: UInt64) throws {
         try checkWritable(offset: offset, count: count, operation: .discard)
+        try guestWillChange(offset: offset, count: count)
         try zeroRange(offset: offset, count: count, mode: .discard)
     }
 
@@ -395,46 +279,19 @@ extension VImage {
             if offset < alignedStart { try writeZeroBytes(at: offset, count: alignedStart - offset) }
             if wholeEnd < end { try writeZeroBytes(at: wholeEnd, count: end - wholeEnd) }
         }
-        var cluster = geometry.clusterIndex(alignedStart)
-        let last = geometry.clusterIndex(wholeEnd - 1)
+        var cluster = geometry.guestCluster(containing: alignedStart)
+        let last = geometry.guestCluster(containing: wholeEnd - 1)
+        let perTable = UInt64(geometry.l2Entries)
         while cluster <= last {
-            try monitor.withLock {
-                try checkOpen()
-                try wrapIO(path) {
-                    // One L2 table at a time, waiting for in-flight allocations in it.
-                    let tableLast = min(
-                        last,
-                        (cluster / UInt64(geometry.l2Entries) + 1) * UInt64(geometry.l2Entries) - 1
-                    )
-                    while (cluster...tableLast).contains(where: { inflight.contains($0) }) { monitor.wait() }
-                    let l1Index = geometry.l1Index(guestCluster: cluster)
-                    let hasTable = L1Entry(rawValue: l1[l1Index]).l2Table != nil
-                    if !hasTable && backing == nil {
-                        cluster = tableLast + 1  // already reads as zeroes and holds nothing
-                        return
-                    }
-                    let table = try writableL2Table(guestCluster: cluster)
-                    for c in cluster...tableLast {
-                        let index = geometry.l2Index(guestCluster: c)
-                        let old = L2Entry(raw: table.entries[index])
-                        let new: L2Entry
-                        switch (mode, old) {
-                        case (.keep, .normal(let host, copied: true)),
-                            (.keep, .zero(preallocated: .some(let host), copied: true)):
-                            new = .zero(preallocated: host, copied: true)  // keep the storage for later writes
-                        default:
-                            new = backing == nil ? .unallocated : .zero(preallocated: nil, copied: false)
-                        }
-                        if new == old { continue }
-                        // A compressed record has no `hostCluster` but holds references all the same.
-                        if new.hostCluster != old.hostCluster || old.isCompressed { queueFree(old) }
-                        table.entries[index] = new.rawValue
-                        table.isDirty = true
-                    }
-                    cluster = tableLast + 1
-                    if pendingFrees.count > 65536 { try writeBack() }
-                }
+            // One L2 table at a time, waiting for in-flight allocations in it.
+            let tableLast = min(last, GuestCluster((cluster.rawValue / perTable + 1) * perTable - 1))
+            let range = cluster...tableLast
+            let ready = { (m: Metadata) in m.acceptsRequest(touching: range) }
+            try state.withLock(waitingUntil: ready) { m in
+                try m.checkOpen()
+                try wrapIO(path) { try m.zeroClusters(range, mode: mode) }
             }
+            cluster = tableLast + 1
         }
     }
 
@@ -514,43 +371,222 @@ extension VImage {
         var position = offset
         let end = offset + count
         while position < end {
-            try monitor.withLock {
-                try checkOpen()
-                try wrapIO(path) {
-                    var steps = 0
-                    while position < end && steps < 65536 {
-                        steps += 1
-                        let cluster = geometry.clusterIndex(position)
-                        let l1Index = geometry.l1Index(guestCluster: cluster)
-                        if l1Index < l1.count, L1Entry(rawValue: l1[l1Index]).l2Table == nil {
-                            // No table: the whole table range is unallocated.
-                            let rangeEnd = min(end, UInt64(l1Index + 1) * geometry.bytesPerL2)
-                            add(
-                                &result,
-                                MappingExtent(offset: position, length: rangeEnd - position, kind: .unallocated)
-                            )
-                            position = rangeEnd
-                            continue
-                        }
-                        let inCluster = UInt64(geometry.offsetInCluster(position))
-                        let length = min(UInt64(geometry.clusterSize) - inCluster, end - position)
-                        let kind: MappingExtent.Kind
-                        switch try l2Entry(guestCluster: cluster) {
-                        case .unallocated: kind = .unallocated
-                        case .zero(let host, _): kind = .zero(allocated: host != nil)
-                        case .normal(let host, _): kind = .data(host: host.rawValue + inCluster)
-                        case .compressed: kind = .compressed
-                        }
-                        add(&result, MappingExtent(offset: position, length: length, kind: kind))
-                        position += length
-                    }
-                }
+            // A bounded number of steps per lock hold, so a huge map does not stall requests.
+            try state.withLock { m in
+                try m.checkOpen()
+                try wrapIO(path) { try m.map(from: &position, to: end, steps: 65536, into: &result) }
             }
         }
         return result
     }
+}
 
-    private func add(_ result: inout [MappingExtent], _ m: MappingExtent) {
+extension Metadata {
+    // MARK: Planning reads
+
+    /// Up to 64 pieces, coalescing host-contiguous clusters; each L2 table is looked up once per run of
+    /// clusters it maps.
+    mutating func planRead(at offset: UInt64, count: Int) throws -> [(ReadSource, Int)] {
+        var pieces: [(ReadSource, Int)] = []
+        var position = offset
+        let end = offset + UInt64(count)
+        let perTable = UInt64(geometry.l2Entries)
+        while position < end && pieces.count < 64 {
+            let cluster = geometry.guestCluster(containing: position)
+            let l1Index = geometry.l1Index(of: cluster)
+            let tableEnd = min(end, geometry.offset(ofCluster: (cluster.rawValue / perTable + 1) * perTable))
+            var table: [UInt64]? = nil
+            if l1Index < l1.count, let tableOffset = L1Entry(rawValue: l1[l1Index]).l2Table {
+                table = try l2Table(at: tableOffset, mayWrite: false).entries
+            }
+            while position < tableEnd && pieces.count < 64 {
+                let inCluster = geometry.offsetInCluster(position)
+                let length = Int(min(UInt64(geometry.clusterSize - inCluster), tableEnd - position))
+                let entry =
+                    table.map { entries.decode($0[geometry.l2Index(of: geometry.guestCluster(containing: position))]) }
+                    ?? .unallocated
+                let source = readSource(entry, guestOffset: position)
+                position += UInt64(length)
+                if let (last, lastLength) = pieces.last {
+                    var merge = false
+                    switch (last, source) {
+                    case (.host(let a), .host(let b)): merge = a.rawValue + UInt64(lastLength) == b.rawValue
+                    case (.backing(let a), .backing(let b)): merge = a + UInt64(lastLength) == b
+                    case (.zero, .zero): merge = true
+                    default: break
+                    }
+                    if merge {
+                        pieces[pieces.count - 1].1 += length
+                        continue
+                    }
+                }
+                pieces.append((source, length))
+            }
+        }
+        return pieces
+    }
+
+    /// Where the byte at guest `offset` comes from.
+    mutating func readSource(at offset: UInt64) throws -> ReadSource {
+        readSource(try l2Entry(geometry.guestCluster(containing: offset), mayWrite: false), guestOffset: offset)
+    }
+
+    func readSource(_ entry: L2Entry, guestOffset offset: UInt64) -> ReadSource {
+        let inCluster = geometry.offsetInCluster(offset)
+        switch entry {
+        case .unallocated: return hasBacking ? .backing(offset) : .zero
+        case .zero: return .zero
+        case .normal(let host, _): return .host(HostOffset(host.rawValue + UInt64(inCluster)))
+        case .compressed(let d): return .compressed(d, inCluster: inCluster)
+        }
+    }
+
+    // MARK: Planning writes
+
+    /// Plans a prefix of a write: a run of clusters that are all owned and host-contiguous, or all need
+    /// allocation. The caller has waited until the first cluster is not being allocated by another request.
+    mutating func planWrite(at offset: UInt64, count: Int) throws -> WritePlan {
+        let geometry = self.geometry
+        let first = geometry.guestCluster(containing: offset)
+        let end = offset + UInt64(count)
+        let lastCluster = geometry.guestCluster(containing: end - 1)
+        // Stay inside one L2 table, and bound a single plan to 32 MiB.
+        let perTable = UInt64(geometry.l2Entries)
+        let tableEnd = GuestCluster((first.rawValue / perTable + 1) * perTable - 1)
+        let maxClusters = UInt64(max(1, (32 << 20) >> geometry.clusterBits))
+        let runEnd = min(lastCluster, tableEnd, first + (maxClusters - 1))
+        let lengthThrough = { (cluster: GuestCluster) -> Int in
+            Int(min(end, geometry.guestOffset(of: cluster + 1)) - offset)
+        }
+
+        let entry = try l2Entry(first)
+        if case .normal(let host, copied: true) = entry {
+            let start = HostOffset(host.rawValue + UInt64(geometry.offsetInCluster(offset)))
+            var cluster = first
+            var expected = host.rawValue
+            while cluster < runEnd {
+                expected += UInt64(geometry.clusterSize)
+                guard !inflight.contains(cluster + 1),
+                    case .normal(let next, copied: true) = try l2Entry(cluster + 1),
+                    next.rawValue == expected
+                else { break }
+                cluster = cluster + 1
+            }
+            return .inPlace(host: start, length: lengthThrough(cluster))
+        }
+
+        // Allocation run: every cluster that is not owned in place, up to the first that is (or is busy).
+        _ = try writableL2Table(first)  // allocate or unshare the table before its clusters
+        var allocations: [Allocation] = []
+        var cluster = first
+        var previousHost: HostCluster? = nil
+        while cluster <= runEnd {
+            if cluster != first {
+                if inflight.contains(cluster) { break }
+                if case .normal(_, copied: true) = try l2Entry(cluster) { break }
+            }
+            let old = try l2Entry(cluster)
+            // Only a cluster taken from the end of the file is known to read as zeroes (a reused one holds old data).
+            let endBefore = hostEnd
+            let newHost = try allocateCluster(after: previousHost)
+            if let previousHost, newHost != previousHost + 1 {
+                // Not contiguous: give it back (it was never referenced) and end the run here.
+                try decrementRefcount(newHost)
+                break
+            }
+            allocations.append(
+                Allocation(guestCluster: cluster, hostCluster: newHost, old: old, isFresh: newHost >= endBefore)
+            )
+            inflight.insert(cluster)
+            previousHost = newHost
+            cluster = cluster + 1
+        }
+        return .allocate(allocations, length: lengthThrough(allocations.last!.guestCluster))
+    }
+
+    /// Points the L2 entries at the written clusters and queues the old references for release.
+    mutating func commit(_ allocations: [Allocation]) throws {
+        let table = try writableL2Table(allocations[0].guestCluster)
+        for a in allocations {
+            let index = geometry.l2Index(of: a.guestCluster)
+            // Re-read: a snapshot or another table copy may have changed the entry since planning.
+            queueFree(entries.decode(table.entries[index]))
+            table.entries[index] = entries.encode(.normal(geometry.offset(of: a.hostCluster), copied: true))
+        }
+        table.isDirty = true
+        if hasManyPendingFrees { try writeBack() }
+    }
+
+    // MARK: Zeroes
+
+    /// Makes whole clusters of one L2 table read as zeroes (or as nothing allocated here), queueing frees.
+    mutating func zeroClusters(_ range: ClosedRange<GuestCluster>, mode: VImage.ZeroMode) throws {
+        let l1Index = geometry.l1Index(of: range.lowerBound)
+        let hasTable = L1Entry(rawValue: l1[l1Index]).l2Table != nil
+        // No table and no backing: already reads as zeroes and holds nothing.
+        if !hasTable && !hasBacking { return }
+        let table = try writableL2Table(range.lowerBound)
+        for c in range {
+            let index = geometry.l2Index(of: c)
+            let old = entries.decode(table.entries[index])
+            let new: L2Entry
+            switch (mode, old) {
+            case (.keep, .normal(let host, copied: true)),
+                (.keep, .zero(preallocated: .some(let host), copied: true)):
+                new = .zero(preallocated: host, copied: true)  // keep the storage for later writes
+            default:
+                new = hasBacking ? .zero(preallocated: nil, copied: false) : .unallocated
+            }
+            if new == old { continue }
+            // A compressed record has no `hostCluster` but holds references all the same.
+            if new.hostCluster != old.hostCluster || old.isCompressed { queueFree(old) }
+            table.entries[index] = entries.encode(new)
+            table.isDirty = true
+        }
+        if hasManyPendingFrees { try writeBack() }
+    }
+
+    // MARK: Mapping
+
+    /// Appends the mapping of `position ..< end` to `result`, advancing `position`, for at most `steps` clusters.
+    mutating func map(
+        from position: inout UInt64,
+        to end: UInt64,
+        steps: Int,
+        into result: inout [VImage.MappingExtent]
+    )
+        throws
+    {
+        var steps = steps
+        while position < end && steps > 0 {
+            steps -= 1
+            let cluster = geometry.guestCluster(containing: position)
+            let l1Index = geometry.l1Index(of: cluster)
+            if l1Index < l1.count, L1Entry(rawValue: l1[l1Index]).l2Table == nil {
+                // No table: the whole table range is unallocated.
+                let rangeEnd = min(end, UInt64(l1Index + 1) * geometry.bytesPerL2)
+                Self.add(
+                    &result,
+                    VImage.MappingExtent(offset: position, length: rangeEnd - position, kind: .unallocated)
+                )
+                position = rangeEnd
+                continue
+            }
+            let inCluster = UInt64(geometry.offsetInCluster(position))
+            let length = min(UInt64(geometry.clusterSize) - inCluster, end - position)
+            let kind: VImage.MappingExtent.Kind
+            switch try l2Entry(cluster, mayWrite: false) {
+            case .unallocated: kind = .unallocated
+            case .zero(let host, _): kind = .zero(allocated: host != nil)
+            case .normal(let host, _): kind = .data(host: host.rawValue + inCluster)
+            case .compressed: kind = .compressed
+            }
+            Self.add(&result, VImage.MappingExtent(offset: position, length: length, kind: kind))
+            position += length
+        }
+    }
+
+    private static func add(_ result: inout [VImage.MappingExtent], _ m: VImage.MappingExtent) {
         if var last = result.last, last.offset + last.length == m.offset {
             var merge = false
             switch (last.kind, m.kind) {

@@ -26,114 +26,15 @@ extension VImage {
             let clusterEnd = (target / UInt64(geometry.clusterSize) + 1) * UInt64(geometry.clusterSize)
             try writeZeroes(at: target, count: min(current, clusterEnd) - target, mayUnmap: false, fast: false)
         }
-        return try monitor.withLock {
-            try checkOpen()
-            while !inflight.isEmpty { monitor.wait() }
-            return try wrapIO(path) { () throws -> UInt64 in
-                try writeBack()
-                let old = header.virtualSize
-                var dropped: UInt64 = 0
-                if target < old {
-                    guard allowShrink else {
-                        throw VImageError(
-                            .invalidArgument,
-                            path: path,
-                            message:
-                                "shrinking from \(old) to \(target) bytes discards data past the new end; use --shrink to confirm"
-                        )
-                    }
-                    dropped = try dropClusters(from: geometry.clusters(covering: target))
-                    try writeBack()
-                }
-                let needed = geometry.l1Entries(forVirtualSize: target)
-                guard needed <= UInt64(ImageHeader.maxL1Entries) else {
-                    throw VImageError(
-                        .invalidArgument,
-                        path: path,
-                        message: "size \(target) needs a larger cluster size"
-                    )
-                }
-                if needed > UInt64(l1.count) {
-                    // A bigger L1 table elsewhere: written and synced before the header points at it.
-                    let clusters = geometry.clusters(covering: needed * 8)
-                    let start = try allocateRun(clusters)
-                    try writeBackRefcounts()
-                    var table = l1
-                    table += [UInt64](repeating: 0, count: Int(needed) - l1.count)
-                    var bytes = encodeTable(table[...])
-                    bytes += [UInt8](repeating: 0, count: Int(clusters) * geometry.clusterSize - bytes.count)
-                    try host.write(bytes, at: geometry.offset(ofCluster: start))
-                    try host.flush()
-                    let oldOffset = header.l1TableOffset.rawValue
-                    let oldClusters = max(1, geometry.clusters(covering: UInt64(l1.count) * 8))
-                    header.l1TableOffset = HostOffset(geometry.offset(ofCluster: start))
-                    header.l1Size = UInt32(needed)
-                    header.virtualSize = target
-                    try setDirtyBit()
-                    try host.write(header.encodeFixed(), at: 0)
-                    try host.flush()
-                    l1 = table
-                    for c in 0..<oldClusters { try decrementRefcount(geometry.clusterIndex(oldOffset) + c) }
-                } else {
-                    header.virtualSize = target
-                    try setDirtyBit()
-                    try host.write(header.encodeFixed(), at: 0)
-                    try host.flush()
-                }
-                try writeBack()
-                return dropped
-            }
-        }
-    }
-
-    /// Makes every guest cluster from `firstCluster` on read as nothing-allocated-here (zero without a
-    /// backing file, zero-flagged with one), queueing frees. Returns the bytes of data clusters dropped.
-    /// Lock held.
-    func dropClusters(
-        from firstCluster: UInt64,
-        to endCluster: UInt64? = nil,
-        unallocate: Bool = false
-    ) throws -> UInt64 {
-        var dropped: UInt64 = 0
-        let perTable = UInt64(geometry.l2Entries)
-        let end = endCluster ?? UInt64(l1.count) * perTable
-        var cluster = firstCluster
-        while cluster < end {
-            let l1Index = geometry.l1Index(guestCluster: cluster)
-            let tableLast = min(end, UInt64(l1Index + 1) * perTable)
-            guard L1Entry(rawValue: l1[l1Index]).l2Table != nil else {
-                cluster = tableLast
-                continue
-            }
-            let table = try writableL2Table(guestCluster: cluster)
-            let replacement: L2Entry =
-                unallocate || backing == nil ? .unallocated : .zero(preallocated: nil, copied: false)
-            for c in cluster..<tableLast {
-                let index = geometry.l2Index(guestCluster: c)
-                let old = L2Entry(raw: table.entries[index])
-                guard old.isAllocated, old != replacement else { continue }
-                if old.hostCluster != nil || old.isCompressed {
-                    dropped += UInt64(geometry.clusterSize)
-                }
-                queueFree(old)
-                table.entries[index] = replacement.rawValue
-                table.isDirty = true
-            }
-            cluster = tableLast
-        }
-        return dropped
+        return try drained { m in try m.resize(to: target, allowShrink: allowShrink) }
     }
 
     /// Drops every allocation of this image so all reads go to the backing file again (after `commit`).
     public func unallocateAll() throws {
         if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
-        try monitor.withLock {
-            try checkOpen()
-            while !inflight.isEmpty { monitor.wait() }
-            try wrapIO(path) {
-                _ = try dropClusters(from: 0, unallocate: true)
-                try writeBack()
-            }
+        try drained { m in
+            _ = try m.dropClusters(from: GuestCluster(0), unallocate: true)
+            try m.writeBack()
         }
     }
 
@@ -148,26 +49,22 @@ extension VImage {
                 throw VImageError(.invalidArgument, path: path, message: "backing file name must be 1 to 4095 bytes")
             }
         }
-        try monitor.withLock {
-            try checkOpen()
-            while !inflight.isEmpty { monitor.wait() }
-            try wrapIO(path) {
-                try writeBack()
-                var updated = header
-                updated.backingFileName = name
-                updated.backingFileFormat = name == nil ? nil : format
-                let bytes = updated.encode()
-                guard bytes.count <= geometry.clusterSize else {
-                    throw VImageError(.invalidArgument, path: path, message: "the header does not fit in one cluster")
-                }
-                try setDirtyBit()
-                // setDirtyBit changed the dirty and autoclear fields; keep its values, not the copy's.
-                updated.incompatibleFeatures = header.incompatibleFeatures
-                updated.autoclearFeatures = header.autoclearFeatures
-                try host.write(updated.encode(), at: 0)
-                try host.flush()
-                header = updated
+        try drained { m in
+            try m.writeBack()
+            var updated = m.header
+            updated.backingFileName = name
+            updated.backingFileFormat = name == nil ? nil : format
+            let bytes = m.format.encodeHeader(updated)
+            guard bytes.count <= geometry.clusterSize else {
+                throw VImageError(.invalidArgument, path: path, message: "the header does not fit in one cluster")
             }
+            try m.setDirtyBit()
+            // setDirtyBit changed the dirty and autoclear fields; keep its values, not the copy's.
+            updated.incompatibleFeatures = m.header.incompatibleFeatures
+            updated.autoclearFeatures = m.header.autoclearFeatures
+            try m.host.write(m.format.encodeHeader(updated), at: 0)
+            try m.host.flush()
+            m.header = updated
         }
     }
 }
@@ -248,5 +145,92 @@ extension VImage {
         }
         try flush()
         try setBacking(name: name, format: format)
+    }
+}
+
+extension Metadata {
+    /// Changes the virtual size (the caller has validated and rounded `target`, and drained the gate).
+    mutating func resize(to target: UInt64, allowShrink: Bool) throws -> UInt64 {
+        try writeBack()
+        let old = header.virtualSize
+        var dropped: UInt64 = 0
+        if target < old {
+            guard allowShrink else {
+                throw VImageError(
+                    .invalidArgument,
+                    path: path,
+                    message:
+                        "shrinking from \(old) to \(target) bytes discards data past the new end; use --shrink to confirm"
+                )
+            }
+            dropped = try dropClusters(from: GuestCluster(geometry.clusters(covering: target)))
+            try writeBack()
+        }
+        let needed = geometry.l1Entries(forVirtualSize: target)
+        guard needed <= UInt64(ImageHeader.maxL1Entries) else {
+            throw VImageError(.invalidArgument, path: path, message: "size \(target) needs a larger cluster size")
+        }
+        if needed > UInt64(l1.count) {
+            // A bigger L1 table elsewhere: written and synced before the header points at it.
+            let clusters = geometry.clusters(covering: needed * 8)
+            let start = try allocateRun(clusters)
+            try writeBackRefcounts()
+            var table = l1
+            table += [UInt64](repeating: 0, count: Int(needed) - l1.count)
+            var bytes = encodeTable(table[...])
+            bytes += [UInt8](repeating: 0, count: Int(clusters) * geometry.clusterSize - bytes.count)
+            try host.write(bytes, at: geometry.offset(of: start).rawValue)
+            try host.flush()
+            let oldOffset = header.l1TableOffset
+            let oldClusters = max(1, geometry.clusters(covering: UInt64(l1.count) * 8))
+            header.l1TableOffset = geometry.offset(of: start)
+            header.l1Size = UInt32(needed)
+            header.virtualSize = target
+            try setDirtyBit()
+            try writeFixedHeader()
+            try host.flush()
+            l1 = table
+            for c in 0..<oldClusters { try decrementRefcount(geometry.cluster(containing: oldOffset) + c) }
+        } else {
+            header.virtualSize = target
+            try setDirtyBit()
+            try writeFixedHeader()
+            try host.flush()
+        }
+        try writeBack()
+        return dropped
+    }
+
+    /// Makes every guest cluster from `firstCluster` on read as nothing-allocated-here (zero without a
+    /// backing file, zero-flagged with one), queueing frees. Returns the bytes of data clusters dropped.
+    mutating func dropClusters(from firstCluster: GuestCluster, unallocate: Bool = false) throws -> UInt64 {
+        var dropped: UInt64 = 0
+        let perTable = UInt64(geometry.l2Entries)
+        let end = GuestCluster(UInt64(l1.count) * perTable)
+        var cluster = firstCluster
+        while cluster < end {
+            let l1Index = geometry.l1Index(of: cluster)
+            let tableLast = min(end, GuestCluster(UInt64(l1Index + 1) * perTable))
+            guard L1Entry(rawValue: l1[l1Index]).l2Table != nil else {
+                cluster = tableLast
+                continue
+            }
+            let table = try writableL2Table(cluster)
+            let replacement: L2Entry =
+                unallocate || !hasBacking ? .unallocated : .zero(preallocated: nil, copied: false)
+            for c in cluster..<tableLast {
+                let index = geometry.l2Index(of: c)
+                let old = entries.decode(table.entries[index])
+                guard old.isAllocated, old != replacement else { continue }
+                if old.hostCluster != nil || old.isCompressed {
+                    dropped += UInt64(geometry.clusterSize)
+                }
+                queueFree(old)
+                table.entries[index] = entries.encode(replacement)
+                table.isDirty = true
+            }
+            cluster = tableLast
+        }
+        return dropped
     }
 }

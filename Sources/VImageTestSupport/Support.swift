@@ -256,3 +256,18 @@ public func waitForExit(_ pid: pid_t, seconds: Int = 30) -> Int32 {
     waitpid(pid, &status, 0)
     return -1
 }
+
+/// The seeds a randomized test runs: a fixed range, so every run covers the same cases, plus one random
+/// seed that is printed, so each run also explores a new case and any failure reruns. `VDISK_SEED=N`
+/// runs seed N alone.
+public enum TestSeeds {
+    public static func seeds(_ fixed: Range<UInt64>, test: String) -> [UInt64] {
+        if let text = getenv("VDISK_SEED").map({ String(cString: $0) }), let seed = UInt64(text) {
+            return [seed]
+        }
+        var generator = SystemRandomNumberGenerator()
+        let extra = UInt64.random(in: fixed.upperBound...UInt64(UInt32.max), using: &generator)
+        print("\(test): seeds \(fixed.lowerBound)..<\(fixed.upperBound) and \(extra) (rerun one with VDISK_SEED=N)")
+        return Array(fixed) + [extra]
+    }
+}

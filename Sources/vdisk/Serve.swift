@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import Dispatch
+import ImageFormats
 import Logging
 import NBDServer
 import NIOCore
@@ -162,8 +163,13 @@ extension Vdisk {
             var exports: [NBDExport] = []
             do {
                 for (path, name) in zip(images, exportNames) {
-                    let device = try DiskImage.open(path: path, readOnly: !writable, snapshot: snapshot)
-                    exports.append(NBDExport(name: name, description: path, device: device, readOnly: !writable))
+                    // qcow2 is read-only in vdisk (for now): serve it read-only rather than refuse it.
+                    let readOnly = try !writable || ImageFormats.probe(path: path) == .qcow2
+                    if readOnly && writable {
+                        printError("vdisk serve: \(path) is qcow2, which vdisk serves read-only")
+                    }
+                    let device = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
+                    exports.append(NBDExport(name: name, description: path, device: device, readOnly: readOnly))
                 }
             } catch {
                 for export in exports { try? export.device.close() }

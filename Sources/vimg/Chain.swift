@@ -8,9 +8,9 @@ import Glibc
 #endif
 
 /// Opens a format name given with -f/-F/-B.
-func formatNamed(_ name: String?) throws -> DiskImage.Format? {
+func formatNamed(_ name: String?) throws -> ImageFormats.Format? {
     guard let name else { return nil }
-    guard let format = DiskImage.Format(rawValue: name) else {
+    guard let format = ImageFormats.Format(rawValue: name) else {
         throw ValidationError("unknown format '\(name)' (use vimg, raw or qcow2)")
     }
     return format
@@ -79,14 +79,12 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                let probe = try VImage.open(path: file, readOnly: true)
-                guard let backingPath = probe.backingPath else {
-                    try probe.close()
+                guard let reference = try ImageFormats.backingReference(of: file, format: .vimg) else {
                     throw VImageError(.invalidArgument, path: file, message: "image has no backing file to commit into")
                 }
-                let backingFormat = try formatNamed(probe.currentHeader.backingFileFormat)
-                try probe.close()
-                if let base, realPath(base) != realPath(backingPath) {
+                let backingPath = reference.resolvedPath
+                let backingFormat = try formatNamed(reference.format)
+                if let base, canonicalPath(base) != canonicalPath(backingPath) {
                     throw VImageError(
                         .invalidArgument,
                         path: file,
@@ -145,10 +143,7 @@ extension Vimg {
         func run() throws {
             try runReportingErrors {
                 let newName: String? = base.isEmpty ? nil : base
-                var resolved = base
-                if !base.hasPrefix("/"), let slash = file.lastIndex(of: "/") {
-                    resolved = String(file[...slash]) + base
-                }
+                let resolved = BackingReference.resolve(base, relativeTo: file)
                 if unsafe {
                     let host = try FileDevice.open(path: file, readOnly: false, growable: true, lock: .exclusive)
                     let image = try VImage.open(host: host, path: file, readOnly: false, backing: MemoryDevice(size: 0))
@@ -159,7 +154,7 @@ extension Vimg {
                     try image.setBacking(name: newName, format: baseFormat)
                     return
                 }
-                let image = try VImage.open(path: file, readOnly: false)
+                let image = try ImageFormats.openVImage(path: file, readOnly: false)
                 defer { try? image.close() }
                 let newBase: (any BlockDevice)? = try newName.map { _ in
                     try ImageFormats.open(path: resolved, format: formatNamed(baseFormat), readOnly: true)
@@ -197,7 +192,7 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                let kind = try formatNamed(format) ?? DiskImage.probe(path: file)
+                let kind = try formatNamed(format) ?? ImageFormats.probe(path: file)
                 let device = try ImageFormats.open(path: file, format: kind, readOnly: false)
                 defer { try? device.close() }
                 let current = device.size
@@ -322,10 +317,4 @@ extension Vimg {
             return 0
         }
     }
-}
-
-func realPath(_ path: String) -> String? {
-    guard let resolved = realpath(path, nil) else { return nil }
-    defer { free(resolved) }
-    return String(cString: resolved)
 }

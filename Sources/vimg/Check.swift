@@ -43,9 +43,9 @@ extension Vimg {
                     )
                 }
                 if kind == .qcow2 {
-                    report = try Qcow2Check.check(path: file)
+                    report = try ImageFormats.check(path: file)
                 } else if let repair {
-                    let result = try ImageCheck.repair(path: file, mode: repair, dryRun: dryRun)
+                    let result = try ImageFormats.repair(path: file, mode: repair, dryRun: dryRun)
                     repairActions = result.actions
                     report = result.after
                     if output.format == .human {
@@ -59,7 +59,7 @@ extension Vimg {
                         }
                     }
                 } else {
-                    report = try ImageCheck.check(path: file)
+                    report = try ImageFormats.check(path: file)
                 }
                 if output.format == .json {
                     var fields: [(String, JSON)] = [

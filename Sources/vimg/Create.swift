@@ -69,7 +69,7 @@ extension Vimg {
                 } else {
                     let base = try ImageFormats.open(
                         path: resolveBacking(),
-                        format: backingFormat.flatMap(DiskImage.Format.init),
+                        format: backingFormat.flatMap(ImageFormats.Format.init),
                         readOnly: true
                     )
                     virtualSize = base.size
@@ -90,7 +90,7 @@ extension Vimg {
                         // Fail early and clearly if the backing file cannot be opened.
                         let base = try ImageFormats.open(
                             path: resolveBacking(),
-                            format: backingFormat.flatMap(DiskImage.Format.init),
+                            format: backingFormat.flatMap(ImageFormats.Format.init),
                             readOnly: true
                         )
                         try base.close()
@@ -114,11 +114,6 @@ extension Vimg {
         }
 
         /// A relative backing name is relative to the new image's folder.
-        func resolveBacking() -> String {
-            guard let backing, !backing.hasPrefix("/"), let slash = file.lastIndex(of: "/") else {
-                return backing ?? ""
-            }
-            return String(file[...slash]) + backing
-        }
+        func resolveBacking() -> String { BackingReference.resolve(backing ?? "", relativeTo: file) }
     }
 }

@@ -20,20 +20,13 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                var path: String? = file
-                var kind = try formatNamed(format)
-                var outputs: [(lines: [String], fields: [(String, JSON)])] = []
-                var seen = Set<String>()
-                while let current = path {
-                    guard seen.insert(realPath(current) ?? current).inserted, seen.count <= VImage.maxBackingDepth + 1
-                    else {
-                        throw VImageError(.invalidImage, path: current, message: "backing chain loops or is too deep")
-                    }
-                    let (lines, fields, backing, backingFormat) = try describe(current, kind)
-                    outputs.append((lines, fields))
-                    path = backingChain ? backing : nil
-                    kind = try formatNamed(backingFormat)
+                // Headers only: info works on a clone whose backing file is missing, as qemu-img's does.
+                let top = try formatNamed(format) ?? ImageFormats.probe(path: file)
+                var levels = [ImageFormats.ChainLevel(path: file, format: top)]
+                if backingChain, let reference = try ImageFormats.backingReference(of: file, format: top) {
+                    levels += try ImageFormats.backingLevels(from: reference, excluding: [canonicalPath(file) ?? file])
                 }
+                let outputs = try levels.map { try describe($0.path, $0.format) }
                 if output.format == .json {
                     print(
                         backingChain
@@ -46,14 +39,9 @@ extension Vimg {
             }
         }
 
-        /// Text lines and JSON fields for one image, and its backing file (path as resolved, format).
-        func describe(
-            _ file: String,
-            _ format: DiskImage.Format?
-        ) throws -> ([String], [(String, JSON)], String?, String?) {
-            var backingPath: String? = nil
-            var backingFormat: String? = nil
-            let kind = try format ?? DiskImage.probe(path: file)
+        /// Text lines and JSON fields for one image.
+        func describe(_ file: String, _ kind: ImageFormats.Format) throws -> (lines: [String], fields: [(String, JSON)])
+        {
             let actual =
                 (try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
                     defer { try? f.close() }
@@ -63,9 +51,11 @@ extension Vimg {
             var lines: [String] = ["image: \(file)", "file format: \(kind.rawValue)"]
             switch kind {
             case .vimg:
-                let image = try VImage.open(path: file, readOnly: true)
-                defer { try? image.close() }
-                let h = image.currentHeader
+                let h = try withFile(file) { () -> ImageHeader in
+                    let device = try FileDevice.open(path: file, readOnly: true, lock: .shared)
+                    defer { try? device.close() }
+                    return try ImageHeader.read(from: device, path: file)
+                }
                 let dirty = h.incompatibleFeatures.contains(.dirty)
                 let corrupt = h.incompatibleFeatures.contains(.corrupt)
                 lines += imageLines(
@@ -75,11 +65,10 @@ extension Vimg {
                     backing: h.backingFileName,
                     format: h.backingFileFormat
                 )
-                backingPath = image.backingPath
-                backingFormat = h.backingFileFormat
                 lines += [
                     "Format specific information:",
                     "    version: \(h.version)",
+                    "    uuid: \(h.uuid.map { "\($0)" } ?? "none")",
                     "    refcount bits: \(1 << h.refcountOrder)",
                     "    snapshots: \(h.snapshotCount)",
                     "    dirty: \(dirty ? "yes (not closed cleanly; 'vimg check' reports leaked space)" : "no")",
@@ -90,6 +79,7 @@ extension Vimg {
                     ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("vimg")),
                     ("actual-size", .uint(actual)), ("dirty-flag", .bool(dirty)),
                 ]
+                if let uuid = h.uuid { fields.append(("uuid", .string("\(uuid)"))) }
                 if let backing = h.backingFileName {
                     fields.append(("backing-filename", .string(backing)))
                     if let f = h.backingFileFormat { fields.append(("backing-filename-format", .string(f))) }
@@ -142,8 +132,6 @@ extension Vimg {
                     backing: h.backingFile,
                     format: h.backingFormat
                 )
-                backingPath = image.backingPath
-                backingFormat = h.backingFormat
                 if !image.snapshots.isEmpty {
                     lines.append("Snapshot list:")
                     lines.append("ID        TAG               VM SIZE                DATE     VM CLOCK     ICOUNT")
@@ -208,7 +196,7 @@ extension Vimg {
                     )
                 )
             }
-            return (lines, fields, backingPath, backingFormat)
+            return (lines, fields)
         }
     }
 }

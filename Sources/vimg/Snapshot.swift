@@ -1,5 +1,6 @@
 import ArgumentParser
 import BlockIO
+import ImageFormats
 import VImage
 
 #if canImport(Glibc)
@@ -40,7 +41,7 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                let image = try VImage.open(path: file, readOnly: list)
+                let image = try ImageFormats.openVImage(path: file, readOnly: list)
                 defer { try? image.close() }
                 if let create { try image.createSnapshot(named: create) }
                 if let apply { try image.applySnapshot(named: apply) }

@@ -1,4 +1,5 @@
 import BlockIO
+import ImageFormats
 import Testing
 import VImageTestSupport
 
@@ -156,14 +157,14 @@ import VImageTestSupport
         let dir = TestEnvironment.temporaryDirectory()
         defer { TestEnvironment.remove(dir) }
         try VImage.create(path: dir + "/orphan.vimg", virtualSize: 1 << 20, options: .init(backingFile: "missing.vimg"))
-        #expect { try VImage.open(path: dir + "/orphan.vimg", readOnly: true) } throws: {
-            ($0 as? VImageError)?.code == .notFound
+        #expect { try ImageFormats.openVImage(path: dir + "/orphan.vimg", readOnly: true) } throws: {
+            ($0 as? ImageFormatError)?.code == .notFound
         }
 
         try VImage.create(path: dir + "/a.vimg", virtualSize: 1 << 20, options: .init(backingFile: "b.vimg"))
         try VImage.create(path: dir + "/b.vimg", virtualSize: 1 << 20, options: .init(backingFile: "a.vimg"))
-        #expect { try VImage.open(path: dir + "/a.vimg", readOnly: true) } throws: {
-            ($0 as? VImageError)?.code == .invalidImage
+        #expect { try ImageFormats.openVImage(path: dir + "/a.vimg", readOnly: true) } throws: {
+            ($0 as? ImageFormatError)?.code == .invalidImage
         }
 
         try VImage.create(path: dir + "/d0.vimg", virtualSize: 1 << 20)
@@ -174,10 +175,12 @@ import VImageTestSupport
                 options: .init(backingFile: "d\(i - 1).vimg", backingFormat: "vimg")
             )
         }
-        #expect { try VImage.open(path: dir + "/d\(VImage.maxBackingDepth + 1).vimg", readOnly: true) } throws: {
-            ($0 as? VImageError)?.code == .limitExceeded
+        #expect {
+            try ImageFormats.openVImage(path: dir + "/d\(VImage.maxBackingDepth + 1).vimg", readOnly: true)
+        } throws: {
+            ($0 as? ImageFormatError)?.code == .limitExceeded
         }
-        let ok = try VImage.open(path: dir + "/d\(VImage.maxBackingDepth - 1).vimg", readOnly: true)
+        let ok = try ImageFormats.openVImage(path: dir + "/d\(VImage.maxBackingDepth - 1).vimg", readOnly: true)
         try ok.close()
     }
 }

@@ -1,4 +1,5 @@
 import BlockIO
+import ImageFormats
 import Testing
 import VImage
 import VImageTestSupport
@@ -79,7 +80,7 @@ import Glibc
         let (dir, path) = try Self.copy(name)
         defer { TestEnvironment.remove(dir) }
 
-        let report = try ImageCheck.check(path: path)
+        let report = try ImageFormats.check(path: path)
         #expect(
             report.exitCode == spec.checkExit,
             "\(name): \(report.findings.map(\.message)) \(report.incompleteReason ?? "")"
@@ -90,26 +91,26 @@ import Glibc
             "\(name): found \(found.sorted { $0.kind < $1.kind }), expected \(spec.findings)"
         )
 
-        let opened = Result { try VImage.open(path: path, readOnly: true) }
+        let opened = Result { try ImageFormats.openVImage(path: path, readOnly: true) }
         if case .success(let image) = opened { try image.close() }
         #expect(((try? opened.get()) != nil) == spec.opens, "\(name): read-only open \(opened)")
         if report.isMarkedCorrupt {
-            #expect(throws: VImageError.self) { try VImage.open(path: path, readOnly: false) }
+            #expect(throws: VImageError.self) { try ImageFormats.openVImage(path: path, readOnly: false) }
         }
 
-        let result = try ImageCheck.repair(path: path, mode: .all)
+        let result = try ImageFormats.repair(path: path, mode: .all)
         #expect(
             result.after.exitCode == spec.repairExit,
             "\(name) after -r all: \(result.after.findings.map(\.message))"
         )
         guard spec.recoverable else { return }
-        let again = try ImageCheck.check(path: path)
+        let again = try ImageFormats.check(path: path)
         #expect(
             again.isClean && !again.isDirty && !again.isMarkedCorrupt,
             "\(name) after -r all: \(again.findings.map(\.message))"
         )
 
-        let image = try VImage.open(path: path, readOnly: false)
+        let image = try ImageFormats.openVImage(path: path, readOnly: false)
         let guest = try image.read(count: Int(spec.virtualSize), at: 0)
         let expected = spec.expectedGuest()
         let difference = firstDifference(guest[...], expected[...])
@@ -118,7 +119,7 @@ import Glibc
         try image.write(Pattern.bytes(count: 64 * 1024, offset: 0, seed: 5), at: 0)
         try image.write(Pattern.bytes(count: 8192, offset: 599 * 4096, seed: 5), at: 599 * 4096)
         try image.close()
-        let afterWrite = try ImageCheck.check(path: path)
+        let afterWrite = try ImageFormats.check(path: path)
         #expect(
             afterWrite.isClean,
             "\(name): not clean after writing to the repaired image: \(afterWrite.findings.map(\.message))"
@@ -151,12 +152,24 @@ import Glibc
         }
     }
 
+    static let crashers = fixtures + "/fuzz/crashers"
+    static var crasherNames: [String] {
+        files(in: crashers, suffix: "").filter { !$0.hasPrefix(".") && $0 != "README.md" }
+    }
+
+    /// Invariant: the crashers folder is where the replay below looks (an empty folder and a wrong path
+    /// must not look the same).
+    @Test func crashersFolderIsRead() {
+        #expect(Self.files(in: Self.crashers, suffix: "").contains("README.md"), "\(Self.crashers) not read")
+    }
+
     /// Invariant: every input the fuzzer ever crashed on now opens, reads, checks and repairs without
-    /// trapping (the fuzz iteration, replayed).
-    @Test func fuzzCrashersNoLongerTrap() throws {
-        let dir = Self.fixtures + "/fuzz/crashers"
-        for name in Self.files(in: dir, suffix: "") where !name.hasPrefix(".") && name != "README.md" {
-            FuzzHarness.exercise(try Self.bytes(dir + "/" + name))
+    /// trapping (the fuzz iteration, replayed), each in a process of its own so a trap fails only its case.
+    @Test(arguments: crasherNames)
+    func fuzzCrasherNoLongerTraps(name: String) async {
+        let path = Self.crashers + "/" + name
+        await #expect(processExitsWith: .success, "\(name)") { [path = path as String] in
+            FuzzHarness.exercise(try FixtureTests.bytes(path))
         }
     }
 

@@ -37,6 +37,61 @@ import VImageTestSupport
         #expect(h.encodeFixed().count == ImageHeader.fixedSize)
     }
 
+    /// Invariant: a new image carries the feature name table and its own random version-4 UUID
+    /// (docs/FORMAT.md, extension types 6 and 7); a clone gets a UUID of its own.
+    @Test func newImagesHaveFeatureNamesAndAUUID() throws {
+        let a = MemoryDevice(size: 0, growable: true)
+        let b = MemoryDevice(size: 0, growable: true)
+        try VImage.create(on: a, virtualSize: 1 << 20)
+        try VImage.create(on: b, virtualSize: 1 << 20, options: .init(backingFile: "a.vimg"))
+        let ha = try ImageHeader.read(from: a)
+        let hb = try ImageHeader.read(from: b)
+        #expect(ha.featureNames == FeatureName.all)
+        let uuid = try #require(ha.uuid)
+        #expect(uuid.bytes[6] >> 4 == 4 && uuid.bytes[8] >> 6 == 2, "\(uuid)")
+        #expect(hb.uuid != nil && hb.uuid != ha.uuid)
+        #expect(ha.informationalExtensionProblems.isEmpty)
+    }
+
+    /// Invariant: an unknown incompatible bit is refused with its name from the image's own feature name
+    /// table, so a newer image tells an older reader what it lacks.
+    @Test func unknownIncompatibleBitIsRefusedByName() throws {
+        var h = ImageHeader(
+            clusterBits: 16,
+            virtualSize: 1 << 20,
+            l1TableOffset: HostOffset(3 << 16),
+            l1Size: 1,
+            refcountTableOffset: HostOffset(1 << 16),
+            refcountTableClusters: 1
+        )
+        h.featureNames = FeatureName.all + [FeatureName(kind: .incompatible, bit: 9, name: "future thing")]
+        h.incompatibleFeatures = IncompatibleFeatures(rawValue: 1 << 3 | 1 << 9 | 1 << 12)
+        #expect {
+            try ImageHeader.decode(h.encode() + [UInt8](repeating: 0, count: 64))
+        } throws: { error in
+            let message = (error as? VImageError)?.message ?? ""
+            return (error as? VImageError)?.code == .unsupportedFeature && message.contains("bit 3 (checksums)")
+                && message.contains("bit 9 (future thing)") && message.contains("bit 12")
+        }
+    }
+
+    /// Invariant: malformed informational extensions (feature names, UUID) never stop an image from
+    /// opening; they read as absent, and `check` reports them as warnings only.
+    @Test func malformedInformationalExtensionsAreIgnored() throws {
+        let host = MemoryDevice(size: 0, growable: true)
+        try VImage.create(on: host, virtualSize: 1 << 20)
+        var h = try ImageHeader.read(from: host)
+        h.replaceExtension(HeaderExtension.featureNameTable, [0, 1, 2])
+        h.replaceExtension(HeaderExtension.imageUUID, [1, 2, 3])
+        try host.write(h.encode(), at: 0)
+        let image = try VImage.open(host: host, readOnly: true)
+        #expect(image.currentHeader.uuid == nil && image.currentHeader.featureNames.isEmpty)
+        try image.close()
+        let report = ImageCheck.check(host: host)
+        #expect(report.isClean)
+        #expect(report.findings.filter { $0.kind == "header-extension" }.count == 2, "\(report.findings)")
+    }
+
     /// Invariant: every L1 and L2 entry kind survives raw encoding, and decoding a raw value is stable.
     @Test func tableEntriesRoundTrip() {
         let l1 = L1Entry(l2Table: HostOffset(0x12_3456_0000), copied: true)

@@ -14,11 +14,8 @@ import VImageTestSupport
     @Test(arguments: [12, 16])
     func randomSequencesMatchReference(clusterBits: Int) throws {
         let sequences = clusterBits == 12 ? 400 : 200
-        for seed
-            in (getenv("ONE_SEED").map { UInt64(String(cString: $0))!...UInt64(String(cString: $0))! }
-            ?? 0...UInt64(sequences - 1))
-        {
-            try runSequence(seed: seed &+ UInt64(clusterBits) << 32, clusterBits: clusterBits, steps: 30)
+        for seed in TestSeeds.seeds(0..<UInt64(sequences), test: "model test, cluster_bits \(clusterBits)") {
+            try runSequence(seed: seed, clusterBits: clusterBits, steps: 30)
         }
     }
 
@@ -105,11 +102,11 @@ import VImageTestSupport
         let threads = 8
         let chunk = 512
         // Thread t writes every 512-byte sector whose index % threads == t: all threads share every cluster.
-        DispatchLikeGroup.run(threads) { t in
+        try TestThread.run(threads) { t in
             var sector = t
             while sector * chunk < size {
                 let data = Pattern.bytes(count: chunk, offset: UInt64(sector * chunk), seed: 7)
-                try! image.write(data, at: UInt64(sector * chunk))
+                try image.write(data, at: UInt64(sector * chunk))
                 sector += threads
             }
         }
@@ -126,9 +123,9 @@ import VImageTestSupport
         var image = try VImage.open(host: host, readOnly: false)
         let oldTable = image.currentHeader.refcountTableOffset
         // One table cluster covers 512 blocks x 2048 clusters; jump the allocator close to that edge.
-        image.monitor.withLock {
-            image.hostEnd = 512 * 2048 - 3
-            image.freeHint = image.hostEnd
+        image.state.withLock {
+            $0.hostEnd = HostCluster(512 * 2048 - 3)
+            $0.freeHint = $0.hostEnd
         }
         var model = ReferenceDisk(size: 64 << 20)
         for i in 0..<40 {
@@ -156,37 +153,6 @@ func compressible<R: RandomNumberGenerator>(_ count: Int, seed: UInt64, rng: ino
         out += repeatElement(byte, count: min(count - out.count, Int.random(in: 1...64, using: &rng)))
     }
     return out
-}
-
-/// Runs `body(i)` on `count` threads and waits for all of them.
-enum DispatchLikeGroup {
-    static func run(_ count: Int, _ body: @escaping @Sendable (Int) -> Void) {
-        final class Box: @unchecked Sendable {
-            let body: @Sendable (Int) -> Void
-            let index: Int
-            init(_ body: @escaping @Sendable (Int) -> Void, _ index: Int) {
-                self.body = body
-                self.index = index
-            }
-        }
-        var threads: [pthread_t] = []
-        for i in 0..<count {
-            let box = Unmanaged.passRetained(Box(body, i)).toOpaque()
-            var thread = pthread_t()
-            pthread_create(
-                &thread,
-                nil,
-                { raw in
-                    let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-                    box.body(box.index)
-                    return nil
-                },
-                box
-            )
-            threads.append(thread)
-        }
-        for t in threads { pthread_join(t, nil) }
-    }
 }
 
 #if canImport(Glibc)

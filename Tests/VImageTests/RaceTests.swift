@@ -180,3 +180,121 @@ import VImageTestSupport
         #expect(ImageCheck.check(host: device).isClean)
     }
 }
+
+/// Writers against snapshots, resizes and a close, all at once; the history of every block decides what
+/// each snapshot and the final disk may hold.
+@Suite struct ConcurrentModelTests {
+    /// One block's versions: when each write started and when it was acknowledged (global sequence).
+    final class History: @unchecked Sendable {
+        let lock = Mutex<[[(version: UInt64, start: UInt64, ack: UInt64?)]]>([])
+        let clock = Atomic<UInt64>(1)
+        init(blocks: Int) { lock.withLock { $0 = Array(repeating: [], count: blocks) } }
+        func tick() -> UInt64 { clock.add(1, ordering: .sequentiallyConsistent).newValue }
+    }
+
+    static let block = 4096
+
+    static func content(block: Int, version: UInt64) -> [UInt8] {
+        version == 0
+            ? [UInt8](repeating: 0, count: Self.block)
+            : Pattern.bytes(count: Self.block, offset: UInt64(block * Self.block), seed: version)
+    }
+
+    /// Invariant: with writers running, snapshots are created and deleted, the disk grows and shrinks
+    /// past the writers' range, and the image is closed under them; afterwards every acknowledged write
+    /// reads back, and each snapshot holds, for every block, a version acknowledged before the snapshot
+    /// began or one started before it ended (never a torn or foreign block).
+    @Test func writersSnapshotsResizesAndClose() throws {
+        for seed in TestSeeds.seeds(0..<6, test: "concurrent model") { try runOnce(seed: seed) }
+    }
+
+    func runOnce(seed: UInt64) throws {
+        let blocks = 96
+        let writers = 4
+        let host = MemoryDevice(size: 0, growable: true)
+        let baseSize = UInt64(blocks * Self.block)
+        try VImage.create(on: host, virtualSize: baseSize, options: .init(clusterBits: 12))
+        let image = try VImage.open(host: host, readOnly: false, options: .init(l2CacheBytes: 4 * 4096))
+        let history = History(blocks: blocks)
+        let snapshots = Mutex<[String: (start: UInt64, end: UInt64)]>([:])
+
+        let writerThreads = (0..<writers).map { w in
+            TestThread {
+                var rng = SeededRandom(seed: seed &* 131 &+ UInt64(w))
+                var version = UInt64(w + 1)
+                while true {
+                    let b = Int.random(in: 0..<(blocks / writers), using: &rng) * writers + w
+                    version += UInt64(writers)
+                    let start = history.tick()
+                    let index = history.lock.withLock { h -> Int in
+                        h[b].append((version, start, nil))
+                        return h[b].count - 1
+                    }
+                    do {
+                        try image.write(Self.content(block: b, version: version), at: UInt64(b * Self.block))
+                    } catch let error as VImageError where error.code == .closed {
+                        history.lock.withLock { _ = $0[b].remove(at: index) }  // never planned: nothing written
+                        return
+                    }
+                    let ack = history.tick()
+                    history.lock.withLock { $0[b][index].ack = ack }
+                }
+            }
+        }
+        var rng = SeededRandom(seed: seed)
+        var live: [String] = []
+        for step in 0..<40 {
+            switch Int.random(in: 0..<5, using: &rng) {
+            case 0, 1:
+                let name = "s\(step)"
+                let start = history.tick()
+                try image.createSnapshot(named: name)
+                let end = history.tick()
+                snapshots.withLock { $0[name] = (start, end) }
+                live.append(name)
+            case 2:
+                guard let name = live.randomElement(using: &rng), live.count > 2 else { continue }
+                try image.deleteSnapshot(named: name)
+                live.removeAll { $0 == name }
+                snapshots.withLock { $0[name] = nil }
+            case 3:
+                try image.resize(
+                    to: baseSize + UInt64(Int.random(in: 0...64, using: &rng) * Self.block),
+                    allowShrink: true
+                )
+            default:
+                try image.flush()
+            }
+        }
+        try image.close()
+        for t in writerThreads { try t.join() }
+
+        #expect(ImageCheck.check(host: host).isClean, "seed \(seed)")
+        let reopened = try VImage.open(host: host, readOnly: true)
+        let final = try reopened.read(count: Int(baseSize), at: 0)
+        try reopened.close()
+        let h = history.lock.withLock { $0 }
+        #expect(h.reduce(0) { $0 + $1.count } > 100, "seed \(seed): the writers hardly ran")
+        for b in 0..<blocks {
+            let last = h[b].last { $0.ack != nil }?.version ?? 0
+            let got = Array(final[b * Self.block..<(b + 1) * Self.block])
+            #expect(got == Self.content(block: b, version: last), "seed \(seed): block \(b) lost its last write")
+        }
+        for (name, window) in snapshots.withLock({ $0 }) {
+            let view = try VImage.open(host: host, readOnly: true)
+            try view.selectSnapshot(named: name)
+            let content = try view.read(count: Int(baseSize), at: 0)
+            try view.close()
+            for b in 0..<blocks {
+                let floor = h[b].last { ($0.ack ?? .max) < window.start }?.version ?? 0
+                let allowed = [floor] + h[b].filter { $0.version > floor && $0.start < window.end }.map(\.version)
+                let got = Array(content[b * Self.block..<(b + 1) * Self.block])
+                let actual = ([0] + h[b].map(\.version)).first { Self.content(block: b, version: $0) == got }
+                #expect(
+                    allowed.contains { Self.content(block: b, version: $0) == got },
+                    "seed \(seed): snapshot \(name) \(window) block \(b) holds version \(actual.map { "\($0)" } ?? "none"), not one of \(allowed); history \(h[b].map { ($0.version, $0.start, $0.ack ?? 0) })"
+                )
+            }
+        }
+    }
+}
