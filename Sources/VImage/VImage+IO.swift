@@ -10,8 +10,9 @@
 // A run never crosses an L2 table, so a plan touches one table. Plans are made under the engine lock and
 // counted in the I/O gate until their host I/O completes (IOGate.swift); the I/O itself runs unlocked.
 //
-// Every change of guest content passes `guestWillChange` first: the one hook where tracking of written
-// ranges belongs (dirty bitmaps), whatever the request (write, write-zeroes, discard, compressed write).
+// Every change of guest content passes `Metadata.guestWillChange` while its request is planned: the one
+// hook where tracking of written ranges lives (dirty bitmaps, Bitmaps.swift), whatever the request
+// (write, write-zeroes, discard, compressed write).
 
 import BlockIO
 
@@ -135,7 +136,6 @@ extension VImage {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
         try checkWritable(offset: offset, count: UInt64(buffer.count), operation: .write)
         guard let base = buffer.baseAddress else { return }
-        try guestWillChange(offset: offset, count: UInt64(buffer.count))
         var done = 0
         while done < buffer.count {
             let position = offset + UInt64(done)
@@ -144,7 +144,8 @@ extension VImage {
             // cluster must not both fill it from the old content.
             let ready = { (m: Metadata) in m.acceptsRequest(touching: first...first) }
             let (plan, ticket) = try plan(waitingUntil: ready) { m in
-                try m.planWrite(at: position, count: buffer.count - done)
+                if done == 0 { try m.guestWillChange(offset: offset, count: UInt64(buffer.count)) }
+                return try m.planWrite(at: position, count: buffer.count - done)
             }
             let chunk = UnsafeRawBufferPointer(start: base + done, count: plan.length)
             try execute(plan, ticket: ticket, data: chunk, at: position)
@@ -157,9 +158,6 @@ extension VImage {
         if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
         try checkRange(offset: offset, count: count, operation: operation)
     }
-
-    /// The one place every change of guest content passes before it is planned (see the design notes).
-    func guestWillChange(offset: UInt64, count: UInt64) throws {}
 
     func execute(_ plan: WritePlan, ticket: IOGate.Ticket?, data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         defer { leave(ticket) }
@@ -249,13 +247,11 @@ extension VImage {
 
     public func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
         try checkWritable(offset: offset, count: count, operation: .writeZeroes)
-        try guestWillChange(offset: offset, count: count)
         try zeroRange(offset: offset, count: count, mode: mayUnmap ? .unmap : .keep)
     }
 
     public func discard(at offset: UInt64, count: UInt64) throws {
         try checkWritable(offset: offset, count: count, operation: .discard)
-        try guestWillChange(offset: offset, count: count)
         try zeroRange(offset: offset, count: count, mode: .discard)
     }
 
@@ -521,6 +517,10 @@ extension Metadata {
 
     /// Makes whole clusters of one L2 table read as zeroes (or as nothing allocated here), queueing frees.
     mutating func zeroClusters(_ range: ClosedRange<GuestCluster>, mode: VImage.ZeroMode) throws {
+        try guestWillChange(
+            offset: geometry.guestOffset(of: range.lowerBound),
+            count: geometry.guestOffset(of: range.upperBound + 1) - geometry.guestOffset(of: range.lowerBound)
+        )
         let l1Index = geometry.l1Index(of: range.lowerBound)
         let hasTable = L1Entry(rawValue: l1[l1Index]).l2Table != nil
         // No table and no backing: already reads as zeroes and holds nothing.

@@ -152,6 +152,8 @@ extension Metadata {
     /// Changes the virtual size (the caller has validated and rounded `target`, and drained the gate).
     mutating func resize(to target: UInt64, allowShrink: Bool) throws -> UInt64 {
         try writeBack()
+        try setDirtyBit()  // before the header changes in memory: no header write may carry them early
+        try markBitmapsInUse()
         let old = header.virtualSize
         var dropped: UInt64 = 0
         if target < old {
@@ -186,16 +188,12 @@ extension Metadata {
             header.l1TableOffset = geometry.offset(of: start)
             header.l1Size = UInt32(needed)
             header.virtualSize = target
-            try setDirtyBit()
-            try writeFixedHeader()
-            try host.flush()
+            try commitSizeChange()
             l1 = table
             for c in 0..<oldClusters { try decrementRefcount(geometry.cluster(containing: oldOffset) + c) }
         } else {
             header.virtualSize = target
-            try setDirtyBit()
-            try writeFixedHeader()
-            try host.flush()
+            try commitSizeChange()
         }
         try writeBack()
         return dropped

@@ -53,9 +53,14 @@ public final class VImage: BlockDevice, Sendable {
         /// 1 TiB of host file at 64 KiB clusters.
         public var refcountCacheBytes: Int = 32 << 20
 
-        public init(l2CacheBytes: Int = 128 << 20, refcountCacheBytes: Int = 32 << 20) {
+        /// Keep the image's dirty bitmaps up to date (false behaves like a writer that predates bitmaps and
+        /// makes them inconsistent: for tests of the format's autoclear rule).
+        public var maintainsBitmaps = true
+
+        public init(l2CacheBytes: Int = 128 << 20, refcountCacheBytes: Int = 32 << 20, maintainsBitmaps: Bool = true) {
             self.l2CacheBytes = l2CacheBytes
             self.refcountCacheBytes = refcountCacheBytes
+            self.maintainsBitmaps = maintainsBitmaps
         }
     }
 
@@ -189,6 +194,8 @@ public final class VImage: BlockDevice, Sendable {
                 if !isReadOnly {
                     do {
                         try m.writeBack()
+                        // The bits after every write, and in_use cleared: the bitmaps are consistent again.
+                        try m.persistBitmaps()
                         // The frees applied by writeBack are in the refcount cache; write them too.
                         try m.writeBackRefcounts()
                         if m.dirtyBitOnDisk && !m.leftDirty {

@@ -51,10 +51,11 @@ extension Vimg {
             var lines: [String] = ["image: \(file)", "file format: \(kind.rawValue)"]
             switch kind {
             case .vimg:
-                let h = try withFile(file) { () -> ImageHeader in
+                let (h, bitmaps) = try withFile(file) { () -> (ImageHeader, [BitmapInfo]) in
                     let device = try FileDevice.open(path: file, readOnly: true, lock: .shared)
                     defer { try? device.close() }
-                    return try ImageHeader.read(from: device, path: file)
+                    let header = try ImageHeader.read(from: device, path: file)
+                    return (header, VImage.listBitmaps(host: device, header: header))
                 }
                 let dirty = h.incompatibleFeatures.contains(.dirty)
                 let corrupt = h.incompatibleFeatures.contains(.corrupt)
@@ -74,6 +75,13 @@ extension Vimg {
                     "    dirty: \(dirty ? "yes (not closed cleanly; 'vimg check' reports leaked space)" : "no")",
                     "    corrupt: \(corrupt ? "yes (writes refused until 'vimg check -r all')" : "no")",
                 ]
+                if !bitmaps.isEmpty {
+                    lines.append("    bitmaps:")
+                    for b in bitmaps {
+                        let state = b.consistent ? (b.enabled ? "recording" : "disabled") : "inconsistent (remove it)"
+                        lines.append("        \(b.name): granularity \(b.granularity), \(state)")
+                    }
+                }
                 fields = [
                     ("virtual-size", .uint(h.virtualSize)), ("filename", .string(file)),
                     ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("vimg")),
@@ -98,6 +106,21 @@ extension Vimg {
                                     ("incompatible-features", .uint(h.incompatibleFeatures.rawValue)),
                                     ("compatible-features", .uint(h.compatibleFeatures)),
                                     ("autoclear-features", .uint(h.autoclearFeatures)),
+                                    (
+                                        "bitmaps",
+                                        .array(
+                                            bitmaps.map { b in
+                                                // qemu-img's flags: "in-use" marks an inconsistent bitmap, "auto" an enabled one.
+                                                var flags: [JSON] = []
+                                                if !b.consistent { flags.append(.string("in-use")) }
+                                                if b.enabled { flags.append(.string("auto")) }
+                                                return .object([
+                                                    ("flags", .array(flags)), ("name", .string(b.name)),
+                                                    ("granularity", .uint(b.granularity)),
+                                                ])
+                                            }
+                                        )
+                                    ),
                                 ])
                             ),
                         ])
