@@ -95,6 +95,9 @@ struct Metadata {
 
     /// Whether this writer keeps bitmaps (false emulates a writer that predates them, for tests).
     let maintainsBitmaps: Bool
+    let discardPolicy: VImage.DiscardPolicy
+    /// Clusters whose refcount dropped to zero, to punch out of the file before any allocation.
+    var punchQueue: [HostCluster] = []
     var bitmaps: [DirtyBitmap] = []
     /// The bitmap directory on disk, when the image has a usable one.
     var bitmapDirectory: BitmapDirectoryPointer? = nil
@@ -129,6 +132,7 @@ struct Metadata {
         self.isReadOnly = readOnly
         self.hasBacking = hasBacking
         self.maintainsBitmaps = options.maintainsBitmaps
+        self.discardPolicy = options.discard
         self.leftDirty = header.incompatibleFeatures.contains(.dirty)
         self.dirtyBitOnDisk = header.incompatibleFeatures.contains(.dirty)
         self.gate = gate

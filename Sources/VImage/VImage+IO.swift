@@ -252,7 +252,31 @@ extension VImage {
 
     public func discard(at offset: UInt64, count: UInt64) throws {
         try checkWritable(offset: offset, count: count, operation: .discard)
+        guard discardPolicy != .ignore else { return }
         try zeroRange(offset: offset, count: count, mode: .discard)
+    }
+
+    /// Punches a discarded part of one cluster out of the file, when this image owns the cluster (its data
+    /// in a shared, compressed or unallocated cluster is left alone: a discard is advisory). Counted in the
+    /// I/O gate like a write in place, so the cluster cannot be freed and reused under the punch.
+    private func punchPartial(at offset: UInt64, count: UInt64) throws {
+        guard discardPolicy == .punch else { return }
+        var position = offset
+        while position < offset + count {
+            // One cluster at a time: its host cluster's neighbours on disk belong to other guest clusters.
+            let cluster = geometry.guestCluster(containing: position)
+            let piece = min(offset + count, geometry.guestOffset(of: cluster + 1)) - position
+            let at = position
+            let ready = { (m: Metadata) in m.acceptsRequest(touching: cluster...cluster) }
+            let (target, ticket) = try plan(waitingUntil: ready) { m -> HostOffset? in
+                guard case .normal(let host, copied: true) = try m.l2Entry(cluster) else { return nil }
+                try m.guestWillChange(offset: at, count: piece)
+                return HostOffset(host.rawValue + UInt64(geometry.offsetInCluster(at)))
+            }
+            defer { leave(ticket) }
+            if let target { try wrapIO(path) { try host.discard(at: target.rawValue, count: piece) } }
+            position += piece
+        }
     }
 
     enum ZeroMode { case keep, unmap, discard }
@@ -268,12 +292,19 @@ extension VImage {
         // Partial clusters, except where the range ends at the end of the disk.
         let wholeEnd = end == size ? max(alignedStart, (end + cs - 1) / cs * cs) : alignedEnd
         if alignedStart >= wholeEnd {
-            if mode != .discard { try writeZeroBytes(at: offset, count: count) }
+            if mode != .discard {
+                try writeZeroBytes(at: offset, count: count)
+            } else {
+                try punchPartial(at: offset, count: count)
+            }
             return
         }
         if mode != .discard {
             if offset < alignedStart { try writeZeroBytes(at: offset, count: alignedStart - offset) }
             if wholeEnd < end { try writeZeroBytes(at: wholeEnd, count: end - wholeEnd) }
+        } else {
+            if offset < alignedStart { try punchPartial(at: offset, count: alignedStart - offset) }
+            if wholeEnd < end { try punchPartial(at: wholeEnd, count: end - wholeEnd) }
         }
         var cluster = geometry.guestCluster(containing: alignedStart)
         let last = geometry.guestCluster(containing: wholeEnd - 1)
