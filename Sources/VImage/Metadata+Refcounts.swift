@@ -206,9 +206,15 @@ extension Metadata {
         }
     }
 
-    /// Allocates `count` contiguous clusters at the end of the file.
+    /// Allocates `count` contiguous clusters: the lowest free run inside the file, else at its end.
     mutating func allocateRun(_ count: UInt64) throws -> HostCluster {
         guard count > 0 else { return HostCluster(0) }
+        try punchFreedClusters()
+        var cursor = freeHint
+        if let start = try lowestFreeRun(count, from: &cursor, below: hostEnd) {
+            for i in 0..<count { try setRefcount(start + i, 1) }
+            return start
+        }
         while true {
             let first = try allocateAtEnd()
             var last = first

@@ -210,7 +210,7 @@ extension Metadata {
     }
 
     /// Writes a new snapshot table, syncs, switches the header to it, syncs, and frees the old table.
-    private mutating func switchSnapshotTable(
+    mutating func switchSnapshotTable(
         to entries: [SnapshotEntry],
         beforeSwitch: (inout Metadata) throws -> Void
     ) throws {
