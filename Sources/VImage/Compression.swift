@@ -137,6 +137,7 @@ extension VImage {
                 table.isDirty = true
             }
         }
+        changeCompleted()
     }
 }
 

@@ -41,9 +41,10 @@ extension Metadata {
         }
         while l2Cache.isFull, let victim = l2Cache.leastRecentlyUsed() {
             if victim.isDirty {
-                // The table may point at clusters counted only in the cache, or at data not yet durable.
-                try writeBackRefcounts()
+                // The table may point at clusters counted only in the cache, or at data not yet durable:
+                // both reach the disk, with one sync, before it.
                 try setDirtyBit()
+                try writeBackRefcounts(sync: false)
                 try host.flush()
                 try writeTable(victim)
             }

@@ -4,14 +4,17 @@
 // (docs/FORMAT.md, "Write ordering"):
 //
 //   1. dirty bit set durably            (before the first metadata write of the session)
-//   2. refcount blocks ─sync─► refcount table ─sync─    (new references counted before anything uses them)
-//   3. guest data ─sync─► L2 tables ─sync─              (an entry never reaches disk before its data)
-//   4. L1 sectors, fixed header ─sync─                  (the flush's promise: everything above is durable)
-//   5. frees applied                                    (references are durably gone; see IOGate.swift
+//   2. refcount blocks [─sync─► refcount table]         (a new block durable before the table points at it)
+//   3. ─sync─                                           (guest data and refcounts durable before any entry
+//                                                        points at them, or any COPIED flag relies on them)
+//   4. L2 tables [─sync─► L1 sectors, fixed header]     (new tables durable before L1 entries point at them)
+//   5. ─sync─                                           (the flush's promise: everything above is durable)
+//   6. frees applied                                    (references are durably gone; see IOGate.swift
 //                                                        for why some wait for requests still in flight)
 //
-// A crash between any two steps leaves references to clusters that are counted (leaks at worst), never a
-// reference to a free cluster.
+// The bracketed syncs happen only when their second half has something to write, so a flush after
+// allocating writes costs two syncs, and one after writes in place one. A crash between any two steps
+// leaves references to clusters that are counted (leaks at worst), never a reference to a free cluster.
 
 import BlockIO
 
@@ -23,12 +26,16 @@ extension Metadata {
             !dirtyL1Sectors.isEmpty || !pendingTableFrees.isEmpty || headerChanged || l2Cache.hasDirty
             || refcountCache.hasDirty || !dirtyRefcountTableSectors.isEmpty
         if metadataDirty { try setDirtyBit() }
-        try writeBackRefcounts()
+        let wroteRefcounts = try writeBackRefcounts(sync: false)
         let dirtyL2 = l2Cache.dirtyTables()
-        if !dirtyL2.isEmpty {
-            // Guest data first: an L2 entry must never reach disk ahead of the data it maps.
+        let tailDirty = !dirtyL1Sectors.isEmpty || headerChanged
+        if !dirtyL2.isEmpty || (tailDirty && wroteRefcounts) {
+            // Guest data and refcounts first: an entry must never reach disk ahead of the data it maps or
+            // the refcounts it relies on (a COPIED flag claims a refcount of one).
             try host.flush()
-            for table in dirtyL2 { try writeTable(table) }
+        }
+        for table in dirtyL2 { try writeTable(table) }
+        if !dirtyL2.isEmpty && tailDirty {
             try host.flush()  // L2 tables durable before L1 entries point at them
         }
         try writeL1Sectors()
@@ -71,9 +78,11 @@ extension Metadata {
     /// entry that relies on them.
     /// - Parameter sync: false when the caller syncs itself before pointing at anything new (saves one
     ///   flush); a new block is still made durable before the refcount table points at it.
-    mutating func writeBackRefcounts(sync: Bool = true) throws {
+    /// - Returns: whether anything was written.
+    @discardableResult
+    mutating func writeBackRefcounts(sync: Bool = true) throws -> Bool {
         let dirtyBlocks = refcountCache.dirtyTables()
-        if dirtyBlocks.isEmpty && dirtyRefcountTableSectors.isEmpty { return }
+        if dirtyBlocks.isEmpty && dirtyRefcountTableSectors.isEmpty { return false }
         try setDirtyBit()
         for block in dirtyBlocks { try writeRefcountBlock(block) }
         if !dirtyRefcountTableSectors.isEmpty {
@@ -88,6 +97,7 @@ extension Metadata {
             dirtyRefcountTableSectors.removeAll()
         }
         if sync { try host.flush() }
+        return true
     }
 
     /// Writes an L2 table (or any table of u64 entries) and marks it clean.

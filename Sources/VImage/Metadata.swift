@@ -86,6 +86,8 @@ struct Metadata {
     var isDraining = false
     /// The I/O gate's epoch (IOGate.swift).
     var gateEpoch: UInt64 = 0
+    /// The completed-changes count a finished flush made durable (VImage.flush's group commit).
+    var durableChanges: UInt64 = 0
     /// Where the next compressed record goes (inside a cluster set aside for compressed data), if any.
     var compressedCursor: HostOffset? = nil
     /// The snapshot table, decoded.

@@ -164,6 +164,7 @@ extension VImage {
         switch plan {
         case .inPlace(let hostOffset, _):
             try wrapIO(path) { try host.write(data, at: hostOffset.rawValue, fua: false) }
+            changeCompleted()
         case .allocate(let allocations, _):
             do {
                 try wrapIO(path) { try writeAllocated(allocations, data: data, at: offset) }
@@ -181,6 +182,7 @@ extension VImage {
                 defer { for a in allocations { m.inflight.remove(a.guestCluster) } }
                 try wrapIO(path) { try m.commit(allocations) }
             }
+            changeCompleted()
         }
     }
 
@@ -274,7 +276,10 @@ extension VImage {
                 return HostOffset(host.rawValue + UInt64(geometry.offsetInCluster(at)))
             }
             defer { leave(ticket) }
-            if let target { try wrapIO(path) { try host.discard(at: target.rawValue, count: piece) } }
+            if let target {
+                try wrapIO(path) { try host.discard(at: target.rawValue, count: piece) }
+                changeCompleted()
+            }
             position += piece
         }
     }
@@ -318,6 +323,7 @@ extension VImage {
                 try m.checkOpen()
                 try wrapIO(path) { try m.zeroClusters(range, mode: mode) }
             }
+            changeCompleted()
             cluster = tableLast + 1
         }
     }

@@ -97,6 +97,9 @@ public final class VImage: BlockDevice, Sendable {
     let state: Guarded<Metadata>
     let gate: IOGate
     let sharedSize: SharedSize
+    /// Requests that changed the disk and completed (counted after their I/O and commit), for group commit:
+    /// a flush returns at once when a flush that started after the last of them has completed.
+    let completedChanges = Atomic<UInt64>(0)
     /// The backing image, for clones.
     let backing: (any BlockDevice)?
     /// `backing` when it is a VIMG image (reads walk such chains without a dynamic cast per level).
@@ -203,10 +206,22 @@ public final class VImage: BlockDevice, Sendable {
 
     public func flush() throws {
         if isReadOnly { return }
+        // Group commit: every change completed before this call must be durable. A flush that read the
+        // counter at or after that point and has completed already made them so (its sync came after).
+        let wanted = completedChanges.load(ordering: .acquiring)
         try state.withLock { m in
             try m.checkOpen()
+            if m.durableChanges >= wanted { return }
+            let started = completedChanges.load(ordering: .acquiring)
             try wrapIO(path) { try m.writeBack() }
+            m.durableChanges = max(m.durableChanges, started)
         }
+    }
+
+    /// Counts a change of the disk as completed (its data written and its metadata committed).
+    @inline(__always)
+    func changeCompleted() {
+        completedChanges.add(1, ordering: .releasing)
     }
 
     /// Waits for requests in flight, flushes everything, clears the dirty bit and releases the host file.
