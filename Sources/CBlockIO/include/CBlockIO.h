@@ -1,10 +1,20 @@
-// Linux calls that Swift's Glibc module hides behind _GNU_SOURCE or leaves out. Imported only by
-// Sources/BlockIO/FileDevice.swift and (mallopt) Sources/vdisk/AllocatorTuning.swift.
+// Linux calls that Swift's Glibc module hides behind _GNU_SOURCE or leaves out, and CRC32C. Imported only
+// by Sources/BlockIO/FileDevice.swift, Sources/BlockIO/CRC32C.swift and (mallopt) Sources/vdisk/AllocatorTuning.swift.
 #ifndef CBLOCKIO_H
 #define CBLOCKIO_H
 
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
+#include <stddef.h>
+#include <stdint.h>
+
+/// Updates a running CRC32C (start with 0xFFFFFFFF, invert at the end) with `length` bytes.
+uint32_t CBlockIO_crc32c(uint32_t crc, const void *data, size_t length);
+/// The table-driven CRC32C, whatever the CPU (to check the hardware path against).
+uint32_t CBlockIO_crc32c_portable(uint32_t crc, const void *data, size_t length);
+/// Whether the CPU's crc32 instruction is used.
+int CBlockIO_crc32c_is_hardware(void);
+
 #endif
 #include <fcntl.h>
 #include <unistd.h>
@@ -27,5 +37,15 @@ static const int CBlockIO_M_TRIM_THRESHOLD = M_TRIM_THRESHOLD;
 static inline int CBlockIO_mallopt(int parameter, int value) {
     return mallopt(parameter, value);
 }
+
+#include <stddef.h>
+#include <stdint.h>
+
+/// Updates a running CRC32C (start with 0xFFFFFFFF, invert at the end) with `length` bytes.
+uint32_t CBlockIO_crc32c(uint32_t crc, const void *data, size_t length);
+/// The table-driven CRC32C, whatever the CPU (to check the hardware path against).
+uint32_t CBlockIO_crc32c_portable(uint32_t crc, const void *data, size_t length);
+/// Whether the CPU's crc32 instruction is used.
+int CBlockIO_crc32c_is_hardware(void);
 
 #endif
