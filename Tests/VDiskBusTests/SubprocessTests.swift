@@ -1,5 +1,6 @@
 import Testing
 import VDiskBus
+import VImageTestSupport
 
 #if canImport(Glibc)
 import Glibc
@@ -38,18 +39,36 @@ struct SubprocessTests {
     /// Invariant: a program that hangs is killed (with everything it started) at the deadline, reaped, and
     /// the error names it.
     @Test func hangingToolIsStoppedAndReaped() throws {
+        let marker = "/tmp/vdisk-subprocess-hang.\(getpid())"
+        defer { unlink(marker) }
         let start = monotonicNow()
         do {
-            _ = try Subprocess.run("/bin/sh", ["-c", "sleep 60 & echo waiting; sleep 60"], timeout: 1)
+            _ = try Subprocess.run(
+                "/bin/sh",
+                ["-c", "sleep 60 & echo $$ $! > \(marker); echo waiting; sleep 60"],
+                timeout: 1
+            )
             Issue.record("a hanging program returned")
         } catch {
             #expect("\(error)".contains("/bin/sh did not finish within 1 s"), "\(error)")
             #expect("\(error)".contains("waiting"), "\(error)")
         }
         #expect(monotonicNow() - start < 10)
-        // No child of ours is left, zombie or not.
-        var status: Int32 = 0
-        #expect(waitpid(-1, &status, WNOHANG) == -1 && errno == ECHILD)
+        // The program was reaped (a zombie would still answer kill 0), and what it started was killed.
+        let pids = readFile(marker).split(separator: " ").compactMap { pid_t($0.filter(\.isNumber)) }
+        try #require(pids.count == 2, "\(readFile(marker))")
+        #expect(kill(pids[0], 0) == -1 && errno == ESRCH, "the program is still there")
+        var gone = false
+        for _ in 0..<200 {
+            // Killed: gone, or a zombie waiting for whoever adopted it.
+            let state = readFile("/proc/\(pids[1])/stat").split(separator: " ").dropFirst(2).first
+            if kill(pids[1], 0) == -1 && errno == ESRCH || state == "Z" {
+                gone = true
+                break
+            }
+            usleep(10_000)
+        }
+        #expect(gone, "its background child survived")
     }
 
     /// Invariant: the child holds no descriptor of ours beyond stdin, stdout and stderr.
