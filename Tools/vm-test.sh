@@ -28,7 +28,9 @@ export PATH="/opt/swift/usr/bin:\$PATH" VDISK_GUEST_LANE=1
 for m in "nbd nbds_max=16 max_part=16" loop fuse dm_mod xfs btrfs vfat; do modprobe \$m || echo "guest: no module \$m"; done
 cd $(printf %q "$ROOT")
 echo "guest: kernel \$(uname -r), \$(nproc) CPUs, up \$(cut -d' ' -f1 /proc/uptime) s"
-swift test --skip-build --filter $(printf %q "$FILTER") 2>&1
+# The test bundle itself, not swift test: swift test would compile the package manifest first, which takes
+# minutes under emulation. --testing-library is how swift test runs Swift Testing's tests in it.
+NO_COLOR=1 .build/debug/vdiskPackageTests.xctest --testing-library swift-testing --filter $(printf %q "$FILTER") 2>&1
 EOF
 set +e
 VM_MEM=${VM_MEM:-3G} VM_TIMEOUT=${VM_TIMEOUT:-1500} Tools/vm/run.sh "$work/guest.sh" | tee "$work/log" |

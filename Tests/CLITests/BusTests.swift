@@ -96,53 +96,6 @@ struct BusTests {
 
     func sh(_ script: String) -> ProcessResult { run("/bin/sh", ["-c", script]) }
 
-    /// Invariant: the bus answers `vdisk list` while an operation is stuck (a remote server that accepts
-    /// the connection and never says a word), and the stuck plug ends with an error naming the server.
-    @Test(.enabled(if: !FrontEnd.guestLane, "front-end independent; runs in the host lane"))
-    func listAnswersWhileAPlugIsStuck() throws {
-        let h = Harness(vdisk: vdisk)
-        defer { h.stopAndCheckClean() }
-        let silent = h.dir + "/silent.sock"
-        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        defer { close(listener) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            for (i, b) in silent.utf8.enumerated() { raw[i] = b }
-        }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
-        try #require(bound == 0 && listen(listener, 4) == 0)
-        _ = try h.plug(["--ram", "16M", "--name", "before", "--device", "none"])
-        // The stuck plug runs in the background; its end is the marker file.
-        let plugging = sh(
-            "(VDISK_RUNTIME_DIR=\(h.runtime) \(vdisk) plug --device none 'nbd+unix:///x?socket=\(silent)' "
-                + ">\(h.dir)/stuck.out 2>\(h.dir)/stuck.err; echo $? > \(h.dir)/stuck.done) &"
-        )
-        #expect(plugging.status == 0)
-        // The plug is inside the bus once the silent server has a connection waiting.
-        var waiting = false
-        for _ in 0..<200 {
-            var entry = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
-            if poll(&entry, 1, 50) == 1 {
-                waiting = true
-                break
-            }
-        }
-        try #require(waiting, "the plug never reached the silent server")
-        let start = monotonicNow()
-        let list = h.vd(["list"])
-        #expect(list.status == 0 && list.stdout.contains("before"), "\(list.stdout)\(list.stderr)")
-        #expect(monotonicNow() - start < 5, "list waited for the stuck plug")
-        #expect(access(h.dir + "/stuck.done", F_OK) != 0, "the plug was not stuck")
-        for _ in 0..<900 where access(h.dir + "/stuck.done", F_OK) != 0 { usleep(100_000) }
-        #expect(readFile(h.dir + "/stuck.done") == "1\n")
-        #expect(readFile(h.dir + "/stuck.err").contains(silent), "\(readFile(h.dir + "/stuck.err"))")
-    }
-
     /// Partitions `device` (GPT, one Linux partition) and returns the partition's device. This kernel may
     /// lack partition-table parsers, so the partition is also added explicitly with partx.
     func partition(_ device: String) throws -> String {
@@ -289,14 +242,14 @@ struct BusTests {
                     "qemu-nbd \(tls) -f raw -k \(socket) -x exp --persistent --pid-file=\(h.dir)/server.pid \(file) >/dev/null 2>&1 &"
                 ).status == 0
             )
-            for _ in 0..<100 where access(socket, F_OK) != 0 { usleep(20_000) }
+            for _ in 0..<1500 where access(socket, F_OK) != 0 { usleep(20_000) }
         case .vdiskTLS:
             let serving = sh(
                 "\(vdisk) serve --socket \(socket) --export exp --tls=require --tls-verify-peer --tls-certificates \(h.dir)/pki-server "
                     + "\(file) >/dev/null 2>\(h.dir)/serve.err & echo $! > \(h.dir)/server.pid"
             )
             #expect(serving.status == 0)
-            for _ in 0..<200 where access(socket, F_OK) != 0 { usleep(20_000) }
+            for _ in 0..<1500 where access(socket, F_OK) != 0 { usleep(20_000) }
         }
         defer { _ = sh("kill $(cat \(h.dir)/server.pid) 2>/dev/null") }
         try #require(access(socket, F_OK) == 0, "the \(server) server did not start: \(readFile(h.dir + "/serve.err"))")
@@ -510,6 +463,44 @@ struct BusTests {
         #expect(h.vd(["unplug", "kept"]).status == 0)
     }
 
+    /// Invariant: after kill -9 of the bus with a disk mounted and written, the next bus (started by `vdisk
+    /// list`, which finds the dead bus's lock) removes the dead one's devices and FUSE mounts and says so;
+    /// once the user unmounts what was mounted from the dead disk, nothing is left.
+    @Test(arguments: FrontEnd.lanes) func crashLeavesNothingBehind(_ frontEnd: FrontEnd) throws {
+        let h = Harness(vdisk: vdisk, frontEnd)
+        defer { h.stopAndCheckClean() }
+        let image = h.dir + "/k.vimg"
+        #expect(run(vimg, ["create", image, "64M"]).status == 0)
+        let d = try h.plug([image, "--name", "k"])
+        #expect(run("mkfs.ext4", ["-q", d]).status == 0)
+        let point = h.dir + "/m"
+        try mount(d, point)
+        #expect(sh("echo written > \(point)/file").status == 0)
+        let pid = try #require(pid_t(readFile(h.runtime + "/bus.lock").filter(\.isNumber)))
+        try #require(kill(pid, SIGKILL) == 0)
+        for _ in 0..<200 where kill(pid, 0) == 0 { usleep(20_000) }
+        let list = h.vd(["list"])
+        #expect(list.status == 0 && list.stdout == "No disks are plugged.\n", "\(list.stdout)\(list.stderr)")
+        let said = list.stderr
+        if frontEnd == .loop {
+            #expect(said.contains("\(d) over \(h.runtime)/mnt/k/disk"), "\(said)")
+            #expect(said.contains("unmounted \(h.runtime)/mnt/k"), "\(said)")
+        } else {
+            #expect(said.contains("disconnected \(d) (disk k)"), "\(said)")
+        }
+        // The file system on the dead disk is the user's to unmount (it fails with I/O errors until then).
+        _ = run("umount", ["-l", point])
+        for _ in 0..<250 where !h.leftovers().filter({ !$0.contains("bus still running") }).isEmpty {
+            usleep(20_000)
+        }
+        #expect(h.leftovers().filter { !$0.contains("bus still running") } == [], "\(h.leftovers())")
+        let check = run(vimg, ["check", image])
+        #expect(check.status == 0 || check.status == 3, "\(check.stdout)")
+        // The image plugs again.
+        let again = try h.plug([image, "--name", "k"])
+        #expect(h.vd(["unplug", again]).status == 0)
+    }
+
     /// Invariant: `unplug --force` of a mounted disk unmounts it first, then unplugs cleanly; `unplug --all`
     /// takes every disk, mounted or not, and nothing stays connected.
     @Test(arguments: FrontEnd.lanes) func forcedUnplugOfMountedDisks(_ frontEnd: FrontEnd) throws {
@@ -591,4 +582,59 @@ func monotonicNow() -> Double {
     var now = timespec()
     clock_gettime(CLOCK_MONOTONIC, &now)
     return Double(now.tv_sec) + Double(now.tv_nsec) / 1e9
+}
+
+/// The bus under an operation that cannot finish soon; front-end independent, so it runs in the host lane
+/// only (the guest lane's filter is BusTests and GuestTests).
+@Suite(.enabled(if: busTestsCanRun, "needs root, /dev/fuse and /dev/loop-control"))
+struct StuckOperationTests {
+    let vdisk = TestEnvironment.product("vdisk")
+
+    func sh(_ script: String) -> ProcessResult { run("/bin/sh", ["-c", script]) }
+
+    /// Invariant: the bus answers `vdisk list` while an operation is stuck (a remote server that accepts
+    /// the connection and never says a word), and the stuck plug ends with an error naming the server.
+    @Test func listAnswersWhileAPlugIsStuck() throws {
+        let h = BusTests.Harness(vdisk: vdisk)
+        defer { h.stopAndCheckClean() }
+        let silent = h.dir + "/silent.sock"
+        let listener = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        defer { close(listener) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, b) in silent.utf8.enumerated() { raw[i] = b }
+        }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        try #require(bound == 0 && listen(listener, 4) == 0)
+        _ = try h.plug(["--ram", "16M", "--name", "before", "--device", "none"])
+        // The stuck plug runs in the background; its end is the marker file.
+        let plugging = sh(
+            "(VDISK_RUNTIME_DIR=\(h.runtime) \(vdisk) plug --device none 'nbd+unix:///x?socket=\(silent)' "
+                + ">\(h.dir)/stuck.out 2>\(h.dir)/stuck.err; echo $? > \(h.dir)/stuck.done) &"
+        )
+        #expect(plugging.status == 0)
+        // The plug is inside the bus once the silent server has a connection waiting.
+        var waiting = false
+        for _ in 0..<200 {
+            var entry = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            if poll(&entry, 1, 50) == 1 {
+                waiting = true
+                break
+            }
+        }
+        try #require(waiting, "the plug never reached the silent server")
+        let start = monotonicNow()
+        let list = h.vd(["list"])
+        #expect(list.status == 0 && list.stdout.contains("before"), "\(list.stdout)\(list.stderr)")
+        #expect(monotonicNow() - start < 5, "list waited for the stuck plug")
+        #expect(access(h.dir + "/stuck.done", F_OK) != 0, "the plug was not stuck")
+        for _ in 0..<900 where access(h.dir + "/stuck.done", F_OK) != 0 { usleep(100_000) }
+        #expect(readFile(h.dir + "/stuck.done") == "1\n")
+        #expect(readFile(h.dir + "/stuck.err").contains(silent), "\(readFile(h.dir + "/stuck.err"))")
+    }
 }
