@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-FILTER=${1:-'BusTests|GuestTests'}
+FILTER=${1:-'^CLITests\.(BusTests|GuestTests)/'}
 [ -d /opt/swift/usr/bin ] && export PATH="/opt/swift/usr/bin:$PATH"
 [ -x .build/debug/vdisk ] && [ -e .build/debug/vdiskPackageTests.xctest ] || {
     echo "vm-test: build first (swift build --build-tests)" >&2

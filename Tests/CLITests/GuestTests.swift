@@ -16,11 +16,6 @@ struct GuestTests {
 
     func sh(_ script: String) -> ProcessResult { run("/bin/bash", ["-c", script]) }
 
-    /// The pid in the bus's lock file.
-    func busPID(_ h: BusTests.Harness) -> pid_t? {
-        pid_t(readFile(h.runtime + "/bus.lock").filter(\.isNumber))
-    }
-
     /// Invariant: after kill -9 of the bus, a disk that took an acknowledged but unflushed allocating write
     /// fails with EIO (reads and flushes), never reads back as if the write had not happened; the next bus
     /// disconnects it and says so, and leaves devices it did not create (qemu-nbd -c, someone's loop
@@ -45,9 +40,7 @@ struct GuestTests {
         // Acknowledged (O_DIRECT completes), never flushed: clusters the engine allocated in memory.
         let write = sh("dd if=/dev/urandom of=\(d) bs=64k count=16 seek=100 oflag=direct status=none")
         try #require(write.status == 0, "\(write.stderr)")
-        let pid = try #require(busPID(h))
-        try #require(kill(pid, SIGKILL) == 0)
-        for _ in 0..<200 where kill(pid, 0) == 0 { usleep(20_000) }
+        try h.killBus()
 
         // The next bus (started by any command that finds the dead one's lock) cleans up and says so.
         let list = h.vd(["list"])
