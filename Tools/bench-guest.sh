@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 SECONDS_PER_ROW=${1:-8}
-BIN=$ROOT/.build/release
+BIN=${VDISK_BIN_DIR:-$ROOT/.build/release}
 [ -x "$BIN/vdisk" ] && [ -x "$BIN/vimg" ] || { echo "build first: swift build -c release --product vdisk --product vimg" >&2; exit 2; }
 Tools/vm/build.sh
 work=$(mktemp -d /tmp/vdisk-bench-guest.XXXXXX)

@@ -500,6 +500,8 @@ public final class Bus: Sendable {
             return
         }
         for request in state.disks {
+            // Taken over from the previous bus already (a planned restart).
+            if let name = request.name, disks.withLock({ $0[name] != nil }) { continue }
             do {
                 let info = try plug(request)
                 log("re-plugged \(info.name) as \(info.device ?? "NBD export")")
