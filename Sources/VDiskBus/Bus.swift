@@ -189,10 +189,10 @@ public final class Bus: Sendable {
             if let source = request.source, !source.contains("://") {
                 let path = URL(fileURLWithPath: source).standardizedFileURL.resolvingSymlinksInPath().path
                 // A snapshot of a plugged VIMG disk may be plugged beside it (read-only or under an overlay).
+                // Its other snapshots may be plugged too: what matters is that the writer is one of them.
                 let alongside = request.snapshot != nil && (request.readOnly || request.overlay)
-                if let other = disks.withLock({ $0.values.first { $0.backend.source == path } }),
-                    !(alongside && other.backend.image != nil)
-                {
+                let same = disks.withLock { $0.values.filter { $0.backend.source == path } }
+                if let other = same.first, !(alongside && same.contains { $0.backend.image != nil }) {
                     throw BusError(
                         "\(source) is already plugged as '\(other.name)'\(other.devicePath.map { " (\($0))" } ?? "")"
                     )
