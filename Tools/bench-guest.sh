@@ -19,7 +19,7 @@ set -euo pipefail
 modprobe nbd nbds_max=4; modprobe loop; modprobe fuse
 B=$(printf %q "$BIN")
 export VDISK_RUNTIME_DIR=/run/vdisk-bench
-D=/var/tmp/bench; mkdir -p \$D
+D=/tmp/bench; mkdir -p \$D  # tmpfs: the images live in the guest's memory, for every row alike
 for f in raw vimg; do
     \$B/vimg create -f \$f \$D/disk.\$f 512M >/dev/null
 done
@@ -39,11 +39,13 @@ for f in raw vimg; do
     d=\$(\$B/vdisk plug --device loop --name l\$f \$D/disk.\$f); bench "vdisk-loop-\$f" \$d; \$B/vdisk unplug l\$f
 done
 \$B/vdisk bus --stop
-qemu-nbd -f raw --cache=none --aio=native -c /dev/nbd3 \$D/disk.raw; sleep 1
+qemu-nbd -f raw -c /dev/nbd3 \$D/disk.raw  # buffered, as vdisk reads and writes its file
+for i in \$(seq 100); do [ -e /sys/block/nbd3/pid ] && break; sleep 0.1; done
 bench qemu-nbd-raw /dev/nbd3
 qemu-nbd -d /dev/nbd3 >/dev/null
 EOF
-VM_MEM=3G VM_TIMEOUT=1800 Tools/vm/run.sh "$work/guest.sh" | tee "$work/out" | grep -E '^(vdisk|qemu)' >"$work/rows" || true
+VM_MEM=3G VM_TIMEOUT=1800 Tools/vm/run.sh "$work/guest.sh" | tee "$work/out" >&2
+grep -E '^(vdisk|qemu)' "$work/out" >"$work/rows" || true
 python3 - "$work/rows" <<'PY'
 import sys, collections
 rows = collections.defaultdict(dict)
