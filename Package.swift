@@ -23,6 +23,8 @@ let package = Package(
     ],
     targets: [
         .target(name: "CBlockIO"),
+        // The kernel NBD driver's generic netlink interface (<linux/nbd-netlink.h>), for the bus's /dev/nbdN.
+        .target(name: "CNBDLinux"),
         .systemLibrary(name: "CLZ4", pkgConfig: "liblz4", providers: [.apt(["liblz4-dev"])]),
         .systemLibrary(name: "CZlib", pkgConfig: "zlib", providers: [.apt(["zlib1g-dev"])]),
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
@@ -58,7 +60,7 @@ let package = Package(
             dependencies: ["NBDProtocol", "BlockIO", "COpenSSL", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
-        .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "ImageFormats", "FUSEExport"]),
+        .target(name: "VDiskBus", dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "FUSEExport", "CNBDLinux"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
@@ -111,6 +113,7 @@ let package = Package(
             name: "ImageFormatsTests",
             dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]
         ),
+        .testTarget(name: "VDiskBusTests", dependencies: ["VDiskBus", "VImageTestSupport"]),
         .testTarget(name: "CLITests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
     ],
     swiftLanguageModes: [.v6]

@@ -11,8 +11,9 @@ packages=(
     liblz4-dev      # LZ4 compressed clusters
     zlib1g-dev libzstd-dev  # reading qcow2 compressed clusters (zlib, zstd)
     libfuse3-dev fuse3  # the FUSE + loop device path of vdisk plug
-    e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup, partx, fsfreeze for the bus and its tests
-    nbd-client      # /dev/nbdN front end of vdisk plug, where the kernel has NBD
+    e2fsprogs fdisk util-linux  # mkfs, sfdisk, losetup, partx for the bus tests
+    xfsprogs btrfs-progs dosfstools ntfs-3g lvm2  # every kind of disk the guest lane puts on /dev/nbdN
+    qemu-system-x86 busybox-static kmod  # the Linux guest of the guest lane (Tools/vm, Tools/vm-test.sh)
     openssl         # makes the CA and certificates of the TLS tests (vdisk serve --tls)
     libssl-dev      # TLS in the NBD client (nbds:// sources of vdisk plug)
 )

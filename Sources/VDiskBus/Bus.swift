@@ -12,7 +12,15 @@
 // undone if a later one fails, so a failed plug leaves nothing behind (no loop device, mount or export).
 // Unplug refuses while a file system on the device (or one of its partitions) is mounted, unless forced,
 // and reports every step that failed instead of hiding it. The table is under one lock; plugging and
-// unplugging are serialized (they are rare and slow), I/O never takes that lock.
+// unplugging are serialized (they are rare and slow), I/O never takes that lock, and no operation waits on
+// anything unbounded while it holds the operations lock (programs run with a deadline, the kernel's
+// netlink answers with a receive timeout).
+//
+// What a bus leaves when it dies (kill -9, a crash) is found by the next bus on the same runtime folder
+// (Recovery.swift): loop devices over <runtime>/mnt/*, dead FUSE mounts there, /dev/nbdN whose backend
+// identifier names this runtime folder. A planned restart (`vdisk bus --restart`) instead flushes and
+// closes every disk and writes <runtime>/handover.json; the next bus re-opens them and gives each /dev/nbdN
+// a new socket (NBD_CMD_RECONFIGURE) while the kernel holds its requests.
 
 import BlockIO
 import FUSEExport
@@ -30,8 +38,25 @@ public protocol BusExporter: Sendable {
     func remove(name: String)
     /// The URI of an export, e.g. `nbd+unix:///NAME?socket=/run/vdisk/nbd.sock`.
     func uri(for name: String) -> String
-    /// The unix socket the exports are on (for the kernel NBD client).
+    /// The unix socket the exports are on.
     var socketPath: String { get }
+    /// A socket connected to export `name` and past the NBD handshake, for the kernel's NBD driver.
+    func negotiatedSocket(for name: String) throws -> NegotiatedSocket
+}
+
+/// A connection to one of the bus's exports, negotiated and ready for transmission.
+public struct NegotiatedSocket: Sendable {
+    /// The socket; whoever receives it closes it.
+    public var fd: Int32
+    /// The export's size and NBD transmission flags.
+    public var size: UInt64
+    public var flags: UInt16
+
+    public init(fd: Int32, size: UInt64, flags: UInt16) {
+        self.fd = fd
+        self.size = size
+        self.flags = flags
+    }
 }
 
 final class PluggedDisk: @unchecked Sendable {
@@ -43,6 +68,8 @@ final class PluggedDisk: @unchecked Sendable {
     var devicePath: String?
     var fuse: FUSEExport?
     var exported = false
+    /// For /dev/nbdN: N and the backend identifier the kernel holds for it.
+    var nbd: (index: UInt32, backend: String)?
 
     init(name: String, request: PlugRequest, backend: OpenedBackend) {
         self.name = name
@@ -61,18 +88,24 @@ public final class Bus: Sendable {
     let exporter: (any BusExporter)?
     /// Remember plugged disks in `paths.stateFile` and re-plug them at start.
     let persist: Bool
-    private let disks = Mutex<[String: PluggedDisk]>([:])
+    let disks = Mutex<[String: PluggedDisk]>([:])
     /// Serializes plug/unplug/snapshot: each takes seconds at most and must see a stable table.
-    private let operations = Mutex<Void>(())
+    let operations = Mutex<Void>(())
+    /// What this bus found and removed (or took over) from its predecessor, for `vdisk list`.
+    let recovered = Mutex<[String]>([])
     let log: @Sendable (String) -> Void
+    /// How long a program the bus runs (dmsetup) may take.
+    let toolTimeout: Double
 
     public init(
         paths: BusPaths,
         opener: BusOpener,
         exporter: (any BusExporter)?,
         persist: Bool,
+        toolTimeout: Double = 30,
         log: @escaping @Sendable (String) -> Void
     ) {
+        self.toolTimeout = toolTimeout
         self.paths = paths
         self.opener = opener
         self.exporter = exporter
@@ -87,7 +120,8 @@ public final class Bus: Sendable {
             case .ping:
                 return BusResponse(ok: true, pid: getpid())
             case .list:
-                return BusResponse(ok: true, disks: list())
+                let recovered = recovered.withLock { $0 }
+                return BusResponse(ok: true, disks: list(), recovered: recovered.isEmpty ? nil : recovered)
             case .plug:
                 guard let plug = request.plug else { return .failure("plug needs a source") }
                 return BusResponse(ok: true, disk: try self.plug(plug))
@@ -103,10 +137,12 @@ public final class Bus: Sendable {
                 guard let target = request.target, let snap = request.snapshotName else {
                     return .failure("snapshot needs a disk and a snapshot name")
                 }
-                let notes = try snapshot(target, name: snap)
+                let notes = try snapshot(target, name: snap, freeze: !(request.noFreeze ?? false))
                 return BusResponse(ok: true, notes: notes)
             case .shutdown:
                 return BusResponse(ok: true)
+            case .handover:
+                return BusResponse(ok: true, notes: try handOver())
             }
         } catch {
             return .failure("\(error)")
@@ -143,16 +179,20 @@ public final class Bus: Sendable {
     }
 
     /// Plugs a disk and returns what was attached.
-    public func plug(_ request: PlugRequest) throws -> DiskInfo {
+    /// - Parameter reattach: a /dev/nbdN handed over by the previous bus (index, backend identifier), to be
+    ///   given a socket to this bus instead of a new device being connected.
+    public func plug(_ request: PlugRequest) throws -> DiskInfo { try plug(request, reattach: nil) }
+
+    func plug(_ request: PlugRequest, reattach: (index: UInt32, backend: String)?) throws -> DiskInfo {
         try operations.withLock { _ in
             let name = try chooseName(request)
             if let source = request.source, !source.contains("://") {
                 let path = URL(fileURLWithPath: source).standardizedFileURL.resolvingSymlinksInPath().path
                 // A snapshot of a plugged VIMG disk may be plugged beside it (read-only or under an overlay).
+                // Its other snapshots may be plugged too: what matters is that the writer is one of them.
                 let alongside = request.snapshot != nil && (request.readOnly || request.overlay)
-                if let other = disks.withLock({ $0.values.first { $0.backend.source == path } }),
-                    !(alongside && other.backend.image != nil)
-                {
+                let same = disks.withLock { $0.values.filter { $0.backend.source == path } }
+                if let other = same.first, !(alongside && same.contains { $0.backend.image != nil }) {
                     throw BusError(
                         "\(source) is already plugged as '\(other.name)'\(other.devicePath.map { " (\($0))" } ?? "")"
                     )
@@ -167,7 +207,7 @@ public final class Bus: Sendable {
             )
             let disk = PluggedDisk(name: name, request: request, backend: backend)
             do {
-                try attach(disk)
+                try attach(disk, reattach: reattach)
             } catch {
                 let problems = detach(disk) + backend.close()
                 for p in problems { log("plug \(name): cleanup: \(p)") }
@@ -206,7 +246,7 @@ public final class Bus: Sendable {
     }
 
     /// Attaches the front ends, bottom up. On failure the caller undoes what was done with `detach`.
-    private func attach(_ disk: PluggedDisk) throws {
+    private func attach(_ disk: PluggedDisk, reattach: (index: UInt32, backend: String)?) throws {
         if let exporter {
             try exporter.add(name: disk.name, device: disk.counting, readOnly: disk.readOnly)
             disk.exported = true
@@ -223,11 +263,25 @@ public final class Bus: Sendable {
                     "this kernel has no NBD devices (/dev/nbd0 is missing; try 'modprobe nbd', or --device loop)"
                 )
             }
-            disk.devicePath = try KernelNBD.connect(
-                socket: exporter.socketPath,
-                export: disk.name,
-                readOnly: disk.readOnly
-            )
+            let socket = try exporter.negotiatedSocket(for: disk.name)
+            defer { close(socket.fd) }  // the kernel holds its own reference
+            if let reattach {
+                guard KernelNBD.backend(of: reattach.index) == reattach.backend else {
+                    throw BusError("\(KernelNBD.path(reattach.index)) is no longer the device the last bus handed over")
+                }
+                try KernelNBD.reconfigure(reattach.index, socket: socket.fd, backend: reattach.backend)
+                disk.nbd = reattach
+            } else {
+                let backend = KernelNBD.backendIdentifier(runtime: paths.runtimeDirectory, disk: disk.name)
+                let index = try KernelNBD.connect(
+                    socket: socket.fd,
+                    size: socket.size,
+                    flags: socket.flags,
+                    backend: backend
+                )
+                disk.nbd = (index, backend)
+            }
+            disk.devicePath = KernelNBD.path(disk.nbd!.index)
             disk.frontEnd = "nbd"
         case .loop:
             let mountpoint = paths.mountDirectory + "/" + disk.name
@@ -258,11 +312,17 @@ public final class Bus: Sendable {
     }
 
     /// Tears the front ends down, top down, and returns what failed (nothing is skipped because of it).
-    private func detach(_ disk: PluggedDisk) -> [String] {
+    func detach(_ disk: PluggedDisk) -> [String] {
         var problems: [String] = []
         if let device = disk.devicePath {
             do {
-                if disk.frontEnd == "nbd" { try KernelNBD.disconnect(device) } else { try LoopDevice.detach(device) }
+                if let nbd = disk.nbd {
+                    // What was written through the block device's page cache goes to the disk first.
+                    Mounts.syncDevice(device)
+                    try KernelNBD.disconnect(nbd.index)
+                } else {
+                    try LoopDevice.detach(device)
+                }
             } catch {
                 problems.append("\(error)")
             }
@@ -309,7 +369,7 @@ public final class Bus: Sendable {
 
     /// - Parameter forget: drop the disk from the remembered table (not at shutdown, so that a persistent
     ///   bus re-plugs it when it starts again).
-    private func unplugLocked(_ disk: PluggedDisk, force: Bool, forget: Bool = true) throws -> [String] {
+    func unplugLocked(_ disk: PluggedDisk, force: Bool, forget: Bool = true) throws -> [String] {
         var notes: [String] = []
         if let device = disk.devicePath {
             let mounts = Mounts.mounted(onDevice: device)
@@ -323,6 +383,27 @@ public final class Bus: Sendable {
                 for m in mounts.reversed() {
                     try Mounts.unmount(m.mountpoint)
                     notes.append("unmounted \(m.mountpoint)")
+                }
+            }
+            // Device-mapper devices (LVM) on the disk keep it open and would turn to I/O errors.
+            let holders = Mounts.holders(of: device)
+            if !holders.isEmpty {
+                guard force else {
+                    throw BusError(
+                        "'\(disk.name)' is in use by device-mapper (\(holders.joined(separator: ", "))); deactivate it "
+                            + "first (vgchange -an VG, or dmsetup remove), or use --force"
+                    )
+                }
+                for holder in holders {
+                    let result = try Subprocess.run(
+                        "dmsetup",
+                        ["remove", "--noudevsync", holder],
+                        timeout: toolTimeout
+                    )
+                    guard result.status == 0 else {
+                        throw BusError("cannot remove \(holder): dmsetup exit \(result.status): \(result.output)")
+                    }
+                    notes.append("removed device-mapper \(holder)")
                 }
             }
         }
@@ -343,9 +424,11 @@ public final class Bus: Sendable {
 
     // MARK: Snapshot
 
-    /// Takes an internal snapshot of a plugged VIMG disk. File systems mounted from it are frozen around
-    /// the snapshot (fsfreeze), so it holds a consistent file system, not just consistent blocks.
-    public func snapshot(_ target: String, name: String) throws -> [String] {
+    /// Takes an internal snapshot of a plugged VIMG disk. Each file system mounted from it (its partitions,
+    /// LVM on them) is frozen while the snapshot is taken, or, when it cannot be frozen (FUSE) or `freeze`
+    /// is false, synced first: the notes say which consistency each one got. Every frozen file system is
+    /// thawed whatever happens after it was frozen.
+    public func snapshot(_ target: String, name: String, freeze: Bool = true) throws -> [String] {
         try operations.withLock { _ in
             let disk = try find(target)
             guard let image = disk.backend.image, !disk.request.overlay else {
@@ -356,22 +439,28 @@ public final class Bus: Sendable {
             guard !disk.readOnly else {
                 throw BusError("'\(disk.name)' is plugged read-only; snapshots change the image")
             }
-            var frozen: [String] = []
-            defer { for m in frozen.reversed() { _ = Mounts.thaw(m) } }
+            var held: [Mounts.Held] = []
+            var thawProblems: [String] = []
+            defer {
+                for h in held.reversed() { if let problem = h.release() { thawProblems.append(problem) } }
+                for problem in thawProblems { log("snapshot \(disk.name): \(problem)") }
+            }
             if let device = disk.devicePath {
-                for m in Mounts.mounted(onDevice: device) {
-                    try Mounts.freeze(m.mountpoint)
-                    frozen.append(m.mountpoint)
-                }
+                for m in Mounts.mounted(onDevice: device) { held.append(try Mounts.hold(m, freeze: freeze)) }
             }
             try image.flush()
             try image.createSnapshot(named: name)
             try image.flush()
             log("snapshot '\(name)' of \(disk.name)")
-            return [
-                "snapshot '\(name)' of \(disk.name) created"
-                    + (frozen.isEmpty ? "" : " (froze \(frozen.joined(separator: ", ")))")
-            ]
+            var notes = ["snapshot '\(name)' of \(disk.name) created"]
+            for h in held {
+                let what = "\(h.mount.mountpoint) (\(h.mount.type) on \(h.mount.device))"
+                switch h.consistency {
+                case .frozen: notes.append("\(what): frozen")
+                case .crashConsistent(let reason): notes.append("\(what): crash-consistent (\(reason); synced)")
+                }
+            }
+            return notes
         }
     }
 
@@ -381,7 +470,7 @@ public final class Bus: Sendable {
         var disks: [PlugRequest]
     }
 
-    private func saveState() {
+    func saveState() {
         guard persist else { return }
         let requests = disks.withLock { table in
             table.values.sorted { $0.name < $1.name }.compactMap { disk -> PlugRequest? in
@@ -411,6 +500,8 @@ public final class Bus: Sendable {
             return
         }
         for request in state.disks {
+            // Taken over from the previous bus already (a planned restart).
+            if let name = request.name, disks.withLock({ $0[name] != nil }) { continue }
             do {
                 let info = try plug(request)
                 log("re-plugged \(info.name) as \(info.device ?? "NBD export")")

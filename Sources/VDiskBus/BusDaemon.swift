@@ -13,6 +13,8 @@ public final class BusDaemon: Sendable {
     private let lockFD = Mutex<Int32>(-1)
     private let listenFD = Mutex<Int32>(-1)
     private let stopping = Atomic<Bool>(false)
+    /// The disks went to the next bus: exit without unplugging or waiting for anything.
+    private let handedOver = Atomic<Bool>(false)
     /// Written to wake `run()` when it is time to stop.
     private let wakePipe: (read: Int32, write: Int32)
 
@@ -69,11 +71,17 @@ public final class BusDaemon: Sendable {
         shutdown(listener, Int32(SHUT_RDWR))
         close(listener)
         unlink(bus.paths.controlSocket)
-        bus.shutDown()
+        let handedOver = handedOver.load(ordering: .relaxed)
+        if !handedOver { bus.shutDown() }
         let lock = lockFD.withLock { $0 }
         if lock >= 0 {
             unlink(bus.paths.lockFile)
             close(lock)
+        }
+        if handedOver {
+            // Sealed disks park whoever still calls them; nothing may wait for those threads.
+            bus.log("exiting after the handover")
+            exit(0)
         }
     }
 
@@ -124,7 +132,8 @@ public final class BusDaemon: Sendable {
             do {
                 let request = try Wire.decode(BusRequest.self, from: line)
                 response = bus.handle(request)
-                stop = request.op == .shutdown
+                stop = request.op == .shutdown || (request.op == .handover && response.ok)
+                if stop && request.op == .handover { handedOver.store(true, ordering: .relaxed) }
             } catch {
                 response = .failure("malformed request: \(error)")
             }

@@ -97,6 +97,8 @@ public struct DiskInfo: Codable, Sendable, Hashable {
 public struct BusRequest: Codable, Sendable {
     public enum Operation: String, Codable, Sendable {
         case plug, unplug, list, snapshot, ping, shutdown
+        /// Flush and close every disk, keep each /dev/nbdN for the next bus, and exit (`bus --restart`).
+        case handover
     }
 
     public var op: Operation
@@ -109,6 +111,8 @@ public struct BusRequest: Codable, Sendable {
     public var all: Bool?
     /// The snapshot name (snapshot).
     public var snapshotName: String?
+    /// Snapshot without freezing file systems (each is synced; the snapshot is crash-consistent).
+    public var noFreeze: Bool?
 
     public init(
         op: Operation,
@@ -116,7 +120,8 @@ public struct BusRequest: Codable, Sendable {
         target: String? = nil,
         force: Bool? = nil,
         all: Bool? = nil,
-        snapshotName: String? = nil
+        snapshotName: String? = nil,
+        noFreeze: Bool? = nil
     ) {
         self.op = op
         self.plug = plug
@@ -124,6 +129,7 @@ public struct BusRequest: Codable, Sendable {
         self.force = force
         self.all = all
         self.snapshotName = snapshotName
+        self.noFreeze = noFreeze
     }
 }
 
@@ -137,6 +143,8 @@ public struct BusResponse: Codable, Sendable {
     public var notes: [String]?
     /// The bus's process id (ping).
     public var pid: Int32?
+    /// What this bus found from a predecessor that stopped without unplugging, and did about it (list).
+    public var recovered: [String]?
 
     public init(
         ok: Bool,
@@ -144,7 +152,8 @@ public struct BusResponse: Codable, Sendable {
         disk: DiskInfo? = nil,
         disks: [DiskInfo]? = nil,
         notes: [String]? = nil,
-        pid: Int32? = nil
+        pid: Int32? = nil,
+        recovered: [String]? = nil
     ) {
         self.ok = ok
         self.error = error
@@ -152,6 +161,7 @@ public struct BusResponse: Codable, Sendable {
         self.disks = disks
         self.notes = notes
         self.pid = pid
+        self.recovered = recovered
     }
 
     public static func failure(_ message: String) -> BusResponse { BusResponse(ok: false, error: message) }

@@ -30,11 +30,16 @@ final class NBDBusExporter: BusExporter {
     func remove(name: String) { server.removeExport(named: name) }
 
     func uri(for name: String) -> String { "nbd+unix:///\(name)?socket=\(socketPath)" }
+
+    func negotiatedSocket(for name: String) throws -> NegotiatedSocket {
+        let socket = try NBDNegotiatedSocket.connect(unixSocket: socketPath, export: name)
+        return NegotiatedSocket(fd: socket.fd, size: socket.size, flags: socket.flags)
+    }
 }
 
 /// Runs the bus in this process until it is told to stop: the control socket, the NBD server every disk is
 /// exported on, and a clean unplug of everything at the end.
-func runBusDaemon(paths: BusPaths, persist: Bool) async throws {
+func runBusDaemon(paths: BusPaths, persist: Bool, toolTimeout: Double) async throws {
     // A parent may have started us with signals blocked (test runners do); the bus handles these.
     var handled = sigset_t()
     sigemptyset(&handled)
@@ -78,10 +83,12 @@ func runBusDaemon(paths: BusPaths, persist: Bool) async throws {
         opener: opener,
         exporter: NBDBusExporter(server: server, socketPath: paths.nbdSocket),
         persist: persist,
+        toolTimeout: toolTimeout,
         log: log
     )
     daemon.attach(bus)
     log("listening on \(paths.controlSocket), exporting on \(paths.nbdSocket) (pid \(getpid()))")
+    bus.recover()
     bus.restoreState()
     await withCheckedContinuation { (done: CheckedContinuation<Void, Never>) in
         // The control loop blocks; keep it off the cooperative pool.

@@ -28,6 +28,12 @@ struct BusOptions: ParsableArguments {
         return response
     }
 
+    /// Starts a bus when the last one died without cleaning up (its lock file is still there: a bus that
+    /// stops removes it), so that the new one removes what the dead one left and says so.
+    func recoverIfCrashed() throws {
+        if access(paths.lockFile, F_OK) == 0 && !BusClient(paths: paths).isRunning { try ensureBus() }
+    }
+
     /// Starts a bus in the background if none answers, and waits until it does.
     func ensureBus() throws {
         let client = BusClient(paths: paths)
@@ -36,32 +42,23 @@ struct BusOptions: ParsableArguments {
         if mkdir(paths.runtimeDirectory, 0o700) != 0 && errno != EEXIST {
             throw BusError("cannot create \(paths.runtimeDirectory): \(String(cString: strerror(errno)))")
         }
-        let process = Process()
-        process.executableURL = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath()
-        process.arguments = ["bus", "--runtime-dir", paths.runtimeDirectory, "--detach"]
-        let log =
-            FileHandle(forWritingAtPath: paths.logFile)
-            ?? {
-                _ = FileManager.default.createFile(
-                    atPath: paths.logFile,
-                    contents: nil,
-                    attributes: [.posixPermissions: 0o600]
-                )
-                return FileHandle(forWritingAtPath: paths.logFile)
-            }()
-        log?.seekToEndOfFile()
-        process.standardInput = FileHandle.nullDevice
-        process.standardOutput = log
-        process.standardError = log
-        try process.run()
-        for _ in 0..<200 {
+        let log = open(paths.logFile, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
+        guard log >= 0 else { throw BusError("cannot open \(paths.logFile): \(String(cString: strerror(errno)))") }
+        defer { close(log) }
+        let executable = URL(fileURLWithPath: "/proc/self/exe").resolvingSymlinksInPath().path
+        let pid = try Subprocess.spawn(
+            executable,
+            ["bus", "--runtime-dir", paths.runtimeDirectory, "--detach"],
+            stdout: log,
+            newGroup: true
+        )
+        for _ in 0..<400 {
             if client.isRunning { return }
-            if !process.isRunning && process.terminationStatus != 0 {
-                throw BusError("the bus did not start (see \(paths.logFile))")
-            }
+            var status: Int32 = 0
+            if waitpid(pid, &status, WNOHANG) == pid { throw BusError("the bus did not start (see \(paths.logFile))") }
             usleep(50_000)
         }
-        throw BusError("the bus did not answer within 10 seconds (see \(paths.logFile))")
+        throw BusError("the bus did not answer within 20 seconds (see \(paths.logFile))")
     }
 }
 
@@ -178,6 +175,7 @@ extension Vdisk {
 
         func run() throws {
             try runBusCommand {
+                try bus.recoverIfCrashed()
                 let client = BusClient(paths: bus.paths)
                 if all && !client.isRunning { return }  // nothing is plugged
                 let response = try bus.send(BusRequest(op: .unplug, target: target, force: force, all: all))
@@ -198,8 +196,12 @@ extension Vdisk {
 
         func run() throws {
             try runBusCommand {
+                try bus.recoverIfCrashed()
                 let client = BusClient(paths: bus.paths)
-                let disks = client.isRunning ? (try bus.send(BusRequest(op: .list)).disks ?? []) : []
+                let response = client.isRunning ? try bus.send(BusRequest(op: .list)) : BusResponse(ok: true)
+                let disks = response.disks ?? []
+                // What the bus cleaned up after a predecessor that died, on stderr so stdout stays the table.
+                for line in response.recovered ?? [] { printToStandardError("vdisk: bus: \(line)") }
                 switch output {
                 case .json:
                     print(try jsonString(disks))
@@ -234,7 +236,11 @@ extension Vdisk {
         static let configuration = CommandConfiguration(
             commandName: "snapshot",
             abstract: "Take a consistent internal snapshot of a plugged VIMG disk.",
-            discussion: "File systems mounted from the disk are frozen (fsfreeze) while the snapshot is taken."
+            discussion: """
+                File systems mounted from the disk (its partitions, LVM on them) are frozen while the snapshot
+                is taken; one that cannot be frozen (a FUSE file system such as ntfs-3g) is synced instead, and
+                its snapshot is crash-consistent. Prints which consistency each file system got.
+                """
         )
 
         @Argument(help: "The disk's name or device path.")
@@ -243,11 +249,17 @@ extension Vdisk {
         @Argument(help: "The snapshot's name.")
         var snapshot: String
 
+        @Flag(help: "Do not freeze file systems: sync them and take a crash-consistent snapshot.")
+        var noFreeze = false
+
         @OptionGroup var bus: BusOptions
 
         func run() throws {
             try runBusCommand {
-                _ = try bus.send(BusRequest(op: .snapshot, target: target, snapshotName: snapshot))
+                let response = try bus.send(
+                    BusRequest(op: .snapshot, target: target, snapshotName: snapshot, noFreeze: noFreeze)
+                )
+                for note in response.notes ?? [] { print(note) }
             }
         }
     }
@@ -268,6 +280,17 @@ extension Vdisk {
         @Flag(help: "Ask a running bus to unplug everything and exit.")
         var stop = false
 
+        @Flag(
+            help: """
+                Replace a running bus with a new one (this program), keeping /dev/nbdN disks plugged and \
+                mounted: the old bus flushes and closes every disk, the new one takes them over.
+                """
+        )
+        var restart = false
+
+        @Option(help: .hidden)
+        var toolTimeout: Double = 30
+
         @Flag(help: .hidden)
         var detach = false
 
@@ -276,6 +299,7 @@ extension Vdisk {
         func run() async throws {
             do {
                 if stop {
+                    try bus.recoverIfCrashed()
                     let client = BusClient(paths: bus.paths)
                     guard client.isRunning else { return }
                     _ = try bus.send(BusRequest(op: .shutdown))
@@ -283,8 +307,12 @@ extension Vdisk {
                     for _ in 0..<600 where access(bus.paths.lockFile, F_OK) == 0 { usleep(50_000) }
                     return
                 }
+                if restart {
+                    try restartBus()
+                    return
+                }
                 if detach { setsid() }
-                try await runBusDaemon(paths: bus.paths, persist: persist)
+                try await runBusDaemon(paths: bus.paths, persist: persist, toolTimeout: toolTimeout)
             } catch let error as ExitCode {
                 throw error
             } catch {
@@ -292,6 +320,24 @@ extension Vdisk {
                 throw ExitCode.failure
             }
         }
+    }
+}
+
+extension Vdisk.BusCommand {
+    /// Hands the running bus's disks over to a new bus started from this executable.
+    func restartBus() throws {
+        let client = BusClient(paths: bus.paths)
+        if client.isRunning {
+            let pid = try bus.send(BusRequest(op: .ping)).pid ?? 0
+            let response = try bus.send(BusRequest(op: .handover))
+            for note in response.notes ?? [] { printToStandardError("vdisk: \(note)") }
+            // The old bus exits right after answering; the new one needs its lock.
+            for _ in 0..<600 where pid > 0 && kill(pid, 0) == 0 { usleep(20_000) }
+        }
+        try bus.ensureBus()
+        let taken = try bus.send(BusRequest(op: .list)).recovered ?? []
+        for line in taken { printToStandardError("vdisk: \(line)") }
+        if taken.contains(where: { $0.hasPrefix("could not") }) { throw ExitCode.failure }
     }
 }
 
