@@ -198,7 +198,7 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             )
             send(context: context, .chunk(chunk), request: request, failed: false, started: started, flush: false)
         case .failure(let error):
-            let code = nbdErrorCode(for: error)
+            let code = nbdErrorCode(for: error, in: request)
             logger.warning(
                 "request failed",
                 metadata: [
@@ -332,7 +332,9 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         send(context: context, reply, request: request, failed: false, started: started, flush: false)
     }
 
-    /// A reply without data: success or an error, in the shape the command and session call for.
+    /// A reply without data: success or an error, in the shape the command and session call for. With
+    /// structured replies, every error is an error chunk carrying its message (the spec prefers that, and
+    /// forbids a simple reply to a READ); a success is a simple reply, except for READ and BLOCK_STATUS.
     private func reply(
         context: ChannelHandlerContext,
         request: NBDRequest,
@@ -341,12 +343,11 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         started: NIODeadline,
         flush: Bool = true
     ) {
-        let structured =
-            session.structuredReplies && (request.command == .read || request.command == .blockStatus)
         let reply: NBDReply
-        if structured {
-            let content: NBDReplyChunk.Content = error == .success ? .none : .error(error, message: message)
-            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: content))
+        if session.structuredReplies && error != .success {
+            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: .error(error, message: message)))
+        } else if session.structuredReplies && (request.command == .read || request.command == .blockStatus) {
+            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: .none))
         } else {
             reply = .simple(cookie: request.cookie, error: error, data: nil)
         }

@@ -249,6 +249,15 @@ func withServer(
             #expect(client.reply()?.error == .EINVAL)
             client.request(NBDRequest(command: .read, cookie: 8, offset: 0, length: 64 << 20))
             #expect(client.reply()?.error == .EOVERFLOW)
+            // The spec points of issue 11: FUA is accepted on a READ (SEND_FUA is offered), TRIM and CACHE past
+            // the end are EINVAL, not ENOSPC.
+            client.request(NBDRequest(flags: .fua, command: .read, cookie: 81, offset: 12345, length: 16))
+            let fuaRead = try #require(client.reply())
+            #expect(fuaRead.error == .success && Array(fuaRead.data.readableBytesView) == Array(pattern[0..<16]))
+            client.request(NBDRequest(command: .trim, cookie: 82, offset: size - 1, length: 2))
+            #expect(client.reply()?.error == .EINVAL)
+            client.request(NBDRequest(command: .cache, cookie: 83, offset: size, length: 1))
+            #expect(client.reply()?.error == .EINVAL)
 
             client.request(NBDRequest(command: .blockStatus, cookie: 9, offset: 0, length: UInt32(size)))
             let status = try #require(client.reply())
@@ -272,8 +281,8 @@ func withServer(
         }
     }
 
-    /// Invariant: an oversized WRITE is answered with EOVERFLOW, its payload is consumed, and the
-    /// connection keeps working.
+    /// Invariant: an oversized WRITE is answered with EINVAL, its payload is consumed, and the connection
+    /// keeps working.
     @Test func oversizedWrite() async throws {
         try await withServer(size: 64 << 20) { path, _, _ in
             let client = try #require(RawClient(socketPath: path))
@@ -283,7 +292,7 @@ func withServer(
             var payload = ByteBuffer()
             payload.writeRepeatingByte(0xEE, count: length)
             client.send(payload)
-            #expect(client.reply()?.error == .EOVERFLOW)
+            #expect(client.reply()?.error == .EINVAL)
             client.request(NBDRequest(command: .read, cookie: 2, offset: 0, length: 16))
             let read = try #require(client.reply(readLength: 16))
             #expect(read.cookie == 2 && Array(read.data.readableBytesView) == [UInt8](repeating: 0, count: 16))
