@@ -110,6 +110,14 @@ extension Vdisk {
         @Option(help: "The kernel device: auto, nbd, loop or none.")
         var device: DeviceKind = .auto
 
+        @Option(
+            help: ArgumentHelp(
+                "For a remote export: how long I/O waits for a server that went away (a restart) before failing with EIO (default 60).",
+                valueName: "SECONDS"
+            )
+        )
+        var reconnectTimeout: Double?
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
@@ -119,6 +127,14 @@ extension Vdisk {
             if (source == nil) == (ram == nil) { throw ValidationError("give an image or URI to plug, or --ram SIZE") }
             if let ram, ByteSize.parse(ram) == nil {
                 throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G")
+            }
+            if let reconnectTimeout {
+                guard (0...86400).contains(reconnectTimeout) else {
+                    throw ValidationError("--reconnect-timeout must be between 0 and 86400 seconds")
+                }
+                guard source?.contains("://") == true else {
+                    throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs)")
+                }
             }
         }
 
@@ -143,7 +159,8 @@ extension Vdisk {
                     readOnly: readOnly,
                     snapshot: snapshot,
                     overlay: overlay,
-                    device: device
+                    device: device,
+                    reconnectTimeout: reconnectTimeout
                 )
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }
@@ -208,11 +225,12 @@ extension Vdisk {
                         print("No disks are plugged.")
                         return
                     }
-                    var rows = [["NAME", "DEVICE", "SIZE", "MODE", "FORMAT", "READS", "WRITES", "SOURCE"]]
+                    var rows = [["NAME", "DEVICE", "SIZE", "MODE", "FORMAT", "READS", "WRITES", "LINK", "SOURCE"]]
                     for d in disks {
                         rows.append([
                             d.name, d.device ?? "-", ByteSize.format(d.size), d.readOnly ? "ro" : "rw", d.format,
-                            ByteSize.format(d.counters.bytesRead), ByteSize.format(d.counters.bytesWritten), d.source,
+                            ByteSize.format(d.counters.bytesRead), ByteSize.format(d.counters.bytesWritten),
+                            d.connection.map(describe) ?? "-", d.source,
                         ])
                     }
                     let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max()! }
@@ -293,6 +311,14 @@ extension Vdisk {
             }
         }
     }
+}
+
+/// A remote disk's link for `vdisk list`: "connected", "reconnecting since 14:02:07", "failed since ...".
+func describe(_ status: ConnectionStatus) -> String {
+    guard status.state != .connected, let since = status.since else { return status.state.rawValue }
+    let formatter = DateFormatter()
+    formatter.dateFormat = "HH:mm:ss"
+    return "\(status.state.rawValue) since \(formatter.string(from: Date(timeIntervalSince1970: since)))"
 }
 
 enum OutputFormat: String, ExpressibleByArgument {
