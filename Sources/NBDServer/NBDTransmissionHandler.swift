@@ -19,6 +19,14 @@ import NIOPosix
 // latency should not wait for a neighbour, still go one job each. Measured: 4 KiB random I/O at depth
 // 32 (Tools/bench-nbd.sh) went from about qemu-nbd's speed to 2x to 2.9x faster than it.
 //
+// Depth 1: a batch of one small request, with nothing else of the connection in flight, runs on the
+// event loop itself when the server allows it (`inlineLoneRequests`, for local devices): the two hops
+// cost two wake-ups (three context switches per request where this runs one, and twice the server's CPU
+// per request, on these machines; docs/PERFORMANCE.md). The price is that the loop, shared with other
+// connections, waits for that device call; so a call that takes longer than `inlineBudget` (the device
+// went to disk, or the page cache is throttling writes) sends the connection's requests back to the pool
+// for `inlineCooldown`.
+//
 // Back-pressure: while `maximumInFlight` requests are running, or their buffers exceed
 // `maximumInFlightBytes`, the handler swallows the channel's `read()` and re-issues it when a request
 // completes, so a fast client cannot queue unbounded work.
@@ -52,8 +60,15 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private let maximumInFlightBytes: Int
     /// Pool jobs one batch is split into at most (the pool's thread count).
     private let parallelism: Int
+    /// Whether a lone small request may run on the event loop (`NBDServerConfiguration.inlineLoneRequests`).
+    private let inlineLoneRequests: Bool
     /// Reads and writes up to this size are batched.
     static let batchableBytes: UInt32 = 64 << 10
+    /// A lone request run on the event loop may take this long before inline runs pause.
+    static let inlineBudget: TimeAmount = .milliseconds(1)
+    static let inlineCooldown: TimeAmount = .seconds(1)
+    /// No lone request runs inline before this (after one exceeded `inlineBudget`).
+    private var inlineResumes = NIODeadline.uptimeNanoseconds(0)
 
     /// A validated request waiting to run.
     private struct Pending {
@@ -78,9 +93,11 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         logger: Logger,
         maximumInFlight: Int = 64,
         maximumInFlightBytes: Int = 128 << 20,
-        parallelism: Int = 4
+        parallelism: Int = 4,
+        inlineLoneRequests: Bool = false
     ) {
         self.parallelism = max(1, parallelism)
+        self.inlineLoneRequests = inlineLoneRequests
         self.session = session
         self.export = export
         self.threadPool = threadPool
@@ -154,12 +171,31 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private func runBatch(context: ChannelHandlerContext) {
         let pending = batch
         batch.removeAll(keepingCapacity: true)
+        if inlineLoneRequests && pending.count == 1 && inFlight == 1 && NIODeadline.now() >= inlineResumes {
+            runInline(pending[0], context: context)
+            return
+        }
         let jobs = min(parallelism, pending.count)
         guard jobs > 0 else { return }
         let share = (pending.count + jobs - 1) / jobs
         for start in stride(from: 0, to: pending.count, by: share) {
             run(Array(pending[start..<min(start + share, pending.count)]), context: context)
         }
+    }
+
+    /// Runs a lone small request on the event loop itself (see the design notes): no hop to the pool and
+    /// back. One that takes longer than `inlineBudget` (the device went to disk) sends this connection's
+    /// requests to the pool for `inlineCooldown`.
+    private func runInline(_ item: Pending, context: ChannelHandlerContext) {
+        let started = NIODeadline.now()
+        let outcome = Result { try Self.execute(item.request, on: export.device) }
+        let finished = NIODeadline.now()
+        if finished - started > Self.inlineBudget { inlineResumes = finished + Self.inlineCooldown }
+        inFlight -= 1
+        inFlightBytes -= item.bytes
+        answer(item, outcome, context: context)
+        context.flush()
+        resumeIfPossible(context: context)
     }
 
     /// Runs requests in order as one pool job, then answers them all with one flush.

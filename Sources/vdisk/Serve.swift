@@ -181,6 +181,8 @@ extension Vdisk {
             configuration.maximumConnections = maxConnections
             configuration.handshakeTimeout = .seconds(Int64(handshakeTimeout))
             configuration.tls = tls
+            // The exports are local images: their calls answer from the page cache or a local disk.
+            configuration.inlineLoneRequests = true
             let server = NBDServer(exports: exports, configuration: configuration, logger: logger)
 
             // Signals become an async stream before the server starts, so none is lost.

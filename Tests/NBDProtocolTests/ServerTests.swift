@@ -3,6 +3,7 @@ import Logging
 import NBDProtocol
 import NBDServer
 import NIOCore
+import Synchronization
 import Testing
 import VImageTestSupport
 
@@ -505,6 +506,50 @@ func withServer(
         try await server.shutdown()
     }
 
+    /// Invariant: with `inlineLoneRequests`, a small request alone in flight runs on the event loop (its
+    /// reply is right); a device call slower than the inline budget sends the connection's next requests to
+    /// the thread pool; requests pipelined at depth 2 and servers without the option use the pool.
+    @Test func inlineLoneRequests() async throws {
+        let directory = TestEnvironment.temporaryDirectory("nbd-inline")
+        defer { TestEnvironment.remove(directory) }
+        for inline in [true, false] {
+            let path = directory + "/s\(inline).sock"
+            let device = ThreadRecordingDevice()
+            var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: path)])
+            configuration.inlineLoneRequests = inline
+            let server = NBDServer(
+                exports: [NBDExport(name: "x", device: device)],
+                configuration: configuration,
+                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+            )
+            try await server.start()
+            let client = try #require(RawClient(socketPath: path))
+            _ = try #require(client.handshake(structured: false))
+            let data = Pattern.bytes(count: 4096, offset: 8192, seed: 5)
+            client.request(
+                NBDRequest(command: .write, cookie: 1, offset: 8192, length: 4096, payload: ByteBuffer(bytes: data))
+            )
+            #expect(client.reply()?.error == .success)
+            client.request(NBDRequest(command: .read, cookie: 2, offset: 8192, length: 4096))
+            #expect(client.reply(readLength: 4096).map { Array($0.data.readableBytesView) } == data)
+            #expect(device.lastThread.hasPrefix("NIO-ELT") == inline, "\(device.lastThread)")
+
+            if inline {
+                // A slow call (still run inline: its slowness is only known after it) ...
+                device.delayMicroseconds.store(2000, ordering: .relaxed)
+                client.request(NBDRequest(command: .read, cookie: 3, offset: 0, length: 512))
+                #expect(client.reply(readLength: 512)?.error == .success)
+                #expect(device.lastThread.hasPrefix("NIO-ELT"), "\(device.lastThread)")
+                device.delayMicroseconds.store(0, ordering: .relaxed)
+                // ... sends the next ones to the pool for a while.
+                client.request(NBDRequest(command: .read, cookie: 4, offset: 0, length: 512))
+                #expect(client.reply(readLength: 512)?.error == .success)
+                #expect(!device.lastThread.hasPrefix("NIO-ELT"), "\(device.lastThread)")
+            }
+            try await server.shutdown()
+        }
+    }
+
     /// Invariant: shutdown lets in-flight requests finish and answers them before closing.
     @Test func gracefulShutdown() async throws {
         let directory = TestEnvironment.temporaryDirectory("nbd-shutdown")
@@ -531,4 +576,36 @@ func withServer(
         #expect(replies == 8)
         #expect(server.exports[0].stats.snapshot.reads == 8)
     }
+}
+
+/// A memory device that notes the name of the thread of its last read, and can be made slow.
+final class ThreadRecordingDevice: BlockDevice {
+    let inner = MemoryDevice(size: 1 << 20)
+    let delayMicroseconds = Atomic<Int>(0)
+    private let thread = Mutex("")
+    var lastThread: String { thread.withLock { $0 } }
+    var size: UInt64 { inner.size }
+    var capabilities: BlockDeviceCapabilities { inner.capabilities }
+
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
+        // The calling thread's name: NIO names event loop threads NIO-ELT-..., pool threads TP-#...
+        var name = [UInt8](repeating: 0, count: 64)
+        let fd = open("/proc/thread-self/comm", O_RDONLY)
+        let count = fd >= 0 ? Glibc.read(fd, &name, name.count) : 0
+        if fd >= 0 { Glibc.close(fd) }
+        thread.withLock { $0 = String(decoding: name.prefix(max(0, count)), as: UTF8.self) }
+        let delay = delayMicroseconds.load(ordering: .relaxed)
+        if delay > 0 { usleep(UInt32(delay)) }
+        try inner.read(into: buffer, at: offset)
+    }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
+        try inner.write(buffer, at: offset, fua: fua)
+    }
+    func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
+        try inner.writeZeroes(at: offset, count: count, mayUnmap: mayUnmap, fast: fast)
+    }
+    func discard(at offset: UInt64, count: UInt64) throws { try inner.discard(at: offset, count: count) }
+    func flush() throws { try inner.flush() }
+    func extents(at offset: UInt64, count: UInt64) throws -> [Extent] { try inner.extents(at: offset, count: count) }
+    func close() throws { try inner.close() }
 }
