@@ -65,13 +65,7 @@ final class ServeProcess {
 
     func wait() -> Int32 { waitForExit(pid) }
 
-    deinit {
-        var status: Int32 = 0
-        if waitpid(pid, &status, WNOHANG) == 0 {
-            kill(pid, SIGKILL)
-            waitpid(pid, &status, 0)
-        }
-    }
+    deinit { killIfRunning(pid) }
 }
 
 /// A temporary directory with a fresh 64 MiB VIMG image and a server on a unix socket in it.
@@ -259,13 +253,7 @@ final class WriteLoad {
     @discardableResult
     func wait() -> Int32 { waitForExit(pid) }
 
-    deinit {
-        var status: Int32 = 0
-        if waitpid(pid, &status, WNOHANG) == 0 {
-            kill(pid, SIGKILL)
-            waitpid(pid, &status, 0)
-        }
-    }
+    deinit { killIfRunning(pid) }
 }
 
 /// qemu-io commands that check `pattern` in 64 KiB at each of `offsets` (each once).

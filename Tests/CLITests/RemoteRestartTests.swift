@@ -117,13 +117,7 @@ struct RemoteRestartTests {
                 ]
             )
         )
-        var writerRunning = true
-        defer {
-            if writerRunning {
-                kill(writer, SIGKILL)
-                waitForExit(writer)
-            }
-        }
+        defer { killIfRunning(writer) }
         func filesWritten() -> Int { readFile(written).split(separator: "\n").count }
 
         // Markers, not sleeps: the writer is under way, then the disk is waiting for the server.
@@ -146,7 +140,6 @@ struct RemoteRestartTests {
 
         writeFile(stop, "")
         let status = waitForExit(writer)
-        writerRunning = false
         #expect(status == 0, "the writer failed: \(readFile(errors))")
         #expect(readFile(errors).isEmpty, "\(readFile(errors))")
 

@@ -514,7 +514,8 @@ func withServer(
         defer { TestEnvironment.remove(directory) }
         for inline in [true, false] {
             let path = directory + "/s\(inline).sock"
-            let device = ThreadRecordingDevice()
+            let observer = ReadObserver()
+            let device = HookedDevice(MemoryDevice(size: 1 << 20)) { _, _ in observer.observe() }
             var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: path)])
             configuration.inlineLoneRequests = inline
             let server = NBDServer(
@@ -532,19 +533,19 @@ func withServer(
             #expect(client.reply()?.error == .success)
             client.request(NBDRequest(command: .read, cookie: 2, offset: 8192, length: 4096))
             #expect(client.reply(readLength: 4096).map { Array($0.data.readableBytesView) } == data)
-            #expect(device.lastThread.hasPrefix("NIO-ELT") == inline, "\(device.lastThread)")
+            #expect(observer.lastThread.hasPrefix("NIO-ELT") == inline, "\(observer.lastThread)")
 
             if inline {
                 // A slow call (still run inline: its slowness is only known after it) ...
-                device.delayMicroseconds.store(2000, ordering: .relaxed)
+                observer.delayMicroseconds.store(2000, ordering: .relaxed)
                 client.request(NBDRequest(command: .read, cookie: 3, offset: 0, length: 512))
                 #expect(client.reply(readLength: 512)?.error == .success)
-                #expect(device.lastThread.hasPrefix("NIO-ELT"), "\(device.lastThread)")
-                device.delayMicroseconds.store(0, ordering: .relaxed)
+                #expect(observer.lastThread.hasPrefix("NIO-ELT"), "\(observer.lastThread)")
+                observer.delayMicroseconds.store(0, ordering: .relaxed)
                 // ... sends the next ones to the pool for a while.
                 client.request(NBDRequest(command: .read, cookie: 4, offset: 0, length: 512))
                 #expect(client.reply(readLength: 512)?.error == .success)
-                #expect(!device.lastThread.hasPrefix("NIO-ELT"), "\(device.lastThread)")
+                #expect(!observer.lastThread.hasPrefix("NIO-ELT"), "\(observer.lastThread)")
             }
             try await server.shutdown()
         }
@@ -578,17 +579,15 @@ func withServer(
     }
 }
 
-/// A memory device that notes the name of the thread of its last read, and can be made slow.
-final class ThreadRecordingDevice: BlockDevice {
-    let inner = MemoryDevice(size: 1 << 20)
+/// What the inline test's device saw: the name of the thread of its last read; and how slow to make reads.
+final class ReadObserver: Sendable {
+    let thread = Mutex("")
     let delayMicroseconds = Atomic<Int>(0)
-    private let thread = Mutex("")
     var lastThread: String { thread.withLock { $0 } }
-    var size: UInt64 { inner.size }
-    var capabilities: BlockDeviceCapabilities { inner.capabilities }
 
-    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
-        // The calling thread's name: NIO names event loop threads NIO-ELT-..., pool threads TP-#...
+    /// Notes the calling thread's name (NIO names event loop threads NIO-ELT-..., pool threads TP-#...),
+    /// then sleeps the delay.
+    func observe() {
         var name = [UInt8](repeating: 0, count: 64)
         let fd = open("/proc/thread-self/comm", O_RDONLY)
         let count = fd >= 0 ? Glibc.read(fd, &name, name.count) : 0
@@ -596,16 +595,5 @@ final class ThreadRecordingDevice: BlockDevice {
         thread.withLock { $0 = String(decoding: name.prefix(max(0, count)), as: UTF8.self) }
         let delay = delayMicroseconds.load(ordering: .relaxed)
         if delay > 0 { usleep(UInt32(delay)) }
-        try inner.read(into: buffer, at: offset)
     }
-    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
-        try inner.write(buffer, at: offset, fua: fua)
-    }
-    func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
-        try inner.writeZeroes(at: offset, count: count, mayUnmap: mayUnmap, fast: fast)
-    }
-    func discard(at offset: UInt64, count: UInt64) throws { try inner.discard(at: offset, count: count) }
-    func flush() throws { try inner.flush() }
-    func extents(at offset: UInt64, count: UInt64) throws -> [Extent] { try inner.extents(at: offset, count: count) }
-    func close() throws { try inner.close() }
 }
