@@ -286,9 +286,6 @@ public final class NBDClientDevice: BlockDevice, ConnectionStatusReporting {
     /// The connection's state as the last request found it (`vdisk list` shows it).
     public var connectionStatus: ConnectionStatus { link.status }
 
-    /// How long requests wait for the server when a connection breaks.
-    public var reconnectPolicy: NBDReconnectPolicy { link.policy }
-
     private func closedError(_ operation: BlockIOError.Operation) -> BlockIOError {
         BlockIOError(.closed, operation: operation, path: uri, message: "the export is closed")
     }

@@ -29,10 +29,10 @@
 // runs under the shared side, so no newer write can land between the replayed ones and be overwritten by
 // an older one. A flush drops the changes acknowledged before it was sent, the ones it covers.
 //
-// Never forever: a request also gives up `timeout` after its own first failure, whatever other requests
-// did meanwhile (a server that accepts connections and then drops each one carrying this request would
-// otherwise keep it going), every connection attempt is bounded in time (connect, TLS and negotiation
-// included), and `close()` ends the waits.
+// Never forever: a request's deadline is fixed at its first failure, whatever other requests do meanwhile
+// (a server that accepts connections and then drops each one carrying this request cannot keep it going,
+// even if other requests get through and end the outage), every connection attempt is bounded in time
+// (connect, TLS and negotiation included), and `close()` ends the waits.
 
 import BlockIO
 import Synchronization
@@ -94,8 +94,8 @@ final class NBDLink: Sendable {
     }
 
     /// A request found its connection broken at `now`: the deadline for its reconnecting. A failed link
-    /// gives the request no time (one attempt); otherwise the outage's deadline, and never more than
-    /// `timeout` from now.
+    /// gives the request no time (one attempt); otherwise the outage's deadline. An outage begins with its
+    /// first failure, so no request waits longer than `timeout` after its own.
     func brokenConnectionFound(at now: ContinuousClock.Instant) -> ContinuousClock.Instant {
         state.withLock { state in
             down.store(true, ordering: .relaxed)
@@ -104,7 +104,7 @@ final class NBDLink: Sendable {
                 state.outageStart = now
                 state.since = wallClock()
             }
-            return min(state.outageStart! + policy.timeout, now + policy.timeout)
+            return state.outageStart! + policy.timeout
         }
     }
 
