@@ -325,9 +325,20 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         return .done
     }
 
+    /// The most descriptors one reply carries (the spec's "SHOULD NOT send more than 2^20"); the client asks
+    /// again from where the reply stopped.
+    static let maximumDescriptors = 1 << 20
+
     /// Turns device extents into `base:allocation` descriptors covering (a prefix of) the request, merging
-    /// neighbours with equal flags; with REQ_ONE only the first descriptor is kept.
-    static func descriptors(_ extents: [Extent], offset: UInt64, length: UInt64, one: Bool) -> [NBDBlockDescriptor] {
+    /// neighbours with equal flags, at most `limit` of them; with REQ_ONE only the first.
+    static func descriptors(
+        _ extents: [Extent],
+        offset: UInt64,
+        length: UInt64,
+        one: Bool,
+        limit: Int = maximumDescriptors
+    ) -> [NBDBlockDescriptor] {
+        let limit = one ? 1 : limit
         var result: [NBDBlockDescriptor] = []
         var position = offset
         let end = offset + length
@@ -340,8 +351,10 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             if extent.flags.contains(.zero) { flags |= NBDBaseAllocation.zero }
             if let last = result.last, last.flags == flags {
                 result[result.count - 1].length = last.length + UInt32(count)
-            } else {
+            } else if result.count < limit {
                 result.append(NBDBlockDescriptor(length: UInt32(count), flags: flags))
+            } else {
+                break
             }
             position += count
         }
@@ -349,7 +362,6 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             // A device must describe at least the first byte; if it did not, report plain data.
             result.append(NBDBlockDescriptor(length: UInt32(length), flags: 0))
         }
-        if one { result.removeSubrange(1...) }
         return result
     }
 

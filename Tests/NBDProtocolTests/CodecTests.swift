@@ -249,7 +249,7 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
     }
 
     /// Invariant: block status descriptors cover the request from its offset, merge equal neighbours,
-    /// are clipped to the request, and REQ_ONE keeps only the first.
+    /// are clipped to the request, REQ_ONE keeps only the first, and no reply has more than the limit.
     @Test func descriptors() {
         let extents = [
             Extent(offset: 0, length: 4096, flags: []), Extent(offset: 4096, length: 4096, flags: []),
@@ -259,5 +259,13 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         #expect(all == [.init(length: 7168, flags: 0), .init(length: 2832, flags: 3)])
         let one = NBDTransmissionHandler.descriptors(extents, offset: 1024, length: 10000, one: true)
         #expect(one == [.init(length: 7168, flags: 0)])
+        // A reply stops at the descriptor limit (2^20 by default); what it covers is still exact.
+        let alternating = (0..<8).map {
+            Extent(offset: UInt64($0) * 4096, length: 4096, flags: $0 % 2 == 0 ? [] : [.zero])
+        }
+        let capped = NBDTransmissionHandler.descriptors(alternating, offset: 0, length: 32768, one: false, limit: 3)
+        #expect(
+            capped == [.init(length: 4096, flags: 0), .init(length: 4096, flags: 2), .init(length: 4096, flags: 0)]
+        )
     }
 }
