@@ -20,12 +20,12 @@ import NIOPosix
 // 32 (Tools/bench-nbd.sh) went from about qemu-nbd's speed to 2x to 2.9x faster than it.
 //
 // Depth 1: a batch of one small request, with nothing else of the connection in flight, runs on the
-// event loop itself when the server allows it (`inlineLoneRequests`, for local devices): the two hops
+// event loop itself when the server allows it (`inlineBudget`, for local devices): the two hops
 // cost two wake-ups (three context switches per request where this runs one, and twice the server's CPU
 // per request, on these machines; docs/PERFORMANCE.md). The price is that the loop, shared with other
-// connections, waits for that device call; so a call that takes longer than `inlineBudget` (the device
-// went to disk, or the page cache is throttling writes) sends the connection's requests back to the pool
-// for `inlineCooldown`.
+// connections, waits for that device call; so two calls in a row that take longer than `inlineBudget`
+// (the device went to disk, or the page cache is throttling writes; one alone may be the thread losing its
+// CPU on a busy machine) send the connection's requests back to the pool for `inlineCooldown`.
 //
 // Back-pressure: while `maximumInFlight` requests are running, or their buffers exceed
 // `maximumInFlightBytes`, the handler swallows the channel's `read()` and re-issues it when a request
@@ -60,15 +60,17 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private let maximumInFlightBytes: Int
     /// Pool jobs one batch is split into at most (the pool's thread count).
     private let parallelism: Int
-    /// Whether a lone small request may run on the event loop (`NBDServerConfiguration.inlineLoneRequests`).
-    private let inlineLoneRequests: Bool
+    /// Whether a lone small request may run on the event loop, and how long such a call may take before
+    /// it counts as slow (`NBDServerConfiguration.inlineBudget`).
+    private let inlineBudget: TimeAmount?
     /// Reads and writes up to this size are batched.
     static let batchableBytes: UInt32 = 64 << 10
     /// A lone request run on the event loop may take this long before inline runs pause.
-    static let inlineBudget: TimeAmount = .milliseconds(1)
     static let inlineCooldown: TimeAmount = .seconds(1)
-    /// No lone request runs inline before this (after one exceeded `inlineBudget`).
+    /// No lone request runs inline before this (after two in a row exceeded `inlineBudget`).
     private var inlineResumes = NIODeadline.uptimeNanoseconds(0)
+    /// Whether the last inline call exceeded `inlineBudget`.
+    private var lastInlineWasSlow = false
 
     /// A validated request waiting to run.
     private struct Pending {
@@ -94,10 +96,10 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         maximumInFlight: Int = 64,
         maximumInFlightBytes: Int = 128 << 20,
         parallelism: Int = 4,
-        inlineLoneRequests: Bool = false
+        inlineBudget: TimeAmount? = nil
     ) {
         self.parallelism = max(1, parallelism)
-        self.inlineLoneRequests = inlineLoneRequests
+        self.inlineBudget = inlineBudget
         self.session = session
         self.export = export
         self.threadPool = threadPool
@@ -171,8 +173,8 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private func runBatch(context: ChannelHandlerContext) {
         let pending = batch
         batch.removeAll(keepingCapacity: true)
-        if inlineLoneRequests && pending.count == 1 && inFlight == 1 && NIODeadline.now() >= inlineResumes {
-            runInline(pending[0], context: context)
+        if let inlineBudget, pending.count == 1, inFlight == 1, NIODeadline.now() >= inlineResumes {
+            runInline(pending[0], budget: inlineBudget, context: context)
             return
         }
         let jobs = min(parallelism, pending.count)
@@ -184,13 +186,16 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     }
 
     /// Runs a lone small request on the event loop itself (see the design notes): no hop to the pool and
-    /// back. One that takes longer than `inlineBudget` (the device went to disk) sends this connection's
-    /// requests to the pool for `inlineCooldown`.
-    private func runInline(_ item: Pending, context: ChannelHandlerContext) {
+    /// back. Two in a row that take longer than `inlineBudget` (the device went to disk) send this
+    /// connection's requests to the pool for `inlineCooldown`; one alone may be the thread losing its CPU
+    /// on a busy machine, which says nothing about the device.
+    private func runInline(_ item: Pending, budget: TimeAmount, context: ChannelHandlerContext) {
         let started = NIODeadline.now()
         let outcome = Result { try Self.execute(item.request, on: export.device) }
         let finished = NIODeadline.now()
-        if finished - started > Self.inlineBudget { inlineResumes = finished + Self.inlineCooldown }
+        let slow = finished - started > budget
+        if slow && lastInlineWasSlow { inlineResumes = finished + Self.inlineCooldown }
+        lastInlineWasSlow = slow && !lastInlineWasSlow
         inFlight -= 1
         inFlightBytes -= item.bytes
         answer(item, outcome, context: context)
