@@ -65,7 +65,7 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private let inlineBudget: TimeAmount?
     /// Reads and writes up to this size are batched.
     static let batchableBytes: UInt32 = 64 << 10
-    /// A lone request run on the event loop may take this long before inline runs pause.
+    /// How long a connection's lone requests go to the pool after two slow inline calls.
     static let inlineCooldown: TimeAmount = .seconds(1)
     /// No lone request runs inline before this (after two in a row exceeded `inlineBudget`).
     private var inlineResumes = NIODeadline.uptimeNanoseconds(0)

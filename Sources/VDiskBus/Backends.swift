@@ -47,7 +47,7 @@ enum Backends {
         }
         if Self.remoteSchemes.contains(where: { source.hasPrefix($0) }) {
             guard request.snapshot == nil else { throw BusError("--snapshot needs a VIMG image, not an NBD export") }
-            if let timeout = request.reconnectTimeout, !(0...86400).contains(timeout) {
+            if let timeout = request.reconnectTimeout, !PlugRequest.reconnectTimeoutRange.contains(timeout) {
                 throw BusError("--reconnect-timeout must be between 0 and 86400 seconds")
             }
             let remote = try opener.openRemote(source, request.readOnly || request.overlay, request.reconnectTimeout)

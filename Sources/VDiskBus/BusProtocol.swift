@@ -43,6 +43,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     /// For a remote export: how long I/O waits for a server that went away before failing with EIO, in
     /// seconds; nil for the default (`NBDReconnectPolicy.defaultTimeout`).
     public var reconnectTimeout: Double?
+    /// The reconnect timeouts accepted (a day at most: waiting must end).
+    public static let reconnectTimeoutRange = 0.0...86400.0
 
     public init(
         source: String? = nil,

@@ -129,7 +129,7 @@ extension Vdisk {
                 throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G")
             }
             if let reconnectTimeout {
-                guard (0...86400).contains(reconnectTimeout) else {
+                guard PlugRequest.reconnectTimeoutRange.contains(reconnectTimeout) else {
                     throw ValidationError("--reconnect-timeout must be between 0 and 86400 seconds")
                 }
                 guard source?.contains("://") == true else {
