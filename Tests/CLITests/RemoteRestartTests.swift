@@ -155,3 +155,23 @@ struct RemoteRestartTests {
         #expect(unplug.status == 0, "\(unplug.stderr)")
     }
 }
+
+/// `vdisk plug --reconnect-timeout`, checked before any bus is involved.
+@Suite struct ReconnectTimeoutOptionTests {
+    /// Invariant: the option is refused (usage error, 64, one sentence) for files, and outside 0...86400 s
+    /// (negative, too long, not a number, NaN), so a remote disk can never be told to wait for ever.
+    @Test(.enabled(if: Clients.vdiskBuilt)) func refusals() {
+        let vdisk = TestEnvironment.product("vdisk")
+        for (arguments, message) in [
+            (["--reconnect-timeout", "5", "/tmp/disk.vimg"], "is for remote exports"),
+            (["--reconnect-timeout=-1", "nbd://host/disk"], "between 0 and 86400"),
+            (["--reconnect-timeout", "86401", "nbd://host/disk"], "between 0 and 86400"),
+            (["--reconnect-timeout", "nan", "nbd://host/disk"], "between 0 and 86400"),
+            (["--reconnect-timeout", "soon", "nbd://host/disk"], "is invalid"),
+        ] {
+            let result = run(vdisk, ["plug"] + arguments, environment: ["VDISK_RUNTIME_DIR": "/nonexistent"])
+            #expect(result.status == 64, "\(arguments): \(result.stderr)")
+            #expect(result.stderr.contains(message), "\(arguments): \(result.stderr)")
+        }
+    }
+}
