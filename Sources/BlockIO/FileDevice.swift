@@ -83,7 +83,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             }
             if lock != .none {
                 let op = (lock == .exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB
-                if flock(fd, op) != 0 {
+                if Self.flockRetryingBriefly(fd, op) != 0 {
                     let code = errno
                     if code == EWOULDBLOCK {
                         throw BlockIOError(
@@ -128,6 +128,20 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         var st = stat()
         guard fstat(fd, &st) == 0 else { return 0 }
         return UInt64(max(0, st.st_blocks)) &* 512
+    }
+
+    /// `flock` that tries again for a moment (up to about 0.25 s) when the lock is taken. A lock can be
+    /// held a little after its owner closed the file: a process spawned meanwhile by another thread shares
+    /// the open file until it execs (O_CLOEXEC only closes it then), which on a busy machine takes
+    /// milliseconds. Without the retry, reopening an image just closed fails as "in use" now and then.
+    private static func flockRetryingBriefly(_ fd: Int32, _ operation: Int32) -> Int32 {
+        var pause: UInt32 = 1000
+        while true {
+            let result = flock(fd, operation)
+            guard result != 0, errno == EWOULDBLOCK, pause <= 128_000 else { return result }
+            usleep(pause)
+            pause *= 2
+        }
     }
 
     public var capabilities: BlockDeviceCapabilities {

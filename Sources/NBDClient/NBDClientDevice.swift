@@ -7,7 +7,8 @@
 // promises that a flush on one connection covers writes acknowledged on the others; otherwise one
 // connection serializes everything. Every value from the server is checked (magic, cookie, sizes).
 // With an `nbds` URI every connection starts TLS before it negotiates anything (TLSSession.swift), and
-// never falls back to plaintext.
+// never falls back to plaintext. A broken connection is replaced and its request sent again, for as long as
+// the reconnect policy allows (Reconnect.swift).
 
 import BlockIO
 import NBDProtocol
@@ -193,7 +194,7 @@ public struct NBDURI: Sendable, Hashable {
 }
 
 /// A remote NBD export.
-public final class NBDClientDevice: BlockDevice {
+public final class NBDClientDevice: BlockDevice, ConnectionStatusReporting {
     public let uri: String
     public let size: UInt64
     public let capabilities: BlockDeviceCapabilities
@@ -206,12 +207,33 @@ public final class NBDClientDevice: BlockDevice {
     /// How to open a replacement for a broken connection.
     private let target: NBDURI
     private let tls: TLSClientContext?
+    /// Whether the server is reachable, and how long requests wait when it is not.
+    private let link: NBDLink
+    /// Changes a new connection writes again (Reconnect.swift); kept only when the server offers flush,
+    /// without which nothing would ever let them go.
+    private let unflushed = Mutex(UnflushedChanges())
+    private let gate = Gate()
+    /// One thread at a time flushes because `unflushed` grew past `maximumUnflushedBytes`.
+    private let flushingForSpace = Atomic<Bool>(false)
+    static let maximumUnflushedBytes = 64 << 20
     /// Requests larger than this are split (the spec's usual maximum).
     static let maximumRequest = 32 << 20
 
     /// Connects and negotiates. With `readOnly`, writes are refused locally whatever the server allows.
     /// An `nbds` URI loads its certificates first, then starts TLS on every connection.
-    public static func connect(uri: String, readOnly: Bool, connections: Int = 4) throws -> NBDClientDevice {
+    /// - Parameters:
+    ///   - uri: an `nbd://`, `nbd+unix://`, `nbds://` or `nbds+unix://` URI (see `NBDURI`).
+    ///   - readOnly: refuse writes locally.
+    ///   - connections: how many connections to open when the server allows several (multi-conn).
+    ///   - reconnect: how long requests wait for the server when a connection breaks.
+    /// - Throws: `BlockIOError` when the URI is invalid, the certificates cannot be loaded, or the first
+    ///   connection fails (plugging does not wait for a server that is not there).
+    public static func connect(
+        uri: String,
+        readOnly: Bool,
+        connections: Int = 4,
+        reconnect: NBDReconnectPolicy = NBDReconnectPolicy()
+    ) throws -> NBDClientDevice {
         let parsed = try NBDURI(parsing: uri)
         let tls = try parsed.tls.map { try TLSClientContext($0, uri: uri) }
         let first = try NBDConnection.open(parsed, uri: uri, tls: tls)
@@ -224,13 +246,28 @@ public final class NBDClientDevice: BlockDevice {
                 all.append(more)
             }
         }
-        return NBDClientDevice(uri: uri, target: parsed, tls: tls, connections: all, readOnly: readOnly)
+        return NBDClientDevice(
+            uri: uri,
+            target: parsed,
+            tls: tls,
+            connections: all,
+            readOnly: readOnly,
+            reconnect: reconnect
+        )
     }
 
-    init(uri: String, target: NBDURI, tls: TLSClientContext?, connections: [NBDConnection], readOnly: Bool) {
+    init(
+        uri: String,
+        target: NBDURI,
+        tls: TLSClientContext?,
+        connections: [NBDConnection],
+        readOnly: Bool,
+        reconnect: NBDReconnectPolicy
+    ) {
         self.uri = uri
         self.target = target
         self.tls = tls
+        link = NBDLink(policy: reconnect)
         let flags = connections[0].flags
         transmissionFlags = flags
         size = connections[0].size
@@ -246,55 +283,109 @@ public final class NBDClientDevice: BlockDevice {
         connectionCount = connections.count
     }
 
-    /// Runs `body` on a free connection.
+    /// The connection's state as the last request found it (`vdisk list` shows it).
+    public var connectionStatus: ConnectionStatus { link.status }
+
+    private func closedError(_ operation: BlockIOError.Operation) -> BlockIOError {
+        BlockIOError(.closed, operation: operation, path: uri, message: "the export is closed")
+    }
+
+    /// Runs `body` on a free connection; when the connection breaks, on a new one (see Reconnect.swift).
     private func withConnection<T>(_ operation: BlockIOError.Operation, _ body: (NBDConnection) throws -> T) throws -> T
     {
-        guard !closed.load(ordering: .relaxed) else {
-            throw BlockIOError(.closed, operation: operation, path: uri, message: "the export is closed")
-        }
-        var connection: NBDConnection?
-        available.withLock {
+        guard !closed.load(ordering: .relaxed) else { throw closedError(operation) }
+        var connection: NBDConnection = available.withLock {
             while true {
-                if let c = pool.withLock({ $0.popLast() }) {
-                    connection = c
-                    return
-                }
+                if let c = pool.withLock({ $0.popLast() }) { return c }
                 available.wait()
             }
         }
         defer {
-            pool.withLock { $0.append(connection!) }
+            pool.withLock { $0.append(connection) }
             available.withLock { available.broadcast() }
         }
-        if connection!.isBroken { connection = try reconnect(replacing: connection!, operation) }
-        do {
-            return try body(connection!)
-        } catch  where connection!.isBroken {
-            // The connection died under this request (a server restart, say). Every NBD command is
-            // idempotent (writes put the same bytes at the same place), so it is safe to send it once more
-            // on a new connection.
-            connection = try reconnect(replacing: connection!, operation)
-            return try body(connection!)
+        var deadline: ContinuousClock.Instant?
+        var attempt = 0
+        while true {
+            if connection.isBroken {
+                // The old connection goes with its last reference.
+                connection = try reconnect(operation, deadline: &deadline, attempt: &attempt)
+            }
+            do {
+                let result = try gate.shared { try body(connection) }
+                link.requestAnswered()
+                return result
+            } catch  where connection.isBroken {
+                // The connection died under this request (a server restart, say). Every NBD command is
+                // idempotent (writes put the same bytes at the same place), so it is sent again on a new one.
+                continue
+            } catch {
+                link.requestAnswered()  // an error reply: the server is there
+                throw error
+            }
         }
     }
 
-    /// A new connection in place of a broken one (a server restart, a timed-out reply), so that one failed
-    /// request does not fail every later one. The export must look the same as before; if it cannot be
-    /// reached, the request fails and the next one tries again.
-    private func reconnect(replacing broken: NBDConnection, _ operation: BlockIOError.Operation) throws -> NBDConnection
-    {
-        let fresh: NBDConnection
-        do {
-            fresh = try NBDConnection.open(target, uri: uri, tls: tls)
-        } catch {
-            throw BlockIOError(
-                .system,
-                operation: operation,
-                errno: EIO,
-                path: uri,
-                message: "lost the connection and cannot reconnect: \(error)"
-            )
+    /// A new connection in place of a broken one, tried with growing pauses until the request's deadline
+    /// (fixed at its first call for a request), then EIO.
+    private func reconnect(
+        _ operation: BlockIOError.Operation,
+        deadline: inout ContinuousClock.Instant?,
+        attempt: inout Int
+    ) throws -> NBDConnection {
+        let clock = ContinuousClock()
+        let end = deadline ?? link.brokenConnectionFound(at: clock.now)
+        deadline = end
+        while true {
+            let pause = NBDReconnectPolicy.pause(before: attempt)
+            if pause > .zero {
+                let remaining = end - clock.now
+                guard remaining > .zero else { break }
+                try wait(min(pause, remaining), operation)
+            }
+            attempt += 1
+            do {
+                let timeout = max(end - clock.now, NBDReconnectPolicy.minimumAttemptTime)
+                let fresh = try openReplacement(operation, timeout: timeout)
+                do {
+                    try replayUnflushed(on: fresh)
+                } catch {
+                    fresh.disconnect()
+                    throw error
+                }
+                link.reconnected()
+                return fresh
+            } catch {
+                link.attemptFailed(error)
+                if clock.now >= end { break }
+            }
         }
+        link.gaveUp()
+        throw BlockIOError(
+            .system,
+            operation: operation,
+            errno: EIO,
+            path: uri,
+            message: "lost the connection to the server and cannot reconnect (waited up to "
+                + "\(formatSeconds(link.policy.timeout)) s): \(link.lastError ?? "no attempt made")"
+        )
+    }
+
+    /// Sleeps `duration` in short slices, so that `close()` ends the wait of a reconnecting request soon.
+    private func wait(_ duration: Duration, _ operation: BlockIOError.Operation) throws {
+        let clock = ContinuousClock()
+        let end = clock.now + duration
+        while clock.now < end {
+            guard !closed.load(ordering: .relaxed) else { throw closedError(operation) }
+            let slice = min(end - clock.now, .milliseconds(100))
+            usleep(UInt32(max(1, slice.seconds * 1e6)))
+        }
+    }
+
+    /// One attempt at a new connection, within `timeout`. The export must look the same as before: a
+    /// different size or flags would make the data or the advertised capabilities wrong.
+    private func openReplacement(_ operation: BlockIOError.Operation, timeout: Duration) throws -> NBDConnection {
+        let fresh = try NBDConnection.open(target, uri: uri, tls: tls, timeout: timeout)
         guard fresh.size == size, fresh.flags == transmissionFlags else {
             fresh.disconnect()
             throw BlockIOError(
@@ -302,10 +393,52 @@ public final class NBDClientDevice: BlockDevice {
                 operation: operation,
                 errno: EIO,
                 path: uri,
-                message: "lost the connection, and the export changed (size or flags) on reconnecting"
+                message: "the export changed (size or flags) on reconnecting"
             )
         }
         return fresh
+    }
+
+    private var keepsChanges: Bool { transmissionFlags.contains(.sendFlush) }
+
+    /// Records a change the server acknowledged; called inside the request's shared gate, so a replay sees
+    /// either the change acknowledged and recorded or not acknowledged at all.
+    private func remember(_ change: @autoclosure () -> UnflushedChanges.Change) {
+        guard keepsChanges else { return }
+        unflushed.withLock { $0.append(change()) }
+    }
+
+    /// Flushes when the recorded changes grew past their bound (one thread at a time; the others go on).
+    private func boundUnflushed() throws {
+        guard keepsChanges, unflushed.withLock({ $0.bytes }) > Self.maximumUnflushedBytes,
+            !flushingForSpace.exchange(true, ordering: .acquiring)
+        else { return }
+        defer { flushingForSpace.store(false, ordering: .releasing) }
+        try flush()
+    }
+
+    /// Writes every recorded change again on a new connection, then flushes and forgets them (see
+    /// Reconnect.swift). Alone under the gate: no request runs meanwhile.
+    private func replayUnflushed(on connection: NBDConnection) throws {
+        guard keepsChanges else { return }
+        try gate.exclusive {
+            let (changes, last) = unflushed.withLock { ($0.changes, $0.lastSequence) }
+            guard !changes.isEmpty else { return }
+            for (_, change) in changes {
+                switch change {
+                case .write(let offset, let data):
+                    try data.withUnsafeBytes {
+                        try connection.request(.write, flags: [], offset: offset, length: UInt32($0.count), payload: $0)
+                    }
+                case .zeroes(let offset, let length, let noHole):
+                    try connection.request(.writeZeroes, flags: noHole ? [.noHole] : [], offset: offset, length: length)
+                case .trim(let offset, let length):
+                    try connection.request(.trim, flags: [], offset: offset, length: length)
+                }
+            }
+            try connection.request(.flush, flags: [], offset: 0, length: 0)
+            unflushed.withLock { $0.dropThrough(last) }
+        }
     }
 
     private func checkWritable(_ operation: BlockIOError.Operation) throws {
@@ -335,11 +468,14 @@ public final class NBDClientDevice: BlockDevice {
         while done < buffer.count {
             let n = min(buffer.count - done, Self.maximumRequest)
             let slice = UnsafeRawBufferPointer(rebasing: buffer[done..<done + n])
+            let at = offset + UInt64(done)
             try withConnection(.write) {
-                try $0.request(.write, flags: flags, offset: offset + UInt64(done), length: UInt32(n), payload: slice)
+                try $0.request(.write, flags: flags, offset: at, length: UInt32(n), payload: slice)
+                remember(.write(offset: at, data: Array(slice)))
             }
             done += n
         }
+        try boundUnflushed()
         if fua && !transmissionFlags.contains(.sendFUA) { try flush() }
     }
 
@@ -377,7 +513,10 @@ public final class NBDClientDevice: BlockDevice {
         var flags: NBDCommandFlags = mayUnmap ? [] : [.noHole]
         if fast { flags.insert(.fastZero) }
         try chunked(offset: offset, count: count) { o, n in
-            try withConnection(.writeZeroes) { try $0.request(.writeZeroes, flags: flags, offset: o, length: n) }
+            try withConnection(.writeZeroes) {
+                try $0.request(.writeZeroes, flags: flags, offset: o, length: n)
+                remember(.zeroes(offset: o, length: n, noHole: !mayUnmap))
+            }
         }
     }
 
@@ -386,7 +525,10 @@ public final class NBDClientDevice: BlockDevice {
         try checkRange(offset: offset, count: count, operation: .discard)
         guard capabilities.contains(.discard) else { return }  // a hint: ignoring it is correct
         try chunked(offset: offset, count: count) { o, n in
-            try withConnection(.discard) { try $0.request(.trim, flags: [], offset: o, length: n) }
+            try withConnection(.discard) {
+                try $0.request(.trim, flags: [], offset: o, length: n)
+                remember(.trim(offset: o, length: n))
+            }
         }
     }
 
@@ -402,8 +544,14 @@ public final class NBDClientDevice: BlockDevice {
 
     public func flush() throws {
         guard transmissionFlags.contains(.sendFlush) else { return }
-        // Without multi-conn there is one connection; with it, one flush covers all of them.
-        try withConnection(.flush) { try $0.request(.flush, flags: [], offset: 0, length: 0) }
+        // Without multi-conn there is one connection; with it, one flush covers all of them, and every change
+        // acknowledged before it was sent (on whichever connection).
+        var covered: UInt64 = 0
+        try withConnection(.flush) {
+            covered = unflushed.withLock { $0.lastSequence }
+            try $0.request(.flush, flags: [], offset: 0, length: 0)
+        }
+        unflushed.withLock { $0.dropThrough(covered) }
     }
 
     public func extents(at offset: UInt64, count: UInt64) throws -> [Extent] {
@@ -422,8 +570,9 @@ public final class NBDClientDevice: BlockDevice {
                 continue
             }
         }
-        let fresh = try reconnect(replacing: connections[0], .flush)
+        let fresh = try openReplacement(.flush, timeout: NBDConnection.requestTimeout)
         defer { fresh.disconnect() }
+        try replayUnflushed(on: fresh)
         try fresh.request(.flush, flags: [], offset: 0, length: 0)
     }
 
@@ -452,4 +601,10 @@ public final class NBDClientDevice: BlockDevice {
         available.withLock { available.broadcast() }
         if let failure { throw failure }
     }
+}
+
+/// Seconds as the user wrote them: "60", "2.5".
+func formatSeconds(_ duration: Duration) -> String {
+    let seconds = duration.seconds
+    return seconds == seconds.rounded() ? String(Int64(seconds)) : String(seconds)
 }

@@ -38,23 +38,73 @@ final class NBDConnection: @unchecked Sendable {
 
     // MARK: Connect and negotiate
 
-    /// Connects and negotiates; with `tls` (required for an `nbds` URI), starts TLS before anything else.
-    static func open(_ target: NBDURI, uri: String, tls: TLSClientContext?) throws -> NBDConnection {
+    /// How long a request may wait for the server to take it or answer it before the connection counts as
+    /// broken (and is replaced).
+    static let requestTimeout: Duration = .seconds(30)
+
+    /// Connects and negotiates within `timeout` (connect, TLS handshake and options together, at most
+    /// `requestTimeout` per send or receive); with `tls` (required for an `nbds` URI), starts TLS before
+    /// anything else.
+    static func open(
+        _ target: NBDURI,
+        uri: String,
+        tls: TLSClientContext?,
+        timeout: Duration = requestTimeout
+    ) throws -> NBDConnection {
         precondition((target.tls == nil) == (tls == nil), "an nbds URI needs a TLS context, and only it")
-        let fd = try connectSocket(target, uri: uri)
-        var timeout = timeval(tv_sec: 30, tv_usec: 0)  // a server that stops answering fails the request
-        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, socklen_t(MemoryLayout<timeval>.size))
+        let deadline = ContinuousClock.now + timeout
+        let fd = try connectSocket(target, uri: uri, timeout: timeout)
         do {
+            setTimeouts(fd, min(max(deadline - .now, .milliseconds(100)), requestTimeout))
             var serverName: String?
             if case .tcp(let host, _) = target.transport { serverName = host }
-            return try negotiate(fd: fd, export: target.export, uri: uri, tls: tls.map { ($0, serverName) })
+            let connection = try negotiate(fd: fd, export: target.export, uri: uri, tls: tls.map { ($0, serverName) })
+            // A server that stops answering, or stops taking a request, breaks the connection after this.
+            setTimeouts(fd, requestTimeout)
+            return connection
         } catch {
             Glibc.close(fd)
             throw error
         }
     }
 
-    private static func connectSocket(_ target: NBDURI, uri: String) throws -> Int32 {
+    /// Bounds every blocking send and receive on `fd`.
+    private static func setTimeouts(_ fd: Int32, _ timeout: Duration) {
+        var value = timeout.timeval
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &value, socklen_t(MemoryLayout<timeval>.size))
+    }
+
+    /// `connect(2)` that gives up after `timeout` (a TCP peer that drops SYNs would take minutes; a unix
+    /// socket whose listen backlog is full would block): non-blocking, then poll.
+    private static func connect(
+        _ fd: Int32,
+        _ address: UnsafePointer<sockaddr>,
+        _ length: socklen_t,
+        timeout: Duration
+    ) -> Int32 {
+        let flags = fcntl(fd, F_GETFL)
+        _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+        defer { _ = fcntl(fd, F_SETFL, flags) }
+        if Glibc.connect(fd, address, length) == 0 { return 0 }
+        guard errno == EINPROGRESS else { return errno }  // EAGAIN on a unix socket: the backlog is full
+        let deadline = ContinuousClock.now + timeout
+        while true {
+            let remaining = deadline - .now
+            guard remaining > .zero else { return ETIMEDOUT }
+            var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            let ready = poll(&entry, 1, Int32(min(max(1, remaining.seconds * 1000), 60_000)))
+            if ready < 0 && errno == EINTR { continue }
+            if ready < 0 { return errno }
+            if ready == 0 { continue }
+            var error: Int32 = 0
+            var errorLength = socklen_t(MemoryLayout<Int32>.size)
+            getsockopt(fd, SOL_SOCKET, SO_ERROR, &error, &errorLength)
+            return error
+        }
+    }
+
+    private static func connectSocket(_ target: NBDURI, uri: String, timeout: Duration) throws -> Int32 {
         switch target.transport {
         case .unix(let path):
             let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
@@ -71,13 +121,12 @@ final class NBDConnection: @unchecked Sendable {
             withUnsafeMutableBytes(of: &address.sun_path) { raw in
                 for (i, b) in bytes.enumerated() { raw[i] = b }
             }
-            let rc = withUnsafePointer(to: &address) {
+            let e = withUnsafePointer(to: &address) {
                 $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                    Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+                    connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size), timeout: timeout)
                 }
             }
-            guard rc == 0 else {
-                let e = errno
+            guard e == 0 else {
                 Glibc.close(fd)
                 throw BlockIOError(
                     .system,
@@ -108,12 +157,12 @@ final class NBDConnection: @unchecked Sendable {
             while let ai = info {
                 let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype, ai.pointee.ai_protocol)
                 if fd >= 0 {
-                    if Glibc.connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 {
+                    lastErrno = connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen, timeout: timeout)
+                    if lastErrno == 0 {
                         var one: Int32 = 1
                         setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
                         return fd
                     }
-                    lastErrno = errno
                     Glibc.close(fd)
                 }
                 info = ai.pointee.ai_next
@@ -286,6 +335,13 @@ final class NBDConnection: @unchecked Sendable {
             shutdown(fd, Int32(SHUT_RDWR))
             throw error
         }
+        if error == NBDErrorCode.ESHUTDOWN.rawValue {
+            // The server is going away; the spec asks for a soft disconnect, and the request is sent again
+            // on a new connection like any other that a broken connection interrupted.
+            disconnect()
+            isBroken = true
+            throw io.error("the server is shutting down", errno: ESHUTDOWN)
+        }
         if error != 0 {
             throw BlockIOError(
                 .system,
@@ -324,6 +380,9 @@ enum NBDTransport {
                 if n >= 0 { return n }
                 let code = errno
                 if code == EINTR { continue }
+                if code == EAGAIN {
+                    throw RawIO.error("the server did not take the request", errno: ETIMEDOUT, uri: uri)
+                }
                 throw RawIO.error("connection lost: \(describeErrno(code))", errno: code, uri: uri)
             }
         case .tls(let session):

@@ -337,7 +337,10 @@ public struct NBDHandshakeStateMachine: Sendable {
             blockSize.appendBigEndian(NBDLimits.preferredBlockSize)
             blockSize.appendBigEndian(NBDLimits.maximumPayload)
             actions.append(reply(.info, blockSize))
-            if requested.contains(.name) {
+            // The canonical name also goes unasked to a client that used another name (the empty one for
+            // the default export): the spec lets the item be left out only when the client already used
+            // the canonical name, and without it a client cannot find its export in NBD_OPT_LIST.
+            if requested.contains(.name) || name != export.name {
                 var payload: [UInt8] = []
                 payload.appendBigEndian(NBDInfoType.name.rawValue)
                 payload += Array(export.name.utf8)
@@ -360,6 +363,8 @@ public struct NBDHandshakeStateMachine: Sendable {
 
         case .listMetaContext, .setMetaContext:
             let isSet = option == .setMetaContext
+            // SET replaces the previous selection even when it fails, so a failed SET leaves none.
+            if isSet { metaContextSelection = nil }
             if isSet && !structuredReplies {
                 return [error(.errInvalid, "SET_META_CONTEXT needs STRUCTURED_REPLY first")]
             }
@@ -390,7 +395,8 @@ public struct NBDHandshakeStateMachine: Sendable {
             var actions: [Action] = []
             if matches {
                 var payload: [UInt8] = []
-                payload.appendBigEndian(NBDBaseAllocation.contextID)
+                // LIST's context ids are reserved and should be zero; SET hands out the real one.
+                payload.appendBigEndian(isSet ? NBDBaseAllocation.contextID : 0)
                 payload += Array(NBDBaseAllocation.name.utf8)
                 actions.append(reply(.metaContext, payload))
             }

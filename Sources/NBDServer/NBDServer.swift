@@ -59,6 +59,12 @@ public struct NBDServerConfiguration: Sendable {
     public var deviceThreads: Int = max(4, System.coreCount * 2)
     /// Requests of one connection running at once before the server stops reading from it.
     public var maximumInFlightPerConnection: Int = 64
+    /// When set, a small READ or WRITE that is alone in flight on its connection (depth 1) runs on the
+    /// event loop instead of the thread pool, saving two thread wake-ups per request, and two such calls in
+    /// a row that take longer than this send the connection back to the pool for a second. Only for devices
+    /// that answer from memory or local storage: a call that waits on a network would stall every
+    /// connection of that event loop. nil (the default): every request goes through the pool.
+    public var inlineBudget: TimeAmount?
     /// TLS through NBD_OPT_STARTTLS, optional or required; nil for none (STARTTLS is then unsupported).
     public var tls: NBDTLSConfiguration?
 
@@ -234,6 +240,7 @@ public final class NBDServer: Sendable {
         let threadPool = self.threadPool
         let inFlight = configuration.maximumInFlightPerConnection
         let deviceThreads = configuration.deviceThreads
+        let inlineBudget = configuration.inlineBudget
         let handshake = NBDHandshakeHandler(
             exports: exports.map(\.negotiationDescription),
             tls: configuration.tls,
@@ -254,7 +261,8 @@ public final class NBDServer: Sendable {
                     threadPool: threadPool,
                     logger: connectionLogger,
                     maximumInFlight: inFlight,
-                    parallelism: deviceThreads
+                    parallelism: deviceThreads,
+                    inlineBudget: inlineBudget
                 ),
             ]
         }

@@ -19,6 +19,14 @@ import NIOPosix
 // latency should not wait for a neighbour, still go one job each. Measured: 4 KiB random I/O at depth
 // 32 (Tools/bench-nbd.sh) went from about qemu-nbd's speed to 2x to 2.9x faster than it.
 //
+// Depth 1: a batch of one small request, with nothing else of the connection in flight, runs on the
+// event loop itself when the server allows it (`inlineBudget`, for local devices): the two hops
+// cost two wake-ups (three context switches per request where this runs one, and twice the server's CPU
+// per request, on these machines; docs/PERFORMANCE.md). The price is that the loop, shared with other
+// connections, waits for that device call; so two calls in a row that take longer than `inlineBudget`
+// (the device went to disk, or the page cache is throttling writes; one alone may be the thread losing its
+// CPU on a busy machine) send the connection's requests back to the pool for `inlineCooldown`.
+//
 // Back-pressure: while `maximumInFlight` requests are running, or their buffers exceed
 // `maximumInFlightBytes`, the handler swallows the channel's `read()` and re-issues it when a request
 // completes, so a fast client cannot queue unbounded work.
@@ -52,8 +60,17 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private let maximumInFlightBytes: Int
     /// Pool jobs one batch is split into at most (the pool's thread count).
     private let parallelism: Int
+    /// Whether a lone small request may run on the event loop, and how long such a call may take before
+    /// it counts as slow (`NBDServerConfiguration.inlineBudget`).
+    private let inlineBudget: TimeAmount?
     /// Reads and writes up to this size are batched.
     static let batchableBytes: UInt32 = 64 << 10
+    /// How long a connection's lone requests go to the pool after two slow inline calls.
+    static let inlineCooldown: TimeAmount = .seconds(1)
+    /// No lone request runs inline before this (after two in a row exceeded `inlineBudget`).
+    private var inlineResumes = NIODeadline.uptimeNanoseconds(0)
+    /// Whether the last inline call exceeded `inlineBudget`.
+    private var lastInlineWasSlow = false
 
     /// A validated request waiting to run.
     private struct Pending {
@@ -78,9 +95,11 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         logger: Logger,
         maximumInFlight: Int = 64,
         maximumInFlightBytes: Int = 128 << 20,
-        parallelism: Int = 4
+        parallelism: Int = 4,
+        inlineBudget: TimeAmount? = nil
     ) {
         self.parallelism = max(1, parallelism)
+        self.inlineBudget = inlineBudget
         self.session = session
         self.export = export
         self.threadPool = threadPool
@@ -154,12 +173,34 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private func runBatch(context: ChannelHandlerContext) {
         let pending = batch
         batch.removeAll(keepingCapacity: true)
+        if let inlineBudget, pending.count == 1, inFlight == 1, NIODeadline.now() >= inlineResumes {
+            runInline(pending[0], budget: inlineBudget, context: context)
+            return
+        }
         let jobs = min(parallelism, pending.count)
         guard jobs > 0 else { return }
         let share = (pending.count + jobs - 1) / jobs
         for start in stride(from: 0, to: pending.count, by: share) {
             run(Array(pending[start..<min(start + share, pending.count)]), context: context)
         }
+    }
+
+    /// Runs a lone small request on the event loop itself (see the design notes): no hop to the pool and
+    /// back. Two in a row that take longer than `inlineBudget` (the device went to disk) send this
+    /// connection's requests to the pool for `inlineCooldown`; one alone may be the thread losing its CPU
+    /// on a busy machine, which says nothing about the device.
+    private func runInline(_ item: Pending, budget: TimeAmount, context: ChannelHandlerContext) {
+        let started = NIODeadline.now()
+        let outcome = Result { try Self.execute(item.request, on: export.device) }
+        let finished = NIODeadline.now()
+        let slow = finished - started > budget
+        if slow && lastInlineWasSlow { inlineResumes = finished + Self.inlineCooldown }
+        lastInlineWasSlow = slow && !lastInlineWasSlow
+        inFlight -= 1
+        inFlightBytes -= item.bytes
+        answer(item, outcome, context: context)
+        context.flush()
+        resumeIfPossible(context: context)
     }
 
     /// Runs requests in order as one pool job, then answers them all with one flush.
@@ -198,7 +239,7 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             )
             send(context: context, .chunk(chunk), request: request, failed: false, started: started, flush: false)
         case .failure(let error):
-            let code = nbdErrorCode(for: error)
+            let code = nbdErrorCode(for: error, in: request)
             logger.warning(
                 "request failed",
                 metadata: [
@@ -289,9 +330,20 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         return .done
     }
 
+    /// The most descriptors one reply carries (the spec's "SHOULD NOT send more than 2^20"); the client asks
+    /// again from where the reply stopped.
+    static let maximumDescriptors = 1 << 20
+
     /// Turns device extents into `base:allocation` descriptors covering (a prefix of) the request, merging
-    /// neighbours with equal flags; with REQ_ONE only the first descriptor is kept.
-    static func descriptors(_ extents: [Extent], offset: UInt64, length: UInt64, one: Bool) -> [NBDBlockDescriptor] {
+    /// neighbours with equal flags, at most `limit` of them; with REQ_ONE only the first.
+    static func descriptors(
+        _ extents: [Extent],
+        offset: UInt64,
+        length: UInt64,
+        one: Bool,
+        limit: Int = maximumDescriptors
+    ) -> [NBDBlockDescriptor] {
+        let limit = one ? 1 : limit
         var result: [NBDBlockDescriptor] = []
         var position = offset
         let end = offset + length
@@ -304,8 +356,10 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             if extent.flags.contains(.zero) { flags |= NBDBaseAllocation.zero }
             if let last = result.last, last.flags == flags {
                 result[result.count - 1].length = last.length + UInt32(count)
-            } else {
+            } else if result.count < limit {
                 result.append(NBDBlockDescriptor(length: UInt32(count), flags: flags))
+            } else {
+                break
             }
             position += count
         }
@@ -313,7 +367,6 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             // A device must describe at least the first byte; if it did not, report plain data.
             result.append(NBDBlockDescriptor(length: UInt32(length), flags: 0))
         }
-        if one { result.removeSubrange(1...) }
         return result
     }
 
@@ -332,7 +385,9 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         send(context: context, reply, request: request, failed: false, started: started, flush: false)
     }
 
-    /// A reply without data: success or an error, in the shape the command and session call for.
+    /// A reply without data: success or an error, in the shape the command and session call for. With
+    /// structured replies, every error is an error chunk carrying its message (the spec prefers that, and
+    /// forbids a simple reply to a READ); a success is a simple reply, except for READ and BLOCK_STATUS.
     private func reply(
         context: ChannelHandlerContext,
         request: NBDRequest,
@@ -341,12 +396,11 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         started: NIODeadline,
         flush: Bool = true
     ) {
-        let structured =
-            session.structuredReplies && (request.command == .read || request.command == .blockStatus)
         let reply: NBDReply
-        if structured {
-            let content: NBDReplyChunk.Content = error == .success ? .none : .error(error, message: message)
-            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: content))
+        if session.structuredReplies && error != .success {
+            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: .error(error, message: message)))
+        } else if session.structuredReplies && (request.command == .read || request.command == .blockStatus) {
+            reply = .chunk(NBDReplyChunk(cookie: request.cookie, content: .none))
         } else {
             reply = .simple(cookie: request.cookie, error: error, data: nil)
         }

@@ -48,9 +48,15 @@ enum Backends {
         }
         if Self.remoteSchemes.contains(where: { source.hasPrefix($0) }) {
             guard request.snapshot == nil else { throw BusError("--snapshot needs a VIMG image, not an NBD export") }
-            let remote = try opener.openRemote(source, request.readOnly || request.overlay)
+            if let timeout = request.reconnectTimeout, !PlugRequest.reconnectTimeoutRange.contains(timeout) {
+                throw BusError("--reconnect-timeout must be between 0 and 86400 seconds")
+            }
+            let remote = try opener.openRemote(source, request.readOnly || request.overlay, request.reconnectTimeout)
             base = OpenedBackend(device: remote, format: "nbd", image: nil, owned: [remote], source: source)
         } else {
+            guard request.reconnectTimeout == nil else {
+                throw BusError("--reconnect-timeout is for remote exports (nbd:// URIs), not files")
+            }
             let path = URL(fileURLWithPath: source).standardizedFileURL.resolvingSymlinksInPath().path
             guard FileManager.default.fileExists(atPath: path) else { throw BusError("\(source): no such file") }
             let readOnly = request.readOnly || request.overlay || request.snapshot != nil
@@ -109,12 +115,13 @@ enum Backends {
 public struct BusOpener: Sendable {
     /// (absolute path, format or nil to probe, read-only, snapshot) -> (device, its format's name)
     public var openImage: @Sendable (String, String?, Bool, String?) throws -> (any BlockDevice, String)
-    /// (nbd://, nbd+unix://, nbds:// or nbds+unix:// URI, read-only) -> device
-    public var openRemote: @Sendable (String, Bool) throws -> any BlockDevice
+    /// (nbd://, nbd+unix://, nbds:// or nbds+unix:// URI, read-only, reconnect timeout in seconds or nil for
+    /// the default) -> device
+    public var openRemote: @Sendable (String, Bool, Double?) throws -> any BlockDevice
 
     public init(
         openImage: @escaping @Sendable (String, String?, Bool, String?) throws -> (any BlockDevice, String),
-        openRemote: @escaping @Sendable (String, Bool) throws -> any BlockDevice
+        openRemote: @escaping @Sendable (String, Bool, Double?) throws -> any BlockDevice
     ) {
         self.openImage = openImage
         self.openRemote = openRemote

@@ -165,7 +165,9 @@ public final class Bus: Sendable {
             overlay: disk.request.overlay,
             snapshot: disk.request.snapshot,
             nbdURI: disk.exported ? exporter?.uri(for: disk.name) : nil,
-            counters: disk.counting.snapshot
+            counters: disk.counting.snapshot,
+            connection: disk.backend.owned.lazy.compactMap { ($0 as? any ConnectionStatusReporting)?.connectionStatus }
+                .first
         )
     }
 

@@ -9,6 +9,7 @@
 //   -> {"op":"plug","plug":{"source":"/srv/disk.vimg","readOnly":false,"overlay":false,"device":"auto"}}
 //   <- {"ok":true,"disk":{"name":"disk","device":"/dev/loop3",...}}
 
+import BlockIO
 import Foundation
 
 /// Which kernel block device a plugged disk gets.
@@ -39,6 +40,11 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     /// A throwaway writable layer in RAM over the source, dropped on unplug.
     public var overlay: Bool = false
     public var device: DeviceKind = .auto
+    /// For a remote export: how long I/O waits for a server that went away before failing with EIO, in
+    /// seconds; nil for the default (`NBDReconnectPolicy.defaultTimeout`).
+    public var reconnectTimeout: Double?
+    /// The reconnect timeouts accepted (a day at most: waiting must end).
+    public static let reconnectTimeoutRange = 0.0...86400.0
 
     public init(
         source: String? = nil,
@@ -48,7 +54,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         readOnly: Bool = false,
         snapshot: String? = nil,
         overlay: Bool = false,
-        device: DeviceKind = .auto
+        device: DeviceKind = .auto,
+        reconnectTimeout: Double? = nil
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -58,6 +65,7 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.snapshot = snapshot
         self.overlay = overlay
         self.device = device
+        self.reconnectTimeout = reconnectTimeout
     }
 }
 
@@ -91,6 +99,8 @@ public struct DiskInfo: Codable, Sendable, Hashable {
     /// The NBD URI that reaches this disk through the bus.
     public var nbdURI: String?
     public var counters: IOCounters
+    /// For a remote export: connected, reconnecting or failed, since when, and why.
+    public var connection: ConnectionStatus?
 }
 
 /// A request to the bus.

@@ -241,6 +241,15 @@ public func spawn(
     return pid
 }
 
+/// Kills `pid` (SIGKILL) if it has not exited yet, and reaps it: for cleanup paths.
+public func killIfRunning(_ pid: pid_t) {
+    var status: Int32 = 0
+    if waitpid(pid, &status, WNOHANG) == 0 {
+        kill(pid, SIGKILL)
+        waitpid(pid, &status, 0)
+    }
+}
+
 /// Waits up to `seconds` for `pid` to exit; returns its status (128+n for a signal), or -1 after
 /// killing it on timeout.
 @discardableResult

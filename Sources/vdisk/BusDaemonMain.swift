@@ -62,7 +62,16 @@ func runBusDaemon(paths: BusPaths, persist: Bool, toolTimeout: Double) async thr
                 format.rawValue
             )
         },
-        openRemote: { uri, readOnly in try NBDClientDevice.connect(uri: uri, readOnly: readOnly) }
+        openRemote: { uri, readOnly, reconnectTimeout in
+            try NBDClientDevice.connect(
+                uri: uri,
+                readOnly: readOnly,
+                reconnect: NBDReconnectPolicy(
+                    timeout: reconnectTimeout.map { .milliseconds(Int64($0 * 1000)) }
+                        ?? NBDReconnectPolicy.defaultTimeout
+                )
+            )
+        }
     )
 
     // The lock first: a second bus must fail before it touches the first one's sockets.

@@ -107,6 +107,14 @@ extension Vdisk {
         @Option(help: "The kernel device: auto, nbd, loop or none.")
         var device: DeviceKind = .auto
 
+        @Option(
+            help: ArgumentHelp(
+                "For a remote export: how long I/O waits for a server that went away (a restart) before failing with EIO (default 60).",
+                valueName: "SECONDS"
+            )
+        )
+        var reconnectTimeout: Double?
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
@@ -116,6 +124,14 @@ extension Vdisk {
             if (source == nil) == (ram == nil) { throw ValidationError("give an image or URI to plug, or --ram SIZE") }
             if let ram, ByteSize.parse(ram) == nil {
                 throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G")
+            }
+            if let reconnectTimeout {
+                guard PlugRequest.reconnectTimeoutRange.contains(reconnectTimeout) else {
+                    throw ValidationError("--reconnect-timeout must be between 0 and 86400 seconds")
+                }
+                guard source?.contains("://") == true else {
+                    throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs)")
+                }
             }
         }
 
@@ -140,7 +156,8 @@ extension Vdisk {
                     readOnly: readOnly,
                     snapshot: snapshot,
                     overlay: overlay,
-                    device: device
+                    device: device,
+                    reconnectTimeout: reconnectTimeout
                 )
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }
@@ -210,11 +227,12 @@ extension Vdisk {
                         print("No disks are plugged.")
                         return
                     }
-                    var rows = [["NAME", "DEVICE", "SIZE", "MODE", "FORMAT", "READS", "WRITES", "SOURCE"]]
+                    var rows = [["NAME", "DEVICE", "SIZE", "MODE", "FORMAT", "READS", "WRITES", "LINK", "SOURCE"]]
                     for d in disks {
                         rows.append([
                             d.name, d.device ?? "-", ByteSize.format(d.size), d.readOnly ? "ro" : "rw", d.format,
-                            ByteSize.format(d.counters.bytesRead), ByteSize.format(d.counters.bytesWritten), d.source,
+                            ByteSize.format(d.counters.bytesRead), ByteSize.format(d.counters.bytesWritten),
+                            d.connection.map(describe) ?? "-", d.source,
                         ])
                     }
                     let widths = (0..<rows[0].count).map { c in rows.map { $0[c].count }.max()! }
@@ -339,6 +357,14 @@ extension Vdisk.BusCommand {
         for line in taken { printToStandardError("vdisk: \(line)") }
         if taken.contains(where: { $0.hasPrefix("could not") }) { throw ExitCode.failure }
     }
+}
+
+/// A remote disk's link for `vdisk list`: "connected", "reconnecting since 14:02:07", "failed since ...".
+func describe(_ status: ConnectionStatus) -> String {
+    guard status.state != .connected, let since = status.since else { return status.state.rawValue }
+    let formatter = DateFormatter()
+    formatter.dateFormat = "HH:mm:ss"
+    return "\(status.state.rawValue) since \(formatter.string(from: Date(timeIntervalSince1970: since)))"
 }
 
 enum OutputFormat: String, ExpressibleByArgument {

@@ -158,13 +158,17 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         #expect(check(NBDRequest(command: .read, cookie: 1, offset: UInt64.max, length: 2)) == .EINVAL)
         #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 0)) == .EINVAL)
         #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 33 << 20)) == .EOVERFLOW)
-        #expect(check(NBDRequest(flags: .fua, command: .read, cookie: 1, offset: 0, length: 1)) == .EINVAL)
         #expect(check(NBDRequest(command: .write, cookie: 1, offset: size, length: 1)) == .ENOSPC)
+        #expect(check(NBDRequest(command: .writeZeroes, cookie: 1, offset: size - 4, length: 8)) == .ENOSPC)
+        // An oversized WRITE carries a payload: EINVAL, not EOVERFLOW (which is for payload-less commands).
         #expect(
             check(NBDRequest(command: .write, cookie: 1, offset: 0, length: 40 << 20, payloadDiscarded: true))
-                == .EOVERFLOW
+                == .EINVAL
         )
-        #expect(check(NBDRequest(command: .trim, cookie: 1, offset: size - 4, length: 8)) == .ENOSPC)
+        // ENOSPC is for commands that write data; TRIM, CACHE and BLOCK_STATUS past the end are EINVAL.
+        #expect(check(NBDRequest(command: .trim, cookie: 1, offset: size - 4, length: 8)) == .EINVAL)
+        #expect(check(NBDRequest(command: .cache, cookie: 1, offset: size - 4, length: 8)) == .EINVAL)
+        #expect(check(NBDRequest(command: .blockStatus, cookie: 1, offset: size, length: 1)) == .EINVAL)
         #expect(
             check(
                 NBDRequest(flags: [.noHole, .fastZero, .fua], command: .writeZeroes, cookie: 1, offset: 0, length: 8)
@@ -172,23 +176,56 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         )
         #expect(check(NBDRequest(flags: .reqOne, command: .writeZeroes, cookie: 1, offset: 0, length: 8)) == .EINVAL)
         #expect(check(NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 1, offset: 0, length: 8)) == .success)
+        #expect(check(NBDRequest(flags: .noHole, command: .write, cookie: 1, offset: 0, length: 8)) == .EINVAL)
+        #expect(check(NBDRequest(flags: .dontFragment, command: .read, cookie: 1, offset: 0, length: 8)) == .EINVAL)
         #expect(check(NBDRequest(command: .flush, cookie: 1)) == .success)
         #expect(check(NBDRequest(command: NBDCommand(rawValue: 99), cookie: 1)) == .EINVAL)
         #expect(check(NBDRequest(command: .resize, cookie: 1, offset: 0, length: 1)) == .EINVAL)
         #expect(check(NBDRequest(flags: NBDCommandFlags(rawValue: 0x100), command: .flush, cookie: 1)) == .EINVAL)
-        // Read-only export: writes are EPERM even when also out of range; block status needs the context.
+        // Read-only export: writes are EPERM even when also out of range or flagged; block status needs the
+        // context.
         #expect(check(NBDRequest(command: .write, cookie: 1, offset: size, length: 1), Self.readOnly) == .EPERM)
         #expect(check(NBDRequest(command: .writeZeroes, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EPERM)
+        #expect(check(NBDRequest(command: .trim, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EPERM)
+        #expect(
+            check(NBDRequest(flags: .fua, command: .write, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EPERM
+        )
         #expect(check(NBDRequest(command: .read, cookie: 1, offset: 0, length: 1), Self.readOnly) == .success)
         #expect(check(NBDRequest(command: .blockStatus, cookie: 1, offset: 0, length: 1), Self.readOnly) == .EINVAL)
-        // FAST_ZERO only where offered.
+        #expect(check(NBDRequest(command: .cache, cookie: 1, offset: 0, length: 1), Self.readOnly) == .success)
+    }
+
+    /// Invariant: with SEND_FUA offered, FUA is accepted on every command (the spec's MUST); without it, on
+    /// none.
+    @Test func fuaOnEveryCommand() {
+        let commands: [NBDCommand] = [.read, .write, .flush, .trim, .cache, .writeZeroes, .blockStatus]
+        for command in commands {
+            let length: UInt32 = command == .flush ? 0 : 512
+            let request = NBDRequest(flags: .fua, command: command, cookie: 1, offset: 0, length: length)
+            #expect(check(request) == .success, "\(command)")
+            #expect(check(request, Self.readOnly) != .success, "\(command) on an export without SEND_FUA")
+        }
+    }
+
+    /// Invariant: commands the export does not offer (TRIM, WRITE_ZEROES, FLUSH) are EINVAL; FAST_ZERO
+    /// only where offered.
+    @Test func unofferedCommands() {
+        let bare = NBDSession(export: NBDExportDescription(name: "b", size: 1 << 20, flags: [.hasFlags]))
+        #expect(check(NBDRequest(command: .trim, cookie: 1, offset: 0, length: 1), bare) == .EINVAL)
+        #expect(check(NBDRequest(command: .writeZeroes, cookie: 1, offset: 0, length: 1), bare) == .EINVAL)
+        #expect(check(NBDRequest(command: .flush, cookie: 1), bare) == .EINVAL)
+        #expect(check(NBDRequest(command: .write, cookie: 1, offset: 0, length: 1), bare) == .success)
+        let noFastZero = NBDSession(
+            export: NBDExportDescription(name: "z", size: 1 << 20, flags: [.hasFlags, .sendWriteZeroes])
+        )
         #expect(
-            check(NBDRequest(flags: .fastZero, command: .writeZeroes, cookie: 1, offset: 0, length: 1), Self.readOnly)
+            check(NBDRequest(flags: .fastZero, command: .writeZeroes, cookie: 1, offset: 0, length: 1), noFastZero)
                 == .EINVAL
         )
     }
 
-    /// Invariant: errno values map onto the closed NBD error set, unknown ones to EIO.
+    /// Invariant: errno values map onto the closed NBD error set, unknown ones to EIO; ENOTSUP reaches a
+    /// client only for a FAST_ZERO write-zeroes, and a device's EOVERFLOW never (both are EINVAL otherwise).
     @Test func errnoMapping() {
         #expect(NBDErrorCode(errno: 1) == .EPERM)
         #expect(NBDErrorCode(errno: 30) == .EPERM)
@@ -198,13 +235,21 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         #expect(NBDErrorCode(errno: 22) == .EINVAL)
         #expect(NBDErrorCode(errno: 108) == .ESHUTDOWN)
         #expect(NBDErrorCode(errno: 2) == .EIO)
-        #expect(nbdErrorCode(for: BlockIOError(.notSupported, operation: .writeZeroes, message: "slow")) == .ENOTSUP)
-        #expect(nbdErrorCode(for: BlockIOError(.outOfRange, operation: .write, message: "")) == .ENOSPC)
-        #expect(nbdErrorCode(for: CancellationError()) == .EIO)
+        let fastZero = NBDRequest(flags: .fastZero, command: .writeZeroes, cookie: 1, offset: 0, length: 1)
+        let zero = NBDRequest(command: .writeZeroes, cookie: 1, offset: 0, length: 1)
+        let write = NBDRequest(command: .write, cookie: 1, offset: 0, length: 1)
+        let slow = BlockIOError(.notSupported, operation: .writeZeroes, message: "slow")
+        #expect(nbdErrorCode(for: slow, in: fastZero) == .ENOTSUP)
+        #expect(nbdErrorCode(for: slow, in: zero) == .EINVAL)
+        #expect(
+            nbdErrorCode(for: BlockIOError(.system, operation: .write, errno: 75, message: ""), in: write) == .EINVAL
+        )
+        #expect(nbdErrorCode(for: BlockIOError(.outOfRange, operation: .write, message: ""), in: write) == .ENOSPC)
+        #expect(nbdErrorCode(for: CancellationError(), in: write) == .EIO)
     }
 
     /// Invariant: block status descriptors cover the request from its offset, merge equal neighbours,
-    /// are clipped to the request, and REQ_ONE keeps only the first.
+    /// are clipped to the request, REQ_ONE keeps only the first, and no reply has more than the limit.
     @Test func descriptors() {
         let extents = [
             Extent(offset: 0, length: 4096, flags: []), Extent(offset: 4096, length: 4096, flags: []),
@@ -214,5 +259,13 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         #expect(all == [.init(length: 7168, flags: 0), .init(length: 2832, flags: 3)])
         let one = NBDTransmissionHandler.descriptors(extents, offset: 1024, length: 10000, one: true)
         #expect(one == [.init(length: 7168, flags: 0)])
+        // A reply stops at the descriptor limit (2^20 by default); what it covers is still exact.
+        let alternating = (0..<8).map {
+            Extent(offset: UInt64($0) * 4096, length: 4096, flags: $0 % 2 == 0 ? [] : [.zero])
+        }
+        let capped = NBDTransmissionHandler.descriptors(alternating, offset: 0, length: 32768, one: false, limit: 3)
+        #expect(
+            capped == [.init(length: 4096, flags: 0), .init(length: 4096, flags: 2), .init(length: 4096, flags: 0)]
+        )
     }
 }

@@ -194,7 +194,8 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
     }
 
     /// Invariant: SET_META_CONTEXT needs STRUCTURED_REPLY first; then base:allocation is selected with a
-    /// nonzero id, other namespaces are ignored, and LIST_META_CONTEXT with no query lists it.
+    /// nonzero id, other namespaces are ignored, and LIST_META_CONTEXT with no query lists it with the
+    /// reserved id 0. A SET that fails still replaces the selection (with none).
     @Test func metaContexts() {
         var machine = negotiating()
         var early = ClientBytes.option(.setMetaContext, ClientBytes.metaContextData("", queries: ["base:allocation"]))
@@ -206,7 +207,7 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
         var list = ClientBytes.option(.listMetaContext, ClientBytes.metaContextData("", queries: []))
         let listed = optionReplies(machine.receive(&list))
         #expect(listed.map(\.1) == [.metaContext, .ack])
-        #expect(listed[0].2 == [0, 0, 0, 1] + Array("base:allocation".utf8))
+        #expect(listed[0].2 == [0, 0, 0, 0] + Array("base:allocation".utf8))
 
         var other = ClientBytes.option(
             .setMetaContext,
@@ -225,6 +226,34 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
         // A selection made for "disk" does not carry over to "other".
         var go = ClientBytes.option(.go, ClientBytes.goData("other"))
         #expect(session(in: machine.receive(&go))?.baseAllocationContextID == nil)
+    }
+
+    /// Invariant: a SET_META_CONTEXT that fails (unknown export) drops the earlier selection, as the spec
+    /// says: transmission then has no base:allocation.
+    @Test func failedSetMetaContextClearsSelection() {
+        var machine = negotiating()
+        var bytes = ClientBytes.concat(
+            ClientBytes.option(.structuredReply),
+            ClientBytes.option(.setMetaContext, ClientBytes.metaContextData("disk", queries: ["base:allocation"])),
+            ClientBytes.option(.setMetaContext, ClientBytes.metaContextData("zzz", queries: ["base:allocation"])),
+            ClientBytes.option(.go, ClientBytes.goData("disk"))
+        )
+        let actions = machine.receive(&bytes)
+        #expect(optionReplies(actions).map(\.1) == [.ack, .metaContext, .ack, .errUnknown, .info, .info, .ack])
+        #expect(session(in: actions)?.baseAllocationContextID == nil)
+    }
+
+    /// Invariant: a client that asks for the default export by the empty name is told its canonical name
+    /// (NBD_INFO_NAME, asked for or not), the name NBD_OPT_LIST shows; a client that used the canonical
+    /// name and did not ask is not.
+    @Test func defaultExportIsNamed() {
+        var machine = negotiating()
+        var byDefault = ClientBytes.option(.info, ClientBytes.goData(""))
+        let replies = optionReplies(machine.receive(&byDefault))
+        #expect(replies.map(\.1) == [.info, .info, .info, .ack])
+        #expect(replies[2].2 == [0, 1] + Array("disk".utf8))
+        var byName = ClientBytes.option(.info, ClientBytes.goData("disk"))
+        #expect(optionReplies(machine.receive(&byName)).map(\.1) == [.info, .info, .ack])
     }
 
     /// Invariant: options the server does not implement get NBD_REP_ERR_UNSUP and the negotiation goes on.

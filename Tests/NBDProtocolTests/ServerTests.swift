@@ -3,6 +3,7 @@ import Logging
 import NBDProtocol
 import NBDServer
 import NIOCore
+import Synchronization
 import Testing
 import VImageTestSupport
 
@@ -249,6 +250,15 @@ func withServer(
             #expect(client.reply()?.error == .EINVAL)
             client.request(NBDRequest(command: .read, cookie: 8, offset: 0, length: 64 << 20))
             #expect(client.reply()?.error == .EOVERFLOW)
+            // The spec points of issue 11: FUA is accepted on a READ (SEND_FUA is offered), TRIM and CACHE past
+            // the end are EINVAL, not ENOSPC.
+            client.request(NBDRequest(flags: .fua, command: .read, cookie: 81, offset: 12345, length: 16))
+            let fuaRead = try #require(client.reply())
+            #expect(fuaRead.error == .success && Array(fuaRead.data.readableBytesView) == Array(pattern[0..<16]))
+            client.request(NBDRequest(command: .trim, cookie: 82, offset: size - 1, length: 2))
+            #expect(client.reply()?.error == .EINVAL)
+            client.request(NBDRequest(command: .cache, cookie: 83, offset: size, length: 1))
+            #expect(client.reply()?.error == .EINVAL)
 
             client.request(NBDRequest(command: .blockStatus, cookie: 9, offset: 0, length: UInt32(size)))
             let status = try #require(client.reply())
@@ -272,8 +282,8 @@ func withServer(
         }
     }
 
-    /// Invariant: an oversized WRITE is answered with EOVERFLOW, its payload is consumed, and the
-    /// connection keeps working.
+    /// Invariant: an oversized WRITE is answered with EINVAL, its payload is consumed, and the connection
+    /// keeps working.
     @Test func oversizedWrite() async throws {
         try await withServer(size: 64 << 20) { path, _, _ in
             let client = try #require(RawClient(socketPath: path))
@@ -283,7 +293,7 @@ func withServer(
             var payload = ByteBuffer()
             payload.writeRepeatingByte(0xEE, count: length)
             client.send(payload)
-            #expect(client.reply()?.error == .EOVERFLOW)
+            #expect(client.reply()?.error == .EINVAL)
             client.request(NBDRequest(command: .read, cookie: 2, offset: 0, length: 16))
             let read = try #require(client.reply(readLength: 16))
             #expect(read.cookie == 2 && Array(read.data.readableBytesView) == [UInt8](repeating: 0, count: 16))
@@ -496,6 +506,56 @@ func withServer(
         try await server.shutdown()
     }
 
+    /// Invariant: with an `inlineBudget`, a small request alone in flight runs on the event loop (its
+    /// reply is right); one slow device call does not change that, two in a row send the connection's next
+    /// requests to the thread pool; servers without the option use the pool.
+    @Test func inlineLoneRequests() async throws {
+        let directory = TestEnvironment.temporaryDirectory("nbd-inline")
+        defer { TestEnvironment.remove(directory) }
+        for inline in [true, false] {
+            let path = directory + "/s\(inline).sock"
+            let observer = ReadObserver()
+            let device = HookedDevice(MemoryDevice(size: 1 << 20)) { _, _ in observer.observe() }
+            var configuration = NBDServerConfiguration(listeners: [.unixSocket(path: path)])
+            // A budget no preemption on a busy machine reaches, and a device 2x slower than that.
+            configuration.inlineBudget = inline ? .milliseconds(50) : nil
+            let server = NBDServer(
+                exports: [NBDExport(name: "x", device: device)],
+                configuration: configuration,
+                logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
+            )
+            try await server.start()
+            let client = try #require(RawClient(socketPath: path))
+            _ = try #require(client.handshake(structured: false))
+            let data = Pattern.bytes(count: 4096, offset: 8192, seed: 5)
+            client.request(
+                NBDRequest(command: .write, cookie: 1, offset: 8192, length: 4096, payload: ByteBuffer(bytes: data))
+            )
+            #expect(client.reply()?.error == .success)
+            client.request(NBDRequest(command: .read, cookie: 2, offset: 8192, length: 4096))
+            #expect(client.reply(readLength: 4096).map { Array($0.data.readableBytesView) } == data)
+            #expect(observer.lastThread.hasPrefix("NIO-ELT") == inline, "\(observer.lastThread)")
+
+            if inline {
+                /// Reads 512 bytes with the device made `delay` µs slow; the thread that ran the read.
+                func read(_ cookie: UInt64, delay: Int) -> String {
+                    observer.delayMicroseconds.store(delay, ordering: .relaxed)
+                    client.request(NBDRequest(command: .read, cookie: cookie, offset: 0, length: 512))
+                    #expect(client.reply(readLength: 512)?.error == .success)
+                    return observer.lastThread
+                }
+                // A slow call still runs inline (its slowness is only known after it), one alone changes
+                // nothing, two in a row send the next ones to the pool for a while.
+                #expect(read(3, delay: 100_000).hasPrefix("NIO-ELT"))
+                #expect(read(4, delay: 0).hasPrefix("NIO-ELT"))
+                #expect(read(5, delay: 100_000).hasPrefix("NIO-ELT"))
+                #expect(read(6, delay: 100_000).hasPrefix("NIO-ELT"))
+                #expect(!read(7, delay: 0).hasPrefix("NIO-ELT"))
+            }
+            try await server.shutdown()
+        }
+    }
+
     /// Invariant: shutdown lets in-flight requests finish and answers them before closing.
     @Test func gracefulShutdown() async throws {
         let directory = TestEnvironment.temporaryDirectory("nbd-shutdown")
@@ -521,5 +581,24 @@ func withServer(
         try await stop.value
         #expect(replies == 8)
         #expect(server.exports[0].stats.snapshot.reads == 8)
+    }
+}
+
+/// What the inline test's device saw: the name of the thread of its last read; and how slow to make reads.
+final class ReadObserver: Sendable {
+    let thread = Mutex("")
+    let delayMicroseconds = Atomic<Int>(0)
+    var lastThread: String { thread.withLock { $0 } }
+
+    /// Notes the calling thread's name (NIO names event loop threads NIO-ELT-..., pool threads TP-#...),
+    /// then sleeps the delay.
+    func observe() {
+        var name = [UInt8](repeating: 0, count: 64)
+        let fd = open("/proc/thread-self/comm", O_RDONLY)
+        let count = fd >= 0 ? Glibc.read(fd, &name, name.count) : 0
+        if fd >= 0 { Glibc.close(fd) }
+        thread.withLock { $0 = String(decoding: name.prefix(max(0, count)), as: UTF8.self) }
+        let delay = delayMicroseconds.load(ordering: .relaxed)
+        if delay > 0 { usleep(UInt32(delay)) }
     }
 }
