@@ -60,7 +60,10 @@ let package = Package(
             dependencies: ["NBDProtocol", "BlockIO", "COpenSSL", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
-        .target(name: "VDiskBus", dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "FUSEExport", "CNBDLinux"]),
+        .target(
+            name: "VDiskBus",
+            dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "FUSEExport", "CNBDLinux"]
+        ),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
