@@ -36,6 +36,8 @@ public struct ConvertOptions: Sendable {
     public var sparseSize: UInt64 = 4096
     /// log2 of the output cluster size (default 16).
     public var clusterBits: Int? = nil
+    /// End-to-end checksums in a VIMG output.
+    public var checksums = false
     /// Read this internal snapshot of the source.
     public var snapshot: String? = nil
     /// Make the output a clone over this backing file (VIMG, qcow2), holding only clusters that differ.
@@ -378,7 +380,8 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
             options: .init(
                 clusterBits: bits,
                 backingFile: options.backingFile,
-                backingFormat: options.backingFormat?.rawValue
+                backingFormat: options.backingFormat?.rawValue,
+                checksums: options.checksums
             )
         )
         let file = try withPath(path) {

@@ -234,4 +234,17 @@ extension ImageHeader {
     /// Whether the bitmap directory extension is the first extension (so a directory switch is one
     /// write of the first 128 bytes).
     var bitmapDirectoryIsFirst: Bool { extensions.first?.type == HeaderExtension.bitmapDirectory }
+
+    /// The bytes a fixed-header write covers: the fixed header and the leading extensions that switch with
+    /// it (bitmap directory, checksum table), all inside the first sector.
+    var switchableHeaderBytes: Int {
+        var end = Self.fixedSize
+        for ext in extensions {
+            guard ext.type == HeaderExtension.bitmapDirectory || ext.type == HeaderExtension.checksumTable else {
+                break
+            }
+            end += 8 + (ext.data.count + 7) & ~7
+        }
+        return end <= 512 ? end : Self.fixedSize
+    }
 }

@@ -231,6 +231,9 @@ extension Metadata {
             )
             try host.write(bytes, at: geometry.offset(of: to).rawValue)
         }
+        // With checksums the copies' checksums are durable before anything points at them (the reads above
+        // verified the originals, so a bad block stops the compaction instead of moving).
+        if checked != nil { try writeBackChecksums() }
         try host.flush()  // step 2
         // Step 3: group the patches by table, so each table is read and written once.
         var byTable: [HostOffset: [(index: Int, from: HostCluster, to: HostCluster)]] = [:]
@@ -325,6 +328,19 @@ extension Metadata {
         if try bitmapStructuresReach(target) {
             for i in bitmaps.indices { bitmaps[i].changed = true }
             try switchBitmapDirectory()
+        }
+        // Checksum blocks and table: copies lower down, the table (or header) pointed at them, the old freed.
+        if let checked {
+            try writeBackChecksums()
+            let geometry = self.geometry
+            let (oldBlocks, oldTable) = try checked.relocate(
+                below: target.rawValue,
+                allocate: { try allocateChecksumStructure($0) },
+                clusterOffset: { geometry.offset(of: $0).rawValue }
+            )
+            try writeChecksumStructures(checked, oldTable: oldTable)
+            try host.flush()
+            for offset in oldBlocks { try decrementRefcount(geometry.cluster(containing: HostOffset(offset))) }
         }
     }
 

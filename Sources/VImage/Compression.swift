@@ -118,6 +118,7 @@ extension VImage {
             try m.guestWillChange(offset: offset, count: UInt64(cs))
             let d = try m.reserveCompressedSpan(bytes: record.count)
             m.inflight.insert(guest)
+            if m.checked != nil { for c in m.clusters(of: d) { m.freshClusters.insert(c) } }
             return d
         }
         defer { leave(ticket) }

@@ -124,19 +124,35 @@ public enum ImageCheck {
         var dropBitmapDirectory = false
         /// Clusters of the refcount structure itself (table and blocks).
         var refcountStructure: [UInt64] = []
+        /// Metadata clusters whose checksums are covered by the checksum table (not cluster 0, not the
+        /// checksum structures themselves).
+        var metadataClusters: [UInt64] = []
+        /// 4 KiB host blocks of metadata whose checksum is stale after a crash (`-r leaks` recomputes them).
+        var staleChecksumBlocks: [UInt64] = []
+        /// The checksum table or a checksum block cannot be trusted: `-r all` computes them all again.
+        var dropChecksums = false
+    }
+
+    /// The metadata clusters of the image on `host` whose checksums the checksum table keeps (for a
+    /// reader's recovery after a crash; checksums are not verified here).
+    static func metadataClusters(host: any BlockDevice) throws -> [UInt64] {
+        var report = CheckReport()
+        var check = try CheckRun(host: host, report: report)
+        check.verifiesChecksums = false
+        try check.walkAll()
+        report = check.report
+        return check.metadataClusters
     }
 
     /// The check, step by step (each step is a method of `CheckRun` below).
     @discardableResult
     static func run(host: any BlockDevice, report: inout CheckReport) throws -> Analysis {
         var check = try CheckRun(host: host, report: report)
-        try check.countRefcountStructure()
-        try check.walkActiveL1()
-        try check.walkSnapshots()
-        try check.walkBitmaps()
+        try check.walkAll()
         try check.findDataOnMetadata()
         try check.compareRefcounts()
         try check.checkCopiedFlags()
+        try check.verifyMetadataChecksums()
         report = check.report
         return check.analysis
     }
@@ -175,6 +191,14 @@ struct CheckRun {
     var dropSnapshots = false
     var dropBitmapDirectory = false
     var refcountStructure: [UInt64] = []
+    /// Clusters of the checksum table and blocks (they protect themselves).
+    var checksumStructure = Set<UInt64>()
+    /// The checksum table's values and each checksum block's, when the image has checksums.
+    var checksumTable: [UInt64] = []
+    var checksumBlocks: [UInt64: [UInt64]] = [:]
+    var verifiesChecksums = true
+    var staleChecksumBlocks: [UInt64] = []
+    var dropChecksums = false
     var refcountTable: [UInt64] = []
     var blockOffsets: [UInt64?] = []
     var visitedL2 = Set<UInt64>()
@@ -238,8 +262,134 @@ struct CheckRun {
             entryFixes: entryFixes,
             dropSnapshots: dropSnapshots,
             dropBitmapDirectory: dropBitmapDirectory,
-            refcountStructure: refcountStructure
+            refcountStructure: refcountStructure,
+            metadataClusters: metadataClusters,
+            staleChecksumBlocks: staleChecksumBlocks,
+            dropChecksums: dropChecksums
         )
+    }
+
+    /// Steps 2 to 6: every structure the header reaches, referenced and marked.
+    mutating func walkAll() throws {
+        try countRefcountStructure()
+        try walkActiveL1()
+        try walkSnapshots()
+        try walkBitmaps()
+        try walkChecksums()
+    }
+
+    /// Metadata clusters (structural and L2 marks) but cluster 0 and the checksum structures.
+    var metadataClusters: [UInt64] {
+        (1..<fileClusters).filter {
+            marks[Int($0)] & (Self.structuralMark | Self.l2Mark) != 0 && !checksumStructure.contains($0)
+        }
+    }
+
+    /// Step 6: the checksum table and blocks (docs/FORMAT.md, "End-to-end checksums"): referenced as
+    /// metadata, each sector checked against its own checksum.
+    mutating func walkChecksums() throws {
+        guard header.incompatibleFeatures.contains(.checksums), let data = header.checksumTableData else { return }
+        let pointer: ChecksumTablePointer
+        switch ChecksumTablePointer.decode(data, clusterSize: g.clusterSize, fileSize: fileSize) {
+        case .success(let p): pointer = p
+        case .failure(let error):
+            report.add(.corruption, "checksum-structure", error.message)
+            dropChecksums = true
+            return
+        }
+        let geometry = ChecksumGeometry(clusterSize: g.clusterSize)
+        let tableBytes = UInt64(pointer.clusters) * cs
+        guard referenceMetadata(pointer.offset.rawValue, bytes: tableBytes, "checksum table") else {
+            dropChecksums = true
+            return
+        }
+        for c in g.clusterIndex(pointer.offset.rawValue)..<g.clusters(covering: pointer.offset.rawValue + tableBytes) {
+            checksumStructure.insert(c)
+        }
+        do {
+            checksumTable = try geometry.decode(
+                try host.read(count: Int(tableBytes), at: pointer.offset.rawValue),
+                at: pointer.offset.rawValue
+            )
+        } catch let error as ChecksumSectorError {
+            report.add(
+                .corruption,
+                "checksum-structure",
+                "a checksum table sector fails its own checksum",
+                at: error.offset
+            )
+            dropChecksums = true
+            return
+        }
+        for (i, raw) in checksumTable.enumerated() where raw != 0 {
+            let offset = raw & hostOffsetMask
+            guard raw & ~hostOffsetMask == 0, referenceMetadata(offset, bytes: cs, "checksum block \(i)") else {
+                dropChecksums = true
+                continue
+            }
+            checksumStructure.insert(g.clusterIndex(offset))
+            do {
+                checksumBlocks[offset] = try geometry.decode(try host.read(count: Int(cs), at: offset), at: offset)
+            } catch let error as ChecksumSectorError {
+                report.add(
+                    .corruption,
+                    "checksum-structure",
+                    "a checksum block sector fails its own checksum",
+                    at: error.offset
+                )
+                dropChecksums = true
+            }
+        }
+    }
+
+    /// Step 10: every metadata block against its checksum. After a crash (the dirty bit set) a mismatch is
+    /// a stale checksum of metadata written since the last flush (FORMAT.md, rule 3): `-r leaks`, and any
+    /// writer's open, recompute it. On a cleanly closed image it is corruption.
+    mutating func verifyMetadataChecksums() throws {
+        guard verifiesChecksums, header.incompatibleFeatures.contains(.checksums), !checksumTable.isEmpty else {
+            return
+        }
+        let geometry = ChecksumGeometry(clusterSize: g.clusterSize)
+        let bs = UInt64(ChecksumGeometry.blockSize)
+        let n = geometry.blocksPerChecksumBlock
+        for cluster in metadataClusters where cluster * cs < fileSize {
+            // The last cluster may end past the end of the file (a short table written last): the rest
+            // reads as zeroes, and its blocks have the checksums of zero blocks.
+            var bytes = try host.read(count: Int(min(cs, fileSize - cluster * cs)), at: cluster * cs)
+            bytes += [UInt8](repeating: 0, count: Int(cs) - bytes.count)
+            for b in 0..<cs / bs {
+                let block = (cluster * cs) / bs + b
+                let tableIndex = Int(block / n)
+                guard tableIndex < checksumTable.count,
+                    let values = checksumBlocks[checksumTable[tableIndex] & hostOffsetMask]
+                else { continue }  // not covered yet: nothing to compare
+                let value = values[Int((block % n) / 2)]
+                let stored = UInt32(truncatingIfNeeded: block % 2 == 0 ? value : value >> 32)
+                let computed = bytes.withUnsafeBytes {
+                    ChecksumGeometry.checksum(
+                        of: UnsafeRawBufferPointer(rebasing: $0[Int(b * bs)..<Int((b + 1) * bs)]),
+                        at: block * bs
+                    )
+                }
+                guard stored != computed else { continue }
+                if report.isDirty {
+                    report.add(
+                        .leak,
+                        "checksum-stale",
+                        "metadata block at 0x\(String(block * bs, radix: 16)) has a stale checksum (written since the last flush)",
+                        at: block * bs
+                    )
+                    staleChecksumBlocks.append(block)
+                } else {
+                    report.add(
+                        .corruption,
+                        "checksum",
+                        "metadata block at 0x\(String(block * bs, radix: 16)) fails its checksum",
+                        at: block * bs
+                    )
+                }
+            }
+        }
     }
 
     mutating func reference(_ cluster: UInt64) {
@@ -532,7 +682,7 @@ struct CheckRun {
         try host.read(count: Int(cs), at: t.offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
     }
 
-    /// Step 6: tables or data placed on metadata: whatever is written through them overwrites the metadata.
+    /// Step 7: tables or data placed on metadata: whatever is written through them overwrites the metadata.
     mutating func findDataOnMetadata() throws {
         for r in l2References where isMarked(r.cluster, Self.structuralMark) {
             report.add(
@@ -572,7 +722,7 @@ struct CheckRun {
         }
     }
 
-    /// Step 7: the stored refcounts against the references found.
+    /// Step 8: the stored refcounts against the references found.
     mutating func compareRefcounts() throws {
         let perBlock = UInt64(g.refcountBlockEntries)
         stored = [UInt16](repeating: 0, count: Int(fileClusters))
@@ -618,7 +768,7 @@ struct CheckRun {
         }
     }
 
-    /// Step 8: COPIED flags. A COPIED flag promises the cluster has one reference, so writing it in place
+    /// Step 9: COPIED flags. A COPIED flag promises the cluster has one reference, so writing it in place
     /// is safe. A set flag on a shared cluster would let a write change a snapshot: corruption. A clear
     /// flag on an owned cluster only costs a needless copy later (a crash between the refcount and flag
     /// updates of a snapshot operation can leave one), so it is not reported.
@@ -716,7 +866,10 @@ extension ImageCheck {
                     (Int(cluster % UInt64(perBlock)), UInt16(analysis.beyond[cluster] ?? 0))
                 )
             }
+            let stale = header.incompatibleFeatures.contains(.checksums) ? analysis.staleChecksumBlocks : []
+            if !stale.isEmpty { actions.append("recompute the stale checksums of \(stale.count) metadata blocks") }
             if dryRun { return RepairResult(before: before, actions: actions, after: before) }
+            var rewritten: [UInt64] = []
             for (tableIndex, updates) in changes {
                 let offset = analysis.blockOffsets[tableIndex]!
                 var block = try host.read(count: Int(cs), at: offset).withUnsafeBytes {
@@ -724,9 +877,24 @@ extension ImageCheck {
                 }
                 for (index, value) in updates { block[index] = value }
                 try host.write(encodeTable(block[...]), at: offset)
+                rewritten.append(offset)
             }
             try host.flush()
-            if before.corruptions == 0 && header.incompatibleFeatures.contains(.dirty) {
+            var checksumsComplete = true
+            if header.incompatibleFeatures.contains(.checksums) && !analysis.dropChecksums {
+                // The refcount blocks just rewritten and the metadata written since the last flush before a
+                // crash (validated as structure by the check) get checksums of what they hold now.
+                checksumsComplete = try rehash(
+                    host: host,
+                    header: header,
+                    ranges: rewritten.map { $0..<$0 + cs } + stale.map { $0 * 4096..<($0 + 1) * 4096 }
+                )
+            }
+            if !checksumsComplete {
+                actions.append(
+                    "left the dirty bit set: some metadata checksums need a checksum block a writer allocates"
+                )
+            } else if before.corruptions == 0 && header.incompatibleFeatures.contains(.dirty) {
                 header.incompatibleFeatures.remove(.dirty)
                 try host.write(header.encodeFixed(), at: 0)
                 try host.flush()
@@ -736,6 +904,16 @@ extension ImageCheck {
             // Each round drops or mends what cannot be trusted, then rebuilds the refcounts; a mended
             // entry can expose the next problem, so a few rounds run until the image checks clean.
             var analysis = analysis
+            var reenableChecksums = false
+            defer {
+                if reenableChecksums && !dryRun {
+                    do {
+                        try VImage.enableChecksums(host: host)
+                    } catch {
+                        actions.append("could not compute the checksums again: \(error)")
+                    }
+                }
+            }
             for round in 0..<4 {
                 var fixes: [UInt64: UInt64] = [:]
                 for fix in analysis.entryFixes {
@@ -751,6 +929,11 @@ extension ImageCheck {
                 }
                 if analysis.dropSnapshots { actions.append("drop the snapshot table (it cannot be trusted)") }
                 if analysis.dropBitmapDirectory { actions.append("empty the bitmap directory (it cannot be trusted)") }
+                if analysis.dropChecksums {
+                    actions.append(
+                        "drop the checksum table (it cannot be trusted) and compute every checksum again from the blocks as they are"
+                    )
+                }
                 if round == 0 { actions.append("rebuild all refcounts from the references") }
                 if dryRun { return RepairResult(before: before, actions: actions, after: before) }
                 for (offset, value) in fixes {
@@ -768,11 +951,40 @@ extension ImageCheck {
                     header.setBitmapDirectory(.empty)
                     try host.write(header.encode(), at: 0)
                 }
+                if analysis.dropChecksums {
+                    // Without the bit the old structures are unreferenced (freed by the rebuild below); the
+                    // checksums are enabled again once the image checks clean.
+                    header.incompatibleFeatures.remove(.checksums)
+                    header.extensions.removeAll { $0.type == HeaderExtension.checksumTable }
+                    try host.write(header.encode(), at: 0)
+                    reenableChecksums = true
+                }
                 try host.flush()
                 var scratch = CheckReport()
                 let fixed = try run(host: host, report: &scratch)
                 header = fixed.header
                 try rebuildRefcounts(host: host, analysis: fixed, header: &header)
+                if header.incompatibleFeatures.contains(.checksums) {
+                    // Metadata rewritten by the repair, and metadata whose checksum failed although it holds
+                    // a valid structure, get checksums of what they hold now; data keeps its checksums.
+                    var scratch = CheckReport()
+                    let rebuilt = try run(host: host, report: &scratch)
+                    let mismatched = scratch.findings.filter { $0.kind == "checksum" }.count
+                    if mismatched > 0 {
+                        actions.append("recompute the checksums of \(mismatched) metadata blocks that fail them")
+                    }
+                    let complete = try rehash(
+                        host: host,
+                        header: header,
+                        ranges: rebuilt.metadataClusters.map { $0 * cs..<($0 + 1) * cs }
+                    )
+                    if !complete && !header.incompatibleFeatures.contains(.dirty) {
+                        // Checksums without a block yet: the next open computes them again (FORMAT.md rule 4).
+                        header.incompatibleFeatures.insert(.dirty)
+                        try host.write(header.encodeFixed(), at: 0)
+                        try host.flush()
+                    }
+                }
                 var next = CheckReport()
                 analysis = try run(host: host, report: &next)
                 if next.isClean { break }
@@ -780,6 +992,19 @@ extension ImageCheck {
         }
         let after = check(host: host)
         return RepairResult(before: before, actions: actions, after: after)
+    }
+
+    /// Computes the checksums of host ranges from what they hold and writes them where checksum blocks
+    /// exist (a repair does not allocate: a block without one stays unverified until written again).
+    /// Returns false when some had no checksum block to go to.
+    private static func rehash(host: any BlockDevice, header: ImageHeader, ranges: [Range<UInt64>]) throws -> Bool {
+        guard let checked = try ChecksummedHost.open(raw: host, header: header, fileSize: host.size) else {
+            return true
+        }
+        for range in ranges { try checked.rehash(range: range) }
+        let complete = try checked.writeExisting()
+        try host.flush()
+        return complete
     }
 
     /// Writes a new refcount table and blocks at the end of the file holding exactly the references

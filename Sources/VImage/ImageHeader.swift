@@ -22,10 +22,10 @@ public struct IncompatibleFeatures: OptionSet, Sendable, Hashable {
     public static let corrupt = IncompatibleFeatures(rawValue: 1 << 1)
     /// Reserved for a metadata journal (not implemented in v1: refused).
     public static let journal = IncompatibleFeatures(rawValue: 1 << 2)
-    /// Reserved for per-cluster checksums (not implemented in v1: refused).
+    /// End-to-end checksums of every 4 KiB block (docs/FORMAT.md, "End-to-end checksums").
     public static let checksums = IncompatibleFeatures(rawValue: 1 << 3)
     /// The bits this implementation understands.
-    public static let known: IncompatibleFeatures = [.dirty, .corrupt]
+    public static let known: IncompatibleFeatures = [.dirty, .corrupt, .checksums]
 }
 
 /// Autoclear feature bits: a writer that does not maintain a set bit's data clears it.
@@ -59,8 +59,6 @@ public struct ImageHeader: Sendable, Hashable {
     public static let magic: UInt32 = 0x5649_4D47
     public static let currentVersion: UInt32 = 1
     public static let fixedSize = 96
-    /// The fixed header and the bitmap directory extension record when it comes first (bytes 0 - 127).
-    public static let headerSectorBytes = 128
 
     // Limits a reader enforces (docs/FORMAT.md, "Limits").
     public static let minClusterBits: UInt32 = 12
@@ -130,6 +128,25 @@ public struct ImageHeader: Sendable, Hashable {
 
     /// The 96 fixed bytes: what an in-place header update writes.
     public func encodeFixed() -> [UInt8] {
+        var bytes = encodeFixedFields()
+        if incompatibleFeatures.contains(.checksums) {
+            let sum = checksum(fixed: bytes, extensionArea: encodeExtensions())
+            bytes.replaceSubrange(
+                92..<96,
+                with: [UInt8(sum >> 24), UInt8((sum >> 16) & 0xFF), UInt8((sum >> 8) & 0xFF), UInt8(sum & 0xFF)]
+            )
+        }
+        return bytes
+    }
+
+    /// The header's own checksum (bytes 92 - 95 with checksums on): CRC32C of bytes 0 - 91 and of the
+    /// extension area through its end marker, so the header protects itself and cluster 0 needs no entry
+    /// in the checksum table.
+    func checksum(fixed: [UInt8], extensionArea: [UInt8]) -> UInt32 {
+        CRC32C.checksum(extensionArea, continuing: CRC32C.checksum(Array(fixed[0..<92])))
+    }
+
+    private func encodeFixedFields() -> [UInt8] {
         var w = ByteWriter(capacity: Self.fixedSize)
         w.write(Self.magic)
         w.write(version)
@@ -152,9 +169,11 @@ public struct ImageHeader: Sendable, Hashable {
     }
 
     /// Fixed fields plus the extension list and its end marker.
-    public func encode() -> [UInt8] {
+    public func encode() -> [UInt8] { encodeFixed() + encodeExtensions() }
+
+    /// The extension list and its end marker (what follows the fixed header).
+    func encodeExtensions() -> [UInt8] {
         var w = ByteWriter(capacity: 512)
-        w.write(encodeFixed())
         for ext in extensions {
             w.write(ext.type)
             w.write(UInt32(ext.data.count))
@@ -244,6 +263,20 @@ public struct ImageHeader: Sendable, Hashable {
         header.snapshotTableSize = snapshotSize
 
         header.extensions = try parseExtensions(bytes, from: Int(headerSize), clusterSize: clusterSize)
+        if header.incompatibleFeatures.contains(.checksums) {
+            guard header.checksumTableData != nil else {
+                throw VImageError(
+                    .invalidImage,
+                    offset: 24,
+                    message: "the checksums bit is set but there is no checksum table extension"
+                )
+            }
+            let stored = UInt32(bytes[92]) << 24 | UInt32(bytes[93]) << 16 | UInt32(bytes[94]) << 8 | UInt32(bytes[95])
+            guard stored == header.checksum(fixed: Array(bytes[0..<96]), extensionArea: header.encodeExtensions())
+            else {
+                throw VImageError(.corrupt, offset: 92, message: "the header fails its own checksum")
+            }
+        }
         return header
     }
 

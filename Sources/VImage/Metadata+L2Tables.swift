@@ -22,7 +22,7 @@ extension Metadata {
                 offset: offset.rawValue
             )
         }
-        let bytes = try host.read(count: geometry.clusterSize, at: offset.rawValue)
+        let bytes = try readMetadata(count: geometry.clusterSize, at: offset.rawValue, "L2 table")
         let table = CachedTable(
             offset: offset.rawValue,
             entries: bytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
@@ -33,7 +33,9 @@ extension Metadata {
     }
 
     mutating func makeRoomInL2Cache(mayWrite: Bool = true) throws {
-        guard mayWrite else {
+        // With checksums a dirty table is never written early: it may point at clusters still being written
+        // in place, whose checksums only a (drained) flush makes durable.
+        guard mayWrite, checked == nil else {
             if l2Cache.isFull, let victim = l2Cache.leastRecentlyUsed(where: { !$0.isDirty }) {
                 l2Cache.remove(victim.offset)
             }

@@ -20,7 +20,7 @@ extension Metadata {
         guard raw & ~hostOffsetMask == 0, offset != 0, offset + UInt64(geometry.clusterSize) <= host.size else {
             throw corruption("refcount block offset 0x\(String(raw, radix: 16)) is invalid", offset: offset)
         }
-        let bytes = try host.read(count: geometry.clusterSize, at: offset)
+        let bytes = try readMetadata(count: geometry.clusterSize, at: offset, "refcount block")
         let block = CachedTable(offset: offset, entries: bytes.withUnsafeBytes { refcountWidth.decode($0) })
         try makeRoomInRefcountCache()
         refcountCache.insert(block)
@@ -202,8 +202,23 @@ extension Metadata {
             if block.entries[index] != 0 { continue }  // counted already (leaked past the old end): skip it
             block.entries[index] = 1
             block.isDirty = true
+            if let checked, !allocatingChecksumStructures {
+                // Past the end of the file the cluster reads as zeroes, and whoever uses it may write only
+                // part of it (a data write, a short snapshot table): its blocks start with the checksums of
+                // zero blocks, so a checksum block created later never holds 0 for a block in use.
+                let start = geometry.offset(of: cluster).rawValue
+                try checked.assumeZeroes(start..<start + UInt64(geometry.clusterSize))
+            }
             return cluster
         }
+    }
+
+    /// Allocates clusters for checksum blocks or a checksum table (called with the checksum store locked;
+    /// those clusters protect themselves and are not covered by checksums).
+    mutating func allocateChecksumStructure(_ count: UInt64) throws -> HostCluster {
+        allocatingChecksumStructures = true
+        defer { allocatingChecksumStructures = false }
+        return try allocateRun(count)
     }
 
     /// Allocates `count` contiguous clusters: the lowest free run inside the file, else at its end.

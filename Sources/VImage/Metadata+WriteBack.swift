@@ -26,7 +26,11 @@ extension Metadata {
             !dirtyL1Sectors.isEmpty || !pendingTableFrees.isEmpty || headerChanged || l2Cache.hasDirty
             || refcountCache.hasDirty || !dirtyRefcountTableSectors.isEmpty
         if metadataDirty { try setDirtyBit() }
-        let wroteRefcounts = try writeBackRefcounts(sync: false)
+        // The data clusters written so far become durable below: from now on they are copied on write.
+        freshClusters.removeAll()
+        var wroteRefcounts = try writeBackRefcounts(sync: false)
+        // Checksums of new data before the sync that precedes the L2 tables pointing at it.
+        if checked != nil { wroteRefcounts = try writeBackChecksums() || wroteRefcounts }
         let dirtyL2 = l2Cache.dirtyTables()
         let tailDirty = !dirtyL1Sectors.isEmpty || headerChanged
         if !dirtyL2.isEmpty || (tailDirty && wroteRefcounts) {
@@ -98,6 +102,42 @@ extension Metadata {
         }
         if sync { try host.flush() }
         return true
+    }
+
+    /// Writes the checksums known so far: allocates checksum blocks (and a bigger table) as needed, writes
+    /// the refcounts of those allocations, then the blocks and table (FORMAT.md "Writing and crashes",
+    /// rule 5), and switches the header when the table moved. Returns whether anything was written.
+    @discardableResult
+    mutating func writeBackChecksums() throws -> Bool {
+        guard let checked else { return false }
+        let geometry = self.geometry
+        // Rounds: writing the refcounts of new checksum blocks changes refcount blocks (maybe in a range
+        // with no checksum block yet), and freeing a moved table changes them again; their checksums need
+        // another round, until nothing is left over.
+        repeat {
+            let oldTable = try checked.prepare(
+                allocate: { try allocateChecksumStructure($0) },
+                clusterOffset: { geometry.offset(of: $0).rawValue }
+            )
+            try writeChecksumStructures(checked, oldTable: oldTable)
+        } while checked.hasPending || refcountCache.hasDirty || !dirtyRefcountTableSectors.isEmpty
+        return true
+    }
+
+    /// Writes the refcounts of new checksum structures, the dirty blocks and table sectors, and switches
+    /// the header to a table that moved (then frees the old one).
+    mutating func writeChecksumStructures(_ checked: ChecksummedHost, oldTable: ChecksumTablePointer?) throws {
+        try writeBackRefcounts(sync: false)
+        try checked.write()
+        if let oldTable {
+            try host.flush()  // the new table durable before the header points at it
+            header.setChecksumTable(checked.tablePointer)
+            try writeFixedHeader()
+            try host.flush()
+            for c in 0..<UInt64(oldTable.clusters) {
+                try decrementRefcount(geometry.cluster(containing: oldTable.offset) + c)
+            }
+        }
     }
 
     /// Writes an L2 table (or any table of u64 entries) and marks it clean.

@@ -49,6 +49,8 @@ struct Metadata {
     let leftDirty: Bool
     let gate: IOGate
     let sharedSize: SharedSize
+    /// The checksummed device under the engine, when the image has checksums (ChecksummedHost.swift).
+    let checked: ChecksummedHost?
 
     // MARK: State
 
@@ -110,6 +112,14 @@ struct Metadata {
     /// Clusters of removed bitmaps, freed at the next directory switch.
     var replacedBitmapClusters: [HostCluster] = []
 
+    // MARK: Checksums (ChecksummedHost.swift, FORMAT.md "Writing and crashes")
+
+    /// Data clusters allocated since the last write-back began: with checksums, the only ones written in
+    /// place (every other cluster's data is durable, so a write to it is a copy on write).
+    var freshClusters = Set<HostCluster>()
+    /// Set while checksum structures are allocated (ChecksummedHost's store is locked then).
+    var allocatingChecksumStructures = false
+
     init(
         host: any BlockDevice,
         path: String?,
@@ -139,6 +149,7 @@ struct Metadata {
         self.dirtyBitOnDisk = header.incompatibleFeatures.contains(.dirty)
         self.gate = gate
         self.sharedSize = sharedSize
+        self.checked = host as? ChecksummedHost
         self.header = header
         self.l1 = l1
         self.refcountTable = refcountTable
@@ -154,7 +165,10 @@ struct Metadata {
 
     /// Whether enough frees have queued up since the last write-back to be worth one now (memory stays
     /// bounded by a large discard or commit, without a write-back per request while frees wait for the gate).
-    var hasManyPendingFrees: Bool { pendingFrees.count - freesKeptAtLastWriteBack > 65536 }
+    var hasManyPendingFrees: Bool {
+        // With checksums a write-back must not run while writes may be in flight (only drained flushes do).
+        checked == nil && pendingFrees.count - freesKeptAtLastWriteBack > 65536
+    }
 
     /// Whether a new request may be planned now.
     var acceptsRequests: Bool { !isDraining }
@@ -184,6 +198,19 @@ struct Metadata {
         )
     }
 
+    /// Reads a metadata structure; a block that fails its checksum makes the image corrupt (FORMAT.md,
+    /// "Verification": metadata is verified before it is followed).
+    mutating func readMetadata(count: Int, at offset: UInt64, _ what: @autoclosure () -> String) throws -> [UInt8] {
+        do {
+            return try host.read(count: count, at: offset)
+        } catch let mismatch as ChecksumMismatch {
+            throw corruption(
+                "\(what()) at 0x\(String(offset, radix: 16)) fails its checksum (block 0x\(String(mismatch.hostOffset, radix: 16)))",
+                offset: mismatch.hostOffset
+            )
+        }
+    }
+
     /// The autoclear bits this writer keeps when it writes metadata.
     var keptAutoclearBits: UInt64 { maintainsBitmaps ? AutoclearFeatures.maintained : 0 }
 
@@ -201,10 +228,6 @@ struct Metadata {
     /// Writes the fixed header fields in place, with the bitmap directory extension when it is the first
     /// extension: one write inside the first sector (docs/FORMAT.md, "Bitmap directory extension").
     func writeFixedHeader() throws {
-        if header.bitmapDirectoryIsFirst {
-            try host.write(Array(format.encodeHeader(header).prefix(ImageHeader.headerSectorBytes)), at: 0)
-        } else {
-            try host.write(format.encodeFixedHeader(header), at: 0)
-        }
+        try host.write(Array(format.encodeHeader(header).prefix(header.switchableHeaderBytes)), at: 0)
     }
 }

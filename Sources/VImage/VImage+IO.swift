@@ -103,6 +103,35 @@ extension VImage {
     }
 
     func readPiece(_ source: ReadSource, into target: UnsafeMutableRawBufferPointer, guestOffset: UInt64) throws {
+        do {
+            try readPieceUnchecked(source, into: target, guestOffset: guestOffset)
+        } catch let mismatch as ChecksumMismatch {
+            // Never returned as data: an I/O error naming where, and the image's observer told.
+            var guestOffset = guestOffset
+            if case .host(let start) = source, mismatch.hostOffset >= start.rawValue,
+                mismatch.hostOffset - start.rawValue < UInt64(target.count)
+            {
+                guestOffset += mismatch.hostOffset - start.rawValue
+            }
+            let error = VImageError(
+                .checksum,
+                path: path,
+                offset: mismatch.hostOffset,
+                message:
+                    "data at guest offset \(guestOffset) (host block 0x\(String(mismatch.hostOffset, radix: 16))) fails its checksum"
+            )
+            checksumObserver.withLock { $0 }?(error)
+            throw error
+        }
+    }
+
+    private func readPieceUnchecked(
+        _ source: ReadSource,
+        into target: UnsafeMutableRawBufferPointer,
+        guestOffset: UInt64
+    )
+        throws
+    {
         switch source {
         case .host(let offset): try host.read(into: target, at: offset.rawValue)
         case .zero: target.initializeMemory(as: UInt8.self, repeating: 0)
@@ -237,6 +266,23 @@ extension VImage {
     /// The old cluster stays referenced until the commit, and the guest cluster is in flight, so nothing
     /// changes it meanwhile.
     func fillOldContent(_ a: Allocation, into target: UnsafeMutableRawBufferPointer) throws {
+        do {
+            try fillOldContentUnchecked(a, into: target)
+        } catch let mismatch as ChecksumMismatch {
+            // The old content of a partial write fails its checksum: the write fails rather than spread it.
+            let error = VImageError(
+                .checksum,
+                path: path,
+                offset: mismatch.hostOffset,
+                message:
+                    "data of guest cluster \(a.guestCluster.rawValue) (host block 0x\(String(mismatch.hostOffset, radix: 16))) fails its checksum"
+            )
+            checksumObserver.withLock { $0 }?(error)
+            throw error
+        }
+    }
+
+    private func fillOldContentUnchecked(_ a: Allocation, into target: UnsafeMutableRawBufferPointer) throws {
         switch a.old {
         case .unallocated: try readBacking(into: target, at: geometry.guestOffset(of: a.guestCluster))
         case .zero: target.initializeMemory(as: UInt8.self, repeating: 0)
@@ -262,7 +308,8 @@ extension VImage {
     /// in a shared, compressed or unallocated cluster is left alone: a discard is advisory). Counted in the
     /// I/O gate like a write in place, so the cluster cannot be freed and reused under the punch.
     private func punchPartial(at offset: UInt64, count: UInt64) throws {
-        guard discardPolicy == .punch else { return }
+        // With checksums, durable data is never changed in place (not even by a punch).
+        guard discardPolicy == .punch, !(host is ChecksummedHost) else { return }
         var position = offset
         while position < offset + count {
             // One cluster at a time: its host cluster's neighbours on disk belong to other guest clusters.
@@ -493,7 +540,7 @@ extension Metadata {
         }
 
         let entry = try l2Entry(first)
-        if case .normal(let host, copied: true) = entry {
+        if case .normal(let host, copied: true) = entry, writableInPlace(host) {
             let start = HostOffset(host.rawValue + UInt64(geometry.offsetInCluster(offset)))
             var cluster = first
             var expected = host.rawValue
@@ -501,7 +548,7 @@ extension Metadata {
                 expected += UInt64(geometry.clusterSize)
                 guard !inflight.contains(cluster + 1),
                     case .normal(let next, copied: true) = try l2Entry(cluster + 1),
-                    next.rawValue == expected
+                    next.rawValue == expected, writableInPlace(next)
                 else { break }
                 cluster = cluster + 1
             }
@@ -516,7 +563,7 @@ extension Metadata {
         while cluster <= runEnd {
             if cluster != first {
                 if inflight.contains(cluster) { break }
-                if case .normal(_, copied: true) = try l2Entry(cluster) { break }
+                if case .normal(let host, copied: true) = try l2Entry(cluster), writableInPlace(host) { break }
             }
             let old = try l2Entry(cluster)
             // Only a cluster taken from the end of the file is known to read as zeroes (a reused one holds old data).
@@ -531,10 +578,18 @@ extension Metadata {
                 Allocation(guestCluster: cluster, hostCluster: newHost, old: old, isFresh: newHost >= endBefore)
             )
             inflight.insert(cluster)
+            if checked != nil { freshClusters.insert(newHost) }
             previousHost = newHost
             cluster = cluster + 1
         }
         return .allocate(allocations, length: lengthThrough(allocations.last!.guestCluster))
+    }
+
+    /// Whether an owned data cluster may be overwritten in place: always without checksums; with them only
+    /// when it was allocated since the last write-back began (its data is not durable yet, so a torn write
+    /// cannot break a checksum anything durable relies on: FORMAT.md "Writing and crashes", rule 1).
+    func writableInPlace(_ host: HostOffset) -> Bool {
+        checked == nil || freshClusters.contains(geometry.cluster(containing: host))
     }
 
     /// Points the L2 entries at the written clusters and queues the old references for release.

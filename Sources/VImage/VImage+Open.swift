@@ -147,6 +147,18 @@ extension VImage {
             try host.write([UInt8](repeating: 0, count: Int(l1Clusters * cs)), at: l1Start * cs)
             try host.flush()
         }
+        if options.checksums { try enableChecksums(host: host) }
+    }
+
+    /// Turns on end-to-end checksums for the (closed, cleanly closed) image on `host`: checksums of every
+    /// block in use are computed and written, then the header switches to them (docs/FORMAT.md, "End-to-end
+    /// checksums"). Reads the whole image: cheap for a new one (create and convert use it).
+    public static func enableChecksums(host: any BlockDevice, path: String? = nil) throws {
+        let image = try VImage.open(host: host, path: path, readOnly: false, backing: MemoryDevice(size: 0))
+        defer { try? image.close() }
+        guard !image.currentHeader.incompatibleFeatures.contains(.checksums) else { return }
+        try image.drained { m in try m.enableChecksums() }
+        try image.close()
     }
 
     /// Creates an image file at `path` (which must not exist). On failure the file is removed.
@@ -289,15 +301,25 @@ extension VImage {
         repairedDirty: Bool = false
     ) throws -> VImage {
         let fileSize = host.size
+        var checked: ChecksummedHost? = nil
         let (header, l1, refcountTable) = try wrapIO(path) { () throws -> (ImageHeader, [UInt64], [UInt64]) in
             var header: ImageHeader
             do {
                 header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
                 try header.validate(fileSize: fileSize)
+                checked = try ChecksummedHost.open(raw: host, header: header, fileSize: fileSize)
             } catch var error as VImageError {
                 error.path = path
                 throw error
             }
+            // With checksums, everything below is read (and verified) through the checksummed device. After
+            // a crash the checksums of metadata written since the last flush may be stale: an open of a dirty
+            // image computes them again in memory first (FORMAT.md, "Writing and crashes", rule 4); a
+            // writer's repair below then writes them.
+            if let checked, header.incompatibleFeatures.contains(.dirty) {
+                try checked.rehashMetadata(of: host)
+            }
+            let host: any BlockDevice = checked ?? host
             let l1Bytes = try host.read(count: Int(header.l1Size) * 8, at: header.l1TableOffset.rawValue)
             let l1 = l1Bytes.withUnsafeBytes { decodeTable($0, as: UInt64.self) }
             let rtBytes = try host.read(
@@ -353,7 +375,7 @@ extension VImage {
         }
         do {
             let image = try makeImage(
-                host: host,
+                host: checked ?? host,
                 ownsHost: ownsHost,
                 path: path,
                 readOnly: readOnly,

@@ -37,11 +37,19 @@ public final class VImage: BlockDevice, Sendable {
         public var backingFile: String? = nil
         /// Backing file format ("vimg", "raw", "qcow2"); nil = probe when opening.
         public var backingFormat: String? = nil
+        /// End-to-end checksums of every 4 KiB block (`-o checksums=on`).
+        public var checksums = false
 
-        public init(clusterBits: Int = 16, backingFile: String? = nil, backingFormat: String? = nil) {
+        public init(
+            clusterBits: Int = 16,
+            backingFile: String? = nil,
+            backingFormat: String? = nil,
+            checksums: Bool = false
+        ) {
             self.clusterBits = clusterBits
             self.backingFile = backingFile
             self.backingFormat = backingFormat
+            self.checksums = checksums
         }
     }
 
@@ -97,6 +105,8 @@ public final class VImage: BlockDevice, Sendable {
     let state: Guarded<Metadata>
     let gate: IOGate
     let sharedSize: SharedSize
+    /// Told of every block that fails its checksum (the bus and `vdisk serve` log it).
+    let checksumObserver = Mutex<(@Sendable (VImageError) -> Void)?>(nil)
     /// Requests that changed the disk and completed (counted after their I/O and commit), for group commit:
     /// a flush returns at once when a flush that started after the last of them has completed.
     let completedChanges = Atomic<UInt64>(0)
@@ -150,6 +160,17 @@ public final class VImage: BlockDevice, Sendable {
         var caps: BlockDeviceCapabilities = [.flush, .discard, .writeZeroes, .fastZero, .extents, .multiConnection]
         if isReadOnly { caps.insert(.readOnly) }
         return caps
+    }
+
+    /// Whether the image has end-to-end checksums (docs/FORMAT.md, "End-to-end checksums").
+    public var hasChecksums: Bool { host is ChecksummedHost }
+
+    /// Blocks that failed their checksum since the image was opened.
+    public var checksumMismatches: UInt64 { (host as? ChecksummedHost)?.mismatches.load(ordering: .relaxed) ?? 0 }
+
+    /// Calls `handler` for every block that fails its checksum (with the guest and host offsets).
+    public func onChecksumMismatch(_ handler: @escaping @Sendable (VImageError) -> Void) {
+        checksumObserver.withLock { $0 = handler }
     }
 
     /// A copy of the current header.
@@ -209,12 +230,21 @@ public final class VImage: BlockDevice, Sendable {
         // Group commit: every change completed before this call must be durable. A flush that read the
         // counter at or after that point and has completed already made them so (its sync came after).
         let wanted = completedChanges.load(ordering: .acquiring)
-        try state.withLock { m in
-            try m.checkOpen()
+        let body = { (m: inout Metadata) throws in
             if m.durableChanges >= wanted { return }
-            let started = completedChanges.load(ordering: .acquiring)
-            try wrapIO(path) { try m.writeBack() }
+            let started = self.completedChanges.load(ordering: .acquiring)
+            try wrapIO(self.path) { try m.writeBack() }
             m.durableChanges = max(m.durableChanges, started)
+        }
+        if hasChecksums {
+            // Writes in place into fresh clusters must have completed (and their checksums be known) before
+            // the tables that point at those clusters become durable.
+            try drained(body)
+        } else {
+            try state.withLock { m in
+                try m.checkOpen()
+                try body(&m)
+            }
         }
     }
 
@@ -237,6 +267,9 @@ public final class VImage: BlockDevice, Sendable {
                         try m.persistBitmaps()
                         // The frees applied by writeBack are in the refcount cache; write them too.
                         try m.writeBackRefcounts()
+                        // Every metadata block's checksum durable before the image is called clean.
+                        try m.writeBackChecksums()
+                        try m.host.flush()
                         if m.dirtyBitOnDisk && !m.leftDirty {
                             m.header.incompatibleFeatures.remove(.dirty)
                             try m.writeFixedHeader()

@@ -31,6 +31,8 @@ public struct VImageError: ErrnoConvertible, CustomStringConvertible, Sendable {
         case io
         /// The image was closed.
         case closed
+        /// A block failed its checksum (end-to-end checksums): read as EIO, never returned as data.
+        case checksum
     }
 
     public var code: Code
@@ -65,6 +67,7 @@ public struct VImageError: ErrnoConvertible, CustomStringConvertible, Sendable {
         case .notFound: return ENOENT
         case .alreadyExists: return EEXIST
         case .closed: return ESHUTDOWN
+        case .checksum: return EIO
         }
     }
 
@@ -96,6 +99,15 @@ func wrapIO<T>(_ path: String?, _ body: () throws -> T) throws -> T {
         default: break
         }
         throw VImageError(.io, path: path, offset: error.offset, message: "I/O error", cause: error)
+    } catch let mismatch as ChecksumMismatch {
+        // Data mismatches are reported where the data is read; one that gets here is a metadata block.
+        throw VImageError(
+            .corrupt,
+            path: path,
+            offset: mismatch.hostOffset,
+            message:
+                "image is corrupt: metadata block at 0x\(String(mismatch.hostOffset, radix: 16)) fails its checksum; run 'vimg check'"
+        )
     } catch {
         throw VImageError(.io, path: path, message: "I/O error: \(error)")
     }

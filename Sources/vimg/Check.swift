@@ -15,6 +15,11 @@ extension Vimg {
                 -r leaks frees leaked clusters. -r all also drops references that cannot be trusted and
                 rebuilds every refcount from the references; it clears the corrupt and dirty bits.
                 --dry-run prints what -r would do and changes nothing.
+
+                With checksums (-o checksums=on) the check also verifies every metadata block. --repair-from OTHER
+                first scrubs the data and rewrites each block that fails its checksum from OTHER (a replica or
+                backup of the same disk, any format) when OTHER's copy matches the checksum; blocks it cannot
+                repair are listed and the exit code is 2.
                 """
         )
 
@@ -25,6 +30,9 @@ extension Vimg {
 
         @Flag(help: "With -r: print the repair plan, change nothing.")
         var dryRun = false
+
+        @Option(help: "Rewrite blocks that fail their checksum from this image of the same disk.")
+        var repairFrom: String?
 
         @Argument(help: "The image file.")
         var file: String
@@ -41,6 +49,10 @@ extension Vimg {
                         path: file,
                         message: "qcow2 images are read-only in vdisk; repair them with 'qemu-img check -r'"
                     )
+                }
+                var unrepaired = 0
+                if let repairFrom {
+                    unrepaired = try repairBlocks(from: repairFrom)
                 }
                 if kind == .qcow2 {
                     report = try ImageFormats.check(path: file)
@@ -97,13 +109,51 @@ extension Vimg {
                 } else {
                     printHuman(report)
                 }
-                code = report.exitCode
+                code = report.exitCode == 0 && unrepaired > 0 ? 2 : report.exitCode
             }
             if code != 0 { throw ExitCode(code) }
         }
 
         func validate() throws {
             if dryRun && repair == nil { throw ValidationError("--dry-run goes with -r leaks or -r all") }
+            if dryRun && repairFrom != nil { throw ValidationError("--dry-run does not go with --repair-from") }
+        }
+
+        /// Scrubs the image and rewrites bad data blocks from `other`; returns the blocks left bad.
+        func repairBlocks(from other: String) throws -> Int {
+            let image = try ImageFormats.openVImage(path: file, readOnly: false)
+            defer { try? image.close() }
+            guard image.hasChecksums else {
+                throw VImageError(
+                    .unsupportedFeature,
+                    path: file,
+                    message: "--repair-from needs an image with checksums"
+                )
+            }
+            let source = try ImageFormats.open(path: other, readOnly: true)
+            defer { try? source.close() }
+            guard source.size == image.size else {
+                throw VImageError(
+                    .invalidArgument,
+                    path: other,
+                    message: "the image to repair from is \(source.size) bytes, not \(image.size): not the same disk"
+                )
+            }
+            let scrub = try image.scrub()
+            let results = try image.repair(scrub.findings, from: source)
+            try image.close()
+            var left = 0
+            for result in results {
+                let what = Scrub.describe(result.finding)
+                if let failure = result.failure {
+                    left += 1
+                    if output.format == .human { print("Cannot repair: \(what): \(failure)") }
+                } else if output.format == .human {
+                    print("Repaired from \(other): \(what)")
+                }
+            }
+            if output.format == .human && !results.isEmpty { print("") }
+            return left
         }
 
         func printHuman(_ r: CheckReport) {

@@ -3,24 +3,39 @@ import BlockIO
 import ImageFormats
 import VImage
 
-/// Parses `-o` format options: `cluster_size=SIZE` (others are refused by name).
-func parseFormatOptions(_ options: [String], format: ImageFormats.Format) throws -> Int? {
+/// `-o` format options of create and convert.
+struct FormatOptions {
     var clusterBits: Int? = nil
-    for item in options.flatMap({ $0.split(separator: ",") }) {
-        let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
-        guard parts.count == 2, parts[0] == "cluster_size" else {
-            throw ValidationError("unknown option '\(item)' (supported: cluster_size=SIZE)")
+    /// End-to-end checksums (VIMG only).
+    var checksums = false
+
+    static let supported = "cluster_size=SIZE, checksums=on|off"
+
+    /// Parses `-o` items (comma separated; others are refused by name).
+    init(_ options: [String], format: ImageFormats.Format) throws {
+        for item in options.flatMap({ $0.split(separator: ",") }) {
+            let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
+            switch (parts.first, parts.count) {
+            case ("cluster_size", 2):
+                let value = try parseSize(parts[1], what: "cluster size")
+                let minimum: UInt64 = format == .qcow2 ? 512 : 4096
+                guard value.nonzeroBitCount == 1, value >= minimum, value <= 2 << 20 else {
+                    throw ValidationError(
+                        "cluster_size must be a power of two from \(minimum == 512 ? "512" : "4K") to 2M for \(format.rawValue)"
+                    )
+                }
+                clusterBits = value.trailingZeroBitCount
+            case ("checksums", 2):
+                guard ["on", "off"].contains(parts[1]) else { throw ValidationError("checksums must be on or off") }
+                guard format == .vimg || parts[1] == "off" else {
+                    throw ValidationError("checksums are a VIMG feature (not available for \(format.rawValue))")
+                }
+                checksums = parts[1] == "on"
+            default:
+                throw ValidationError("unknown option '\(item)' (supported: \(Self.supported))")
+            }
         }
-        let value = try parseSize(parts[1], what: "cluster size")
-        let minimum: UInt64 = format == .qcow2 ? 512 : 4096
-        guard value.nonzeroBitCount == 1, value >= minimum, value <= 2 << 20 else {
-            throw ValidationError(
-                "cluster_size must be a power of two from \(minimum == 512 ? "512" : "4K") to 2M for \(format.rawValue)"
-            )
-        }
-        clusterBits = value.trailingZeroBitCount
     }
-    return clusterBits
 }
 
 /// The progress bar, shared with the converter's worker threads (which call it serialized).
@@ -56,7 +71,7 @@ extension Vimg {
         var progress = false
         @Option(name: .customShort("S"), help: "Minimum run of zero bytes to leave sparse (default 4K; 0 disables).")
         var sparseSize: String = "4096"
-        @Option(name: .customShort("o"), help: "Output format options: cluster_size=SIZE.")
+        @Option(name: .customShort("o"), help: "Output format options: cluster_size=SIZE, checksums=on (VIMG).")
         var options: [String] = []
         @Option(name: .customShort("l"), help: "Convert this internal snapshot (name or id) of the source.")
         var snapshot: String?
@@ -109,7 +124,9 @@ extension Vimg {
                 opts.outputFormat = try formatNamed(outputFormat)!
                 opts.compress = compress
                 opts.sparseSize = try parseSize(sparseSize, what: "sparse size")
-                opts.clusterBits = try parseFormatOptions(options, format: opts.outputFormat)
+                let formatOptions = try FormatOptions(options, format: opts.outputFormat)
+                opts.clusterBits = formatOptions.clusterBits
+                opts.checksums = formatOptions.checksums
                 opts.snapshot = snapshot
                 opts.backingFile = backing
                 opts.backingFormat = try formatNamed(backingFormat)

@@ -15,6 +15,7 @@ extension Vimg {
                 Examples:
                   vimg create disk.vimg 10G
                   vimg create -o cluster_size=4096 small.vimg 512M
+                  vimg create -o checksums=on safe.vimg 10G
                   vimg create -f raw disk.raw 1G
                   vimg create -b base.vimg -F vimg child.vimg
                 """
@@ -23,7 +24,7 @@ extension Vimg {
         @Option(name: .short, help: "Image format: vimg or raw.")
         var format: String = "vimg"
 
-        @Option(name: .short, help: "Format options, comma separated: cluster_size=SIZE.")
+        @Option(name: .short, help: "Format options, comma separated: cluster_size=SIZE, checksums=on.")
         var options: [String] = []
 
         @Option(name: .short, help: "Backing file: the new image is a clone over it.")
@@ -51,18 +52,8 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                var clusterBits = 16
-                for item in options.flatMap({ $0.split(separator: ",") }) {
-                    let parts = item.split(separator: "=", maxSplits: 1).map(String.init)
-                    guard parts.count == 2, parts[0] == "cluster_size" else {
-                        throw ValidationError("unknown option '\(item)' (supported: cluster_size=SIZE)")
-                    }
-                    let value = try parseSize(parts[1], what: "cluster size")
-                    guard value.nonzeroBitCount == 1, value >= 4096, value <= 2 << 20 else {
-                        throw ValidationError("cluster_size must be a power of two from 4K to 2M")
-                    }
-                    clusterBits = value.trailingZeroBitCount
-                }
+                let formatOptions = try FormatOptions(options, format: format == "raw" ? .raw : .vimg)
+                let clusterBits = formatOptions.clusterBits ?? 16
                 var virtualSize: UInt64
                 if let size {
                     virtualSize = try parseSize(size)
@@ -99,13 +90,19 @@ extension Vimg {
                     try VImage.create(
                         path: file,
                         virtualSize: virtualSize,
-                        options: .init(clusterBits: clusterBits, backingFile: backing, backingFormat: backingFormat)
+                        options: .init(
+                            clusterBits: clusterBits,
+                            backingFile: backing,
+                            backingFormat: backingFormat,
+                            checksums: formatOptions.checksums
+                        )
                     )
                     virtualSize = (virtualSize + 511) & ~511
                 }
                 if !quiet {
                     var line = "Formatting '\(file)', fmt=\(format)"
                     if format == "vimg" { line += " cluster_size=\(1 << clusterBits)" }
+                    if formatOptions.checksums { line += " checksums=on" }
                     if let backing { line += " backing_file=\(backing)" }
                     if let backingFormat { line += " backing_fmt=\(backingFormat)" }
                     print(line + " size=\(virtualSize)")

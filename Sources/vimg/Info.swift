@@ -74,6 +74,7 @@ extension Vimg {
                     "    snapshots: \(h.snapshotCount)",
                     "    dirty: \(dirty ? "yes (not closed cleanly; 'vimg check' reports leaked space)" : "no")",
                     "    corrupt: \(corrupt ? "yes (writes refused until 'vimg check -r all')" : "no")",
+                    "    checksums: \(h.incompatibleFeatures.contains(.checksums) ? "crc32c per 4 KiB block (verified on every read; 'vimg scrub' reads all)" : "no")",
                 ]
                 if !bitmaps.isEmpty {
                     lines.append("    bitmaps:")
@@ -103,6 +104,7 @@ extension Vimg {
                                     ("version", .uint(UInt64(h.version))),
                                     ("refcount-bits", .uint(1 << UInt64(h.refcountOrder))),
                                     ("snapshots", .uint(UInt64(h.snapshotCount))), ("corrupt", .bool(corrupt)),
+                                    ("checksums", .bool(h.incompatibleFeatures.contains(.checksums))),
                                     ("incompatible-features", .uint(h.incompatibleFeatures.rawValue)),
                                     ("compatible-features", .uint(h.compatibleFeatures)),
                                     ("autoclear-features", .uint(h.autoclearFeatures)),

@@ -35,7 +35,7 @@ extension Vimg {
         func run() throws {
             try runReportingErrors {
                 let kind = try formatNamed(outputFormat)!
-                let bits = try parseFormatOptions(options, format: kind)
+                let bits = try FormatOptions(options, format: kind).clusterBits
                 var source: (any BlockDevice)? = nil
                 if let file {
                     source = try ImageFormats.open(

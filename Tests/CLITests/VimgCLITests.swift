@@ -44,6 +44,7 @@ import VImageTestSupport
                         snapshots: 0
                         dirty: no
                         corrupt: no
+                        checksums: no
 
                     """
             )

@@ -65,12 +65,12 @@ import VImageTestSupport
             refcountTableClusters: 1
         )
         h.featureNames = FeatureName.all + [FeatureName(kind: .incompatible, bit: 9, name: "future thing")]
-        h.incompatibleFeatures = IncompatibleFeatures(rawValue: 1 << 3 | 1 << 9 | 1 << 12)
+        h.incompatibleFeatures = IncompatibleFeatures(rawValue: 1 << 2 | 1 << 9 | 1 << 12)
         #expect {
             try ImageHeader.decode(h.encode() + [UInt8](repeating: 0, count: 64))
         } throws: { error in
             let message = (error as? VImageError)?.message ?? ""
-            return (error as? VImageError)?.code == .unsupportedFeature && message.contains("bit 3 (checksums)")
+            return (error as? VImageError)?.code == .unsupportedFeature && message.contains("bit 2 (journal)")
                 && message.contains("bit 9 (future thing)") && message.contains("bit 12")
         }
     }
