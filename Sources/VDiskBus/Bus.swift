@@ -34,7 +34,10 @@ import Glibc
 
 /// Exports plugged disks over NBD (the bus's NBD server).
 public protocol BusExporter: Sendable {
-    func add(name: String, device: any BlockDevice, readOnly: Bool) throws
+    /// Adds an export of `device` with the metadata contexts `offer` asks for; returns their names (besides
+    /// `base:allocation`).
+    /// - Throws: if the export cannot be added, or a context cannot be made (a diff of unknown snapshots).
+    func add(name: String, device: any BlockDevice, readOnly: Bool, offer: ExportOffer) throws -> [String]
     func remove(name: String)
     /// The URI of an export, e.g. `nbd+unix:///NAME?socket=/run/vdisk/nbd.sock`.
     func uri(for name: String) -> String
@@ -42,6 +45,39 @@ public protocol BusExporter: Sendable {
     var socketPath: String { get }
     /// A socket connected to export `name` and past the NBD handshake, for the kernel's NBD driver.
     func negotiatedSocket(for name: String) throws -> NegotiatedSocket
+}
+
+/// What a disk's export offers backup clients besides `base:allocation` (docs/BUS.md, "Changed blocks"):
+/// the bus decides, the exporter turns it into NBD metadata contexts.
+public struct ExportOffer: Sendable {
+    /// The backend device under the I/O counters: its backing chain answers `qemu:allocation-depth`.
+    public var backend: any BlockDevice
+    /// The VIMG image whose bitmaps and snapshot diffs are offered (nil for other backends).
+    public var image: VImage?
+    /// Its bitmaps to offer as `qemu:dirty-bitmap:NAME`.
+    public var bitmaps: [String]
+    /// `FROM..TO` snapshot diffs to offer as `qemu:dirty-bitmap:FROM..TO`.
+    public var snapshotDiffs: [String]
+    /// Whether the exported state can change while plugged (a diff ending at it would go stale).
+    public var writable: Bool
+    /// The source, for messages.
+    public var source: String
+
+    public init(
+        backend: any BlockDevice,
+        image: VImage?,
+        bitmaps: [String],
+        snapshotDiffs: [String],
+        writable: Bool,
+        source: String
+    ) {
+        self.backend = backend
+        self.image = image
+        self.bitmaps = bitmaps
+        self.snapshotDiffs = snapshotDiffs
+        self.writable = writable
+        self.source = source
+    }
 }
 
 /// A connection to one of the bus's exports, negotiated and ready for transmission.
@@ -68,6 +104,8 @@ final class PluggedDisk: @unchecked Sendable {
     var devicePath: String?
     var fuse: FUSEExport?
     var exported = false
+    /// The metadata contexts its export offers besides base:allocation.
+    var metaContexts: [String] = []
     /// For /dev/nbdN: N and the backend identifier the kernel holds for it.
     var nbd: (index: UInt32, backend: String)?
 
@@ -165,6 +203,7 @@ public final class Bus: Sendable {
             overlay: disk.request.overlay,
             snapshot: disk.request.snapshot,
             nbdURI: disk.exported ? exporter?.uri(for: disk.name) : nil,
+            metaContexts: disk.exported ? disk.metaContexts : nil,
             counters: disk.counting.snapshot,
             connection: disk.backend.owned.lazy.compactMap { ($0 as? any ConnectionStatusReporting)?.connectionStatus }
                 .first
@@ -250,7 +289,12 @@ public final class Bus: Sendable {
     /// Attaches the front ends, bottom up. On failure the caller undoes what was done with `detach`.
     private func attach(_ disk: PluggedDisk, reattach: (index: UInt32, backend: String)?) throws {
         if let exporter {
-            try exporter.add(name: disk.name, device: disk.counting, readOnly: disk.readOnly)
+            disk.metaContexts = try exporter.add(
+                name: disk.name,
+                device: disk.counting,
+                readOnly: disk.readOnly,
+                offer: exportOffer(disk)
+            )
             disk.exported = true
         }
         var kind = disk.request.device
@@ -311,6 +355,31 @@ public final class Bus: Sendable {
                 partitionScan: true
             )
         }
+    }
+
+    /// What a disk's export offers: every consistent bitmap of a VIMG image plugged as itself (a snapshot's
+    /// export shows another state than the bitmaps describe, and an overlay has none), the snapshot diffs
+    /// the plug asked for, and the allocation depth of every disk.
+    private func exportOffer(_ disk: PluggedDisk) -> ExportOffer {
+        let image = disk.backend.image
+        var bitmaps: [String] = []
+        if let image, disk.request.snapshot == nil {
+            for bitmap in image.bitmapList {
+                if bitmap.consistent {
+                    bitmaps.append(bitmap.name)
+                } else {
+                    log("plug \(disk.name): bitmap '\(bitmap.name)' is inconsistent (not closed cleanly); not exported")
+                }
+            }
+        }
+        return ExportOffer(
+            backend: disk.backend.device,
+            image: image,
+            bitmaps: bitmaps,
+            snapshotDiffs: disk.request.bitmapFromSnapshots ?? [],
+            writable: !disk.readOnly,
+            source: disk.backend.source
+        )
     }
 
     /// Tears the front ends down, top down, and returns what failed (nothing is skipped because of it).

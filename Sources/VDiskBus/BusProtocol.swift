@@ -43,6 +43,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     /// For a remote export: how long I/O waits for a server that went away before failing with EIO, in
     /// seconds; nil for the default (`NBDReconnectPolicy.defaultTimeout`).
     public var reconnectTimeout: Double?
+    /// Snapshot diffs (`FROM..TO`) the export offers as `qemu:dirty-bitmap:FROM..TO` (VIMG images only).
+    public var bitmapFromSnapshots: [String]?
     /// The reconnect timeouts accepted (a day at most: waiting must end).
     public static let reconnectTimeoutRange = 0.0...86400.0
 
@@ -55,7 +57,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         snapshot: String? = nil,
         overlay: Bool = false,
         device: DeviceKind = .auto,
-        reconnectTimeout: Double? = nil
+        reconnectTimeout: Double? = nil,
+        bitmapFromSnapshots: [String]? = nil
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -66,6 +69,7 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.overlay = overlay
         self.device = device
         self.reconnectTimeout = reconnectTimeout
+        self.bitmapFromSnapshots = bitmapFromSnapshots
     }
 }
 
@@ -98,6 +102,9 @@ public struct DiskInfo: Codable, Sendable, Hashable {
     public var snapshot: String?
     /// The NBD URI that reaches this disk through the bus.
     public var nbdURI: String?
+    /// The NBD metadata contexts that export offers besides `base:allocation` (`qemu:allocation-depth`,
+    /// `qemu:dirty-bitmap:NAME` for each bitmap and snapshot diff).
+    public var metaContexts: [String]?
     public var counters: IOCounters
     /// For a remote export: connected, reconnecting or failed, since when, and why.
     public var connection: ConnectionStatus?

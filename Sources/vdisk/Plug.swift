@@ -77,6 +77,10 @@ extension Vdisk {
                   vdisk plug nbd+unix:///disk?socket=/run/other.sock
                   vdisk plug 'nbds://server.example/disk?tls-certificates=/etc/vdisk/client-pki'
 
+                The disk's NBD export on the bus offers qemu:allocation-depth, and for a VIMG image
+                qemu:dirty-bitmap:NAME for each of its consistent dirty bitmaps; --bitmap-from-snapshots
+                FROM..TO adds a snapshot diff (see docs/BUS.md, "Changed blocks").
+
                 An nbds:// or nbds+unix:// URI requires TLS: tls-certificates=DIR names the directory holding
                 ca-cert.pem (and client-cert.pem and client-key.pem if the server asks for a client
                 certificate); tls-verify-peer=false skips checking the server's certificate.
@@ -115,6 +119,15 @@ extension Vdisk {
         )
         var reconnectTimeout: Double?
 
+        @Option(
+            name: .customLong("bitmap-from-snapshots"),
+            help: ArgumentHelp(
+                "Offer what changed from snapshot FROM to TO as qemu:dirty-bitmap:FROM..TO on the disk's NBD export (repeatable).",
+                valueName: "FROM..TO"
+            )
+        )
+        var snapshotRanges: [String] = []
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
@@ -132,6 +145,9 @@ extension Vdisk {
                 guard source?.contains("://") == true else {
                     throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs)")
                 }
+            }
+            for text in snapshotRanges {
+                do { _ = try SnapshotRange(parsing: text) } catch { throw ValidationError("\(error)") }
             }
         }
 
@@ -157,7 +173,8 @@ extension Vdisk {
                     snapshot: snapshot,
                     overlay: overlay,
                     device: device,
-                    reconnectTimeout: reconnectTimeout
+                    reconnectTimeout: reconnectTimeout,
+                    bitmapFromSnapshots: snapshotRanges.isEmpty ? nil : snapshotRanges
                 )
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }

@@ -22,6 +22,12 @@ extension Vdisk {
                 image is also the default export "". VIMG and raw images are opened read-write unless
                 --read-only or --snapshot is given.
 
+                Every export offers the NBD metadata contexts base:allocation and qemu:allocation-depth.
+                --bitmap NAME adds qemu:dirty-bitmap:NAME, a live view of a persistent dirty bitmap (vimg
+                bitmap); --bitmap-from-snapshots FROM..TO adds qemu:dirty-bitmap:FROM..TO, what changed
+                between two snapshots (an empty TO is the exported state), for backup tools that read
+                changed blocks over NBD.
+
                 With --tls=on or --tls=require, clients can upgrade to TLS (NBD_OPT_STARTTLS) with the
                 certificate and key in the --tls-certificates directory (server-cert.pem, server-key.pem);
                 --tls=require refuses clients that do not, and --tls-verify-peer also demands a client
@@ -52,6 +58,24 @@ extension Vdisk {
 
         @Option(help: ArgumentHelp("Export this internal snapshot of each VIMG image (read-only).", valueName: "name"))
         var snapshot: String?
+
+        @Option(
+            name: .customLong("bitmap"),
+            help: ArgumentHelp(
+                "Offer this dirty bitmap of each image as qemu:dirty-bitmap:NAME (repeatable).",
+                valueName: "name"
+            )
+        )
+        var bitmaps: [String] = []
+
+        @Option(
+            name: .customLong("bitmap-from-snapshots"),
+            help: ArgumentHelp(
+                "Offer what changed from snapshot FROM to TO as qemu:dirty-bitmap:FROM..TO (repeatable).",
+                valueName: "from..to"
+            )
+        )
+        var snapshotRanges: [String] = []
 
         @Option(name: .customLong("export"), help: ArgumentHelp("The export name (one image only).", valueName: "name"))
         var exportName: String?
@@ -119,6 +143,15 @@ extension Vdisk {
             if tlsMode != .off && tlsCertificates == nil {
                 throw ValidationError("--tls=\(tlsMode.rawValue) needs --tls-certificates DIR")
             }
+            if snapshot != nil && !bitmaps.isEmpty {
+                throw ValidationError(
+                    "--bitmap describes the live disk, not snapshot '\(snapshot!)'; to serve what changed up to "
+                        + "it, use --bitmap-from-snapshots FROM..\(snapshot!)"
+                )
+            }
+            for text in snapshotRanges {
+                do { _ = try SnapshotRange(parsing: text) } catch { throw ValidationError("\(error)") }
+            }
             let names = exportNames
             if Set(names).count != names.count {
                 throw ValidationError("two images have the same export name; rename one of them")
@@ -169,7 +202,29 @@ extension Vdisk {
                         printError("vdisk serve: \(path) is qcow2, which vdisk serves read-only")
                     }
                     let device = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
-                    exports.append(NBDExport(name: name, description: path, device: device, readOnly: readOnly))
+                    let contexts: [NBDMetaContext]
+                    do {
+                        contexts = try MetaContexts.make(
+                            device: device,
+                            image: device as? VImage,
+                            bitmaps: bitmaps,
+                            snapshotRanges: try snapshotRanges.map { try SnapshotRange(parsing: $0) },
+                            changing: !readOnly,
+                            path: path
+                        )
+                    } catch {
+                        try? device.close()
+                        throw error
+                    }
+                    exports.append(
+                        NBDExport(
+                            name: name,
+                            description: path,
+                            device: device,
+                            readOnly: readOnly,
+                            metaContexts: contexts
+                        )
+                    )
                 }
             } catch {
                 for export in exports { try? export.device.close() }
@@ -202,11 +257,13 @@ extension Vdisk {
                 throw error
             }
 
+            // The contexts a backup client must ask for by name; base:allocation and depth go unsaid.
+            let bitmapContexts = (bitmaps + snapshotRanges).map { ", qemu:dirty-bitmap:\($0)" }.joined()
             let mode = writable ? "read-write" : "read-only"
             let what =
                 exports.count == 1
-                ? "\(images[0]) as '\(exports[0].name)' (\(mode), \(ByteSize.format(exports[0].device.size)))"
-                : "\(exports.count) images as \(exports.map { "'\($0.name)'" }.joined(separator: ", ")) (\(mode))"
+                ? "\(images[0]) as '\(exports[0].name)' (\(mode), \(ByteSize.format(exports[0].device.size))\(bitmapContexts))"
+                : "\(exports.count) images as \(exports.map { "'\($0.name)'" }.joined(separator: ", ")) (\(mode)\(bitmapContexts))"
             var security = ""
             if let tls {
                 security = tls.mode == .required ? " (TLS required" : " (TLS offered"
