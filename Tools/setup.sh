@@ -15,6 +15,9 @@ packages=(
     nbd-client      # /dev/nbdN front end of vdisk plug, where the kernel has NBD
     openssl         # makes the CA and certificates of the TLS tests (vdisk serve --tls)
     libssl-dev      # TLS in the NBD client (nbds:// sources of vdisk plug)
+    librados-dev librbd-dev  # rbd: images (Sources/CRBD)
+    ceph-mon ceph-osd ceph-common  # the throwaway test cluster of Tools/ceph-cluster.sh, rbd and rados
+    qemu-block-extra  # qemu-img and qemu-nbd reach rbd: images (interop tests, Tools/bench-ceph.sh)
 )
 
 missing=()
