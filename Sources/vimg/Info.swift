@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import ImageFormats
+import RBD
 import VImage
 
 extension Vimg {
@@ -42,8 +43,9 @@ extension Vimg {
         /// Text lines and JSON fields for one image.
         func describe(_ file: String, _ kind: ImageFormats.Format) throws -> (lines: [String], fields: [(String, JSON)])
         {
+            // What the file occupies (an RBD image's usage is the cluster's business: not shown).
             let actual =
-                (try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
+                (RBDSpec.isRBD(file) ? nil : try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
                     defer { try? f.close() }
                     return f.allocatedBytes()
                 } ?? 0
@@ -52,7 +54,7 @@ extension Vimg {
             switch kind {
             case .vimg:
                 let h = try withFile(file) { () -> ImageHeader in
-                    let device = try FileDevice.open(path: file, readOnly: true, lock: .shared)
+                    let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: .shared)
                     defer { try? device.close() }
                     return try ImageHeader.read(from: device, path: file)
                 }
@@ -104,7 +106,7 @@ extension Vimg {
                     )
                 )
             case .raw:
-                let device = try FileDevice.open(path: file, readOnly: true)
+                let device = try ImageFormats.openStorage(path: file, readOnly: true)
                 defer { try? device.close() }
                 lines += [
                     "virtual size: \(ByteSize.format(device.size)) (\(device.size) bytes)",
@@ -115,7 +117,7 @@ extension Vimg {
                     ("actual-size", .uint(actual)), ("dirty-flag", .bool(false)),
                 ]
             case .qcow2:
-                let device = try withFile(file) { try FileDevice.open(path: file, readOnly: true, lock: .shared) }
+                let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: .shared)
                 let image: Qcow2Image
                 do {
                     image = try Qcow2Image(file: device, path: file, backing: nil)

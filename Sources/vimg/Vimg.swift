@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import ImageFormats
+import RBD
 import VImage
 
 #if canImport(Glibc)
@@ -17,7 +18,7 @@ struct Vimg: ParsableCommand {
         version: "0.1.0",
         subcommands: [
             Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self,
-            Resize.self, Compare.self, Convert.self, Measure.self,
+            Resize.self, Compare.self, Convert.self, Measure.self, RBDBreakLock.self,
         ]
     )
 }
@@ -47,6 +48,9 @@ func runReportingErrors(_ body: () throws -> Void) throws {
         printError(error.description)
         throw ExitCode.failure
     } catch let error as ImageFormatError {
+        printError(error.description)
+        throw ExitCode.failure
+    } catch let error as RBDError {
         printError(error.description)
         throw ExitCode.failure
     }
