@@ -4,6 +4,7 @@
 #   Tools/ceph-cluster.sh start DIR    # one monitor + one OSD on 127.0.0.1, pool "rbd"; prints the conf path
 #   Tools/ceph-cluster.sh status DIR   # exit 0 when the pool answers
 #   Tools/ceph-cluster.sh stop DIR     # stops exactly the processes start recorded (DIR/pids), keeps DIR
+#   Tools/ceph-cluster.sh restart DIR  # starts the stopped daemons again on their data (a cluster that came back)
 #   Tools/ceph-cluster.sh pause DIR / resume DIR   # SIGSTOP / SIGCONT the daemons (a cluster that is away)
 #
 # Everything lives in DIR: its own ceph.conf, fsid and keyring (cephx), a monitor on a free port of
@@ -15,7 +16,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 start|stop|status|pause|resume DIR" >&2
+    echo "usage: $0 start|stop|restart|status|pause|resume DIR" >&2
     exit 2
 }
 [ $# -eq 2 ] || usage
@@ -139,14 +140,26 @@ EOF
     spawn osd.0 ceph-osd -i 0
     cephcli 20 osd pool create rbd 32 32 >/dev/null 2>&1
     cephcli 20 osd pool application enable rbd rbd >/dev/null 2>&1
-    # Usable when an object can be written and read back (the OSD is up and its PGs are active).
+    wait_usable "$deadline"
+    echo "$CONF"
+}
+
+# Waits until an object can be written and read back (the OSD is up and its PGs are active).
+wait_usable() {
     until timeout 10 rados --conf "$CONF" -p rbd put ceph-cluster-probe "$CONF" 2>/dev/null &&
         timeout 10 rados --conf "$CONF" -p rbd stat ceph-cluster-probe >/dev/null 2>&1; do
-        [ $SECONDS -lt "$deadline" ] || fail "the pool did not become usable"
+        [ $SECONDS -lt "$1" ] || fail "the pool did not become usable"
         sleep 0.5
     done
     timeout 10 rados --conf "$CONF" -p rbd rm ceph-cluster-probe
-    echo "$CONF"
+}
+
+restart_cluster() {
+    [ -f "$CONF" ] || { echo "ceph-cluster: no cluster in $DIR" >&2; exit 1; }
+    [ ! -f "$PIDS" ] || { echo "ceph-cluster: $DIR is running (stop it first)" >&2; exit 1; }
+    spawn mon.a ceph-mon -i a
+    spawn osd.0 ceph-osd -i 0
+    wait_usable $((SECONDS + ${CEPH_START_TIMEOUT:-120}))
 }
 
 fail() {
@@ -158,6 +171,7 @@ fail() {
 case $command in
 start) start_cluster ;;
 stop) stop_cluster ;;
+restart) restart_cluster ;;
 status)
     [ -f "$PIDS" ] || exit 1
     timeout 15 rados --conf "$CONF" -p rbd ls >/dev/null 2>&1

@@ -145,6 +145,15 @@ public struct RBDSpec: Sendable, Hashable, CustomStringConvertible {
         return copy
     }
 
+    /// The same name with a relative `conf=` path made absolute against `folder` (for a process that runs
+    /// elsewhere, such as the bus).
+    public func resolvingConf(against folder: String) -> RBDSpec {
+        guard let conf, !conf.hasPrefix("/") else { return self }
+        var copy = self
+        copy.conf = folder + (folder.hasSuffix("/") ? "" : "/") + conf
+        return copy
+    }
+
     /// The image `name` in the same pool and namespace, with the same options.
     public func sibling(named name: String) -> RBDSpec {
         var copy = self

@@ -39,6 +39,9 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     /// A throwaway writable layer in RAM over the source, dropped on unplug.
     public var overlay: Bool = false
     public var device: DeviceKind = .auto
+    /// For a remote export: how long I/O waits for a server that went away before failing with EIO, in
+    /// seconds; nil for the default (`NBDReconnectPolicy.defaultTimeout`).
+    public var reconnectTimeout: Double?
 
     public init(
         source: String? = nil,
@@ -48,7 +51,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         readOnly: Bool = false,
         snapshot: String? = nil,
         overlay: Bool = false,
-        device: DeviceKind = .auto
+        device: DeviceKind = .auto,
+        reconnectTimeout: Double? = nil
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -58,6 +62,7 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.snapshot = snapshot
         self.overlay = overlay
         self.device = device
+        self.reconnectTimeout = reconnectTimeout
     }
 }
 

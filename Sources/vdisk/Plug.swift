@@ -2,6 +2,7 @@ import ArgumentParser
 import BlockIO
 import Foundation
 import NBDClient
+import RBD
 import VDiskBus
 
 #if canImport(Glibc)
@@ -79,6 +80,11 @@ extension Vdisk {
                   vdisk plug --overlay base.qcow2
                   vdisk plug nbd+unix:///disk?socket=/run/other.sock
                   vdisk plug 'nbds://server.example/disk?tls-certificates=/etc/vdisk/client-pki'
+                  vdisk plug rbd:pool/disk:conf=/etc/ceph/ceph.conf:id=vdisk
+
+                An rbd: image (qemu's spelling, rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=NAME][:key=SECRET]) may
+                hold a raw disk or a VIMG image; a writer takes its exclusive lock, so the image is plugged
+                on one host at a time (see 'vimg rbd-break-lock' for a host that died). See docs/CEPH.md.
 
                 An nbds:// or nbds+unix:// URI requires TLS: tls-certificates=DIR names the directory holding
                 ca-cert.pem (and client-cert.pem and client-key.pem if the server asks for a client
@@ -86,7 +92,7 @@ extension Vdisk {
                 """
         )
 
-        @Argument(help: "An image (VIMG, raw, qcow2) or an nbd[s]:// / nbd[s]+unix:// URI.")
+        @Argument(help: "An image (VIMG, raw, qcow2), an rbd:POOL/IMAGE, or an nbd[s]:// / nbd[s]+unix:// URI.")
         var source: String?
 
         @Option(help: ArgumentHelp("Plug a RAM disk of this size instead (512M, 4G...).", valueName: "SIZE"))
@@ -110,6 +116,14 @@ extension Vdisk {
         @Option(help: "The kernel device: auto, nbd, loop or none.")
         var device: DeviceKind = .auto
 
+        @Option(
+            help: ArgumentHelp(
+                "For a remote export: how long I/O waits for a server that went away (a restart) before failing with EIO (default 60).",
+                valueName: "SECONDS"
+            )
+        )
+        var reconnectTimeout: Double?
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
@@ -120,6 +134,14 @@ extension Vdisk {
             if let ram, ByteSize.parse(ram) == nil {
                 throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G")
             }
+            if let reconnectTimeout {
+                guard (0...86400).contains(reconnectTimeout) else {
+                    throw ValidationError("--reconnect-timeout must be between 0 and 86400 seconds")
+                }
+                guard source?.contains("://") == true || source.map(RBDSpec.isRBD) == true else {
+                    throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs) and rbd: images")
+                }
+            }
         }
 
         func run() throws {
@@ -127,7 +149,10 @@ extension Vdisk {
                 try bus.ensureBus()
                 var source = self.source
                 // The bus has another working folder: make paths, and a URI's certificates folder, absolute.
-                if let s = source, !s.contains("://") {
+                if let s = source, RBDSpec.isRBD(s) {
+                    source = try RBDSpec(parsing: s).resolvingConf(against: FileManager.default.currentDirectoryPath)
+                        .text
+                } else if let s = source, !s.contains("://") {
                     source = URL(fileURLWithPath: s).standardizedFileURL.path
                 } else if let s = source {
                     source = NBDURI.resolvingCertificatesDirectory(
@@ -143,7 +168,8 @@ extension Vdisk {
                     readOnly: readOnly,
                     snapshot: snapshot,
                     overlay: overlay,
-                    device: device
+                    device: device,
+                    reconnectTimeout: reconnectTimeout
                 )
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }
