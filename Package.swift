@@ -117,7 +117,11 @@ let package = Package(
             name: "ImageFormatsTests",
             dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]
         ),
-        .testTarget(name: "CLITests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
+        .testTarget(name: "RBDTests", dependencies: ["RBD", "BlockIO", "VImageTestSupport"]),
+        .testTarget(
+            name: "CLITests",
+            dependencies: ["VImage", "ImageFormats", "RBD", "BlockIO", "VImageTestSupport"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )
