@@ -101,13 +101,7 @@ public enum ImageConverter {
         unlink(temporary)
         do {
             let sink = try makeSink(path: temporary, size: input.size, options: options, backing: backing)
-            do {
-                try copy(from: input, backing: backing, to: sink, options: options, progress: progress)
-                try sink.finish()
-            } catch {
-                sink.abandon()
-                throw error
-            }
+            try fill(sink, from: input, backing: backing, options: options, progress: progress)
             guard rename(temporary, destination) == 0 else {
                 throw ImageFormatError(
                     .io,
@@ -162,15 +156,26 @@ public enum ImageConverter {
                 try? device.close()
                 throw error
             }
-            do {
-                try copy(from: input, backing: backing, to: sink, options: options, progress: progress)
-                try sink.finish()
-            } catch {
-                sink.abandon()
-                throw error
-            }
+            try fill(sink, from: input, backing: backing, options: options, progress: progress)
         } catch {
             try? RBDDevice.remove(spec)
+            throw error
+        }
+    }
+
+    /// Copies `input` into `sink` and finishes it; on failure the sink is abandoned.
+    private static func fill(
+        _ sink: any ConvertSink,
+        from input: any BlockDevice,
+        backing: (any BlockDevice)?,
+        options: ConvertOptions,
+        progress: (@Sendable (UInt64, UInt64) -> Void)?
+    ) throws {
+        do {
+            try copy(from: input, backing: backing, to: sink, options: options, progress: progress)
+            try sink.finish()
+        } catch {
+            sink.abandon()
             throw error
         }
     }

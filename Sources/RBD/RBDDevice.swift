@@ -331,6 +331,24 @@ public final class RBDDevice: BlockDevice, @unchecked Sendable {
         if let failure { throw failure }
     }
 
+    /// Resizes a raw RBD image (`vimg resize`); shrinking drops the data past the new end.
+    public func resize(to newSize: UInt64) throws {
+        try requireWritable(.truncate)
+        guard newSize <= Self.maxSize else {
+            throw BlockIOError(
+                .outOfRange,
+                operation: .truncate,
+                path: spec.description,
+                message: "size \(newSize) is too large"
+            )
+        }
+        try Self.check(rbd_resize(image, newSize), spec, "cannot resize the image")
+        state.withLock {
+            $0.physical = newSize
+            $0.logical = newSize
+        }
+    }
+
     // MARK: Snapshots
 
     /// Creates an RBD snapshot of the image (the writer's view: earlier completed writes are in it).

@@ -89,7 +89,7 @@ struct CephTests {
     }
 
     /// `vimg` on images in Ceph: create raw and VIMG, convert in and out, compare, info, check, snapshots
-    /// (RBD snapshots on raw images, internal ones on VIMG); qemu's rbd driver reads what we wrote
+    /// (RBD snapshots on raw images, internal ones on VIMG), resize; qemu's rbd driver reads what we wrote
     /// byte for byte, and we read what it wrote.
     @Test func vimgAndQemuOnRBD() throws {
         let dir = TestEnvironment.temporaryDirectory("vdisk-ceph")
@@ -126,6 +126,8 @@ struct CephTests {
         must(vimg, ["compare", raw.at(snapshot: "v1").text, raw.text])
         must(vimg, ["snapshot", "-c", "s1", vimgImage.text])
         #expect(must(vimg, ["snapshot", "-l", vimgImage.text]).stdout.contains("s1"))
+        must(vimg, ["resize", raw.text, "+1M"])
+        #expect(must(vimg, ["info", raw.text]).stdout.contains("(17825792 bytes)"))
         let existing = vi(["create", "-f", "raw", raw.text, "1M"])
         #expect(existing.status == 1 && existing.stderr.contains("already exists"), "\(existing.stderr)")
     }
