@@ -73,6 +73,13 @@ extension Array where Element == Extent {
     }
 }
 
+/// A device whose length can be cut, such as an image file: compaction gives the space past its last
+/// cluster back to the host.
+public protocol TruncatableDevice: BlockDevice {
+    /// Sets the device's length; bytes past it are gone.
+    func truncate(to length: UInt64) throws
+}
+
 /// A synchronous, thread-safe random-access block device.
 ///
 /// Implementations must allow concurrent calls from many threads. Offsets and lengths are in bytes and need

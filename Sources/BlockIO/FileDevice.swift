@@ -291,6 +291,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     }
 }
 
+extension FileDevice: TruncatableDevice {}
+
 /// The canonical absolute path of an existing file (symbolic links and `..` resolved), or nil.
 public func canonicalPath(_ path: String) -> String? {
     guard let resolved = realpath(path, nil) else { return nil }

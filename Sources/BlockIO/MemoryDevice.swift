@@ -6,7 +6,7 @@ import Glibc
 ///
 /// Also serves as the host storage of images in tests (`growable: true`: no size limit, reads past the
 /// written end return zeroes), which is what the fault-injecting device wraps.
-public final class MemoryDevice: BlockDevice, @unchecked Sendable {
+public final class MemoryDevice: TruncatableDevice, @unchecked Sendable {
     public static let chunkSize = 64 * 1024
 
     private let monitor = Monitor()
@@ -117,6 +117,25 @@ public final class MemoryDevice: BlockDevice, @unchecked Sendable {
     }
 
     public func flush() throws {}
+
+    /// Cuts a growable device to `length` bytes (what was past it reads as zeroes if written again).
+    public func truncate(to newLength: UInt64) throws {
+        guard isGrowable else {
+            throw BlockIOError(.readOnly, operation: .truncate, message: "a fixed-size device cannot be truncated")
+        }
+        monitor.withLock {
+            let size = UInt64(Self.chunkSize)
+            for index in Array(chunks.keys) where index * size >= newLength {
+                chunks[index]!.deallocate()
+                chunks[index] = nil
+            }
+            if newLength % size != 0, let chunk = chunks[newLength / size] {
+                let from = Int(newLength % size)
+                (chunk + from).initializeMemory(as: UInt8.self, repeating: 0, count: Self.chunkSize - from)
+            }
+            length = newLength
+        }
+    }
 
     public func extents(at offset: UInt64, count: UInt64) throws -> [Extent] {
         if !isGrowable { try checkRange(offset: offset, count: count, operation: .extents) }

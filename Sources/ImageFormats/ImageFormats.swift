@@ -452,7 +452,7 @@ public enum ImageFormats {
 
     /// What identifies an image in a chain, to catch loops: a file's canonical path, an RBD image's name
     /// without options.
-    static func identity(_ path: String) -> String {
+    public static func identity(_ path: String) -> String {
         if RBDSpec.isRBD(path) { return (try? RBDSpec(parsing: path).description) ?? path }
         return canonicalPath(path) ?? path
     }

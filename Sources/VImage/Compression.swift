@@ -111,11 +111,11 @@ extension VImage {
         record[2] = UInt8((length >> 8) & 0xff)
         record[3] = UInt8(length & 0xff)
         record.replaceSubrange(4..<4 + payload.count, with: payload)
-        try guestWillChange(offset: offset, count: UInt64(cs))
         // Reserve the record's span (and the guest cluster) under the lock, write it outside, then commit.
         let guest = GuestCluster(guestCluster)
         let ready = { (m: Metadata) in m.acceptsRequest(touching: guest...guest) }
         let (descriptor, ticket) = try plan(waitingUntil: ready) { m in
+            try m.guestWillChange(offset: offset, count: UInt64(cs))
             let d = try m.reserveCompressedSpan(bytes: record.count)
             m.inflight.insert(guest)
             return d

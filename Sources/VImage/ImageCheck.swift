@@ -120,6 +120,8 @@ public enum ImageCheck {
         var entryFixes: [(offset: UInt64, value: UInt64)] = []
         /// The snapshot table cannot be trusted: `-r all` drops it.
         var dropSnapshots = false
+        /// The bitmap directory cannot be trusted: `-r all` empties it.
+        var dropBitmapDirectory = false
         /// Clusters of the refcount structure itself (table and blocks).
         var refcountStructure: [UInt64] = []
     }
@@ -131,6 +133,7 @@ public enum ImageCheck {
         try check.countRefcountStructure()
         try check.walkActiveL1()
         try check.walkSnapshots()
+        try check.walkBitmaps()
         try check.findDataOnMetadata()
         try check.compareRefcounts()
         try check.checkCopiedFlags()
@@ -170,6 +173,7 @@ struct CheckRun {
     var l2References: [(entry: UInt64, cluster: UInt64, site: Site)] = []
     var entryFixes: [(offset: UInt64, value: UInt64)] = []
     var dropSnapshots = false
+    var dropBitmapDirectory = false
     var refcountStructure: [UInt64] = []
     var refcountTable: [UInt64] = []
     var blockOffsets: [UInt64?] = []
@@ -233,6 +237,7 @@ struct CheckRun {
             blockOffsets: blockOffsets,
             entryFixes: entryFixes,
             dropSnapshots: dropSnapshots,
+            dropBitmapDirectory: dropBitmapDirectory,
             refcountStructure: refcountStructure
         )
     }
@@ -336,6 +341,82 @@ struct CheckRun {
         } catch let error as VImageError {
             report.add(.corruption, "snapshot-table", error.message, at: offset)
             dropSnapshots = true
+        }
+    }
+
+    /// Step 5: the bitmap directory, each usable bitmap's table, and the bits clusters the tables name
+    /// (docs/FORMAT.md, "Persistent dirty bitmaps"). A directory that cannot be trusted is a corruption
+    /// (`-r all` empties it); an unusable entry is one too, unless it is marked in use (then it is only
+    /// stale, as a crash in the middle of a resize can leave it).
+    mutating func walkBitmaps() throws {
+        guard let data = header.bitmapDirectoryData else { return }
+        func fail(_ message: String) {
+            report.add(.corruption, "bitmap-directory", message)
+            dropBitmapDirectory = true
+        }
+        let pointer: BitmapDirectoryPointer
+        switch BitmapDirectoryPointer.decode(data, clusterSize: g.clusterSize, fileSize: fileSize) {
+        case .success(let p): pointer = p
+        case .failure(let problem): return fail(problem.message)
+        }
+        guard pointer.count > 0 else { return }
+        guard referenceMetadata(pointer.offset.rawValue, bytes: pointer.size, "bitmap directory") else {
+            dropBitmapDirectory = true
+            return
+        }
+        let decoded: [BitmapEntry.Decoded]
+        do {
+            decoded = try BitmapEntry.decode(
+                try host.read(count: Int(pointer.size), at: pointer.offset.rawValue),
+                count: Int(pointer.count),
+                virtualSize: header.virtualSize,
+                clusterSize: g.clusterSize,
+                fileSize: fileSize
+            )
+        } catch let problem as BitmapProblem {
+            return fail(problem.message)
+        }
+        let maintained = header.autoclearFeatures & AutoclearFeatures.bitmaps != 0
+        for d in decoded {
+            let name = d.entry.name
+            if let problem = d.problem {
+                if d.entry.flags.contains(.inUse) {
+                    report.add(
+                        .info,
+                        "bitmap-in-use",
+                        "\(problem.message); it is in use (stale) and can only be removed"
+                    )
+                } else {
+                    fail(problem.message)
+                }
+                continue
+            }
+            let tableOffset = d.entry.tableOffset.rawValue
+            guard referenceMetadata(tableOffset, bytes: UInt64(d.entry.tableSize) * 8, "bitmap '\(name)' table") else {
+                dropBitmapDirectory = true
+                continue
+            }
+            let table = try host.read(count: Int(d.entry.tableSize) * 8, at: tableOffset).withUnsafeBytes {
+                decodeTable($0, as: UInt64.self)
+            }
+            for (i, raw) in table.enumerated() {
+                switch try? BitmapTableEntry(raw: raw) {
+                case .allClean, .allDirty: continue
+                case .stored(let offset):
+                    if !referenceMetadata(offset.rawValue, bytes: cs, "bitmap '\(name)' bits \(i)") {
+                        dropBitmapDirectory = true
+                    }
+                case nil:
+                    fail("bitmap '\(name)' table entry \(i) has reserved bits set (0x\(String(raw, radix: 16)))")
+                }
+            }
+            if d.entry.flags.contains(.inUse) || !maintained {
+                report.add(
+                    .info,
+                    "bitmap-in-use",
+                    "bitmap '\(name)' is inconsistent (\(maintained ? "in use: the image was not closed cleanly" : "changed by a writer that does not keep bitmaps")); it can only be removed"
+                )
+            }
         }
     }
 
@@ -451,7 +532,7 @@ struct CheckRun {
         try host.read(count: Int(cs), at: t.offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
     }
 
-    /// Step 5: tables or data placed on metadata: whatever is written through them overwrites the metadata.
+    /// Step 6: tables or data placed on metadata: whatever is written through them overwrites the metadata.
     mutating func findDataOnMetadata() throws {
         for r in l2References where isMarked(r.cluster, Self.structuralMark) {
             report.add(
@@ -491,7 +572,7 @@ struct CheckRun {
         }
     }
 
-    /// Step 6: the stored refcounts against the references found.
+    /// Step 7: the stored refcounts against the references found.
     mutating func compareRefcounts() throws {
         let perBlock = UInt64(g.refcountBlockEntries)
         stored = [UInt16](repeating: 0, count: Int(fileClusters))
@@ -537,7 +618,7 @@ struct CheckRun {
         }
     }
 
-    /// Step 7: COPIED flags. A COPIED flag promises the cluster has one reference, so writing it in place
+    /// Step 8: COPIED flags. A COPIED flag promises the cluster has one reference, so writing it in place
     /// is safe. A set flag on a shared cluster would let a write change a snapshot: corruption. A clear
     /// flag on an owned cluster only costs a needless copy later (a crash between the refcount and flag
     /// updates of a snapshot operation can leave one), so it is not reported.
@@ -669,6 +750,7 @@ extension ImageCheck {
                     )
                 }
                 if analysis.dropSnapshots { actions.append("drop the snapshot table (it cannot be trusted)") }
+                if analysis.dropBitmapDirectory { actions.append("empty the bitmap directory (it cannot be trusted)") }
                 if round == 0 { actions.append("rebuild all refcounts from the references") }
                 if dryRun { return RepairResult(before: before, actions: actions, after: before) }
                 for (offset, value) in fixes {
@@ -681,6 +763,10 @@ extension ImageCheck {
                     header.snapshotTableOffset = .zero
                     header.snapshotTableSize = 0
                     try host.write(header.encodeFixed(), at: 0)
+                }
+                if analysis.dropBitmapDirectory {
+                    header.setBitmapDirectory(.empty)
+                    try host.write(header.encode(), at: 0)
                 }
                 try host.flush()
                 var scratch = CheckReport()

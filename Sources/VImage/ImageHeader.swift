@@ -28,6 +28,14 @@ public struct IncompatibleFeatures: OptionSet, Sendable, Hashable {
     public static let known: IncompatibleFeatures = [.dirty, .corrupt]
 }
 
+/// Autoclear feature bits: a writer that does not maintain a set bit's data clears it.
+public enum AutoclearFeatures {
+    /// The persistent dirty bitmaps were maintained by the last writer.
+    public static let bitmaps: UInt64 = 1 << 0
+    /// The bits this implementation maintains (kept when it writes metadata).
+    public static let maintained: UInt64 = bitmaps
+}
+
 /// A header extension, kept as raw bytes so unknown types survive a header rewrite.
 public struct HeaderExtension: Sendable, Hashable {
     public var type: UInt32
@@ -35,6 +43,7 @@ public struct HeaderExtension: Sendable, Hashable {
 
     public static let backingFileName: UInt32 = 1
     public static let backingFileFormat: UInt32 = 2
+    public static let bitmapDirectory: UInt32 = 3
     public static let featureNameTable: UInt32 = 6
     public static let imageUUID: UInt32 = 7
 
@@ -50,6 +59,8 @@ public struct ImageHeader: Sendable, Hashable {
     public static let magic: UInt32 = 0x5649_4D47
     public static let currentVersion: UInt32 = 1
     public static let fixedSize = 96
+    /// The fixed header and the bitmap directory extension record when it comes first (bytes 0 - 127).
+    public static let headerSectorBytes = 128
 
     // Limits a reader enforces (docs/FORMAT.md, "Limits").
     public static let minClusterBits: UInt32 = 12

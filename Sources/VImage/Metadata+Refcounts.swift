@@ -81,7 +81,38 @@ extension Metadata {
         }
         block.entries[index] -= 1
         block.isDirty = true
-        if block.entries[index] == 0 { freeHint = min(freeHint, cluster) }
+        if block.entries[index] == 0 {
+            freeHint = min(freeHint, cluster)
+            // Every decrement to zero happens once the references are durably gone (the engine's write
+            // order), so the cluster's bytes are no longer needed by anything on disk.
+            if discardPolicy == .punch { punchQueue.append(cluster) }
+        }
+    }
+
+    /// Punches the clusters freed since the last call out of the file, in runs. Runs before any allocation,
+    /// so a cluster is punched before it can be reused, never after new data is in it.
+    mutating func punchFreedClusters() throws {
+        guard !punchQueue.isEmpty else { return }
+        let clusters = punchQueue.sorted()
+        punchQueue.removeAll()
+        var start = clusters[0]
+        var end = start + 1
+        for c in clusters.dropFirst() where c != end - 1 {
+            if c == end {
+                end = c + 1
+                continue
+            }
+            try punch(start..<end)
+            start = c
+            end = c + 1
+        }
+        try punch(start..<end)
+    }
+
+    private func punch(_ run: Range<HostCluster>) throws {
+        let offset = geometry.offset(of: run.lowerBound).rawValue
+        let end = min(host.size, geometry.offset(of: run.upperBound).rawValue)
+        if end > offset { try host.discard(at: offset, count: end - offset) }
     }
 
     /// Host clusters a compressed record's span touches.
@@ -113,6 +144,7 @@ extension Metadata {
     /// Allocates one host cluster with refcount one. Prefers `after + 1` (to keep runs contiguous), then
     /// the lowest free cluster, then the end of the file.
     mutating func allocateCluster(after previous: HostCluster? = nil) throws -> HostCluster {
+        try punchFreedClusters()
         if let previous, previous + 1 < hostEnd, try refcount(previous + 1) == 0 {
             try incrementRefcount(previous + 1)
             return previous + 1
@@ -144,6 +176,7 @@ extension Metadata {
     /// Allocates the cluster at `hostEnd`, first creating the refcount block (and growing the refcount
     /// table) that covers it. A new block sits at the first free cluster of its own range, so it counts itself.
     mutating func allocateAtEnd() throws -> HostCluster {
+        try punchFreedClusters()
         let perBlock = UInt64(refcountsPerBlock)
         while true {
             let cluster = hostEnd
@@ -173,9 +206,15 @@ extension Metadata {
         }
     }
 
-    /// Allocates `count` contiguous clusters at the end of the file.
+    /// Allocates `count` contiguous clusters: the lowest free run inside the file, else at its end.
     mutating func allocateRun(_ count: UInt64) throws -> HostCluster {
         guard count > 0 else { return HostCluster(0) }
+        try punchFreedClusters()
+        var cursor = freeHint
+        if let start = try lowestFreeRun(count, from: &cursor, below: hostEnd) {
+            for i in 0..<count { try setRefcount(start + i, 1) }
+            return start
+        }
         while true {
             let first = try allocateAtEnd()
             var last = first

@@ -38,6 +38,7 @@ extension Metadata {
         }
         try host.flush()  // guest data and everything above durable: the flush's promise
         try applyDurableFrees()
+        try punchFreedClusters()
     }
 
     /// Counts down the references whose drop is durable (everything queued before the last sync) and

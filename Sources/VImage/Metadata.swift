@@ -91,6 +91,23 @@ struct Metadata {
     /// The snapshot table, decoded.
     var snapshots: [SnapshotEntry] = []
 
+    // MARK: Dirty bitmaps (Bitmaps.swift)
+
+    /// Whether this writer keeps bitmaps (false emulates a writer that predates them, for tests).
+    let maintainsBitmaps: Bool
+    let discardPolicy: VImage.DiscardPolicy
+    /// Clusters whose refcount dropped to zero, to punch out of the file before any allocation.
+    var punchQueue: [HostCluster] = []
+    var bitmaps: [DirtyBitmap] = []
+    /// The bitmap directory on disk, when the image has a usable one.
+    var bitmapDirectory: BitmapDirectoryPointer? = nil
+    /// Why the bitmap directory on disk cannot be used (it is then ignored).
+    var bitmapDirectoryProblem: String? = nil
+    /// The enabled bitmaps were marked in use on disk in this session.
+    var bitmapsMarkedInUse = false
+    /// Clusters of removed bitmaps, freed at the next directory switch.
+    var replacedBitmapClusters: [HostCluster] = []
+
     init(
         host: any BlockDevice,
         path: String?,
@@ -114,6 +131,8 @@ struct Metadata {
         self.refcountsPerBlock = format.refcounts.entriesPerBlock(clusterSize: header.clusterSize)
         self.isReadOnly = readOnly
         self.hasBacking = hasBacking
+        self.maintainsBitmaps = options.maintainsBitmaps
+        self.discardPolicy = options.discard
         self.leftDirty = header.incompatibleFeatures.contains(.dirty)
         self.dirtyBitOnDisk = header.incompatibleFeatures.contains(.dirty)
         self.gate = gate
@@ -152,7 +171,7 @@ struct Metadata {
     mutating func corruption(_ message: String, offset: UInt64? = nil) -> VImageError {
         if !isReadOnly && !header.incompatibleFeatures.contains(.corrupt) {
             header.incompatibleFeatures.insert(.corrupt)
-            try? host.write(format.encodeFixedHeader(header), at: 0)
+            try? writeFixedHeader()
             try? host.flush()
         }
         return VImageError(
@@ -163,19 +182,27 @@ struct Metadata {
         )
     }
 
+    /// The autoclear bits this writer keeps when it writes metadata.
+    var keptAutoclearBits: UInt64 { maintainsBitmaps ? AutoclearFeatures.maintained : 0 }
+
     /// Sets the dirty bit durably before the first metadata write of this session (format rule 4), and
     /// clears autoclear bits this build does not maintain.
     mutating func setDirtyBit() throws {
-        guard !dirtyBitOnDisk || header.autoclearFeatures != 0 else { return }
+        guard !dirtyBitOnDisk || header.autoclearFeatures & ~keptAutoclearBits != 0 else { return }
         header.incompatibleFeatures.insert(.dirty)
-        header.autoclearFeatures = 0
-        try host.write(format.encodeFixedHeader(header), at: 0)
+        header.autoclearFeatures &= keptAutoclearBits
+        try writeFixedHeader()
         try host.flush()
         dirtyBitOnDisk = true
     }
 
-    /// Writes the fixed header fields in place (one write inside the first sector).
+    /// Writes the fixed header fields in place, with the bitmap directory extension when it is the first
+    /// extension: one write inside the first sector (docs/FORMAT.md, "Bitmap directory extension").
     func writeFixedHeader() throws {
-        try host.write(format.encodeFixedHeader(header), at: 0)
+        if header.bitmapDirectoryIsFirst {
+            try host.write(Array(format.encodeHeader(header).prefix(ImageHeader.headerSectorBytes)), at: 0)
+        } else {
+            try host.write(format.encodeFixedHeader(header), at: 0)
+        }
     }
 }

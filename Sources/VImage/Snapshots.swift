@@ -150,6 +150,13 @@ extension Metadata {
             throw VImageError(.notFound, path: path, message: "snapshot '\(name)' not found")
         }
         var newL1 = try readSnapshotL1(target)
+        // The disk's content changes wherever the snapshot's mapping differs: bitmaps record it.
+        if !bitmaps.isEmpty && maintainsBitmaps {
+            try markBitmapsInUse()
+            for e in try changedExtents(from: l1, to: newL1, size: max(header.virtualSize, target.virtualSize)) {
+                for i in bitmaps.indices where bitmaps[i].enabled { bitmaps[i].mark(offset: e.offset, count: e.length) }
+            }
+        }
         for raw in newL1 {
             if let table = L1Entry(rawValue: raw).l2Table {
                 try incrementRefcount(geometry.cluster(containing: table))
@@ -167,8 +174,7 @@ extension Metadata {
             try host.flush()
             if header.virtualSize != target.virtualSize {
                 header.virtualSize = target.virtualSize
-                try writeFixedHeader()
-                try host.flush()
+                try commitSizeChange()
             }
         } else {
             let start = try allocateRun(max(1, newClusters))
@@ -185,8 +191,7 @@ extension Metadata {
             header.l1TableOffset = geometry.offset(of: start)
             header.l1Size = UInt32(newL1.count)
             header.virtualSize = target.virtualSize
-            try writeFixedHeader()
-            try host.flush()
+            try commitSizeChange()
             for c in 0..<max(1, oldClusters) { try decrementRefcount(geometry.cluster(containing: oldOffset) + c) }
         }
         l1 = newL1
@@ -205,7 +210,7 @@ extension Metadata {
     }
 
     /// Writes a new snapshot table, syncs, switches the header to it, syncs, and frees the old table.
-    private mutating func switchSnapshotTable(
+    mutating func switchSnapshotTable(
         to entries: [SnapshotEntry],
         beforeSwitch: (inout Metadata) throws -> Void
     ) throws {

@@ -10,8 +10,9 @@
 // A run never crosses an L2 table, so a plan touches one table. Plans are made under the engine lock and
 // counted in the I/O gate until their host I/O completes (IOGate.swift); the I/O itself runs unlocked.
 //
-// Every change of guest content passes `guestWillChange` first: the one hook where tracking of written
-// ranges belongs (dirty bitmaps), whatever the request (write, write-zeroes, discard, compressed write).
+// Every change of guest content passes `Metadata.guestWillChange` while its request is planned: the one
+// hook where tracking of written ranges lives (dirty bitmaps, Bitmaps.swift), whatever the request
+// (write, write-zeroes, discard, compressed write).
 
 import BlockIO
 
@@ -135,7 +136,6 @@ extension VImage {
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
         try checkWritable(offset: offset, count: UInt64(buffer.count), operation: .write)
         guard let base = buffer.baseAddress else { return }
-        try guestWillChange(offset: offset, count: UInt64(buffer.count))
         var done = 0
         while done < buffer.count {
             let position = offset + UInt64(done)
@@ -144,7 +144,8 @@ extension VImage {
             // cluster must not both fill it from the old content.
             let ready = { (m: Metadata) in m.acceptsRequest(touching: first...first) }
             let (plan, ticket) = try plan(waitingUntil: ready) { m in
-                try m.planWrite(at: position, count: buffer.count - done)
+                if done == 0 { try m.guestWillChange(offset: offset, count: UInt64(buffer.count)) }
+                return try m.planWrite(at: position, count: buffer.count - done)
             }
             let chunk = UnsafeRawBufferPointer(start: base + done, count: plan.length)
             try execute(plan, ticket: ticket, data: chunk, at: position)
@@ -157,9 +158,6 @@ extension VImage {
         if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
         try checkRange(offset: offset, count: count, operation: operation)
     }
-
-    /// The one place every change of guest content passes before it is planned (see the design notes).
-    func guestWillChange(offset: UInt64, count: UInt64) throws {}
 
     func execute(_ plan: WritePlan, ticket: IOGate.Ticket?, data: UnsafeRawBufferPointer, at offset: UInt64) throws {
         defer { leave(ticket) }
@@ -249,14 +247,36 @@ extension VImage {
 
     public func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
         try checkWritable(offset: offset, count: count, operation: .writeZeroes)
-        try guestWillChange(offset: offset, count: count)
         try zeroRange(offset: offset, count: count, mode: mayUnmap ? .unmap : .keep)
     }
 
     public func discard(at offset: UInt64, count: UInt64) throws {
         try checkWritable(offset: offset, count: count, operation: .discard)
-        try guestWillChange(offset: offset, count: count)
+        guard discardPolicy != .ignore else { return }
         try zeroRange(offset: offset, count: count, mode: .discard)
+    }
+
+    /// Punches a discarded part of one cluster out of the file, when this image owns the cluster (its data
+    /// in a shared, compressed or unallocated cluster is left alone: a discard is advisory). Counted in the
+    /// I/O gate like a write in place, so the cluster cannot be freed and reused under the punch.
+    private func punchPartial(at offset: UInt64, count: UInt64) throws {
+        guard discardPolicy == .punch else { return }
+        var position = offset
+        while position < offset + count {
+            // One cluster at a time: its host cluster's neighbours on disk belong to other guest clusters.
+            let cluster = geometry.guestCluster(containing: position)
+            let piece = min(offset + count, geometry.guestOffset(of: cluster + 1)) - position
+            let at = position
+            let ready = { (m: Metadata) in m.acceptsRequest(touching: cluster...cluster) }
+            let (target, ticket) = try plan(waitingUntil: ready) { m -> HostOffset? in
+                guard case .normal(let host, copied: true) = try m.l2Entry(cluster) else { return nil }
+                try m.guestWillChange(offset: at, count: piece)
+                return HostOffset(host.rawValue + UInt64(geometry.offsetInCluster(at)))
+            }
+            defer { leave(ticket) }
+            if let target { try wrapIO(path) { try host.discard(at: target.rawValue, count: piece) } }
+            position += piece
+        }
     }
 
     enum ZeroMode { case keep, unmap, discard }
@@ -272,12 +292,19 @@ extension VImage {
         // Partial clusters, except where the range ends at the end of the disk.
         let wholeEnd = end == size ? max(alignedStart, (end + cs - 1) / cs * cs) : alignedEnd
         if alignedStart >= wholeEnd {
-            if mode != .discard { try writeZeroBytes(at: offset, count: count) }
+            if mode != .discard {
+                try writeZeroBytes(at: offset, count: count)
+            } else {
+                try punchPartial(at: offset, count: count)
+            }
             return
         }
         if mode != .discard {
             if offset < alignedStart { try writeZeroBytes(at: offset, count: alignedStart - offset) }
             if wholeEnd < end { try writeZeroBytes(at: wholeEnd, count: end - wholeEnd) }
+        } else {
+            if offset < alignedStart { try punchPartial(at: offset, count: alignedStart - offset) }
+            if wholeEnd < end { try punchPartial(at: wholeEnd, count: end - wholeEnd) }
         }
         var cluster = geometry.guestCluster(containing: alignedStart)
         let last = geometry.guestCluster(containing: wholeEnd - 1)
@@ -521,6 +548,10 @@ extension Metadata {
 
     /// Makes whole clusters of one L2 table read as zeroes (or as nothing allocated here), queueing frees.
     mutating func zeroClusters(_ range: ClosedRange<GuestCluster>, mode: VImage.ZeroMode) throws {
+        try guestWillChange(
+            offset: geometry.guestOffset(of: range.lowerBound),
+            count: geometry.guestOffset(of: range.upperBound + 1) - geometry.guestOffset(of: range.lowerBound)
+        )
         let l1Index = geometry.l1Index(of: range.lowerBound)
         let hasTable = L1Entry(rawValue: l1[l1Index]).l2Table != nil
         // No table and no backing: already reads as zeroes and holds nothing.

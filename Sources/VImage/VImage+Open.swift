@@ -116,6 +116,9 @@ extension VImage {
             refcountTableOffset: HostOffset(tableStart * cs),
             refcountTableClusters: UInt32(tableClusters)
         )
+        // The bitmap directory extension first (empty), so that adding bitmaps later switches it with one
+        // write of the first sector; then the informational extensions.
+        header.setBitmapDirectory(.empty)
         header.featureNames = FeatureName.all
         header.uuid = ImageUUID.random()
         if let backingFile = options.backingFile {
@@ -469,6 +472,7 @@ extension VImage {
                 }
             }
             m.hostEnd = end
+            try wrapIO(path) { try m.loadBitmaps(fileSize: fileSize) }
         }
         return image
     }

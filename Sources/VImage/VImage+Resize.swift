@@ -152,6 +152,8 @@ extension Metadata {
     /// Changes the virtual size (the caller has validated and rounded `target`, and drained the gate).
     mutating func resize(to target: UInt64, allowShrink: Bool) throws -> UInt64 {
         try writeBack()
+        try setDirtyBit()  // before the header changes in memory: no header write may carry them early
+        try markBitmapsInUse()
         let old = header.virtualSize
         var dropped: UInt64 = 0
         if target < old {
@@ -186,16 +188,12 @@ extension Metadata {
             header.l1TableOffset = geometry.offset(of: start)
             header.l1Size = UInt32(needed)
             header.virtualSize = target
-            try setDirtyBit()
-            try writeFixedHeader()
-            try host.flush()
+            try commitSizeChange()
             l1 = table
             for c in 0..<oldClusters { try decrementRefcount(geometry.cluster(containing: oldOffset) + c) }
         } else {
             header.virtualSize = target
-            try setDirtyBit()
-            try writeFixedHeader()
-            try host.flush()
+            try commitSizeChange()
         }
         try writeBack()
         return dropped
@@ -232,5 +230,46 @@ extension Metadata {
             cluster = tableLast
         }
         return dropped
+    }
+}
+
+extension VImage {
+    /// Makes every cluster that holds data reading as zeroes a zero cluster, so its storage is freed (and,
+    /// with the `.punch` discard policy, punched out of the file): what `vimg sparsify` does.
+    /// - Returns: the number of clusters made zero.
+    @discardableResult
+    public func sparsify(progress: ((UInt64, UInt64) -> Void)? = nil) throws -> UInt64 {
+        if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
+        let cs = UInt64(geometry.clusterSize)
+        let extents = try mapping(at: 0, count: size).filter {
+            switch $0.kind {
+            case .data, .compressed: return true
+            default: return false
+            }
+        }
+        let total = extents.reduce(0) { $0 + $1.length }
+        var done: UInt64 = 0
+        var zeroed: UInt64 = 0
+        var buffer = [UInt8](repeating: 0, count: Int(cs))
+        for e in extents {
+            var position = e.offset
+            while position < e.offset + e.length {
+                let n = min(cs - position % cs, e.offset + e.length - position)
+                try buffer.withUnsafeMutableBytes {
+                    try read(into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<Int(n)]), at: position)
+                }
+                // Only whole clusters (or the disk's last, partial one) can become zero clusters.
+                let whole = position % cs == 0 && (n == cs || position + n == size)
+                if whole && buffer[0..<Int(n)].allSatisfy({ $0 == 0 }) {
+                    try writeZeroes(at: position, count: n, mayUnmap: true, fast: false)
+                    zeroed += 1
+                }
+                position += n
+                done += n
+                progress?(done, total)
+            }
+        }
+        try flush()
+        return zeroed
     }
 }

@@ -53,10 +53,36 @@ public final class VImage: BlockDevice, Sendable {
         /// 1 TiB of host file at 64 KiB clusters.
         public var refcountCacheBytes: Int = 32 << 20
 
-        public init(l2CacheBytes: Int = 128 << 20, refcountCacheBytes: Int = 32 << 20) {
+        /// Keep the image's dirty bitmaps up to date (false behaves like a writer that predates bitmaps and
+        /// makes them inconsistent: for tests of the format's autoclear rule).
+        public var maintainsBitmaps = true
+        /// What a discard does with the space it frees.
+        public var discard: DiscardPolicy = .punch
+
+        public init(
+            l2CacheBytes: Int = 128 << 20,
+            refcountCacheBytes: Int = 32 << 20,
+            maintainsBitmaps: Bool = true,
+            discard: DiscardPolicy = .punch
+        ) {
             self.l2CacheBytes = l2CacheBytes
             self.refcountCacheBytes = refcountCacheBytes
+            self.maintainsBitmaps = maintainsBitmaps
+            self.discard = discard
         }
+    }
+
+    /// What guest discards (and freed clusters) do with host space.
+    public enum DiscardPolicy: String, Sendable, CaseIterable {
+        /// Free discarded clusters and punch every cluster whose refcount drops to zero out of the file
+        /// (after the change that freed it is durable); punch discarded parts of owned clusters too, so
+        /// space comes back at the file system's block size.
+        case punch
+        /// Free discarded clusters for reuse, but punch nothing: the file never shrinks (the behaviour of
+        /// earlier versions).
+        case free
+        /// Accept discards and do nothing (qemu's discard=ignore).
+        case ignore
     }
 
     /// The deepest backing chain an image may have.
@@ -77,6 +103,8 @@ public final class VImage: BlockDevice, Sendable {
     let backingImage: VImage?
     /// Whether `close()` closes the backing device too.
     let ownsBacking: Bool
+    /// What discards do with host space (from the open options).
+    public let discardPolicy: DiscardPolicy
     /// Whether the image was not closed cleanly before this open (a read-write open then frees the
     /// leaked clusters, as `vimg check -r leaks` would, so a clean close can clear the bit).
     public let wasDirtyAtOpen: Bool
@@ -96,6 +124,7 @@ public final class VImage: BlockDevice, Sendable {
         self.host = host
         self.ownsHost = ownsHost
         self.isReadOnly = metadata.isReadOnly
+        self.discardPolicy = metadata.discardPolicy
         self.geometry = metadata.geometry
         self.gate = gate
         self.sharedSize = metadata.sharedSize
@@ -189,6 +218,8 @@ public final class VImage: BlockDevice, Sendable {
                 if !isReadOnly {
                     do {
                         try m.writeBack()
+                        // The bits after every write, and in_use cleared: the bitmaps are consistent again.
+                        try m.persistBitmaps()
                         // The frees applied by writeBack are in the refcount cache; write them too.
                         try m.writeBackRefcounts()
                         if m.dirtyBitOnDisk && !m.leftDirty {

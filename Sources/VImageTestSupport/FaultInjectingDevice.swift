@@ -24,7 +24,7 @@ public enum CrashMode: Sendable, CaseIterable {
     case tear
 }
 
-public final class FaultInjectingDevice: BlockDevice, @unchecked Sendable {
+public final class FaultInjectingDevice: TruncatableDevice, @unchecked Sendable {
     private let monitor = Monitor()
     private let durable: MemoryDevice
     private let volatile: MemoryDevice
@@ -88,6 +88,17 @@ public final class FaultInjectingDevice: BlockDevice, @unchecked Sendable {
             try checkPower(.flush)
             flushCount += 1
             try drain()
+        }
+    }
+
+    /// Truncation reaches the disk with everything written before it (a model of a file system that
+    /// orders the size change after the data): after a crash the file is either cut or not.
+    public func truncate(to length: UInt64) throws {
+        try monitor.withLock {
+            try checkPower(.truncate)
+            try drain()
+            try durable.truncate(to: length)
+            try volatile.truncate(to: length)
         }
     }
 

@@ -75,6 +75,10 @@ extension Vimg {
         var cache = "unsafe"
         @Flag(name: .short, help: "Quiet.")
         var quiet = false
+        @Flag(help: "Also copy the source's persistent dirty bitmaps (VIMG to VIMG).")
+        var bitmaps = false
+        @Flag(help: "With --bitmaps: leave out inconsistent bitmaps instead of failing.")
+        var skipBrokenBitmaps = false
         @Argument(help: "The source image.")
         var source: String
         @Argument(help: "The image to write.")
@@ -91,6 +95,8 @@ extension Vimg {
                 throw ValidationError("raw images cannot have a backing file (-B)")
             }
             if backingFormat != nil && backing == nil { throw ValidationError("-F goes with -B") }
+            if bitmaps && outputFormat != "vimg" { throw ValidationError("--bitmaps needs -O vimg") }
+            if skipBrokenBitmaps && !bitmaps { throw ValidationError("--skip-broken-bitmaps goes with --bitmaps") }
             guard ["unsafe", "writeback"].contains(cache) else {
                 throw ValidationError("unknown cache mode '\(cache)' (use unsafe or writeback)")
             }
@@ -113,8 +119,35 @@ extension Vimg {
                 if let shared {
                     callback = { done, total in shared.update(done, total) }
                 }
+                // Bitmaps are checked before the conversion, so a broken one fails early.
+                let sourceImage = bitmaps ? try ImageFormats.openVImage(path: source, readOnly: true) : nil
+                defer { try? sourceImage?.close() }
+                let copied =
+                    try sourceImage.map { image in
+                        try image.bitmapList.filter { info in
+                            guard info.consistent else {
+                                if skipBrokenBitmaps { return false }
+                                throw VImageError(
+                                    .invalidArgument,
+                                    path: source,
+                                    message:
+                                        "bitmap '\(info.name)' is inconsistent; remove it, or pass --skip-broken-bitmaps"
+                                )
+                            }
+                            return true
+                        }.map { (info: $0, contents: try image.bitmapContents(named: $0.name)) }
+                    } ?? []
                 try ImageConverter.convert(source: source, destination: destination, options: opts, progress: callback)
                 shared?.bar?.finish()
+                if !copied.isEmpty {
+                    let output = try ImageFormats.openVImage(path: destination, readOnly: false)
+                    defer { try? output.close() }
+                    for (info, contents) in copied {
+                        try output.addBitmap(named: info.name, granularity: info.granularity, enabled: info.enabled)
+                        try output.mergeBitmap(named: info.name, from: contents)
+                    }
+                    try output.close()
+                }
             }
         }
     }

@@ -25,7 +25,7 @@ extension Vimg {
                 let top = try formatNamed(format) ?? ImageFormats.probe(path: file)
                 var levels = [ImageFormats.ChainLevel(path: file, format: top)]
                 if backingChain, let reference = try ImageFormats.backingReference(of: file, format: top) {
-                    levels += try ImageFormats.backingLevels(from: reference, excluding: [canonicalPath(file) ?? file])
+                    levels += try ImageFormats.backingLevels(from: reference, excluding: [ImageFormats.identity(file)])
                 }
                 let outputs = try levels.map { try describe($0.path, $0.format) }
                 if output.format == .json {
@@ -53,10 +53,11 @@ extension Vimg {
             var lines: [String] = ["image: \(file)", "file format: \(kind.rawValue)"]
             switch kind {
             case .vimg:
-                let h = try withFile(file) { () -> ImageHeader in
+                let (h, bitmaps) = try withFile(file) { () -> (ImageHeader, [BitmapInfo]) in
                     let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: .shared)
                     defer { try? device.close() }
-                    return try ImageHeader.read(from: device, path: file)
+                    let header = try ImageHeader.read(from: device, path: file)
+                    return (header, VImage.listBitmaps(host: device, header: header))
                 }
                 let dirty = h.incompatibleFeatures.contains(.dirty)
                 let corrupt = h.incompatibleFeatures.contains(.corrupt)
@@ -76,6 +77,13 @@ extension Vimg {
                     "    dirty: \(dirty ? "yes (not closed cleanly; 'vimg check' reports leaked space)" : "no")",
                     "    corrupt: \(corrupt ? "yes (writes refused until 'vimg check -r all')" : "no")",
                 ]
+                if !bitmaps.isEmpty {
+                    lines.append("    bitmaps:")
+                    for b in bitmaps {
+                        let state = b.consistent ? (b.enabled ? "recording" : "disabled") : "inconsistent (remove it)"
+                        lines.append("        \(b.name): granularity \(b.granularity), \(state)")
+                    }
+                }
                 fields = [
                     ("virtual-size", .uint(h.virtualSize)), ("filename", .string(file)),
                     ("cluster-size", .uint(UInt64(h.clusterSize))), ("format", .string("vimg")),
@@ -100,6 +108,21 @@ extension Vimg {
                                     ("incompatible-features", .uint(h.incompatibleFeatures.rawValue)),
                                     ("compatible-features", .uint(h.compatibleFeatures)),
                                     ("autoclear-features", .uint(h.autoclearFeatures)),
+                                    (
+                                        "bitmaps",
+                                        .array(
+                                            bitmaps.map { b in
+                                                // qemu-img's flags: "in-use" marks an inconsistent bitmap, "auto" an enabled one.
+                                                var flags: [JSON] = []
+                                                if !b.consistent { flags.append(.string("in-use")) }
+                                                if b.enabled { flags.append(.string("auto")) }
+                                                return .object([
+                                                    ("flags", .array(flags)), ("name", .string(b.name)),
+                                                    ("granularity", .uint(b.granularity)),
+                                                ])
+                                            }
+                                        )
+                                    ),
                                 ])
                             ),
                         ])

@@ -97,9 +97,12 @@ import VImageTestSupport
                 case 7:
                     let start = (offset + cs - 1) / cs * cs
                     let end = offset + length == size ? size : (offset + length) / cs * cs
-                    if start < end { touch(start, end - start) }
+                    // Partial clusters may be punched (zeroes) or kept: the whole range is unspecified until
+                    // read back below.
+                    touch(offset, length)
                     try image.discard(at: UInt64(offset), count: UInt64(length))
                     if start < end { current.zero(at: start, count: end - start) }
+                    current.write(try image.read(count: length, at: UInt64(offset)), at: offset)
                 default:
                     try image.flush()
                     durable = current

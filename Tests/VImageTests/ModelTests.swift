@@ -56,10 +56,23 @@ import VImageTestSupport
                 let (offset, length) = randomRange()
                 log.append("discard \(offset)+\(length)")
                 try image.discard(at: UInt64(offset), count: UInt64(length))
-                // Discard drops whole clusters only (a partial cluster at the very end of the disk counts).
+                // Discard drops whole clusters (a partial cluster at the very end of the disk counts); a
+                // partial cluster the image owns is punched (reads zeroes), any other keeps its data.
                 let start = (offset + cs - 1) / cs * cs
                 let end = offset + length == size ? size : (offset + length) / cs * cs
                 if start < end { model.zero(at: start, count: end - start) }
+                for (partStart, partEnd) in [
+                    (offset, min(offset + length, max(start, offset))), (max(end, offset), offset + length),
+                ]
+                where partStart < partEnd {
+                    let actual = try image.read(count: partEnd - partStart, at: UInt64(partStart))
+                    let zeroes = [UInt8](repeating: 0, count: partEnd - partStart)
+                    #expect(
+                        actual[...] == model.read(at: partStart, count: partEnd - partStart) || actual == zeroes,
+                        "\(context): a partial discard changed data to something else"
+                    )
+                    model.write(actual, at: partStart)
+                }
             case .compressedWrite:
                 let cluster = Int.random(in: 0..<size / cs, using: &rng)
                 let data = compressible(cs, seed: seed &+ UInt64(step), rng: &rng)

@@ -136,6 +136,18 @@ import VImageTestSupport
                 let start = (offset + cs - 1) / cs * cs
                 let end = offset + length == size ? size : (offset + length) / cs * cs
                 if start < end { model.zero(at: start, count: end - start) }
+                // A partial cluster the image owns is punched (zeroes); any other keeps its data.
+                for (partStart, partEnd) in [
+                    (offset, min(offset + length, max(start, offset))), (max(end, offset), offset + length),
+                ] where partStart < partEnd {
+                    let actual = try image.read(count: partEnd - partStart, at: UInt64(partStart))
+                    #expect(
+                        actual[...] == model.read(at: partStart, count: partEnd - partStart)
+                            || actual.allSatisfy { $0 == 0 },
+                        "seed \(seed) step \(step): a partial discard changed data to something else"
+                    )
+                    model.write(actual, at: partStart)
+                }
             case 6, 7:
                 let name = "snap\(nextName)"
                 nextName += 1
