@@ -59,7 +59,7 @@ public struct RBDOptions: Sendable, Hashable {
 }
 
 /// One RBD image (or snapshot of one) as a block device.
-public final class RBDDevice: BlockDevice, @unchecked Sendable {
+public final class RBDDevice: TruncatableDevice, @unchecked Sendable {
     /// The image's name (its `description` never shows a key).
     public let spec: RBDSpec
     public let isReadOnly: Bool
@@ -331,8 +331,9 @@ public final class RBDDevice: BlockDevice, @unchecked Sendable {
         if let failure { throw failure }
     }
 
-    /// Resizes a raw RBD image (`vimg resize`); shrinking drops the data past the new end.
-    public func resize(to newSize: UInt64) throws {
+    /// Resizes the RBD image (`vimg resize` of a raw one, `vimg compact` of an image inside); shrinking
+    /// drops the data past the new end.
+    public func truncate(to newSize: UInt64) throws {
         try requireWritable(.truncate)
         guard newSize <= Self.maxSize else {
             throw BlockIOError(

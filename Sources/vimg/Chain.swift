@@ -1,7 +1,6 @@
 import ArgumentParser
 import BlockIO
 import ImageFormats
-import RBD
 import VImage
 
 #if canImport(Glibc)
@@ -227,8 +226,7 @@ extension Vimg {
                             message: "shrinking discards data past the new end; use --shrink to confirm"
                         )
                     }
-                    if let raw = device as? FileDevice { try raw.truncate(to: target) }
-                    if let rbd = device as? RBDDevice { try rbd.resize(to: target) }
+                    try (device as? any TruncatableDevice)?.truncate(to: target)  // a raw file or RBD image
                 }
                 try device.close()
                 if !quiet { print("Image resized.") }
