@@ -72,7 +72,7 @@ public final class RBDDevice: TruncatableDevice, @unchecked Sendable {
     private let ioctx: rados_ioctx_t
     private let image: rbd_image_t
 
-    private struct Extent {
+    private struct Sizes {
         /// The RBD image's size.
         var physical: UInt64
         /// What the device reports: `physical` unless growable (then the end of written data).
@@ -80,7 +80,7 @@ public final class RBDDevice: TruncatableDevice, @unchecked Sendable {
         var growable = false
         var closed = false
     }
-    private let state: Mutex<Extent>
+    private let state: Mutex<Sizes>
 
     private init(
         spec: RBDSpec,
@@ -95,7 +95,7 @@ public final class RBDDevice: TruncatableDevice, @unchecked Sendable {
         self.cluster = cluster
         self.ioctx = ioctx
         self.image = image
-        self.state = Mutex(Extent(physical: size, logical: size))
+        self.state = Mutex(Sizes(physical: size, logical: size))
     }
 
     // MARK: Opening
@@ -262,7 +262,7 @@ public final class RBDDevice: TruncatableDevice, @unchecked Sendable {
     /// Allocated and unallocated ranges from librbd's diff (the object map where the image has one, so a
     /// whole 4 MiB object is the unit). A range with no object reads as zeroes (or as the parent image,
     /// which the diff includes).
-    public func extents(at offset: UInt64, count: UInt64) throws -> [BlockIO.Extent] {
+    public func extents(at offset: UInt64, count: UInt64) throws -> [Extent] {
         let (physical, growable) = try current(.extents)
         if !growable { try checkRange(offset: offset, count: count, operation: .extents) }
         guard count > 0 else { return [] }
@@ -291,7 +291,7 @@ public final class RBDDevice: TruncatableDevice, @unchecked Sendable {
             }
             if r < 0 { return allDataExtent(at: offset, count: count) }  // "all data" is always correct
         }
-        var result: [BlockIO.Extent] = []
+        var result: [Extent] = []
         var position = offset
         for (start, length) in collector.runs.sorted(by: { $0.0 < $1.0 }) {
             // Whole objects may reach outside the range asked for; clip, and skip what is out of order.
@@ -300,13 +300,13 @@ public final class RBDDevice: TruncatableDevice, @unchecked Sendable {
             let to = min(overflow ? end : runEnd, end)
             guard from < to else { continue }
             if from > position {
-                result.appendMerging(BlockIO.Extent(offset: position, length: from - position, flags: [.hole, .zero]))
+                result.appendMerging(Extent(offset: position, length: from - position, flags: [.hole, .zero]))
             }
-            result.appendMerging(BlockIO.Extent(offset: from, length: to - from, flags: []))
+            result.appendMerging(Extent(offset: from, length: to - from, flags: []))
             position = to
         }
         if position < end {
-            result.appendMerging(BlockIO.Extent(offset: position, length: end - position, flags: [.hole, .zero]))
+            result.appendMerging(Extent(offset: position, length: end - position, flags: [.hole, .zero]))
         }
         return result
     }
