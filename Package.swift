@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
+        .library(name: "RBD", targets: ["RBD"]),
         .executable(name: "vimg", targets: ["vimg"]),
         .executable(name: "vdisk", targets: ["vdisk"]),
     ],
@@ -31,7 +32,10 @@ let package = Package(
         .systemLibrary(name: "CFUSE", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         // The NBD client's TLS: it is synchronous, and swift-nio-ssl only works inside NIO.
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        // librados + librbd; Debian ships no pkg-config files for them, so the module map links them.
+        .systemLibrary(name: "CRBD", providers: [.apt(["librados-dev", "librbd-dev"])]),
         .target(name: "BlockIO", dependencies: ["CBlockIO"]),
+        .target(name: "RBD", dependencies: ["BlockIO", "CRBD"]),
         .target(
             name: "VImage",
             dependencies: ["BlockIO", "CLZ4"],
@@ -39,7 +43,7 @@ let package = Package(
             // about a tenth of a small read in release builds (debug builds keep them).
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
         ),
-        .target(name: "ImageFormats", dependencies: ["BlockIO", "VImage", "CZlib", "CZstd"]),
+        .target(name: "ImageFormats", dependencies: ["BlockIO", "VImage", "RBD", "CZlib", "CZstd"]),
         .target(
             name: "NBDProtocol",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")]
@@ -62,19 +66,21 @@ let package = Package(
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
         .target(
             name: "VDiskBus",
-            dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "FUSEExport", "CNBDLinux"]
+            dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "RBD", "FUSEExport", "CNBDLinux"]
         ),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
             dependencies: [
-                "BlockIO", "VImage", "ImageFormats", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "BlockIO", "VImage", "ImageFormats", "RBD",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .executableTarget(
             name: "vdisk",
             dependencies: [
-                "CBlockIO", "BlockIO", "VImage", "ImageFormats", "NBDServer", "NBDClient", "FUSEExport", "VDiskBus",
+                "CBlockIO", "BlockIO", "VImage", "ImageFormats", "RBD", "NBDServer", "NBDClient", "FUSEExport",
+                "VDiskBus",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -117,7 +123,11 @@ let package = Package(
             dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]
         ),
         .testTarget(name: "VDiskBusTests", dependencies: ["VDiskBus", "VImageTestSupport"]),
-        .testTarget(name: "CLITests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
+        .testTarget(name: "RBDTests", dependencies: ["RBD", "BlockIO", "VImageTestSupport"]),
+        .testTarget(
+            name: "CLITests",
+            dependencies: ["VImage", "ImageFormats", "RBD", "BlockIO", "VImageTestSupport"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -1,6 +1,7 @@
 import BlockIO
 import Foundation
 import ImageFormats
+import RBD
 import VImage
 
 /// An opened backend: the device the front ends see, and what must be closed (top first) on unplug.
@@ -45,6 +46,10 @@ enum Backends {
         }
         guard let source = request.source, !source.isEmpty else {
             throw BusError("nothing to plug: give an image, an nbd:// URI or --ram SIZE")
+        }
+        if RBDSpec.isRBD(source) {
+            base = try openRBD(request, source: source)
+            return try request.overlay ? addOverlay(to: base) : base
         }
         if Self.remoteSchemes.contains(where: { source.hasPrefix($0) }) {
             guard request.snapshot == nil else { throw BusError("--snapshot needs a VIMG image, not an NBD export") }
@@ -91,7 +96,41 @@ enum Backends {
             }
         }
         guard request.overlay else { return base }
-        // The overlay: a VIMG image in RAM whose backing device is the source, opened read-only.
+        return try addOverlay(to: base)
+    }
+
+    /// An image in a Ceph cluster (raw, or an image format inside the RBD image), opened through the one
+    /// opener with the request's reconnect timeout. The source kept is the full name (conf, id), so that a
+    /// persistent bus can plug it again; listings show it without options.
+    static func openRBD(_ request: PlugRequest, source: String) throws -> OpenedBackend {
+        var options = RBDOptions()
+        if let timeout = request.reconnectTimeout {
+            guard (0...86400).contains(timeout) else {
+                throw BusError("--reconnect-timeout must be between 0 and 86400 seconds")
+            }
+            options.reconnectTimeout = .milliseconds(Int64(timeout * 1000))
+        }
+        let readOnly = request.readOnly || request.overlay || request.snapshot != nil
+        if request.snapshot != nil && !request.readOnly && !request.overlay {
+            throw BusError("a snapshot plugs read-only; add --read-only, or --overlay to write on top of it")
+        }
+        let device = try ImageFormats.open(
+            path: source,
+            format: try request.format.map(ImageFormats.format(named:)),
+            readOnly: readOnly,
+            snapshot: request.snapshot,
+            rbd: options
+        )
+        let format = device is VImage ? "vimg" : device is RBDDevice ? "rbd" : "qcow2"
+        if format == "qcow2" && !readOnly {
+            try? device.close()
+            throw BusError("\(source): qcow2 images plug read-only; add --read-only, or --overlay")
+        }
+        return OpenedBackend(device: device, format: format, image: device as? VImage, owned: [device], source: source)
+    }
+
+    /// The overlay: a VIMG image in RAM whose backing device is the source, opened read-only.
+    static func addOverlay(to base: OpenedBackend) throws -> OpenedBackend {
         do {
             let host = MemoryDevice(size: 0, growable: true)
             try VImage.create(on: host, virtualSize: base.device.size)

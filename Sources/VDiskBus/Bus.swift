@@ -25,6 +25,7 @@
 import BlockIO
 import FUSEExport
 import Foundation
+import RBD
 import Synchronization
 import VImage
 
@@ -196,7 +197,8 @@ public final class Bus: Sendable {
             name: disk.name,
             device: disk.devicePath,
             frontEnd: disk.frontEnd,
-            source: disk.backend.source,
+            // An rbd: name without its options: a key= must not leak into listings.
+            source: (try? RBDSpec(parsing: disk.backend.source).description) ?? disk.backend.source,
             format: disk.backend.format,
             size: disk.counting.size,
             readOnly: disk.readOnly,
@@ -275,9 +277,11 @@ public final class Bus: Sendable {
             if source.contains("://") {
                 stem = "nbd"
             } else {
-                stem = String(URL(fileURLWithPath: source).deletingPathExtension().lastPathComponent.prefix(48))
+                let spec = try? RBDSpec(parsing: source)
+                let base = spec?.image ?? URL(fileURLWithPath: source).deletingPathExtension().lastPathComponent
+                stem = String(base.prefix(48))
                 stem = String(stem.unicodeScalars.map { Self.validName(String($0)) ? Character($0) : "_" })
-                if stem.isEmpty || !Self.validName(stem) { stem = "disk" }
+                if stem.isEmpty || !Self.validName(stem) { stem = spec == nil ? "disk" : "rbd" }
             }
         }
         if !taken.contains(stem) && stem != "ram" && stem != "nbd" { return stem }
@@ -502,7 +506,9 @@ public final class Bus: Sendable {
     public func snapshot(_ target: String, name: String, freeze: Bool = true) throws -> [String] {
         try operations.withLock { _ in
             let disk = try find(target)
-            guard let image = disk.backend.image, !disk.request.overlay else {
+            // A VIMG image takes an internal snapshot (wherever it is stored); a raw RBD image an RBD snapshot.
+            let rbd = disk.request.overlay ? nil : disk.backend.device as? RBDDevice
+            guard disk.backend.image != nil || rbd != nil, !disk.request.overlay else {
                 throw BusError(
                     "'\(disk.name)' is not a VIMG image (\(disk.backend.format)); only VIMG disks have internal snapshots"
                 )
@@ -519,9 +525,14 @@ public final class Bus: Sendable {
             if let device = disk.devicePath {
                 for m in Mounts.mounted(onDevice: device) { held.append(try Mounts.hold(m, freeze: freeze)) }
             }
-            try image.flush()
-            try image.createSnapshot(named: name)
-            try image.flush()
+            if let image = disk.backend.image {
+                try image.flush()
+                try image.createSnapshot(named: name)
+                try image.flush()
+            } else if let rbd {
+                try rbd.flush()
+                try rbd.createSnapshot(named: name)
+            }
             log("snapshot '\(name)' of \(disk.name)")
             var notes = ["snapshot '\(name)' of \(disk.name) created"]
             for h in held {

@@ -2,6 +2,7 @@ import ArgumentParser
 import BlockIO
 import Foundation
 import NBDClient
+import RBD
 import VDiskBus
 
 #if canImport(Glibc)
@@ -76,6 +77,11 @@ extension Vdisk {
                   vdisk plug --overlay base.qcow2
                   vdisk plug nbd+unix:///disk?socket=/run/other.sock
                   vdisk plug 'nbds://server.example/disk?tls-certificates=/etc/vdisk/client-pki'
+                  vdisk plug rbd:pool/disk:conf=/etc/ceph/ceph.conf:id=vdisk
+
+                An rbd: image (qemu's spelling, rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=NAME][:key=SECRET]) may
+                hold a raw disk or a VIMG image; a writer takes its exclusive lock, so the image is plugged
+                on one host at a time (see 'vimg rbd-break-lock' for a host that died). See docs/CEPH.md.
 
                 The disk's NBD export on the bus offers qemu:allocation-depth, and for a VIMG image
                 qemu:dirty-bitmap:NAME for each of its consistent dirty bitmaps; --bitmap-from-snapshots
@@ -87,7 +93,7 @@ extension Vdisk {
                 """
         )
 
-        @Argument(help: "An image (VIMG, raw, qcow2) or an nbd[s]:// / nbd[s]+unix:// URI.")
+        @Argument(help: "An image (VIMG, raw, qcow2), an rbd:POOL/IMAGE, or an nbd[s]:// / nbd[s]+unix:// URI.")
         var source: String?
 
         @Option(help: ArgumentHelp("Plug a RAM disk of this size instead (512M, 4G...).", valueName: "SIZE"))
@@ -142,8 +148,8 @@ extension Vdisk {
                 guard PlugRequest.reconnectTimeoutRange.contains(reconnectTimeout) else {
                     throw ValidationError("--reconnect-timeout must be between 0 and 86400 seconds")
                 }
-                guard source?.contains("://") == true else {
-                    throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs)")
+                guard source?.contains("://") == true || source.map(RBDSpec.isRBD) == true else {
+                    throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs) and rbd: images")
                 }
             }
             for text in snapshotRanges {
@@ -156,7 +162,10 @@ extension Vdisk {
                 try bus.ensureBus()
                 var source = self.source
                 // The bus has another working folder: make paths, and a URI's certificates folder, absolute.
-                if let s = source, !s.contains("://") {
+                if let s = source, RBDSpec.isRBD(s) {
+                    source = try RBDSpec(parsing: s).resolvingConf(against: FileManager.default.currentDirectoryPath)
+                        .text
+                } else if let s = source, !s.contains("://") {
                     source = URL(fileURLWithPath: s).standardizedFileURL.path
                 } else if let s = source {
                     source = NBDURI.resolvingCertificatesDirectory(

@@ -5,6 +5,7 @@ import ImageFormats
 import Logging
 import NBDServer
 import NIOCore
+import RBD
 import VImage
 
 #if canImport(Glibc)
@@ -158,10 +159,13 @@ extension Vdisk {
             }
         }
 
-        /// One name per image: --export, else the file's base name.
+        /// One name per image: --export, else the file's base name (an rbd: image's name).
         var exportNames: [String] {
             if let exportName { return [exportName] }
-            return images.map { path in path.split(separator: "/").last.map(String.init) ?? path }
+            return images.map { path in
+                if let spec = try? RBDSpec(parsing: path) { return spec.image }
+                return path.split(separator: "/").last.map(String.init) ?? path
+            }
         }
 
         func run() async throws {
@@ -219,7 +223,7 @@ extension Vdisk {
                     exports.append(
                         NBDExport(
                             name: name,
-                            description: path,
+                            description: (try? RBDSpec(parsing: path).description) ?? path,  // never a key=
                             device: device,
                             readOnly: readOnly,
                             metaContexts: contexts
@@ -239,6 +243,11 @@ extension Vdisk {
                 if let port { listeners.append(.tcp(host: bind ?? "127.0.0.1", port: port)) }
             }
             var configuration = NBDServerConfiguration(listeners: listeners)
+            if images.contains(where: RBDSpec.isRBD) {
+                // A request to a cluster waits a network round trip on its pool thread (the device API is
+                // synchronous): enough threads to keep a client's whole queue (depth 32 and more) in flight.
+                configuration.deviceThreads = max(configuration.deviceThreads, 64)
+            }
             configuration.maximumConnections = maxConnections
             configuration.handshakeTimeout = .seconds(Int64(handshakeTimeout))
             configuration.tls = tls
