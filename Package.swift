@@ -12,6 +12,7 @@ let package = Package(
         .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
+        .library(name: "CrashSim", targets: ["CrashSim"]),
         .executable(name: "vimg", targets: ["vimg"]),
         .executable(name: "vdisk", targets: ["vdisk"]),
     ],
@@ -58,18 +59,22 @@ let package = Package(
             dependencies: ["NBDProtocol", "BlockIO", "COpenSSL", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
-        .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "ImageFormats", "FUSEExport"]),
+        // Power cuts and write logs for plugged disks: BlockDevice wrappers, the log format, replay.
+        .target(name: "CrashSim", dependencies: ["BlockIO", "VImage", "ImageFormats", "CZlib"]),
+        .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "ImageFormats", "FUSEExport", "CrashSim"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
             dependencies: [
-                "BlockIO", "VImage", "ImageFormats", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "BlockIO", "VImage", "ImageFormats", "CrashSim",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .executableTarget(
             name: "vdisk",
             dependencies: [
                 "CBlockIO", "BlockIO", "VImage", "ImageFormats", "NBDServer", "NBDClient", "FUSEExport", "VDiskBus",
+                "CrashSim",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -110,6 +115,10 @@ let package = Package(
         .testTarget(
             name: "ImageFormatsTests",
             dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]
+        ),
+        .testTarget(
+            name: "CrashSimTests",
+            dependencies: ["CrashSim", "BlockIO", "VImage", "ImageFormats", "VImageTestSupport"]
         ),
         .testTarget(name: "CLITests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
     ],
