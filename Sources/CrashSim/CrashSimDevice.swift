@@ -29,6 +29,10 @@
 
 import BlockIO
 
+#if canImport(Glibc)
+import Glibc
+#endif
+
 /// A `BlockDevice` that models a disk's volatile write cache in front of `inner` and can lose power.
 ///
 /// Writes are cached (bounded by `cacheSize`; when full, the oldest are written back to `inner`, as a disk
@@ -92,7 +96,18 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
     private var index: [UInt64: ChunkList] = [:]
     private var cachedBytes: UInt64 = 0
     private var isPoweredOff = false
+    private var isClosed = false
     private var report: CrashReport?
+    /// A power cut armed to happen at a coming write (`crash(afterWrites:...)`).
+    private var trigger: Trigger?
+    private var triggerFailure: (any Error)?
+
+    private struct Trigger {
+        var remaining: Int
+        var seed: UInt64?
+        var mode: Mode
+        var tearSize: Int
+    }
 
     /// - Parameters:
     ///   - inner: the medium; it must not be written by anyone else while this device is in use.
@@ -211,11 +226,21 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
         return cachedHere ? allDataExtent(at: offset, count: count) : try inner.extents(at: offset, count: count)
     }
 
-    /// Writes the cache back (unless the power was cut, which settled it already) and closes `inner`.
+    /// Writes the cache back (unless the power was cut, which settled it already) and closes `inner`. A
+    /// power cut still armed is called off.
     public func close() throws {
         var failure: (any Error)?
-        if !hasCrashed {
+        let crashed = state.withLock {
+            trigger = nil
+            state.broadcast()
+            return isPoweredOff
+        }
+        if !crashed {
             do { try flush() } catch { failure = error }
+        }
+        state.withLock {
+            isClosed = true
+            state.broadcast()
         }
         do { try inner.close() } catch { failure = failure ?? error }
         if let failure { throw failure }
@@ -233,18 +258,12 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
     ///   `inner` if writing the outcome fails.
     @discardableResult
     public func crash(seed: UInt64? = nil, mode: Mode, tearSize: Int = 512) throws -> CrashReport {
-        guard Self.tearSizes.contains(tearSize) else {
-            throw CrashSimError(
-                .invalidArgument,
-                message: "the tear size must be a power of two from 512 bytes to 64 KiB, not \(tearSize)"
-            )
-        }
+        try Self.checkTearSize(tearSize)
         return try writeBack.withLock {
             let cached: [CachedWrite] = try state.withLock {
-                guard !isPoweredOff else {
-                    throw CrashSimError(.invalidArgument, message: "the power of this disk is already off")
-                }
+                try checkCanCrash()
                 isPoweredOff = true
+                trigger = nil
                 defer {
                     entries = []
                     head = 0
@@ -284,9 +303,76 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
             landing.shuffle(using: &random)
             for (number, piece) in landing { try cached[number].land(piece, on: inner) }
             try inner.flush()
-            state.withLock { report = outcome }
+            state.withLock {
+                report = outcome
+                state.broadcast()
+            }
             return outcome
         }
+    }
+
+    /// Arms a power cut at the `writes`-th write (write-zeroes and discards count too) from now, and
+    /// waits for it: the power goes right after that write entered the cache, wherever the workload
+    /// above is then (in the middle of a journal commit, say). The write itself completes.
+    /// - Parameter timeout: seconds to wait for the writes; the cut is then called off.
+    /// - Throws: `CrashSimError` `.invalidArgument` as `crash` does, or when a cut is already armed;
+    ///   `.notFound` when the writes do not come in time or the disk is closed first.
+    public func crash(
+        afterWrites writes: Int,
+        seed: UInt64? = nil,
+        mode: Mode,
+        tearSize: Int = 512,
+        timeout: Int
+    ) throws -> CrashReport {
+        try Self.checkTearSize(tearSize)
+        guard writes >= 1 else {
+            throw CrashSimError(.invalidArgument, message: "a power cut comes after 1 write or more")
+        }
+        var deadline = timespec()
+        clock_gettime(CLOCK_REALTIME, &deadline)
+        deadline.tv_sec += max(1, timeout)
+        return try state.withLock {
+            try checkCanCrash()
+            guard trigger == nil else {
+                throw CrashSimError(.invalidArgument, message: "a power cut is already armed on this disk")
+            }
+            trigger = Trigger(remaining: writes, seed: seed, mode: mode, tearSize: tearSize)
+            triggerFailure = nil
+            while report == nil && triggerFailure == nil && trigger != nil {
+                var now = timespec()
+                clock_gettime(CLOCK_REALTIME, &now)
+                if now.tv_sec > deadline.tv_sec || (now.tv_sec == deadline.tv_sec && now.tv_nsec >= deadline.tv_nsec) {
+                    let came = writes - trigger!.remaining
+                    trigger = nil
+                    throw CrashSimError(
+                        .notFound,
+                        message:
+                            "the disk received \(came) of the \(writes) writes in \(timeout) s; the power is still on"
+                    )
+                }
+                state.timedWait(until: deadline)
+            }
+            if let report { return report }
+            if let triggerFailure { throw triggerFailure }
+            throw CrashSimError(.notFound, message: "the disk was closed before the power cut")
+        }
+    }
+
+    private static func checkTearSize(_ tearSize: Int) throws {
+        guard tearSizes.contains(tearSize) else {
+            throw CrashSimError(
+                .invalidArgument,
+                message: "the tear size must be a power of two from 512 bytes to 64 KiB, not \(tearSize)"
+            )
+        }
+    }
+
+    /// With `state` held.
+    private func checkCanCrash() throws {
+        guard !isPoweredOff else {
+            throw CrashSimError(.invalidArgument, message: "the power of this disk is already off")
+        }
+        guard !isClosed else { throw CrashSimError(.invalidArgument, message: "the disk is closed") }
     }
 
     // MARK: The cache
@@ -333,7 +419,7 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
     }
 
     private func cache(_ write: CachedWrite, fua: Bool) throws {
-        let (sequence, full): (UInt64, Bool) = try state.withLock {
+        let (sequence, full, fire): (UInt64, Bool, Trigger?) = try state.withLock {
             do { try checkPower(.write) } catch {
                 write.free()
                 throw error
@@ -342,7 +428,28 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
             entries.append(write)
             for chunk in write.chunks { index[chunk, default: ChunkList()].append(sequence) }
             cachedBytes += UInt64(write.bytes?.count ?? 0)
-            return (sequence, cachedBytes > cacheSize || entries.count - head > Self.maximumCachedWrites)
+            var fire: Trigger?
+            if var armed = trigger {
+                armed.remaining -= 1
+                if armed.remaining == 0 { fire = armed }
+                trigger = armed
+            }
+            return (sequence, cachedBytes > cacheSize || entries.count - head > Self.maximumCachedWrites, fire)
+        }
+        if let fire {
+            // The armed power cut: this write made it into the cache, nothing after it does.
+            do {
+                try crash(seed: fire.seed, mode: fire.mode, tearSize: fire.tearSize)
+            } catch {
+                state.withLock {
+                    triggerFailure = error
+                    state.broadcast()
+                }
+            }
+            // A FUA write promises durability, which the power cut took away: it fails, like any write
+            // the power cut interrupts (its data may or may not have landed).
+            if fua { try checkPower(.write) }
+            return
         }
         if fua {
             // Writing back everything up to this write is more than FUA asks, and always allowed.

@@ -224,6 +224,55 @@ struct CrashSimDeviceTests {
         try disk.close()
     }
 
+    /// Invariant: a power cut armed for the N-th write comes right after that write entered the cache:
+    /// the writes before it are subject to the crash, none after it reaches the disk; a cut that does
+    /// not come in time is called off, and closing the disk calls it off too.
+    @Test func anArmedPowerCutComesAtTheNthWrite() throws {
+        let (disk, medium) = makeDisk(size: 64 << 20)
+        final class Writer: @unchecked Sendable {
+            let monitor = Monitor()
+            var completed = 0
+            var failure: (any Error)?
+            var done = false
+        }
+        // A writer that goes on until a write fails: the cut counts the writes after it is armed.
+        let writer = Writer()
+        Threads.spawn {
+            var completed = 0
+            var failure: (any Error)?
+            for i in 0..<16_384 {
+                do {
+                    try disk.write(Pattern.bytes(count: 4096, offset: 0, seed: UInt64(i)), at: UInt64(i) * 4096)
+                    completed += 1
+                } catch {
+                    failure = error
+                    break
+                }
+            }
+            writer.monitor.withLock {
+                (writer.completed, writer.failure, writer.done) = (completed, failure, true)
+                writer.monitor.broadcast()
+            }
+        }
+        let report = try disk.crash(afterWrites: 5, mode: .reorder, timeout: 60)
+        let (completed, failure) = writer.monitor.withLock {
+            while !writer.done { writer.monitor.wait() }
+            return (writer.completed, writer.failure)
+        }
+        #expect((failure as? CrashSimError)?.code == .poweredOff, "\(String(describing: failure))")
+        // Every completed write was in the cache at the cut (nothing was flushed), the next one failed.
+        #expect(report.cachedWrites == completed && completed >= 5, "\(report), \(completed) writes completed")
+        #expect(medium.snapshotBytes()[completed * 4096..<(completed + 1) * 4096].allSatisfy { $0 == 0 })
+
+        // Not enough writes: called off after the timeout, the power still on.
+        let (quiet, _) = makeDisk()
+        #expect(throws: CrashSimError.self) { try quiet.crash(afterWrites: 1, mode: .drop, timeout: 1) }
+        try quiet.write([1], at: 0)
+        #expect(!quiet.hasCrashed)
+        try quiet.close()
+        #expect(throws: CrashSimError.self) { try quiet.crash(mode: .drop) }
+    }
+
     /// Invariant: the canary (a record, then its commit marker, no flush between) is caught - marker
     /// there, record missing - by `reorder` in some seeds, and never by `drop`.
     @Test func canaryIsCaughtByReorderNeverByDrop() throws {
