@@ -9,6 +9,7 @@
 //   -> {"op":"plug","plug":{"source":"/srv/disk.vimg","readOnly":false,"overlay":false,"device":"auto"}}
 //   <- {"ok":true,"disk":{"name":"disk","device":"/dev/loop3",...}}
 
+import CrashSim
 import Foundation
 
 /// Which kernel block device a plugged disk gets.
@@ -39,6 +40,10 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     /// A throwaway writable layer in RAM over the source, dropped on unplug.
     public var overlay: Bool = false
     public var device: DeviceKind = .auto
+    /// Put a simulated volatile write cache in front of the disk, whose power `crash` cuts (docs/CRASH.md).
+    public var crashSim: CrashSimSettings? = nil
+    /// Record every write, flush and discard to this write log (an absolute path; VIMG images only).
+    public var record: String? = nil
 
     public init(
         source: String? = nil,
@@ -58,6 +63,46 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.snapshot = snapshot
         self.overlay = overlay
         self.device = device
+    }
+}
+
+/// The crash simulator of a plugged disk (`vdisk plug --crash-sim`).
+public struct CrashSimSettings: Codable, Sendable, Hashable {
+    /// The seed a power cut uses unless `vdisk crash --seed` gives another.
+    public var seed: UInt64
+    /// The cache's size in bytes; nil for `CrashSimDevice.defaultCacheSize`.
+    public var cacheSize: UInt64?
+
+    public init(seed: UInt64, cacheSize: UInt64? = nil) {
+        self.seed = seed
+        self.cacheSize = cacheSize
+    }
+}
+
+/// A power cut asked for by `vdisk crash`.
+public struct CrashRequest: Codable, Sendable, Hashable {
+    /// The seed of the outcome; nil for the one the disk was plugged with.
+    public var seed: UInt64?
+    public var mode: CrashSimDevice.Mode
+    /// The unit writes are torn into, for `tear` (512 or 4096).
+    public var tearSize: Int?
+    /// Cut the power at the N-th write from now rather than at once (the request then waits for it).
+    public var afterWrites: Int?
+    /// Seconds to wait for those writes (default 60).
+    public var timeout: Int?
+
+    public init(
+        seed: UInt64? = nil,
+        mode: CrashSimDevice.Mode,
+        tearSize: Int? = nil,
+        afterWrites: Int? = nil,
+        timeout: Int? = nil
+    ) {
+        self.seed = seed
+        self.mode = mode
+        self.tearSize = tearSize
+        self.afterWrites = afterWrites
+        self.timeout = timeout
     }
 }
 
@@ -96,6 +141,8 @@ public struct DiskInfo: Codable, Sendable, Hashable {
 /// A request to the bus.
 public struct BusRequest: Codable, Sendable {
     public enum Operation: String, Codable, Sendable {
+        /// Cut the power of a `--crash-sim` disk; put a label in a recorded disk's log.
+        case crash, mark
         case plug, unplug, list, snapshot, ping, shutdown
     }
 
@@ -109,6 +156,10 @@ public struct BusRequest: Codable, Sendable {
     public var all: Bool?
     /// The snapshot name (snapshot).
     public var snapshotName: String?
+    /// How to cut the power (crash).
+    public var crash: CrashRequest? = nil
+    /// The label (mark).
+    public var label: String? = nil
 
     public init(
         op: Operation,
@@ -137,6 +188,8 @@ public struct BusResponse: Codable, Sendable {
     public var notes: [String]?
     /// The bus's process id (ping).
     public var pid: Int32?
+    /// What a power cut did (crash).
+    public var crashReport: CrashSimDevice.CrashReport? = nil
 
     public init(
         ok: Bool,

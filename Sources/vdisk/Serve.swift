@@ -1,10 +1,12 @@
 import ArgumentParser
 import BlockIO
+import CrashSim
 import Dispatch
 import ImageFormats
 import Logging
 import NBDServer
 import NIOCore
+import VDiskBus
 import VImage
 
 #if canImport(Glibc)
@@ -99,6 +101,17 @@ extension Vdisk {
         @Flag(name: .shortAndLong, help: "Log connections (-v) and refused requests (-vv) to stderr.")
         var verbose: Int
 
+        @OptionGroup var crashTesting: CrashTestingOptions
+
+        @Option(
+            name: .customLong("control-socket"),
+            help: ArgumentHelp(
+                "Answer 'vdisk crash' and 'vdisk mark' (--control-socket PATH) on this unix socket.",
+                valueName: "path"
+            )
+        )
+        var controlSocket: String?
+
         @Argument(help: "The images to export.")
         var images: [String] = []
 
@@ -118,6 +131,14 @@ extension Vdisk {
             }
             if tlsMode != .off && tlsCertificates == nil {
                 throw ValidationError("--tls=\(tlsMode.rawValue) needs --tls-certificates DIR")
+            }
+            if crashTesting.crashSim || crashTesting.record != nil {
+                if readOnly || snapshot != nil {
+                    throw ValidationError("--crash-sim and --record need writable exports")
+                }
+                if crashTesting.record != nil && images.count > 1 {
+                    throw ValidationError("--record records a single image")
+                }
             }
             let names = exportNames
             if Set(names).count != names.count {
@@ -161,6 +182,8 @@ extension Vdisk {
 
             let writable = !readOnly && snapshot == nil
             var exports: [NBDExport] = []
+            var crashTestedExports: [String: CrashTestingStack] = [:]
+            let crashSettings = crashTesting.settings()
             do {
                 for (path, name) in zip(images, exportNames) {
                     // qcow2 is read-only in vdisk (for now): serve it read-only rather than refuse it.
@@ -168,8 +191,21 @@ extension Vdisk {
                     if readOnly && writable {
                         printError("vdisk serve: \(path) is qcow2, which vdisk serves read-only")
                     }
-                    let device = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
-                    exports.append(NBDExport(name: name, description: path, device: device, readOnly: readOnly))
+                    let opened = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
+                    let stack: CrashTestingStack
+                    do {
+                        stack = try CrashTestingStack(
+                            on: opened,
+                            image: opened as? VImage,
+                            crashSim: crashSettings,
+                            record: crashTesting.recordPath
+                        )
+                    } catch {
+                        try? opened.close()
+                        throw error
+                    }
+                    if stack.crashSim != nil || stack.recorder != nil { crashTestedExports[name] = stack }
+                    exports.append(NBDExport(name: name, description: path, device: stack.device, readOnly: readOnly))
                 }
             } catch {
                 for export in exports { try? export.device.close() }
@@ -210,6 +246,22 @@ extension Vdisk {
             }
             let addresses = server.boundAddresses.joined(separator: ", ")
             printToStandardError("vdisk: serving \(what) on \(addresses)\(security)")
+            for (name, wrapped) in crashTestedExports.sorted(by: { $0.key < $1.key }) {
+                printToStandardError("vdisk: '\(name)': \(wrapped)")
+            }
+            var control: ControlServer?
+            if let controlSocket {
+                do {
+                    let exports = crashTestedExports
+                    control = try ControlServer(path: controlSocket) { request in
+                        Self.answerControl(request, exports: exports, logger: logger)
+                    }
+                } catch {
+                    try? await server.shutdown()
+                    throw error
+                }
+            }
+            defer { control?.stop() }
 
             let statsTask: Task<Void, Never>? = statsFile.map { path in
                 let interval = statsInterval
@@ -232,6 +284,33 @@ extension Vdisk {
             defer { withExtendedLifetime(sources) {} }
             try await server.shutdown()
             if let statsFile { Self.writeStats(server.statsJSON(), to: statsFile) }
+        }
+
+        /// Answers a control request (`vdisk crash`, `vdisk mark`, a ping) for the exports.
+        private static func answerControl(
+            _ request: BusRequest,
+            exports: [String: CrashTestingStack],
+            logger: Logger
+        ) -> BusResponse {
+            if request.op == .ping { return BusResponse(ok: true, pid: getpid()) }
+            guard let name = request.target, let export = exports[name] else {
+                let known = exports.keys.sorted().map { "'\($0)'" }.joined(separator: ", ")
+                return .failure(
+                    "no export named '\(request.target ?? "")' is served with --crash-sim or --record"
+                        + (known.isEmpty ? "" : " (these are: \(known))")
+                )
+            }
+            do {
+                return try CrashControl.answer(
+                    request,
+                    disk: name,
+                    crashSim: export.crashSim,
+                    recorder: export.recorder,
+                    log: { logger.notice("\($0)") }
+                )
+            } catch {
+                return .failure("\(error)")
+            }
         }
 
         /// Delivers the given signals as a stream instead of letting them kill the process.
