@@ -17,7 +17,7 @@ struct Vimg: ParsableCommand {
         version: "0.1.0",
         subcommands: [
             Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self,
-            Resize.self, Compare.self, Convert.self, Measure.self,
+            Resize.self, Compare.self, Convert.self, Measure.self, Replay.self,
         ]
     )
 }
