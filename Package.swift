@@ -60,7 +60,8 @@ let package = Package(
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
         // Power cuts and write logs for plugged disks: BlockDevice wrappers, the log format, replay.
-        .target(name: "CrashSim", dependencies: ["BlockIO", "VImage", "ImageFormats", "CZlib"]),
+        .target(name: "CCrashSim"),
+        .target(name: "CrashSim", dependencies: ["BlockIO", "VImage", "ImageFormats", "CCrashSim"]),
         .target(name: "VDiskBus", dependencies: ["BlockIO", "VImage", "ImageFormats", "FUSEExport", "CrashSim"]),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
@@ -118,7 +119,7 @@ let package = Package(
         ),
         .testTarget(
             name: "CrashSimTests",
-            dependencies: ["CrashSim", "BlockIO", "VImage", "ImageFormats", "VImageTestSupport"]
+            dependencies: ["CrashSim", "CCrashSim", "BlockIO", "VImage", "ImageFormats", "VImageTestSupport"]
         ),
         .testTarget(name: "CLITests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
     ],

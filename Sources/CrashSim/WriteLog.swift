@@ -5,18 +5,18 @@
 // then records, each a 40-byte head and a payload:
 //
 //   header  | "VDISKLOG" | version | header size | device size | image UUID | log id | created |
-//           | start kind | name length | snapshot name (256) | reserved | CRC-32 |
-//   record  | "VREC" | type | flags | reserved | sequence | offset | length | payload length | CRC-32 |
+//           | start kind | name length | snapshot name (256) | reserved | CRC-32C |
+//   record  | "VREC" | type | flags | reserved | sequence | offset | length | payload length | CRC-32C |
 //           | payload (write data, or a mark's label) |
 //
-// Every record's CRC covers the header too (the CRC-32 of header + payload + head with its CRC field
+// Every record's CRC covers the header too (the CRC-32C of header + payload + head with its CRC field
 // zero), so a record spliced in from another log, a flipped bit or a torn tail is found, and the
 // sequence numbers (1, 2, 3...) find a record dropped or repeated whole. A log that ends cleanly ends with
 // an `end` record; one without it was cut short (its recorder died, or the file was truncated).
 // Everything read is hostile: every field is checked before use and sizes are bounded.
 
 import BlockIO
-import CZlib
+import CCrashSim
 import VImage
 
 /// The header of a write log.
@@ -76,7 +76,7 @@ public struct WriteLogHeader: Sendable, Hashable {
         out.write(UInt16(0))
         out.write(name + [UInt8](repeating: 0, count: 256 - name.count))
         out.write([UInt8](repeating: 0, count: Self.size - 4 - out.bytes.count))
-        out.write(CRC32.checksum(out.bytes))
+        out.write(CRC32C.checksum(out.bytes))
         return out.bytes
     }
 
@@ -108,7 +108,9 @@ public struct WriteLogHeader: Sendable, Hashable {
         let stored =
             UInt32(bytes[size - 4]) << 24 | UInt32(bytes[size - 3]) << 16 | UInt32(bytes[size - 2]) << 8
             | UInt32(bytes[size - 1])
-        guard CRC32.checksum(Array(bytes[0..<size - 4])) == stored else { throw corrupt("its checksum does not match") }
+        guard CRC32C.checksum(Array(bytes[0..<size - 4])) == stored else {
+            throw corrupt("its checksum does not match")
+        }
         guard cursor.readInteger(as: UInt32.self)! == UInt32(size) else { throw corrupt("wrong header size") }
         let deviceSize = cursor.readInteger(as: UInt64.self)!
         let uuid = ImageUUID(bytes: cursor.readBytes(16)!)!
@@ -200,23 +202,33 @@ public struct WriteLogRecord: Sendable, Hashable {
 
     /// The 40-byte head with `checksum` in its CRC field.
     public func encodeHead(checksum: UInt32) -> [UInt8] {
-        var out = ByteWriter(capacity: Self.headSize)
-        out.write(Self.magic)
-        out.write(kind.rawValue)
-        out.write(flags.rawValue)
-        out.write(UInt16(0))
-        out.write(sequence)
-        out.write(offset)
-        out.write(length)
-        out.write(payloadLength)
-        out.write(checksum)
-        return out.bytes
+        [UInt8](unsafeUninitializedCapacity: Self.headSize) { buffer, count in
+            encodeHead(into: UnsafeMutableRawBufferPointer(buffer), checksum: checksum)
+            count = Self.headSize
+        }
     }
 
-    /// The record's checksum: CRC-32 over the log header, the payload, then the head with its CRC field
-    /// zero. `payloadChecksum` is the running CRC after the header and payload (`CRC32.update`).
+    /// Writes the 40-byte head into `out` (at least `headSize` bytes) with `checksum` in its CRC field:
+    /// the recorder's path, which allocates nothing per record.
+    public func encodeHead(into out: UnsafeMutableRawBufferPointer, checksum: UInt32) {
+        out.storeBytes(of: Self.magic.bigEndian, toByteOffset: 0, as: UInt32.self)
+        out[4] = kind.rawValue
+        out[5] = flags.rawValue
+        out.storeBytes(of: UInt16(0), toByteOffset: 6, as: UInt16.self)
+        out.storeBytes(of: sequence.bigEndian, toByteOffset: 8, as: UInt64.self)
+        out.storeBytes(of: offset.bigEndian, toByteOffset: 16, as: UInt64.self)
+        out.storeBytes(of: length.bigEndian, toByteOffset: 24, as: UInt64.self)
+        out.storeBytes(of: payloadLength.bigEndian, toByteOffset: 32, as: UInt32.self)
+        out.storeBytes(of: checksum.bigEndian, toByteOffset: 36, as: UInt32.self)
+    }
+
+    /// The record's checksum: CRC-32C over the log header, the payload, then the head with its CRC field
+    /// zero. `payloadChecksum` is the running CRC after the header and payload (`CRC32C.update`).
     public func checksum(payloadChecksum: UInt32) -> UInt32 {
-        CRC32.update(payloadChecksum, encodeHead(checksum: 0))
+        withUnsafeTemporaryAllocation(byteCount: Self.headSize, alignment: 8) { head in
+            encodeHead(into: head, checksum: 0)
+            return CRC32C.update(payloadChecksum, UnsafeRawBufferPointer(head))
+        }
     }
 
     /// Decodes a head and checks every field but the checksum against the log's header.
@@ -284,23 +296,16 @@ public struct WriteLogRecord: Sendable, Hashable {
     }
 }
 
-/// CRC-32 as zlib, gzip and PNG compute it (reflected polynomial 0xEDB88320), through the system zlib.
-public enum CRC32 {
-    /// The CRC-32 of `bytes`.
+/// CRC-32C (Castagnoli, as iSCSI and ext4 use; the SSE 4.2 instruction where there is one).
+public enum CRC32C {
+    /// The CRC-32C of `bytes`.
     public static func checksum(_ bytes: [UInt8]) -> UInt32 { update(0, bytes) }
 
-    /// Continues `crc` (the CRC-32 of earlier bytes) over `bytes`: the CRC-32 of the concatenation.
+    /// Continues `crc` (the CRC-32C of earlier bytes) over `bytes`: the CRC-32C of the concatenation.
     public static func update(_ crc: UInt32, _ bytes: [UInt8]) -> UInt32 { bytes.withUnsafeBytes { update(crc, $0) } }
 
     /// Continues `crc` over raw memory.
     public static func update(_ crc: UInt32, _ bytes: UnsafeRawBufferPointer) -> UInt32 {
-        var value = UInt(crc)
-        var done = 0
-        while done < bytes.count {
-            let n = min(bytes.count - done, 1 << 30)
-            value = CZlib.crc32(value, bytes.baseAddress!.assumingMemoryBound(to: UInt8.self) + done, UInt32(n))
-            done += n
-        }
-        return UInt32(truncatingIfNeeded: value)
+        CCrashSim_crc32c(crc, bytes.baseAddress, bytes.count)
     }
 }

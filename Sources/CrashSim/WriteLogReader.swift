@@ -9,7 +9,7 @@ public final class WriteLogReader {
     public let header: WriteLogHeader
     private let file: FileDevice
     private let fileSize: UInt64
-    /// The CRC-32 of the header: where every record's checksum starts.
+    /// The CRC-32C of the header: where every record's checksum starts.
     private let chain: UInt32
     private var position = UInt64(WriteLogHeader.size)
     private var sequence: UInt64 = 1
@@ -28,7 +28,7 @@ public final class WriteLogReader {
         fileSize = file.size
         let first = try Self.read(file, count: Int(min(fileSize, UInt64(WriteLogHeader.size))), at: 0, path: path)
         header = try WriteLogHeader.decode(first, path: path)
-        chain = CRC32.checksum(first)
+        chain = CRC32C.checksum(first)
     }
 
     deinit { try? file.close() }
@@ -66,7 +66,7 @@ public final class WriteLogReader {
         guard fileSize - position >= UInt64(record.payloadLength) else { throw cutShort(at: start) }
         let payload = try Self.read(file, count: Int(record.payloadLength), at: position, path: path)
         position += UInt64(record.payloadLength)
-        guard record.checksum(payloadChecksum: CRC32.update(chain, payload)) == stored else {
+        guard record.checksum(payloadChecksum: CRC32C.update(chain, payload)) == stored else {
             throw CrashSimError(
                 .corruptLog,
                 path: path,

@@ -32,7 +32,7 @@ public final class WriteRecorder: BlockDevice, @unchecked Sendable {
     public let path: String
     public let header: WriteLogHeader
     private let fd: Int32
-    /// The CRC-32 of the log's header, where every record's checksum starts.
+    /// The CRC-32C of the log's header, where every record's checksum starts.
     private let chain: UInt32
     private let state = Monitor()
     // Guarded by `state`:
@@ -106,7 +106,7 @@ public final class WriteRecorder: BlockDevice, @unchecked Sendable {
         self.path = path
         self.header = header
         self.fd = fd
-        self.chain = CRC32.checksum(header.encode())
+        self.chain = CRC32C.checksum(header.encode())
     }
 
     deinit {
@@ -211,7 +211,7 @@ public final class WriteRecorder: BlockDevice, @unchecked Sendable {
         payload: UnsafeRawBufferPointer? = nil,
         evenIfClosed: Bool = false
     ) throws -> UInt64 {
-        let payloadChecksum = payload.map { CRC32.update(chain, $0) } ?? chain
+        let payloadChecksum = payload.map { CRC32C.update(chain, $0) } ?? chain
         let size = UInt64(WriteLogRecord.headSize) + UInt64(payload?.count ?? 0)
         var record = record
         let at: UInt64 = try state.withLock {
@@ -224,16 +224,36 @@ public final class WriteRecorder: BlockDevice, @unchecked Sendable {
             defer { position += size }
             return position
         }
-        let head = record.encodeHead(checksum: record.checksum(payloadChecksum: payloadChecksum))
         do {
-            try head.withUnsafeBytes { head in
-                try Self.writeAll(fd, payload.map { [head, $0] } ?? [head], at: at, path: path)
+            try withUnsafeTemporaryAllocation(byteCount: WriteLogRecord.headSize, alignment: 8) { head in
+                record.encodeHead(into: head, checksum: record.checksum(payloadChecksum: payloadChecksum))
+                try Self.writeRecord(fd, head: UnsafeRawBufferPointer(head), payload: payload, at: at, path: path)
             }
         } catch let error as CrashSimError {
             state.withLock { failure = failure ?? error }
             throw error
         }
         return record.sequence
+    }
+
+    /// A record's head and payload at `offset`: one `pwritev` from the stack, as nearly always suffices.
+    private static func writeRecord(
+        _ fd: Int32,
+        head: UnsafeRawBufferPointer,
+        payload: UnsafeRawBufferPointer?,
+        at offset: UInt64,
+        path: String
+    ) throws {
+        let body = payload ?? UnsafeRawBufferPointer(start: nil, count: 0)
+        var vectors = (
+            iovec(iov_base: UnsafeMutableRawPointer(mutating: head.baseAddress), iov_len: head.count),
+            iovec(iov_base: UnsafeMutableRawPointer(mutating: body.baseAddress), iov_len: body.count)
+        )
+        let written = withUnsafeMutablePointer(to: &vectors) {
+            $0.withMemoryRebound(to: iovec.self, capacity: 2) { pwritev(fd, $0, body.count > 0 ? 2 : 1, off_t(offset)) }
+        }
+        if written == head.count + body.count { return }
+        try writeAll(fd, [head, body], at: offset, path: path)
     }
 
     /// `pwritev` of `parts` at `offset`, continued after short writes.

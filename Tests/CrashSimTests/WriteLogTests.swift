@@ -1,4 +1,5 @@
 import BlockIO
+import CCrashSim
 import CrashSim
 import ImageFormats
 import Testing
@@ -130,6 +131,25 @@ struct WriteLogTests {
         }
         let listed = try WriteLogReplay.summarize(path: session.log)
         #expect(listed.ended && listed.problem == nil && listed.marks.count == session.marks.count)
+    }
+
+    /// Invariant: the log's checksum is CRC-32C, the hardware path and the table agree (the standard check
+    /// value, and odd lengths and alignments through both).
+    @Test func checksumIsCRC32C() {
+        #expect(CRC32C.checksum(Array("123456789".utf8)) == 0xE306_9283)
+        let bytes = Pattern.bytes(count: 1000, offset: 0, seed: 3)
+        var whole = CRC32C.checksum(bytes)
+        for split in [0, 1, 7, 9, 500, 999] {
+            let resumed = CRC32C.update(CRC32C.checksum(Array(bytes[..<split])), Array(bytes[split...]))
+            #expect(resumed == whole, "split at \(split)")
+        }
+        whole = CRC32C.update(whole, [])
+        #expect(whole == CRC32C.checksum(bytes))
+        for start in 0..<9 {
+            let part = Array(bytes[start...])
+            let table = part.withUnsafeBytes { CCrashSim_crc32c_table(0, $0.baseAddress, $0.count) }
+            #expect(table == CRC32C.checksum(part), "from byte \(start)")
+        }
     }
 
     /// Invariant: a log is refused with a clear message when it is cut short, from another image, when
