@@ -23,11 +23,16 @@
 //
 // A read gathers the entries touching its chunks, newest first, copies what they cover and reads the gaps
 // from the device. Two locks: `state` guards the bookkeeping and is never held during device I/O;
-// `writeBack` is held by whoever moves entries to the device (eviction, flush, crash), so entries reach
-// the device in cache order, an entry is freed only once it is there, and a crash waits for a write-back
-// in progress to finish.
+// `writeBack` is held by whoever moves entries to the device (eviction, flush, crash), so overlapping
+// entries reach the device in cache order (others are written in parallel, as the front ends sent them),
+// an entry is freed only once it is there, and a crash waits for a write-back in progress to finish.
+//
+// What it costs: one more copy of every byte written (into the cache), which is what bounds sequential
+// writes on a machine whose memory bandwidth is the limit (docs/PERFORMANCE.md).
 
 import BlockIO
+import Dispatch
+import Synchronization
 
 #if canImport(Glibc)
 import Glibc
@@ -492,8 +497,21 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
     }
 
     /// With `writeBack` held: the batch (the oldest entries) goes to `inner`, then leaves the cache.
+    /// Entries that do not overlap are written in parallel, as the front ends sent them; overlapping ones
+    /// keep their order (a run ends before an entry that overlaps one in it).
     private func writeBackLocked(_ batch: [CachedWrite], flushing: Bool) throws {
-        for entry in batch { try entry.land(0..<entry.length, on: inner) }
+        for run in Self.overlapFreeRuns(batch) {
+            if run.count == 1 {
+                try batch[run.lowerBound].land(0..<batch[run.lowerBound].length, on: inner)
+                continue
+            }
+            let failure = Mutex<(any Error)?>(nil)
+            DispatchQueue.concurrentPerform(iterations: run.count) { i in
+                let entry = batch[run.lowerBound + i]
+                do { try entry.land(0..<entry.length, on: inner) } catch { failure.withLock { $0 = $0 ?? error } }
+            }
+            if let error = failure.withLock({ $0 }) { throw error }
+        }
         if flushing { try inner.flush() }
         state.withLock {
             for entry in batch {
@@ -515,8 +533,29 @@ public final class CrashSimDevice: BlockDevice, @unchecked Sendable {
     }
 }
 
-/// One cached request. `bytes` is owned by the cache and freed when the entry leaves it.
-struct CachedWrite {
+extension CrashSimDevice {
+    /// Splits `batch` into consecutive runs in which no two entries overlap.
+    static func overlapFreeRuns(_ batch: [CachedWrite]) -> [Range<Int>] {
+        var runs: [Range<Int>] = []
+        var start = 0
+        var taken: [UInt64: [Range<UInt64>]] = [:]  // chunk -> ranges of the current run touching it
+        for (i, entry) in batch.enumerated() {
+            let range = entry.offset..<entry.offset + entry.length
+            if entry.chunks.contains(where: { taken[$0]?.contains { $0.overlaps(range) } ?? false }) {
+                runs.append(start..<i)
+                start = i
+                taken = [:]
+            }
+            for chunk in entry.chunks { taken[chunk, default: []].append(range) }
+        }
+        if start < batch.count { runs.append(start..<batch.count) }
+        return runs
+    }
+}
+
+/// One cached request. `bytes` is owned by the cache and freed when the entry leaves it; until then it is
+/// only read, so write-back threads may share it.
+struct CachedWrite: @unchecked Sendable {
     enum Kind { case data, zeroes, zeroesMayUnmap, discard }
     var kind: Kind
     var offset: UInt64
