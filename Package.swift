@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
         .library(name: "RBD", targets: ["RBD"]),
+        .library(name: "CrashSim", targets: ["CrashSim"]),
         .executable(name: "vimg", targets: ["vimg"]),
         .executable(name: "vdisk", targets: ["vdisk"]),
     ],
@@ -64,15 +65,18 @@ let package = Package(
             dependencies: ["NBDProtocol", "BlockIO", "COpenSSL", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
-        .target(
+        // Power cuts and write logs for plugged disks: BlockDevice wrappers, the log format, replay.
+        .target(name: "CCrashSim"),
+        .target(name: "CrashSim", dependencies: ["BlockIO", "VImage", "ImageFormats", "CCrashSim"]),
+                .target(
             name: "VDiskBus",
-            dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "RBD", "FUSEExport", "CNBDLinux"]
+            dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "RBD", "FUSEExport", "CNBDLinux", "CrashSim"]
         ),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
             dependencies: [
-                "BlockIO", "VImage", "ImageFormats", "RBD",
+                "BlockIO", "VImage", "ImageFormats", "RBD", "CrashSim",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
@@ -80,7 +84,7 @@ let package = Package(
             name: "vdisk",
             dependencies: [
                 "CBlockIO", "BlockIO", "VImage", "ImageFormats", "RBD", "NBDServer", "NBDClient", "FUSEExport",
-                "VDiskBus",
+                "VDiskBus", "CrashSim",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -127,6 +131,10 @@ let package = Package(
         .testTarget(
             name: "CLITests",
             dependencies: ["VImage", "ImageFormats", "RBD", "BlockIO", "VImageTestSupport"]
+        ),
+        .testTarget(
+            name: "CrashSimTests",
+            dependencies: ["CrashSim", "CCrashSim", "BlockIO", "VImage", "ImageFormats", "VImageTestSupport"]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -1,4 +1,5 @@
 import BlockIO
+import CrashSim
 import Foundation
 import ImageFormats
 import RBD
@@ -14,6 +15,10 @@ struct OpenedBackend {
     var owned: [any BlockDevice]
     /// The canonical source: an absolute path, a URI, or "ram".
     var source: String
+    /// The simulated write cache in front of the disk (`--crash-sim`).
+    var crashSim: CrashSimDevice? = nil
+    /// The write recorder in front of the disk (`--record`).
+    var recorder: WriteRecorder? = nil
 
     func close() -> [String] {
         var problems: [String] = []
@@ -28,10 +33,48 @@ enum Backends {
     /// Sources that name a remote NBD export rather than a file (the `nbds` ones over TLS).
     static let remoteSchemes = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
 
-    /// Opens what `request` names. Nothing is left open when it throws.
+    /// Opens what `request` names, with the crash simulator and the write recorder in front of it when
+    /// asked for. Nothing is left open when it throws.
     /// - Parameter alongside: whether the bus already has this path open as a VIMG image (a snapshot of it
     ///   is then opened without the image's lock).
     static func open(_ request: PlugRequest, opener: BusOpener, alongside: (String) -> Bool) throws -> OpenedBackend {
+        let base = try openSource(request, opener: opener, alongside: alongside)
+        do {
+            return try wrapForCrashTesting(base, request)
+        } catch {
+            _ = base.close()
+            throw error
+        }
+    }
+
+    /// Stacks the crash-testing wrappers (`CrashTestingStack`) on an opened backend.
+    static func wrapForCrashTesting(_ base: OpenedBackend, _ request: PlugRequest) throws -> OpenedBackend {
+        guard request.crashSim != nil || request.record != nil else { return base }
+        guard !request.readOnly && request.snapshot == nil else {
+            throw BusError("--crash-sim and --record need a writable disk")
+        }
+        let stack = try CrashTestingStack(
+            on: base.device,
+            image: base.image,
+            crashSim: request.crashSim,
+            record: request.record
+        )
+        var wrapped = base
+        wrapped.device = stack.device
+        wrapped.crashSim = stack.crashSim
+        wrapped.recorder = stack.recorder
+        // The top of the stack closes everything below it, down to the backend's own device.
+        wrapped.owned = [stack.device] + base.owned.dropFirst()
+        wrapped.format += stack.formatSuffix
+        return wrapped
+    }
+
+    /// Opens what `request` names. Nothing is left open when it throws.
+    private static func openSource(
+        _ request: PlugRequest,
+        opener: BusOpener,
+        alongside: (String) -> Bool
+    ) throws -> OpenedBackend {
         var base: OpenedBackend
         if let size = request.ramSize {
             guard request.source == nil else { throw BusError("give either a source or --ram, not both") }

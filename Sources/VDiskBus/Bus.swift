@@ -156,6 +156,8 @@ public final class Bus: Sendable {
     public func handle(_ request: BusRequest) -> BusResponse {
         do {
             switch request.op {
+            case .crash, .mark:
+                return try handleCrashTesting(request)
             case .ping:
                 return BusResponse(ok: true, pid: getpid())
             case .list:
@@ -482,9 +484,13 @@ public final class Bus: Sendable {
                 }
             }
         }
-        // Flush while the front ends still hold the device, so nothing is in flight below them.
+        // Flush while the front ends still hold the device, so nothing is in flight below them. A disk
+        // whose power was cut has nothing left to flush: its image holds the post-crash state.
         var problems: [String] = []
-        do { try disk.counting.flush() } catch { problems.append("flush: \(error)") }
+        let crashed = disk.backend.crashSim?.hasCrashed ?? false
+        if !crashed {
+            do { try disk.counting.flush() } catch { problems.append("flush: \(error)") }
+        }
         problems += detach(disk)
         problems += disk.backend.close()
         disks.withLock { _ = $0.removeValue(forKey: disk.name) }
@@ -493,7 +499,9 @@ public final class Bus: Sendable {
         if !problems.isEmpty {
             throw BusError("'\(disk.name)' was unplugged, but: \(problems.joined(separator: "; "))")
         }
-        notes.append("unplugged \(disk.name)")
+        notes.append(
+            "unplugged \(disk.name)" + (crashed ? " (after its power cut; the image holds what survived)" : "")
+        )
         return notes
     }
 
@@ -556,8 +564,11 @@ public final class Bus: Sendable {
         guard persist else { return }
         let requests = disks.withLock { table in
             table.values.sorted { $0.name < $1.name }.compactMap { disk -> PlugRequest? in
-                // RAM disks and overlays hold nothing worth re-plugging after a restart.
-                guard disk.request.ramSize == nil, !disk.request.overlay else { return nil }
+                // RAM disks and overlays hold nothing worth re-plugging after a restart, and a recording
+                // cannot go on in a log that was closed.
+                guard disk.request.ramSize == nil, !disk.request.overlay, disk.request.record == nil else {
+                    return nil
+                }
                 var r = disk.request
                 r.name = disk.name
                 r.source = disk.backend.source

@@ -137,6 +137,8 @@ extension Vdisk {
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
+        @OptionGroup var crashTesting: CrashTestingOptions
+
         @OptionGroup var bus: BusOptions
 
         func validate() throws {
@@ -173,7 +175,7 @@ extension Vdisk {
                         against: FileManager.default.currentDirectoryPath
                     )
                 }
-                let request = PlugRequest(
+                var request = PlugRequest(
                     source: source,
                     ramSize: ram.flatMap(ByteSize.parse),
                     name: name,
@@ -185,8 +187,15 @@ extension Vdisk {
                     reconnectTimeout: reconnectTimeout,
                     bitmapFromSnapshots: snapshotRanges.isEmpty ? nil : snapshotRanges
                 )
+                request.crashSim = crashTesting.settings()
+                request.record = crashTesting.recordPath
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }
+                if let seed = request.crashSim?.seed {
+                    printToStandardError(
+                        "vdisk: \(disk.name): crash simulation, seed \(seed) ('vdisk crash \(disk.name)' cuts the power)"
+                    )
+                }
                 switch output {
                 case .json: print(try jsonString(disk))
                 case .human: print(disk.device ?? disk.nbdURI ?? disk.name)

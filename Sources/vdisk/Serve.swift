@@ -1,11 +1,13 @@
 import ArgumentParser
 import BlockIO
+import CrashSim
 import Dispatch
 import ImageFormats
 import Logging
 import NBDServer
 import NIOCore
 import RBD
+import VDiskBus
 import VImage
 
 #if canImport(Glibc)
@@ -124,6 +126,17 @@ extension Vdisk {
         @Flag(name: .shortAndLong, help: "Log connections (-v) and refused requests (-vv) to stderr.")
         var verbose: Int
 
+        @OptionGroup var crashTesting: CrashTestingOptions
+
+        @Option(
+            name: .customLong("control-socket"),
+            help: ArgumentHelp(
+                "Answer 'vdisk crash' and 'vdisk mark' (--control-socket PATH) on this unix socket.",
+                valueName: "path"
+            )
+        )
+        var controlSocket: String?
+
         @Argument(help: "The images to export.")
         var images: [String] = []
 
@@ -152,6 +165,14 @@ extension Vdisk {
             }
             for text in snapshotRanges {
                 do { _ = try SnapshotRange(parsing: text) } catch { throw ValidationError("\(error)") }
+            }
+            if crashTesting.crashSim || crashTesting.record != nil {
+                if readOnly || snapshot != nil {
+                    throw ValidationError("--crash-sim and --record need writable exports")
+                }
+                if crashTesting.record != nil && images.count > 1 {
+                    throw ValidationError("--record records a single image")
+                }
             }
             let names = exportNames
             if Set(names).count != names.count {
@@ -198,6 +219,8 @@ extension Vdisk {
 
             let writable = !readOnly && snapshot == nil
             var exports: [NBDExport] = []
+            var crashTestedExports: [String: CrashTestingStack] = [:]
+            let crashSettings = crashTesting.settings()
             do {
                 for (path, name) in zip(images, exportNames) {
                     // qcow2 is read-only in vdisk (for now): serve it read-only rather than refuse it.
@@ -205,26 +228,34 @@ extension Vdisk {
                     if readOnly && writable {
                         printError("vdisk serve: \(path) is qcow2, which vdisk serves read-only")
                     }
-                    let device = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
+                    let opened = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
+                    let stack: CrashTestingStack
                     let contexts: [NBDMetaContext]
                     do {
                         contexts = try MetaContexts.make(
-                            device: device,
-                            image: device as? VImage,
+                            device: opened,
+                            image: opened as? VImage,
                             bitmaps: bitmaps,
                             snapshotRanges: try snapshotRanges.map { try SnapshotRange(parsing: $0) },
                             changing: !readOnly,
                             path: path
                         )
+                        stack = try CrashTestingStack(
+                            on: opened,
+                            image: opened as? VImage,
+                            crashSim: crashSettings,
+                            record: crashTesting.recordPath
+                        )
                     } catch {
-                        try? device.close()
+                        try? opened.close()
                         throw error
                     }
+                    if stack.crashSim != nil || stack.recorder != nil { crashTestedExports[name] = stack }
                     exports.append(
                         NBDExport(
                             name: name,
                             description: (try? RBDSpec(parsing: path).description) ?? path,  // never a key=
-                            device: device,
+                            device: stack.device,
                             readOnly: readOnly,
                             metaContexts: contexts
                         )
@@ -280,6 +311,22 @@ extension Vdisk {
             }
             let addresses = server.boundAddresses.joined(separator: ", ")
             printToStandardError("vdisk: serving \(what) on \(addresses)\(security)")
+            for (name, wrapped) in crashTestedExports.sorted(by: { $0.key < $1.key }) {
+                printToStandardError("vdisk: '\(name)': \(wrapped)")
+            }
+            var control: ControlServer?
+            if let controlSocket {
+                do {
+                    let exports = crashTestedExports
+                    control = try ControlServer(path: controlSocket) { request in
+                        Self.answerControl(request, exports: exports, logger: logger)
+                    }
+                } catch {
+                    try? await server.shutdown()
+                    throw error
+                }
+            }
+            defer { control?.stop() }
 
             let statsTask: Task<Void, Never>? = statsFile.map { path in
                 let interval = statsInterval
@@ -302,6 +349,33 @@ extension Vdisk {
             defer { withExtendedLifetime(sources) {} }
             try await server.shutdown()
             if let statsFile { Self.writeStats(server.statsJSON(), to: statsFile) }
+        }
+
+        /// Answers a control request (`vdisk crash`, `vdisk mark`, a ping) for the exports.
+        private static func answerControl(
+            _ request: BusRequest,
+            exports: [String: CrashTestingStack],
+            logger: Logger
+        ) -> BusResponse {
+            if request.op == .ping { return BusResponse(ok: true, pid: getpid()) }
+            guard let name = request.target, let export = exports[name] else {
+                let known = exports.keys.sorted().map { "'\($0)'" }.joined(separator: ", ")
+                return .failure(
+                    "no export named '\(request.target ?? "")' is served with --crash-sim or --record"
+                        + (known.isEmpty ? "" : " (these are: \(known))")
+                )
+            }
+            do {
+                return try CrashControl.answer(
+                    request,
+                    disk: name,
+                    crashSim: export.crashSim,
+                    recorder: export.recorder,
+                    log: { logger.notice("\($0)") }
+                )
+            } catch {
+                return .failure("\(error)")
+            }
         }
 
         /// Delivers the given signals as a stream instead of letting them kill the process.

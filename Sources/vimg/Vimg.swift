@@ -19,7 +19,7 @@ struct Vimg: ParsableCommand {
         subcommands: [
             Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self,
             Resize.self, Compare.self, Convert.self, Measure.self, Bitmap.self, Diff.self, ExportDiff.self,
-            ImportDiff.self, Sparsify.self, Compact.self, RBDBreakLock.self,
+            ImportDiff.self, Sparsify.self, Compact.self, RBDBreakLock.self, Replay.self,
         ]
     )
 }
