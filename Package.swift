@@ -12,6 +12,8 @@ let package = Package(
         .library(name: "NBDProtocol", targets: ["NBDProtocol"]),
         .library(name: "NBDServer", targets: ["NBDServer"]),
         .library(name: "NBDClient", targets: ["NBDClient"]),
+        .library(name: "RBD", targets: ["RBD"]),
+        .library(name: "CrashSim", targets: ["CrashSim"]),
         .executable(name: "vimg", targets: ["vimg"]),
         .executable(name: "vdisk", targets: ["vdisk"]),
     ],
@@ -31,7 +33,10 @@ let package = Package(
         .systemLibrary(name: "CFUSE", pkgConfig: "fuse3", providers: [.apt(["libfuse3-dev"])]),
         // The NBD client's TLS: it is synchronous, and swift-nio-ssl only works inside NIO.
         .systemLibrary(name: "COpenSSL", pkgConfig: "openssl", providers: [.apt(["libssl-dev"])]),
+        // librados + librbd; Debian ships no pkg-config files for them, so the module map links them.
+        .systemLibrary(name: "CRBD", providers: [.apt(["librados-dev", "librbd-dev"])]),
         .target(name: "BlockIO", dependencies: ["CBlockIO"]),
+        .target(name: "RBD", dependencies: ["BlockIO", "CRBD"]),
         .target(
             name: "VImage",
             dependencies: ["BlockIO", "CLZ4"],
@@ -39,7 +44,7 @@ let package = Package(
             // about a tenth of a small read in release builds (debug builds keep them).
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
         ),
-        .target(name: "ImageFormats", dependencies: ["BlockIO", "VImage", "CZlib", "CZstd"]),
+        .target(name: "ImageFormats", dependencies: ["BlockIO", "VImage", "RBD", "CZlib", "CZstd"]),
         .target(
             name: "NBDProtocol",
             dependencies: [.product(name: "NIOCore", package: "swift-nio")]
@@ -60,21 +65,28 @@ let package = Package(
             dependencies: ["NBDProtocol", "BlockIO", "COpenSSL", .product(name: "NIOCore", package: "swift-nio")]
         ),
         .target(name: "FUSEExport", dependencies: ["CFUSE", "BlockIO"]),
+        // Power cuts and write logs for plugged disks: BlockDevice wrappers, the log format, replay.
+        .target(name: "CCrashSim"),
+        .target(name: "CrashSim", dependencies: ["BlockIO", "VImage", "ImageFormats", "CCrashSim"]),
         .target(
             name: "VDiskBus",
-            dependencies: ["BlockIO", "CBlockIO", "VImage", "ImageFormats", "FUSEExport", "CNBDLinux"]
+            dependencies: [
+                "BlockIO", "CBlockIO", "VImage", "ImageFormats", "RBD", "FUSEExport", "CNBDLinux", "CrashSim",
+            ]
         ),
         .target(name: "VImageTestSupport", dependencies: ["BlockIO", "VImage"]),
         .executableTarget(
             name: "vimg",
             dependencies: [
-                "BlockIO", "VImage", "ImageFormats", .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                "BlockIO", "VImage", "ImageFormats", "RBD", "CrashSim",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
             ]
         ),
         .executableTarget(
             name: "vdisk",
             dependencies: [
-                "CBlockIO", "BlockIO", "VImage", "ImageFormats", "NBDServer", "NBDClient", "FUSEExport", "VDiskBus",
+                "CBlockIO", "BlockIO", "VImage", "ImageFormats", "RBD", "NBDServer", "NBDClient", "FUSEExport",
+                "VDiskBus", "CrashSim",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
             ]
@@ -117,7 +129,15 @@ let package = Package(
             dependencies: ["ImageFormats", "VImage", "BlockIO", "VImageTestSupport"]
         ),
         .testTarget(name: "VDiskBusTests", dependencies: ["VDiskBus", "VImageTestSupport"]),
-        .testTarget(name: "CLITests", dependencies: ["VImage", "ImageFormats", "BlockIO", "VImageTestSupport"]),
+        .testTarget(name: "RBDTests", dependencies: ["RBD", "BlockIO", "VImageTestSupport"]),
+        .testTarget(
+            name: "CLITests",
+            dependencies: ["VImage", "ImageFormats", "RBD", "BlockIO", "VImageTestSupport"]
+        ),
+        .testTarget(
+            name: "CrashSimTests",
+            dependencies: ["CrashSim", "CCrashSim", "BlockIO", "VImage", "ImageFormats", "VImageTestSupport"]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )

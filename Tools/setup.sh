@@ -16,6 +16,9 @@ packages=(
     qemu-system-x86 busybox-static kmod  # the Linux guest of the guest lane (Tools/vm, Tools/vm-test.sh)
     openssl         # makes the CA and certificates of the TLS tests (vdisk serve --tls)
     libssl-dev      # TLS in the NBD client (nbds:// sources of vdisk plug)
+    librados-dev librbd-dev  # rbd: images (Sources/CRBD)
+    ceph-mon ceph-osd ceph-common  # the throwaway test cluster of Tools/ceph-cluster.sh, rbd and rados
+    qemu-block-extra  # qemu-img and qemu-nbd reach rbd: images (interop tests, Tools/bench-ceph.sh)
 )
 
 missing=()

@@ -12,12 +12,15 @@
 //              through `Qcow2Writer`.
 //   3. finish: the output is written under a temporary name in the destination's folder and renamed
 //              over the destination only when complete; on any failure the temporary file is removed.
+//              An `rbd:` destination (raw or VIMG) is a new RBD image, created under its own name (an
+//              existing one is refused) and removed again on any failure.
 //
 // The output is sparse: a unit that reads as zeroes is never allocated (raw files are ftruncated to size
 // first, so skipped ranges are holes).
 
 import BlockIO
 import Dispatch
+import RBD
 import Synchronization
 import VImage
 
@@ -86,17 +89,21 @@ public enum ImageConverter {
         }
         defer { try? backing?.close() }
 
+        if RBDSpec.isRBD(destination) {
+            try convert(
+                input,
+                backing: backing,
+                toRBD: RBDSpec(parsing: destination),
+                options: options,
+                progress: progress
+            )
+            return
+        }
         let temporary = temporaryName(for: destination)
         unlink(temporary)
         do {
             let sink = try makeSink(path: temporary, size: input.size, options: options, backing: backing)
-            do {
-                try copy(from: input, backing: backing, to: sink, options: options, progress: progress)
-                try sink.finish()
-            } catch {
-                sink.abandon()
-                throw error
-            }
+            try fill(sink, from: input, backing: backing, options: options, progress: progress)
             guard rename(temporary, destination) == 0 else {
                 throw ImageFormatError(
                     .io,
@@ -106,6 +113,71 @@ public enum ImageConverter {
             }
         } catch {
             unlink(temporary)
+            throw error
+        }
+    }
+
+    /// Converts into a new RBD image (raw: the guest's bytes; VIMG: an image file inside the RBD image).
+    private static func convert(
+        _ input: any BlockDevice,
+        backing: (any BlockDevice)?,
+        toRBD spec: RBDSpec,
+        options: ConvertOptions,
+        progress: (@Sendable (UInt64, UInt64) -> Void)?
+    ) throws {
+        guard options.outputFormat != .qcow2 else {
+            throw ImageFormatError(
+                .invalidArgument,
+                path: spec.description,
+                message: "qcow2 output into RBD is not supported"
+            )
+        }
+        // A new RBD image reads as zeroes, so raw output only writes data; VIMG output grows from nothing.
+        try RBDDevice.create(spec, size: options.outputFormat == .raw ? input.size : 0)
+        do {
+            let device = try RBDDevice.open(spec, readOnly: false)
+            let sink: any ConvertSink
+            do {
+                if options.outputFormat == .raw {
+                    sink = RawSink(
+                        device: device,
+                        path: spec.description,
+                        sparseSize: Int(min(options.sparseSize, 1 << 20))
+                    )
+                } else {
+                    device.allowGrowth()
+                    sink = try VImageSink(
+                        host: device,
+                        path: spec.description,
+                        size: input.size,
+                        options: options,
+                        backing: backing
+                    )
+                }
+            } catch {
+                try? device.close()
+                throw error
+            }
+            try fill(sink, from: input, backing: backing, options: options, progress: progress)
+        } catch {
+            try? RBDDevice.remove(spec)
+            throw error
+        }
+    }
+
+    /// Copies `input` into `sink` and finishes it; on failure the sink is abandoned.
+    private static func fill(
+        _ sink: any ConvertSink,
+        from input: any BlockDevice,
+        backing: (any BlockDevice)?,
+        options: ConvertOptions,
+        progress: (@Sendable (UInt64, UInt64) -> Void)?
+    ) throws {
+        do {
+            try copy(from: input, backing: backing, to: sink, options: options, progress: progress)
+            try sink.finish()
+        } catch {
+            sink.abandon()
             throw error
         }
     }
@@ -292,14 +364,24 @@ protocol ConvertSink: Sendable {
 
 /// A sparse raw file: ftruncated to size, then only non-zero runs written. Plain pwrite on a descriptor
 /// of its own: `FileDevice.close` syncs, and like qemu-img convert this leaves writeback to the kernel.
+/// Or a new device that reads as zeroes (an RBD image), written the same way through `BlockDevice.write`.
 final class RawSink: ConvertSink, @unchecked Sendable {
     let path: String
     let fd: Int32
+    let device: (any BlockDevice)?
     let sparseSize: Int
     var unitSize: Int { 1 << 20 }
 
+    init(device: any BlockDevice, path: String, sparseSize: Int) {
+        self.path = path
+        self.fd = -1
+        self.device = device
+        self.sparseSize = sparseSize
+    }
+
     init(path: String, size: UInt64, sparseSize: Int) throws {
         self.path = path
+        device = nil
         fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard fd >= 0 else {
             throw ImageFormatError(.io, path: path, message: "cannot create: \(describeErrno(errno))")
@@ -313,6 +395,10 @@ final class RawSink: ConvertSink, @unchecked Sendable {
     }
 
     private func put(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
+        if let device {
+            try device.write(data, at: offset, fua: false)
+            return
+        }
         var done = 0
         while done < data.count {
             let n = pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + UInt64(done)))
@@ -357,12 +443,15 @@ final class RawSink: ConvertSink, @unchecked Sendable {
     func writeZeroes(unit index: UInt64, length: Int) throws {}
 
     func finish() throws {
+        if let device { return try device.close() }
         guard Glibc.close(fd) == 0 else {
             throw ImageFormatError(.io, path: path, message: "close failed: \(describeErrno(errno))")
         }
     }
 
-    func abandon() { Glibc.close(fd) }
+    func abandon() {
+        if let device { try? device.close() } else { Glibc.close(fd) }
+    }
 }
 
 /// A new VIMG image, optionally LZ4-compressed, optionally a clone over the backing file.
@@ -372,23 +461,42 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
     let unitSize: Int
     let size: UInt64
 
-    init(path: String, size: UInt64, options: ConvertOptions, backing: (any BlockDevice)?) throws {
-        let bits = options.clusterBits ?? 16
-        try VImage.create(
-            path: path,
-            virtualSize: size,
-            options: .init(
-                clusterBits: bits,
-                backingFile: options.backingFile,
-                backingFormat: options.backingFormat?.rawValue,
-                checksums: options.checksums
-            )
-        )
+    convenience init(path: String, size: UInt64, options: ConvertOptions, backing: (any BlockDevice)?) throws {
         let file = try withPath(path) {
-            try FileDevice.open(path: path, readOnly: false, growable: true, lock: .exclusive)
+            try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive)
         }
-        // The output is renamed into place only when complete, so by default (as qemu-img convert's
-        // cache=unsafe) its metadata steps are not synced one by one; `syncOutput` makes them durable.
+        try self.init(host: file, path: path, size: size, options: options, backing: backing)
+    }
+
+    /// A new image on `host` (empty, growable), which the sink then owns.
+    init(
+        host file: any BlockDevice,
+        path: String,
+        size: UInt64,
+        options: ConvertOptions,
+        backing: (any BlockDevice)?
+    )
+        throws
+    {
+        let bits = options.clusterBits ?? 16
+        do {
+            try VImage.create(
+                on: file,
+                virtualSize: size,
+                options: .init(
+                    clusterBits: bits,
+                    backingFile: options.backingFile,
+                    backingFormat: options.backingFormat?.rawValue,
+                    checksums: options.checksums
+                )
+            )
+        } catch {
+            try? file.close()
+            throw error
+        }
+        // The output is unusable until complete (renamed into place, or removed on failure), so by default
+        // (as qemu-img convert's cache=unsafe) its metadata steps are not synced one by one; `syncOutput`
+        // makes them durable.
         let host: any BlockDevice = options.syncOutput ? file : UnsyncedDevice(file)
         do {
             // The backing device is opened by the converter (it may be qcow2, which VImage cannot open).

@@ -5,6 +5,11 @@
 // open images here, so a VIMG clone over qcow2 over raw (at any depth up to 32) opens the same way
 // everywhere, and `VImage` itself knows nothing of qcow2: it is handed `openBacking` as its opener.
 //
+// An image name is a file path or an `rbd:` name (an image in a Ceph cluster, `RBD.RBDSpec`): `openStorage`
+// turns either into the device an image format sits on, so every format, chain and command works on both,
+// and a local clone may sit on a golden image in the cluster. An `rbd:` backing name is used as it is,
+// never resolved against the clone's folder.
+//
 // A chain is opened without recursion, so a crafted chain cannot deepen the stack:
 //
 //   walk down (headers only):  child ──► level 1 ──► level 2 ──► ... ──► raw / no backing name
@@ -13,6 +18,7 @@
 //   open up:                   bottom level first, each opened over the one below, which it then owns
 
 import BlockIO
+import RBD
 import VImage
 
 #if canImport(Glibc)
@@ -61,33 +67,99 @@ public enum ImageFormats {
     ///     must be opened read-only.
     ///   - snapshot: read an internal snapshot (by name; qcow2 also by id) instead of the active state
     ///     (read-only).
+    ///   - rbd: timeouts for `rbd:` images (the whole chain).
     /// - Returns: a device whose `size` is the guest (virtual) size.
-    /// - Throws: `ImageFormatError`, `VImageError` or `BlockIOError` with a clear message.
+    /// - Throws: `ImageFormatError`, `VImageError`, `BlockIOError` or `RBDError` with a clear message.
     public static func open(
         path: String,
         format: Format? = nil,
         readOnly: Bool,
-        snapshot: String? = nil
+        snapshot: String? = nil,
+        rbd: RBDOptions = .init()
     ) throws -> any BlockDevice {
+        if RBDSpec.isRBD(path) {
+            return try openRBD(path: path, format: format, readOnly: readOnly, snapshot: snapshot, rbd: rbd)
+        }
         switch try format ?? probe(path: path) {
         case .raw:
             if snapshot != nil {
                 throw ImageFormatError(.invalidArgument, path: path, message: "raw images have no snapshots")
             }
-            return try withPath(path) {
-                try FileDevice.open(path: path, readOnly: readOnly, lock: readOnly ? .shared : .exclusive)
-            }
+            return try openStorage(path: path, readOnly: readOnly, lock: readOnly ? .shared : .exclusive)
         case .vimg:
             return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot)
         case .qcow2:
-            guard readOnly else {
-                throw ImageFormatError(
-                    .readOnly,
-                    path: path,
-                    message: "qcow2 images can only be opened read-only (convert them to VIMG to write)"
-                )
-            }
+            guard readOnly else { throw qcow2ReadOnly(path) }
             return try openQcow2(path: path, snapshot: snapshot)
+        }
+    }
+
+    /// An image in a Ceph cluster: the RBD image is opened once, probed, and the format opened over it.
+    private static func openRBD(
+        path: String,
+        format: Format?,
+        readOnly: Bool,
+        snapshot: String?,
+        rbd: RBDOptions
+    ) throws -> any BlockDevice {
+        if format == .qcow2 && !readOnly { throw qcow2ReadOnly(path) }
+        let device = try RBDDevice.open(RBDSpec(parsing: path), readOnly: readOnly, options: rbd)
+        do {
+            switch try format ?? probe(device: device, path: path) {
+            case .raw:
+                if snapshot != nil {
+                    throw ImageFormatError(
+                        .invalidArgument,
+                        path: path,
+                        message:
+                            "a raw RBD image has no internal snapshots; name an RBD snapshot as rbd:POOL/IMAGE@SNAP"
+                    )
+                }
+                return device
+            case .vimg:
+                device.allowGrowth()
+                return try VImage.open(
+                    owning: device,
+                    path: path,
+                    readOnly: readOnly,
+                    snapshot: snapshot,
+                    backingOpener: { try openBacking($0, rbd: rbd) }
+                )
+            case .qcow2:
+                guard readOnly else { throw qcow2ReadOnly(path) }
+                return try openQcow2(file: device, path: path, snapshot: snapshot, rbd: rbd)
+            }
+        } catch {
+            try? device.close()
+            throw error
+        }
+    }
+
+    private static func qcow2ReadOnly(_ path: String) -> ImageFormatError {
+        ImageFormatError(
+            .readOnly,
+            path: path,
+            message: "qcow2 images can only be opened read-only (convert them to VIMG to write)"
+        )
+    }
+
+    /// The storage an image name refers to, without any format on top: the file at `path`, or the RBD image
+    /// an `rbd:` name names (whose writers take its exclusive lock whatever `lock` says).
+    /// - Parameter growable: for an image format's host file: writes may extend it (see `FileDevice`).
+    public static func openStorage(
+        path: String,
+        readOnly: Bool,
+        growable: Bool = false,
+        lock: FileDevice.LockMode = .none,
+        rbd: RBDOptions = .init()
+    ) throws -> any BlockDevice {
+        if RBDSpec.isRBD(path) {
+            let device = try RBDDevice.open(RBDSpec(parsing: path), readOnly: readOnly, options: rbd)
+            if growable { device.allowGrowth() }
+            return device
+        }
+        return try withPath(path) {
+            try FileDevice.open(path: path, readOnly: readOnly, growable: growable, lock: lock)
         }
     }
 
@@ -99,33 +171,56 @@ public enum ImageFormats {
         readOnly: Bool,
         snapshot: String? = nil,
         options: VImage.OpenOptions = .init(),
-        alongsideWriter: Bool = false
+        alongsideWriter: Bool = false,
+        rbd: RBDOptions = .init()
     ) throws -> VImage {
-        if alongsideWriter, let snapshot {
+        let opener: BackingOpener = { try openBacking($0, rbd: rbd) }
+        if alongsideWriter, let snapshot, !RBDSpec.isRBD(path) {
             return try VImage.openSnapshotAlongsideWriter(
                 path: path,
                 snapshot: snapshot,
                 options: options,
-                backingOpener: openBacking
+                backingOpener: opener
             )
         }
+        let readOnly = readOnly || snapshot != nil
+        let host = try openStorage(
+            path: path,
+            readOnly: readOnly,
+            growable: true,
+            lock: readOnly ? .shared : .exclusive,
+            rbd: rbd
+        )
         return try VImage.open(
+            owning: host,
             path: path,
             readOnly: readOnly,
             snapshot: snapshot,
             options: options,
-            backingOpener: openBacking
+            backingOpener: opener
         )
     }
 
     /// Opens a qcow2 image and its backing chain.
     public static func openQcow2(path: String, snapshot: String? = nil) throws -> Qcow2Image {
-        let file = try withPath(path) { try FileDevice.open(path: path, readOnly: true, lock: .shared) }
+        try openQcow2(file: openStorage(path: path, readOnly: true, lock: .shared), path: path, snapshot: snapshot)
+    }
+
+    /// Opens a qcow2 image stored on `file` (which it then owns) and its backing chain.
+    static func openQcow2(
+        file: any BlockDevice,
+        path: String,
+        snapshot: String?,
+        rbd: RBDOptions = .init()
+    ) throws -> Qcow2Image {
         var backing: (any BlockDevice)? = nil
         do {
             let header = try Qcow2Header.read(from: file, path: path)
             if let name = header.backingFile {
-                backing = try openBacking(BackingReference(name: name, format: header.backingFormat, imagePath: path))
+                backing = try openBacking(
+                    BackingReference(name: name, format: header.backingFormat, imagePath: path),
+                    rbd: rbd
+                )
             }
             return try Qcow2Image(file: file, path: path, snapshot: snapshot, backing: backing)
         } catch {
@@ -138,10 +233,15 @@ public enum ImageFormats {
     /// Opens the backing chain a clone names, read-only, and returns its top level: the `BackingOpener`
     /// every VIMG image is opened with.
     public static func openBacking(_ reference: BackingReference) throws -> any BlockDevice {
-        let top = reference.imagePath.map { canonicalPath($0) ?? $0 }
+        try openBacking(reference, rbd: .init())
+    }
+
+    /// `openBacking` with timeouts for the `rbd:` images of the chain.
+    public static func openBacking(_ reference: BackingReference, rbd: RBDOptions) throws -> any BlockDevice {
+        let top = reference.imagePath.map(identity)
         let levels: [ChainLevel]
         do {
-            levels = try backingLevels(from: reference, excluding: top.map { [$0] } ?? [])
+            levels = try backingLevels(from: reference, excluding: top.map { [$0] } ?? [], rbd: rbd)
         } catch let failure as BackingChainError {
             throw failure.error
         }
@@ -150,7 +250,7 @@ public enum ImageFormats {
             for level in levels.reversed() {
                 let below = device
                 device = nil
-                device = try openLevel(level, over: below)
+                device = try openLevel(level, over: below, rbd: rbd)
             }
         } catch {
             try? device?.close()
@@ -160,16 +260,21 @@ public enum ImageFormats {
     }
 
     /// Opens one chain level read-only over the (already open) level below, which it then owns.
-    private static func openLevel(_ level: ChainLevel, over below: (any BlockDevice)?) throws -> any BlockDevice {
+    private static func openLevel(
+        _ level: ChainLevel,
+        over below: (any BlockDevice)?,
+        rbd: RBDOptions
+    ) throws -> any BlockDevice {
         var taken = false
         do {
             switch level.format {
             case .raw:
                 try? below?.close()  // a raw level ends a chain: nothing is below it
                 taken = true
-                return try withPath(level.path) { try FileDevice.open(path: level.path, readOnly: true, lock: .shared) }
+                return try openStorage(path: level.path, readOnly: true, lock: .shared, rbd: rbd)
             case .vimg:
                 return try VImage.open(
+                    owning: openStorage(path: level.path, readOnly: true, growable: true, lock: .shared, rbd: rbd),
                     path: level.path,
                     readOnly: true,
                     backingOpener: { _ in
@@ -185,9 +290,7 @@ public enum ImageFormats {
                     }
                 )
             case .qcow2:
-                let file = try withPath(level.path) {
-                    try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
-                }
+                let file = try openStorage(path: level.path, readOnly: true, lock: .shared, rbd: rbd)
                 do {
                     taken = true
                     return try Qcow2Image(file: file, path: level.path, backing: below)
@@ -209,14 +312,26 @@ public enum ImageFormats {
     /// - Throws: `BackingChainError`.
     public static func backingLevels(
         from reference: BackingReference,
-        excluding: Set<String> = []
+        excluding: Set<String> = [],
+        rbd: RBDOptions = .init()
     ) throws -> [ChainLevel] {
         var levels: [ChainLevel] = []
         var seen = excluding
         var next: BackingReference? = reference
         while let ref = next {
             let resolved = ref.resolvedPath
-            guard access(resolved, F_OK) == 0 else {
+            if let parent = ref.imagePath, RBDSpec.isRBD(parent), !RBDSpec.isRBD(ref.name), !ref.name.hasPrefix("/") {
+                throw BackingChainError(
+                    kind: .other,
+                    error: ImageFormatError(
+                        .invalidImage,
+                        path: parent,
+                        message:
+                            "backing file '\(ref.name)' is relative, but the image is in a Ceph cluster: name it rbd:POOL/IMAGE or by an absolute path"
+                    )
+                )
+            }
+            guard RBDSpec.isRBD(resolved) || access(resolved, F_OK) == 0 else {
                 throw BackingChainError(
                     kind: .missing,
                     error: ImageFormatError(
@@ -226,7 +341,7 @@ public enum ImageFormats {
                     )
                 )
             }
-            let canonical = canonicalPath(resolved) ?? resolved
+            let canonical = identity(resolved)
             guard seen.insert(canonical).inserted else {
                 throw BackingChainError(
                     kind: .loop,
@@ -259,12 +374,22 @@ public enum ImageFormats {
                     }
                     format = named
                 } else {
-                    format = try probe(path: resolved)
+                    format = try probe(path: resolved, rbd: rbd)
                 }
                 levels.append(ChainLevel(path: resolved, format: format))
-                next = try backingReference(of: resolved, format: format)
+                next = try backingReference(of: resolved, format: format, rbd: rbd)
             } catch let error as ImageFormatError {
                 throw BackingChainError(kind: .other, error: error)
+            } catch let error as RBDError {
+                throw BackingChainError(
+                    kind: error.code == .imageNotFound || error.code == .snapshotNotFound ? .missing : .other,
+                    error: ImageFormatError(
+                        .notFound,
+                        path: ref.imagePath,
+                        message: "backing file: \(error)",
+                        cause: error
+                    )
+                )
             } catch {
                 throw BackingChainError(
                     kind: .other,
@@ -277,13 +402,17 @@ public enum ImageFormats {
 
     /// The backing file an image names, read from its header alone (nil for raw images and for images
     /// without one).
-    public static func backingReference(of path: String, format: Format) throws -> BackingReference? {
+    public static func backingReference(
+        of path: String,
+        format: Format,
+        rbd: RBDOptions = .init()
+    ) throws -> BackingReference? {
         switch format {
         case .raw:
             return nil
         case .vimg:
             let header = try withPath(path) { () -> ImageHeader in
-                let file = try FileDevice.open(path: path, readOnly: true)
+                let file = try openStorage(path: path, readOnly: true, rbd: rbd)
                 defer { try? file.close() }
                 let bytes = try file.read(count: Int(min(file.size, 2 << 20)), at: 0)
                 return try ImageHeader.decode(bytes)
@@ -293,7 +422,7 @@ public enum ImageFormats {
             }
         case .qcow2:
             let header = try withPath(path) { () -> Qcow2Header in
-                let file = try FileDevice.open(path: path, readOnly: true)
+                let file = try openStorage(path: path, readOnly: true, rbd: rbd)
                 defer { try? file.close() }
                 return try Qcow2Header.read(from: file, path: path)
             }
@@ -303,17 +432,29 @@ public enum ImageFormats {
 
     // MARK: Formats
 
-    /// Guesses a file's format from its magic bytes.
-    public static func probe(path: String) throws -> Format {
+    /// Guesses an image's format from its magic bytes.
+    public static func probe(path: String, rbd: RBDOptions = .init()) throws -> Format {
+        let file = try openStorage(path: path, readOnly: true, rbd: rbd)
+        defer { try? file.close() }
+        return try probe(device: file, path: path)
+    }
+
+    /// Guesses the format of the image stored on `device` from its magic bytes.
+    static func probe(device: any BlockDevice, path: String) throws -> Format {
         try withPath(path) {
-            let file = try FileDevice.open(path: path, readOnly: true)
-            defer { try? file.close() }
-            guard file.size >= 4 else { return .raw }
-            let magic = try file.read(count: 4, at: 0)
+            guard device.size >= 4 else { return .raw }
+            let magic = try device.read(count: 4, at: 0)
             if magic == ImageHeader.magicBytes { return .vimg }
             if magic == Qcow2Header.magic { return .qcow2 }
             return .raw
         }
+    }
+
+    /// What identifies an image in a chain, to catch loops: a file's canonical path, an RBD image's name
+    /// without options.
+    public static func identity(_ path: String) -> String {
+        if RBDSpec.isRBD(path) { return (try? RBDSpec(parsing: path).description) ?? path }
+        return canonicalPath(path) ?? path
     }
 
     /// Parses a format name (`raw`, `vimg`, `qcow2`).
@@ -334,9 +475,7 @@ public enum ImageFormats {
         case .raw:
             throw ImageFormatError(.invalidArgument, path: path, message: "raw images have no metadata to check")
         case .vimg:
-            let file = try withPath(path) {
-                try FileDevice.open(path: path, readOnly: true, growable: true, lock: .shared)
-            }
+            let file = try openStorage(path: path, readOnly: true, growable: true, lock: .shared)
             defer { try? file.close() }
             var report = ImageCheck.check(host: file)
             checkBackingChain(of: path, report: &report)
@@ -349,9 +488,7 @@ public enum ImageFormats {
     ///   - mode: `.leaks` or `.all`.
     ///   - dryRun: report what would be done, change nothing.
     public static func repair(path: String, mode: RepairMode, dryRun: Bool = false) throws -> RepairResult {
-        let host = try withPath(path) {
-            try FileDevice.open(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive)
-        }
+        let host = try openStorage(path: path, readOnly: dryRun, growable: true, lock: dryRun ? .shared : .exclusive)
         defer { try? host.close() }
         var result = try withPath(path) { try ImageCheck.repair(host: host, mode: mode, dryRun: dryRun) }
         checkBackingChain(of: path, report: &result.before)
@@ -366,7 +503,7 @@ public enum ImageFormats {
     static func checkBackingChain(of path: String, report: inout CheckReport) {
         guard let reference = try? backingReference(of: path, format: .vimg) else { return }
         do {
-            _ = try backingLevels(from: reference, excluding: [canonicalPath(path) ?? path])
+            _ = try backingLevels(from: reference, excluding: [identity(path)])
         } catch let failure as BackingChainError {
             report.add(.info, failure.kind.rawValue, failure.error.message)
             report.checkErrors += 1

@@ -209,6 +209,22 @@ public enum NBDBaseAllocation {
     public static let zero: UInt32 = 1 << 1
 }
 
+/// The `qemu:` namespace (registered with the NBD project, defined in qemu's docs/interop/nbd.rst): dirty
+/// bitmaps and the allocation depth of a backing chain.
+public enum NBDQemuContext {
+    public static let namespace = "qemu:"
+    /// `qemu:dirty-bitmap:NAME`, one context per bitmap; also the LIST wildcard for all of them.
+    public static let dirtyBitmapPrefix = "qemu:dirty-bitmap:"
+    /// `qemu:allocation-depth`: the whole 32-bit status is the layer that provides the data (0 for none,
+    /// 1 for the image itself, 2 for its backing image, and so on).
+    public static let allocationDepth = "qemu:allocation-depth"
+    /// The one flag of a dirty-bitmap context: the extent may have changed.
+    public static let dirty: UInt32 = 1 << 0
+
+    /// The context name of a dirty bitmap.
+    public static func dirtyBitmap(_ name: String) -> String { dirtyBitmapPrefix + name }
+}
+
 /// An NBD error code, as carried by replies. The values are the Linux errno values the spec names, but
 /// the wire set is closed: anything else travels as `EIO` (see `init(errno:)`).
 public struct NBDErrorCode: RawRepresentable, Sendable, Hashable, CustomStringConvertible {

@@ -40,12 +40,55 @@ public struct NBDExportDescription: Sendable, Hashable {
     public var size: UInt64
     /// The transmission flags to advertise (`hasFlags` is added when sent).
     public var flags: NBDTransmissionFlags
+    /// The metadata contexts offered besides `base:allocation`, which every export has. Context ids follow
+    /// this order: `base:allocation` is 1, `metaContexts[i]` is `i + 2`.
+    public var metaContexts: [String]
 
-    public init(name: String, description: String = "", size: UInt64, flags: NBDTransmissionFlags) {
+    public init(
+        name: String,
+        description: String = "",
+        size: UInt64,
+        flags: NBDTransmissionFlags,
+        metaContexts: [String] = []
+    ) {
         self.name = name
         self.description = description
         self.size = size
         self.flags = flags
+        self.metaContexts = metaContexts
+    }
+
+    /// Every context the export offers, in id order (the id of `allMetaContexts[i]` is `i + 1`).
+    public var allMetaContexts: [String] { [NBDBaseAllocation.name] + metaContexts }
+
+    /// The name of the context with this id, if the export has one.
+    public func metaContextName(id: UInt32) -> String? {
+        let all = allMetaContexts
+        guard id >= 1, id <= all.count else { return nil }
+        return all[Int(id) - 1]
+    }
+
+    /// The ids of the contexts `queries` name. SET selects exact names only (the spec says a wildcard
+    /// should select nothing there, and unknown names are ignored); LIST also takes the wildcards
+    /// `NAMESPACE:` (every context of the namespace) and `qemu:dirty-bitmap:` (every bitmap), as qemu
+    /// does, and no query at all lists everything.
+    public func metaContextIDs(matching queries: [String], listing: Bool) -> [UInt32] {
+        let all = allMetaContexts
+        if listing && queries.isEmpty { return (1...UInt32(all.count)).map { $0 } }
+        // A set, and one lookup per context and form: a client may send thousands of queries.
+        let wanted = Set(queries)
+        var ids: [UInt32] = []
+        for (index, name) in all.enumerated() {
+            var matches = wanted.contains(name)
+            if listing && !matches, let colon = name.firstIndex(of: ":") {
+                matches =
+                    wanted.contains(String(name[...colon]))
+                    || (name.hasPrefix(NBDQemuContext.dirtyBitmapPrefix)
+                        && wanted.contains(NBDQemuContext.dirtyBitmapPrefix))
+            }
+            if matches { ids.append(UInt32(index + 1)) }
+        }
+        return ids
     }
 }
 
@@ -56,20 +99,29 @@ public struct NBDSession: Sendable, Hashable {
     public var clientFlags: NBDClientFlags
     /// The client negotiated `NBD_OPT_STRUCTURED_REPLY`.
     public var structuredReplies: Bool
-    /// The id of `base:allocation` if the client selected it for this export.
-    public var baseAllocationContextID: UInt32?
+    /// The ids of the metadata contexts the client selected for this export, ascending (see
+    /// `NBDExportDescription.allMetaContexts`); BLOCK_STATUS answers one chunk for each.
+    public var metaContextIDs: [UInt32]
 
     public init(
         export: NBDExportDescription,
         clientFlags: NBDClientFlags = .known,
         structuredReplies: Bool = false,
-        baseAllocationContextID: UInt32? = nil
+        metaContextIDs: [UInt32] = []
     ) {
         self.export = export
         self.clientFlags = clientFlags
         self.structuredReplies = structuredReplies
-        self.baseAllocationContextID = baseAllocationContextID
+        self.metaContextIDs = metaContextIDs
     }
+
+    /// The id of `base:allocation` if the client selected it.
+    public var baseAllocationContextID: UInt32? {
+        metaContextIDs.contains(NBDBaseAllocation.contextID) ? NBDBaseAllocation.contextID : nil
+    }
+
+    /// The names of the selected contexts, in id order.
+    public var metaContextNames: [String] { metaContextIDs.compactMap { export.metaContextName(id: $0) } }
 }
 
 /// A message the server sends during the handshake.
@@ -153,8 +205,8 @@ public struct NBDHandshakeStateMachine: Sendable {
     /// True once STARTTLS was acknowledged: from then on every byte travels over TLS.
     public private(set) var isTLSActive = false
     private var structuredReplies = false
-    /// The export the client's last SET_META_CONTEXT was for, and whether it selected `base:allocation`.
-    private var metaContextSelection: (export: String, baseAllocation: Bool)?
+    /// The export the client's last SET_META_CONTEXT was for, and the ids of the contexts it selected.
+    private var metaContextSelection: (export: String, ids: [UInt32])?
 
     public init(exports: [NBDExportDescription], tls: NBDTLSPolicy = .unavailable) {
         self.exports = exports
@@ -372,32 +424,34 @@ public struct NBDHandshakeStateMachine: Sendable {
             guard let nameLength = cursor.uint32(), nameLength <= NBDLimits.maximumString,
                 let nameBytes = cursor.bytes(Int(nameLength)), let count = cursor.uint32()
             else { return [error(.errInvalid, "malformed \(option) request")] }
+            // Queries are bounded three ways: each is an NBD string (at most 4096 bytes, checked before it
+            // is read), and their number by the option's length (64 KiB, 4 bytes each at least), so the loop
+            // ends when the data does whatever `count` claims. A query that is not UTF-8 names no context:
+            // it is ignored, as the spec asks for queries the server does not understand.
             var queries: [String] = []
             for _ in 0..<count {
-                guard let length = cursor.uint32(), let bytes = cursor.bytes(Int(length)) else {
+                guard let length = cursor.uint32() else { return [error(.errInvalid, "malformed \(option) request")] }
+                guard length <= NBDLimits.maximumString else { return [error(.errTooBig, "query too long")] }
+                guard let bytes = cursor.bytes(Int(length)) else {
                     return [error(.errInvalid, "malformed \(option) request")]
                 }
-                guard length <= NBDLimits.maximumString else { return [error(.errTooBig, "query too long")] }
-                queries.append(String(decoding: bytes, as: UTF8.self))
+                if let query = String(validating: bytes, as: UTF8.self) { queries.append(query) }
             }
             guard cursor.isAtEnd, let name = String(validating: nameBytes, as: UTF8.self) else {
                 return [error(.errInvalid, "malformed \(option) request")]
             }
-            guard export(named: name) != nil else { return [error(.errUnknown, "no export named '\(name)'")] }
-            let matches: Bool
-            if isSet {
-                matches = queries.contains(NBDBaseAllocation.name)
-                metaContextSelection = (export: name, baseAllocation: matches)
-            } else {
-                // LIST with no query lists everything; "base:" asks for the whole namespace.
-                matches = queries.isEmpty || queries.contains(NBDBaseAllocation.name) || queries.contains("base:")
+            guard let export = export(named: name) else {
+                return [error(.errUnknown, "no export named '\(name)'")]
             }
+            // LIST with no query lists everything; with only ignored queries, nothing.
+            let ids = count > 0 && queries.isEmpty ? [] : export.metaContextIDs(matching: queries, listing: !isSet)
+            if isSet { metaContextSelection = (export: name, ids: ids) }
             var actions: [Action] = []
-            if matches {
+            for id in ids {
                 var payload: [UInt8] = []
-                // LIST's context ids are reserved and should be zero; SET hands out the real one.
-                payload.appendBigEndian(isSet ? NBDBaseAllocation.contextID : 0)
-                payload += Array(NBDBaseAllocation.name.utf8)
+                // LIST's context ids are reserved and should be zero; SET hands out the real ones.
+                payload.appendBigEndian(isSet ? id : 0)
+                payload += Array((export.metaContextName(id: id) ?? "").utf8)
                 actions.append(reply(.metaContext, payload))
             }
             actions.append(reply(.ack))
@@ -437,17 +491,17 @@ public struct NBDHandshakeStateMachine: Sendable {
     {
         // A meta context selection is only valid for the export it named (the spec asks servers to forget a
         // selection made for another export).
-        var contextID: UInt32? = nil
-        if structuredReplies, let selection = metaContextSelection, selection.baseAllocation,
+        var ids: [UInt32] = []
+        if structuredReplies, let selection = metaContextSelection,
             self.export(named: selection.export)?.name == export.name
         {
-            contextID = NBDBaseAllocation.contextID
+            ids = selection.ids
         }
         return NBDSession(
             export: export,
             clientFlags: clientFlags,
             structuredReplies: structuredReplies,
-            baseAllocationContextID: contextID
+            metaContextIDs: ids
         )
     }
 }

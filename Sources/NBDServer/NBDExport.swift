@@ -13,17 +13,31 @@ public final class NBDExport: Sendable {
     public let device: any BlockDevice
     /// Refuse writes even if the device accepts them.
     public let isReadOnly: Bool
+    /// The metadata contexts offered besides `base:allocation` (which comes from the device's extents).
+    public let metaContexts: [NBDMetaContext]
     public let stats = NBDExportStats()
 
     /// - Parameters:
     ///   - name: the export name clients ask for (the first export is also the default, "").
     ///   - description: shown by `nbdinfo --list`.
     ///   - readOnly: export read-only even if the device is writable.
-    public init(name: String, description: String = "", device: any BlockDevice, readOnly: Bool = false) {
+    ///   - metaContexts: more contexts for `NBD_CMD_BLOCK_STATUS`, such as dirty bitmaps; names are unique,
+    ///     not `base:allocation`, and valid NBD strings (at most 4096 bytes).
+    public init(
+        name: String,
+        description: String = "",
+        device: any BlockDevice,
+        readOnly: Bool = false,
+        metaContexts: [NBDMetaContext] = []
+    ) {
+        let names = [NBDBaseAllocation.name] + metaContexts.map(\.name)
+        precondition(Set(names).count == names.count, "metadata context names must be unique")
+        precondition(names.allSatisfy { $0.utf8.count <= NBDLimits.maximumString }, "context name too long")
         self.name = name
         self.description = description
         self.device = device
         self.isReadOnly = readOnly || device.capabilities.contains(.readOnly)
+        self.metaContexts = metaContexts
     }
 
     /// The transmission flags this export advertises, derived from the device's capabilities.
@@ -48,7 +62,61 @@ public final class NBDExport: Sendable {
 
     /// What the handshake tells clients about this export.
     public var negotiationDescription: NBDExportDescription {
-        NBDExportDescription(name: name, description: description, size: device.size, flags: transmissionFlags)
+        NBDExportDescription(
+            name: name,
+            description: description,
+            size: device.size,
+            flags: transmissionFlags,
+            metaContexts: metaContexts.map(\.name)
+        )
+    }
+
+    /// The status runs of the context with this id (see `NBDExportDescription.allMetaContexts`) for
+    /// `offset ..< offset + count`; called on a thread-pool thread.
+    func status(contextID: UInt32, at offset: UInt64, count: UInt64) throws -> [NBDStatusRun] {
+        if contextID == NBDBaseAllocation.contextID {
+            return try device.extents(at: offset, count: count).map { extent in
+                var flags: UInt32 = 0
+                if extent.flags.contains(.hole) { flags |= NBDBaseAllocation.hole }
+                if extent.flags.contains(.zero) { flags |= NBDBaseAllocation.zero }
+                return NBDStatusRun(offset: extent.offset, length: extent.length, flags: flags)
+            }
+        }
+        let index = Int(contextID) - 2
+        guard index >= 0, index < metaContexts.count else {
+            throw NBDRequestRejection(code: .EINVAL, message: "no metadata context \(contextID)")
+        }
+        return try metaContexts[index].status(offset, count)
+    }
+}
+
+/// A metadata context an export offers besides `base:allocation`: its name, and how to describe a range.
+///
+/// The name must start with a namespace and a colon (`qemu:dirty-bitmap:NAME`, `qemu:allocation-depth`).
+/// `status(offset, count)` runs on a thread-pool thread, concurrently with the export's other requests,
+/// and returns runs that start at `offset` and follow each other; it may stop early but describes at least
+/// the first byte. It may throw (an `ErrnoConvertible` error becomes its NBD code, anything else `EIO`).
+public struct NBDMetaContext: Sendable {
+    public let name: String
+    public let status: @Sendable (_ offset: UInt64, _ count: UInt64) throws -> [NBDStatusRun]
+
+    public init(name: String, status: @escaping @Sendable (_ offset: UInt64, _ count: UInt64) throws -> [NBDStatusRun])
+    {
+        self.name = name
+        self.status = status
+    }
+}
+
+/// A run of an export with one status value of a metadata context (its flags, or a number such as a depth).
+public struct NBDStatusRun: Sendable, Hashable {
+    public var offset: UInt64
+    public var length: UInt64
+    public var flags: UInt32
+
+    public init(offset: UInt64, length: UInt64, flags: UInt32) {
+        self.offset = offset
+        self.length = length
+        self.flags = flags
     }
 }
 

@@ -198,7 +198,7 @@ final class NBDHandshakeHandler: ChannelInboundHandler, RemovableChannelHandler 
             "client connected",
             metadata: [
                 "export": "\(session.export.name)", "structured": "\(session.structuredReplies)",
-                "base:allocation": "\(session.baseAllocationContextID != nil)",
+                "contexts": "\(session.metaContextNames.joined(separator: " "))",
             ]
         )
         do {

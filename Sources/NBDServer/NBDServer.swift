@@ -307,10 +307,9 @@ public final class NBDServer: Sendable {
         for export in exports {
             do {
                 let device = export.device
-                try await threadPool.runIfActive {
-                    if !export.isReadOnly { try device.flush() }
-                    try device.close()
-                }
+                // close() flushes (the BlockDevice contract); a device whose own flush now fails (a
+                // simulated disk after its power cut) is still closed.
+                try await threadPool.runIfActive { try device.close() }
             } catch {
                 logger.error("cannot close export", metadata: ["export": "\(export.name)", "error": "\(error)"])
                 if firstError == nil { firstError = error }

@@ -49,7 +49,8 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     private enum Outcome: Sendable {
         case done
         case data(ByteBuffer)
-        case extents([NBDBlockDescriptor])
+        /// BLOCK_STATUS: one list of descriptors per selected metadata context.
+        case status([(contextID: UInt32, descriptors: [NBDBlockDescriptor])])
     }
 
     private let session: NBDSession
@@ -191,7 +192,7 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     /// on a busy machine, which says nothing about the device.
     private func runInline(_ item: Pending, budget: TimeAmount, context: ChannelHandlerContext) {
         let started = NIODeadline.now()
-        let outcome = Result { try Self.execute(item.request, on: export.device) }
+        let outcome = Result { try Self.execute(item.request, on: export, contexts: session.metaContextIDs) }
         let finished = NIODeadline.now()
         let slow = finished - started > budget
         if slow && lastInlineWasSlow { inlineResumes = finished + Self.inlineCooldown }
@@ -205,9 +206,10 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
 
     /// Runs requests in order as one pool job, then answers them all with one flush.
     private func run(_ pending: [Pending], context: ChannelHandlerContext) {
-        let device = export.device
+        let export = self.export
+        let contexts = session.metaContextIDs
         threadPool.runIfActive(eventLoop: context.eventLoop) { () -> [Result<Outcome, any Error>] in
-            pending.map { item in Result { try Self.execute(item.request, on: device) } }
+            pending.map { item in Result { try Self.execute(item.request, on: export, contexts: contexts) } }
         }.assumeIsolated().whenComplete { result in
             for (index, item) in pending.enumerated() {
                 self.inFlight -= 1
@@ -231,13 +233,27 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             reply(context: context, request: request, error: .success, message: "", started: started, flush: false)
         case .success(.data(let data)):
             replyRead(context: context, request: request, data: data, started: started)
-        case .success(.extents(let descriptors)):
-            let contextID = session.baseAllocationContextID ?? 0
-            let chunk = NBDReplyChunk(
-                cookie: request.cookie,
-                content: .blockStatus(contextID: contextID, descriptors: descriptors)
-            )
-            send(context: context, .chunk(chunk), request: request, failed: false, started: started, flush: false)
+        case .success(.status(let chunks)):
+            // One chunk per context, written back to back on the loop; the last one ends the reply.
+            for (index, chunk) in chunks.enumerated() {
+                let reply = NBDReplyChunk(
+                    cookie: request.cookie,
+                    flags: index == chunks.count - 1 ? .done : [],
+                    content: .blockStatus(contextID: chunk.contextID, descriptors: chunk.descriptors)
+                )
+                if index == chunks.count - 1 {
+                    send(
+                        context: context,
+                        .chunk(reply),
+                        request: request,
+                        failed: false,
+                        started: started,
+                        flush: false
+                    )
+                } else {
+                    write(context: context, .chunk(reply))
+                }
+            }
         case .failure(let error):
             let code = nbdErrorCode(for: error, in: request)
             logger.warning(
@@ -288,8 +304,10 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
 
     // MARK: Work
 
-    /// Runs one validated request on the device; called on a thread-pool thread.
-    private static func execute(_ request: NBDRequest, on device: any BlockDevice) throws -> Outcome {
+    /// Runs one validated request on the export's device (BLOCK_STATUS: on each selected context);
+    /// called on a thread-pool thread.
+    private static func execute(_ request: NBDRequest, on export: NBDExport, contexts: [UInt32]) throws -> Outcome {
+        let device = export.device
         let offset = request.offset
         let length = UInt64(request.length)
         switch request.command {
@@ -322,8 +340,20 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         case .cache:
             break
         case .blockStatus:
-            let extents = try device.extents(at: offset, count: length)
-            return .extents(descriptors(extents, offset: offset, length: length, one: request.flags.contains(.reqOne)))
+            let one = request.flags.contains(.reqOne)
+            return .status(
+                try contexts.map { id in
+                    let runs = try export.status(contextID: id, at: offset, count: length)
+                    let described = descriptors(runs, offset: offset, length: length, one: one)
+                    if !described.isEmpty { return (id, described) }
+                    // A source must describe at least the first byte. For base:allocation "data" is always
+                    // true; in other contexts no value is safe (clean, or depth 0, would make a backup skip).
+                    guard id == NBDBaseAllocation.contextID else {
+                        throw NBDRequestRejection(code: .EIO, message: "no status for offset \(offset)")
+                    }
+                    return (id, [NBDBlockDescriptor(length: request.length, flags: 0)])
+                }
+            )
         default:
             throw NBDRequestRejection(code: .EINVAL, message: "unexpected command \(request.command)")
         }
@@ -334,10 +364,12 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
     /// again from where the reply stopped.
     static let maximumDescriptors = 1 << 20
 
-    /// Turns device extents into `base:allocation` descriptors covering (a prefix of) the request, merging
-    /// neighbours with equal flags, at most `limit` of them; with REQ_ONE only the first.
+    /// Turns a context's status runs into descriptors covering (a prefix of) the request, merging
+    /// neighbours with equal flags, at most `limit` of them; with REQ_ONE only the first. Descriptors never
+    /// reach past the request, so each fits the 32-bit length field. Empty if the runs do not describe the
+    /// request's first byte.
     static func descriptors(
-        _ extents: [Extent],
+        _ runs: [NBDStatusRun],
         offset: UInt64,
         length: UInt64,
         one: Bool,
@@ -347,13 +379,11 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
         var result: [NBDBlockDescriptor] = []
         var position = offset
         let end = offset + length
-        for extent in extents where extent.end > position && position < end {
-            // Extents must be contiguous from the request's offset; stop at a gap rather than lie.
-            guard extent.offset <= position else { break }
-            let count = min(extent.end, end) - position
-            var flags: UInt32 = 0
-            if extent.flags.contains(.hole) { flags |= NBDBaseAllocation.hole }
-            if extent.flags.contains(.zero) { flags |= NBDBaseAllocation.zero }
+        for run in runs where run.offset + run.length > position && position < end {
+            // Runs must be contiguous from the request's offset; stop at a gap rather than lie.
+            guard run.offset <= position else { break }
+            let count = min(run.offset + run.length, end) - position
+            let flags = run.flags
             if let last = result.last, last.flags == flags {
                 result[result.count - 1].length = last.length + UInt32(count)
             } else if result.count < limit {
@@ -362,10 +392,6 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
                 break
             }
             position += count
-        }
-        if result.isEmpty {
-            // A device must describe at least the first byte; if it did not, report plain data.
-            result.append(NBDBlockDescriptor(length: UInt32(length), flags: 0))
         }
         return result
     }
@@ -422,10 +448,15 @@ final class NBDTransmissionHandler: ChannelDuplexHandler {
             failed: failed,
             latencyNanoseconds: UInt64(max(0, latency.nanoseconds))
         )
+        write(context: context, reply)
+        if flush { context.flush() }
+    }
+
+    /// Queues one reply (or chunk) on the channel, remembering it as the last write (see `closeIfIdle`).
+    private func write(context: ChannelHandlerContext, _ reply: NBDReply) {
         guard context.channel.isActive else { return }
         let promise = context.eventLoop.makePromise(of: Void.self)
         context.write(Self.wrapOutboundOut(reply), promise: promise)
-        if flush { context.flush() }
         lastWrite = promise.futureResult
     }
 

@@ -20,7 +20,7 @@ import NBDProtocol
 //                                                                 commands and DF reads)
 //   6. zero length (not FLUSH)                          EINVAL
 //   7. range past the end                               ENOSPC for WRITE and WRITE_ZEROES, EINVAL otherwise
-//   8. BLOCK_STATUS without base:allocation             EINVAL
+//   8. BLOCK_STATUS without a metadata context          EINVAL
 //
 // Device failures are translated by `nbdErrorCode(for:in:)`, the one place where errors become NBD codes.
 
@@ -96,8 +96,8 @@ public func validate(_ request: NBDRequest, in session: NBDSession) -> NBDReques
         let code: NBDErrorCode = command == .write || command == .writeZeroes ? .ENOSPC : .EINVAL
         return reject(code, "\(command) past the end of the export")
     }
-    if command == .blockStatus && (session.baseAllocationContextID == nil || !session.structuredReplies) {
-        return reject(.EINVAL, "BLOCK_STATUS needs the base:allocation context")
+    if command == .blockStatus && (session.metaContextIDs.isEmpty || !session.structuredReplies) {
+        return reject(.EINVAL, "BLOCK_STATUS needs a metadata context (NBD_OPT_SET_META_CONTEXT)")
     }
     return nil
 }

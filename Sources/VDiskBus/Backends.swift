@@ -1,6 +1,8 @@
 import BlockIO
+import CrashSim
 import Foundation
 import ImageFormats
+import RBD
 import VImage
 
 /// An opened backend: the device the front ends see, and what must be closed (top first) on unplug.
@@ -13,6 +15,10 @@ struct OpenedBackend {
     var owned: [any BlockDevice]
     /// The canonical source: an absolute path, a URI, or "ram".
     var source: String
+    /// The simulated write cache in front of the disk (`--crash-sim`).
+    var crashSim: CrashSimDevice? = nil
+    /// The write recorder in front of the disk (`--record`).
+    var recorder: WriteRecorder? = nil
 
     func close() -> [String] {
         var problems: [String] = []
@@ -27,10 +33,48 @@ enum Backends {
     /// Sources that name a remote NBD export rather than a file (the `nbds` ones over TLS).
     static let remoteSchemes = ["nbd://", "nbd+unix://", "nbds://", "nbds+unix://"]
 
-    /// Opens what `request` names. Nothing is left open when it throws.
+    /// Opens what `request` names, with the crash simulator and the write recorder in front of it when
+    /// asked for. Nothing is left open when it throws.
     /// - Parameter alongside: whether the bus already has this path open as a VIMG image (a snapshot of it
     ///   is then opened without the image's lock).
     static func open(_ request: PlugRequest, opener: BusOpener, alongside: (String) -> Bool) throws -> OpenedBackend {
+        let base = try openSource(request, opener: opener, alongside: alongside)
+        do {
+            return try wrapForCrashTesting(base, request)
+        } catch {
+            _ = base.close()
+            throw error
+        }
+    }
+
+    /// Stacks the crash-testing wrappers (`CrashTestingStack`) on an opened backend.
+    static func wrapForCrashTesting(_ base: OpenedBackend, _ request: PlugRequest) throws -> OpenedBackend {
+        guard request.crashSim != nil || request.record != nil else { return base }
+        guard !request.readOnly && request.snapshot == nil else {
+            throw BusError("--crash-sim and --record need a writable disk")
+        }
+        let stack = try CrashTestingStack(
+            on: base.device,
+            image: base.image,
+            crashSim: request.crashSim,
+            record: request.record
+        )
+        var wrapped = base
+        wrapped.device = stack.device
+        wrapped.crashSim = stack.crashSim
+        wrapped.recorder = stack.recorder
+        // The top of the stack closes everything below it, down to the backend's own device.
+        wrapped.owned = [stack.device] + base.owned.dropFirst()
+        wrapped.format += stack.formatSuffix
+        return wrapped
+    }
+
+    /// Opens what `request` names. Nothing is left open when it throws.
+    private static func openSource(
+        _ request: PlugRequest,
+        opener: BusOpener,
+        alongside: (String) -> Bool
+    ) throws -> OpenedBackend {
         var base: OpenedBackend
         if let size = request.ramSize {
             guard request.source == nil else { throw BusError("give either a source or --ram, not both") }
@@ -45,6 +89,10 @@ enum Backends {
         }
         guard let source = request.source, !source.isEmpty else {
             throw BusError("nothing to plug: give an image, an nbd:// URI or --ram SIZE")
+        }
+        if RBDSpec.isRBD(source) {
+            base = try openRBD(request, source: source)
+            return try request.overlay ? addOverlay(to: base) : base
         }
         if Self.remoteSchemes.contains(where: { source.hasPrefix($0) }) {
             guard request.snapshot == nil else { throw BusError("--snapshot needs a VIMG image, not an NBD export") }
@@ -91,7 +139,41 @@ enum Backends {
             }
         }
         guard request.overlay else { return base }
-        // The overlay: a VIMG image in RAM whose backing device is the source, opened read-only.
+        return try addOverlay(to: base)
+    }
+
+    /// An image in a Ceph cluster (raw, or an image format inside the RBD image), opened through the one
+    /// opener with the request's reconnect timeout. The source kept is the full name (conf, id), so that a
+    /// persistent bus can plug it again; listings show it without options.
+    static func openRBD(_ request: PlugRequest, source: String) throws -> OpenedBackend {
+        var options = RBDOptions()
+        if let timeout = request.reconnectTimeout {
+            guard (0...86400).contains(timeout) else {
+                throw BusError("--reconnect-timeout must be between 0 and 86400 seconds")
+            }
+            options.reconnectTimeout = .milliseconds(Int64(timeout * 1000))
+        }
+        let readOnly = request.readOnly || request.overlay || request.snapshot != nil
+        if request.snapshot != nil && !request.readOnly && !request.overlay {
+            throw BusError("a snapshot plugs read-only; add --read-only, or --overlay to write on top of it")
+        }
+        let device = try ImageFormats.open(
+            path: source,
+            format: try request.format.map(ImageFormats.format(named:)),
+            readOnly: readOnly,
+            snapshot: request.snapshot,
+            rbd: options
+        )
+        let format = device is VImage ? "vimg" : device is RBDDevice ? "rbd" : "qcow2"
+        if format == "qcow2" && !readOnly {
+            try? device.close()
+            throw BusError("\(source): qcow2 images plug read-only; add --read-only, or --overlay")
+        }
+        return OpenedBackend(device: device, format: format, image: device as? VImage, owned: [device], source: source)
+    }
+
+    /// The overlay: a VIMG image in RAM whose backing device is the source, opened read-only.
+    static func addOverlay(to base: OpenedBackend) throws -> OpenedBackend {
         do {
             let host = MemoryDevice(size: 0, growable: true)
             try VImage.create(on: host, virtualSize: base.device.size)

@@ -25,6 +25,7 @@
 import BlockIO
 import FUSEExport
 import Foundation
+import RBD
 import Synchronization
 import VImage
 
@@ -34,7 +35,10 @@ import Glibc
 
 /// Exports plugged disks over NBD (the bus's NBD server).
 public protocol BusExporter: Sendable {
-    func add(name: String, device: any BlockDevice, readOnly: Bool) throws
+    /// Adds an export of `device` with the metadata contexts `offer` asks for; returns their names (besides
+    /// `base:allocation`).
+    /// - Throws: if the export cannot be added, or a context cannot be made (a diff of unknown snapshots).
+    func add(name: String, device: any BlockDevice, readOnly: Bool, offer: ExportOffer) throws -> [String]
     func remove(name: String)
     /// The URI of an export, e.g. `nbd+unix:///NAME?socket=/run/vdisk/nbd.sock`.
     func uri(for name: String) -> String
@@ -42,6 +46,39 @@ public protocol BusExporter: Sendable {
     var socketPath: String { get }
     /// A socket connected to export `name` and past the NBD handshake, for the kernel's NBD driver.
     func negotiatedSocket(for name: String) throws -> NegotiatedSocket
+}
+
+/// What a disk's export offers backup clients besides `base:allocation` (docs/BUS.md, "Changed blocks"):
+/// the bus decides, the exporter turns it into NBD metadata contexts.
+public struct ExportOffer: Sendable {
+    /// The backend device under the I/O counters: its backing chain answers `qemu:allocation-depth`.
+    public var backend: any BlockDevice
+    /// The VIMG image whose bitmaps and snapshot diffs are offered (nil for other backends).
+    public var image: VImage?
+    /// Its bitmaps to offer as `qemu:dirty-bitmap:NAME`.
+    public var bitmaps: [String]
+    /// `FROM..TO` snapshot diffs to offer as `qemu:dirty-bitmap:FROM..TO`.
+    public var snapshotDiffs: [String]
+    /// Whether the exported state can change while plugged (a diff ending at it would go stale).
+    public var writable: Bool
+    /// The source, for messages.
+    public var source: String
+
+    public init(
+        backend: any BlockDevice,
+        image: VImage?,
+        bitmaps: [String],
+        snapshotDiffs: [String],
+        writable: Bool,
+        source: String
+    ) {
+        self.backend = backend
+        self.image = image
+        self.bitmaps = bitmaps
+        self.snapshotDiffs = snapshotDiffs
+        self.writable = writable
+        self.source = source
+    }
 }
 
 /// A connection to one of the bus's exports, negotiated and ready for transmission.
@@ -68,6 +105,8 @@ final class PluggedDisk: @unchecked Sendable {
     var devicePath: String?
     var fuse: FUSEExport?
     var exported = false
+    /// The metadata contexts its export offers besides base:allocation.
+    var metaContexts: [String] = []
     /// For /dev/nbdN: N and the backend identifier the kernel holds for it.
     var nbd: (index: UInt32, backend: String)?
 
@@ -117,6 +156,8 @@ public final class Bus: Sendable {
     public func handle(_ request: BusRequest) -> BusResponse {
         do {
             switch request.op {
+            case .crash, .mark:
+                return try handleCrashTesting(request)
             case .ping:
                 return BusResponse(ok: true, pid: getpid())
             case .list:
@@ -158,13 +199,15 @@ public final class Bus: Sendable {
             name: disk.name,
             device: disk.devicePath,
             frontEnd: disk.frontEnd,
-            source: disk.backend.source,
+            // An rbd: name without its options: a key= must not leak into listings.
+            source: (try? RBDSpec(parsing: disk.backend.source).description) ?? disk.backend.source,
             format: disk.backend.format,
             size: disk.counting.size,
             readOnly: disk.readOnly,
             overlay: disk.request.overlay,
             snapshot: disk.request.snapshot,
             nbdURI: disk.exported ? exporter?.uri(for: disk.name) : nil,
+            metaContexts: disk.exported ? disk.metaContexts : nil,
             counters: disk.counting.snapshot,
             connection: disk.backend.owned.lazy.compactMap { ($0 as? any ConnectionStatusReporting)?.connectionStatus }
                 .first
@@ -236,9 +279,11 @@ public final class Bus: Sendable {
             if source.contains("://") {
                 stem = "nbd"
             } else {
-                stem = String(URL(fileURLWithPath: source).deletingPathExtension().lastPathComponent.prefix(48))
+                let spec = try? RBDSpec(parsing: source)
+                let base = spec?.image ?? URL(fileURLWithPath: source).deletingPathExtension().lastPathComponent
+                stem = String(base.prefix(48))
                 stem = String(stem.unicodeScalars.map { Self.validName(String($0)) ? Character($0) : "_" })
-                if stem.isEmpty || !Self.validName(stem) { stem = "disk" }
+                if stem.isEmpty || !Self.validName(stem) { stem = spec == nil ? "disk" : "rbd" }
             }
         }
         if !taken.contains(stem) && stem != "ram" && stem != "nbd" { return stem }
@@ -250,7 +295,12 @@ public final class Bus: Sendable {
     /// Attaches the front ends, bottom up. On failure the caller undoes what was done with `detach`.
     private func attach(_ disk: PluggedDisk, reattach: (index: UInt32, backend: String)?) throws {
         if let exporter {
-            try exporter.add(name: disk.name, device: disk.counting, readOnly: disk.readOnly)
+            disk.metaContexts = try exporter.add(
+                name: disk.name,
+                device: disk.counting,
+                readOnly: disk.readOnly,
+                offer: exportOffer(disk)
+            )
             disk.exported = true
         }
         var kind = disk.request.device
@@ -311,6 +361,31 @@ public final class Bus: Sendable {
                 partitionScan: true
             )
         }
+    }
+
+    /// What a disk's export offers: every consistent bitmap of a VIMG image plugged as itself (a snapshot's
+    /// export shows another state than the bitmaps describe, and an overlay has none), the snapshot diffs
+    /// the plug asked for, and the allocation depth of every disk.
+    private func exportOffer(_ disk: PluggedDisk) -> ExportOffer {
+        let image = disk.backend.image
+        var bitmaps: [String] = []
+        if let image, disk.request.snapshot == nil {
+            for bitmap in image.bitmapList {
+                if bitmap.consistent {
+                    bitmaps.append(bitmap.name)
+                } else {
+                    log("plug \(disk.name): bitmap '\(bitmap.name)' is inconsistent (not closed cleanly); not exported")
+                }
+            }
+        }
+        return ExportOffer(
+            backend: disk.backend.device,
+            image: image,
+            bitmaps: bitmaps,
+            snapshotDiffs: disk.request.bitmapFromSnapshots ?? [],
+            writable: !disk.readOnly,
+            source: disk.backend.source
+        )
     }
 
     /// Tears the front ends down, top down, and returns what failed (nothing is skipped because of it).
@@ -409,9 +484,13 @@ public final class Bus: Sendable {
                 }
             }
         }
-        // Flush while the front ends still hold the device, so nothing is in flight below them.
+        // Flush while the front ends still hold the device, so nothing is in flight below them. A disk
+        // whose power was cut has nothing left to flush: its image holds the post-crash state.
         var problems: [String] = []
-        do { try disk.counting.flush() } catch { problems.append("flush: \(error)") }
+        let crashed = disk.backend.crashSim?.hasCrashed ?? false
+        if !crashed {
+            do { try disk.counting.flush() } catch { problems.append("flush: \(error)") }
+        }
         problems += detach(disk)
         problems += disk.backend.close()
         disks.withLock { _ = $0.removeValue(forKey: disk.name) }
@@ -420,7 +499,9 @@ public final class Bus: Sendable {
         if !problems.isEmpty {
             throw BusError("'\(disk.name)' was unplugged, but: \(problems.joined(separator: "; "))")
         }
-        notes.append("unplugged \(disk.name)")
+        notes.append(
+            "unplugged \(disk.name)" + (crashed ? " (after its power cut; the image holds what survived)" : "")
+        )
         return notes
     }
 
@@ -433,7 +514,9 @@ public final class Bus: Sendable {
     public func snapshot(_ target: String, name: String, freeze: Bool = true) throws -> [String] {
         try operations.withLock { _ in
             let disk = try find(target)
-            guard let image = disk.backend.image, !disk.request.overlay else {
+            // A VIMG image takes an internal snapshot (wherever it is stored); a raw RBD image an RBD snapshot.
+            let rbd = disk.request.overlay ? nil : disk.backend.device as? RBDDevice
+            guard disk.backend.image != nil || rbd != nil, !disk.request.overlay else {
                 throw BusError(
                     "'\(disk.name)' is not a VIMG image (\(disk.backend.format)); only VIMG disks have internal snapshots"
                 )
@@ -450,9 +533,14 @@ public final class Bus: Sendable {
             if let device = disk.devicePath {
                 for m in Mounts.mounted(onDevice: device) { held.append(try Mounts.hold(m, freeze: freeze)) }
             }
-            try image.flush()
-            try image.createSnapshot(named: name)
-            try image.flush()
+            if let image = disk.backend.image {
+                try image.flush()
+                try image.createSnapshot(named: name)
+                try image.flush()
+            } else if let rbd {
+                try rbd.flush()
+                try rbd.createSnapshot(named: name)
+            }
             log("snapshot '\(name)' of \(disk.name)")
             var notes = ["snapshot '\(name)' of \(disk.name) created"]
             for h in held {
@@ -476,8 +564,11 @@ public final class Bus: Sendable {
         guard persist else { return }
         let requests = disks.withLock { table in
             table.values.sorted { $0.name < $1.name }.compactMap { disk -> PlugRequest? in
-                // RAM disks and overlays hold nothing worth re-plugging after a restart.
-                guard disk.request.ramSize == nil, !disk.request.overlay else { return nil }
+                // RAM disks and overlays hold nothing worth re-plugging after a restart, and a recording
+                // cannot go on in a log that was closed.
+                guard disk.request.ramSize == nil, !disk.request.overlay, disk.request.record == nil else {
+                    return nil
+                }
                 var r = disk.request
                 r.name = disk.name
                 r.source = disk.backend.source

@@ -10,6 +10,7 @@
 //   <- {"ok":true,"disk":{"name":"disk","device":"/dev/loop3",...}}
 
 import BlockIO
+import CrashSim
 import Foundation
 
 /// Which kernel block device a plugged disk gets.
@@ -43,8 +44,14 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     /// For a remote export: how long I/O waits for a server that went away before failing with EIO, in
     /// seconds; nil for the default (`NBDReconnectPolicy.defaultTimeout`).
     public var reconnectTimeout: Double?
+    /// Snapshot diffs (`FROM..TO`) the export offers as `qemu:dirty-bitmap:FROM..TO` (VIMG images only).
+    public var bitmapFromSnapshots: [String]?
     /// The reconnect timeouts accepted (a day at most: waiting must end).
     public static let reconnectTimeoutRange = 0.0...86400.0
+    /// Put a simulated volatile write cache in front of the disk, whose power `crash` cuts (docs/CRASH.md).
+    public var crashSim: CrashSimSettings? = nil
+    /// Record every write, flush and discard to this write log (an absolute path; VIMG images only).
+    public var record: String? = nil
 
     public init(
         source: String? = nil,
@@ -55,7 +62,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         snapshot: String? = nil,
         overlay: Bool = false,
         device: DeviceKind = .auto,
-        reconnectTimeout: Double? = nil
+        reconnectTimeout: Double? = nil,
+        bitmapFromSnapshots: [String]? = nil
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -66,6 +74,47 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.overlay = overlay
         self.device = device
         self.reconnectTimeout = reconnectTimeout
+        self.bitmapFromSnapshots = bitmapFromSnapshots
+    }
+}
+
+/// The crash simulator of a plugged disk (`vdisk plug --crash-sim`).
+public struct CrashSimSettings: Codable, Sendable, Hashable {
+    /// The seed a power cut uses unless `vdisk crash --seed` gives another.
+    public var seed: UInt64
+    /// The cache's size in bytes; nil for `CrashSimDevice.defaultCacheSize`.
+    public var cacheSize: UInt64?
+
+    public init(seed: UInt64, cacheSize: UInt64? = nil) {
+        self.seed = seed
+        self.cacheSize = cacheSize
+    }
+}
+
+/// A power cut asked for by `vdisk crash`.
+public struct CrashRequest: Codable, Sendable, Hashable {
+    /// The seed of the outcome; nil for the one the disk was plugged with.
+    public var seed: UInt64?
+    public var mode: CrashSimDevice.Mode
+    /// The unit writes are torn into, for `tear` (512 or 4096).
+    public var tearSize: Int?
+    /// Cut the power at the N-th write from now rather than at once (the request then waits for it).
+    public var afterWrites: Int?
+    /// Seconds to wait for those writes (default 60).
+    public var timeout: Int?
+
+    public init(
+        seed: UInt64? = nil,
+        mode: CrashSimDevice.Mode,
+        tearSize: Int? = nil,
+        afterWrites: Int? = nil,
+        timeout: Int? = nil
+    ) {
+        self.seed = seed
+        self.mode = mode
+        self.tearSize = tearSize
+        self.afterWrites = afterWrites
+        self.timeout = timeout
     }
 }
 
@@ -98,6 +147,9 @@ public struct DiskInfo: Codable, Sendable, Hashable {
     public var snapshot: String?
     /// The NBD URI that reaches this disk through the bus.
     public var nbdURI: String?
+    /// The NBD metadata contexts that export offers besides `base:allocation` (`qemu:allocation-depth`,
+    /// `qemu:dirty-bitmap:NAME` for each bitmap and snapshot diff).
+    public var metaContexts: [String]?
     public var counters: IOCounters
     /// For a remote export: connected, reconnecting or failed, since when, and why.
     public var connection: ConnectionStatus?
@@ -106,6 +158,8 @@ public struct DiskInfo: Codable, Sendable, Hashable {
 /// A request to the bus.
 public struct BusRequest: Codable, Sendable {
     public enum Operation: String, Codable, Sendable {
+        /// Cut the power of a `--crash-sim` disk; put a label in a recorded disk's log.
+        case crash, mark
         case plug, unplug, list, snapshot, ping, shutdown
         /// Flush and close every disk, keep each /dev/nbdN for the next bus, and exit (`bus --restart`).
         case handover
@@ -123,6 +177,10 @@ public struct BusRequest: Codable, Sendable {
     public var snapshotName: String?
     /// Snapshot without freezing file systems (each is synced; the snapshot is crash-consistent).
     public var noFreeze: Bool?
+    /// How to cut the power (crash).
+    public var crash: CrashRequest? = nil
+    /// The label (mark).
+    public var label: String? = nil
 
     public init(
         op: Operation,
@@ -155,6 +213,8 @@ public struct BusResponse: Codable, Sendable {
     public var pid: Int32?
     /// What this bus found from a predecessor that stopped without unplugging, and did about it (list).
     public var recovered: [String]?
+    /// What a power cut did (crash).
+    public var crashReport: CrashSimDevice.CrashReport? = nil
 
     public init(
         ok: Bool,

@@ -131,10 +131,26 @@ struct DirtyBitmap {
         var result: [(offset: UInt64, length: UInt64, dirty: Bool)] = []
         var position = offset
         let end = min(offset + count, virtualSize)
+        let bits = UInt64(granularityBits)
+        // Granules up to here are looked at; past the disk's last granule nothing is dirty.
+        let lastGranule = end == 0 ? 0 : min(granules, (end - 1) >> bits + 1)
         while position < end {
-            let g = position >> UInt64(granularityBits)
+            let g = position >> bits
             let dirty = g < granules && isDirty(g)
-            let next = min(end, (g + 1) << UInt64(granularityBits))
+            // The run goes on while the bits agree, a whole word at a time where the word is uniform: this
+            // runs under the engine lock, and a fine bitmap of a large disk has millions of granules.
+            var h = g + 1
+            let uniform: UInt64 = dirty ? .max : 0
+            while h < lastGranule {
+                if h % 64 == 0 && h + 64 <= lastGranule && words[Int(h / 64)] == uniform {
+                    h += 64
+                } else if isDirty(h) == dirty {
+                    h += 1
+                } else {
+                    break
+                }
+            }
+            let next = min(end, h << bits)
             if var last = result.last, last.dirty == dirty {
                 last.length += next - position
                 result[result.count - 1] = last

@@ -28,6 +28,43 @@ public struct ChangedExtent: Sendable, Hashable {
     }
 }
 
+extension Array where Element == ChangedExtent {
+    /// Unchanged and changed runs of `offset ..< offset + count`, for extents sorted by offset and not
+    /// overlapping (as `VImage.changes(from:to:)` returns them): the shape of `VImage.bitmapRuns`, so a diff
+    /// can be read like a dirty bitmap (NBD's `qemu:dirty-bitmap:` contexts). Zero and data changes alike
+    /// count as changed. Finds the first extent by binary search.
+    public func runs(at offset: UInt64, count: UInt64) -> [(offset: UInt64, length: UInt64, dirty: Bool)] {
+        var result: [(offset: UInt64, length: UInt64, dirty: Bool)] = []
+        func add(_ start: UInt64, _ end: UInt64, _ dirty: Bool) {
+            guard end > start else { return }
+            if var last = result.last, last.dirty == dirty {
+                last.length += end - start
+                result[result.count - 1] = last
+            } else {
+                result.append((start, end - start, dirty))
+            }
+        }
+        let end = offset + count
+        // The first extent that ends after `offset`.
+        var low = 0
+        var high = self.count
+        while low < high {
+            let middle = (low + high) / 2
+            if self[middle].offset + self[middle].length <= offset { low = middle + 1 } else { high = middle }
+        }
+        var position = offset
+        for extent in self[low...] {
+            guard extent.offset < end else { break }
+            add(position, Swift.max(position, extent.offset), false)
+            let changedEnd = Swift.min(end, extent.offset + extent.length)
+            add(Swift.max(position, extent.offset), changedEnd, true)
+            position = Swift.max(position, changedEnd)
+        }
+        add(position, end, false)
+        return result
+    }
+}
+
 extension VImage {
     /// The ranges that differ between snapshot `from` (nil: an empty disk) and snapshot `to` (nil: the
     /// state this image shows: the active state, or the snapshot it was opened at), from the tables alone.

@@ -32,11 +32,12 @@ public struct BackingReference: Sendable, Hashable {
         self.resolvedPath = Self.resolve(name, relativeTo: imagePath)
     }
 
-    /// Resolves a backing name as the format says: an absolute name is used as it is; any other is
-    /// relative to the folder of the image that names it (the text up to and including its last `/`).
+    /// Resolves a backing name as the format says: an absolute name, or an `rbd:` name (an image in a Ceph
+    /// cluster), is used as it is; any other is relative to the folder of the image that names it (the text
+    /// up to and including its last `/`).
     /// The one place this rule is implemented.
     public static func resolve(_ name: String, relativeTo imagePath: String?) -> String {
-        if name.hasPrefix("/") { return name }
+        if name.hasPrefix("/") || name.hasPrefix("rbd:") { return name }
         if let imagePath, let slash = imagePath.lastIndex(of: "/") { return String(imagePath[...slash]) + name }
         return name
     }
@@ -267,12 +268,37 @@ extension VImage {
                 lock: lock ?? (readOnly ? .shared : .exclusive)
             )
         }
+        return try open(
+            owning: file,
+            path: path,
+            readOnly: readOnly,
+            snapshot: snapshot,
+            options: options,
+            backingOpener: backingOpener
+        )
+    }
+
+    /// Opens an image stored on `host` (any device: a file, an RBD image), which the image then owns and
+    /// closes; `host` is closed here if opening fails.
+    /// - Parameters:
+    ///   - host: the image file's storage (growable for writing).
+    ///   - path: the image's name, for messages and for resolving a relative backing file name.
+    ///   - snapshot: expose this internal snapshot (read-only) instead of the active state.
+    ///   - backingOpener: opens the backing image of a clone (`ImageFormats.openBacking`).
+    public static func open(
+        owning host: any BlockDevice,
+        path: String?,
+        readOnly: Bool,
+        snapshot: String? = nil,
+        options: OpenOptions = .init(),
+        backingOpener: BackingOpener?
+    ) throws -> VImage {
         do {
             let image = try open(
-                host: file,
+                host: host,
                 ownsHost: true,
                 path: path,
-                readOnly: readOnly,
+                readOnly: readOnly || snapshot != nil,
                 backing: .opener(backingOpener),
                 options: options
             )
@@ -286,7 +312,7 @@ extension VImage {
             }
             return image
         } catch {
-            try? file.close()
+            try? host.close()
             throw error
         }
     }

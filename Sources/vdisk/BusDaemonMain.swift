@@ -21,10 +21,25 @@ final class NBDBusExporter: BusExporter {
         self.socketPath = socketPath
     }
 
-    func add(name: String, device: any BlockDevice, readOnly: Bool) throws {
-        try server.addExport(
-            NBDExport(name: name, description: "vdisk bus disk \(name)", device: device, readOnly: readOnly)
+    func add(name: String, device: any BlockDevice, readOnly: Bool, offer: ExportOffer) throws -> [String] {
+        let contexts = try MetaContexts.make(
+            device: offer.backend,
+            image: offer.image,
+            bitmaps: offer.bitmaps,
+            snapshotRanges: try offer.snapshotDiffs.map { try SnapshotRange(parsing: $0) },
+            changing: offer.writable,
+            path: offer.source
         )
+        try server.addExport(
+            NBDExport(
+                name: name,
+                description: "vdisk bus disk \(name)",
+                device: device,
+                readOnly: readOnly,
+                metaContexts: contexts
+            )
+        )
+        return contexts.map(\.name)
     }
 
     func remove(name: String) { server.removeExport(named: name) }

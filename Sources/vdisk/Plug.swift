@@ -2,6 +2,7 @@ import ArgumentParser
 import BlockIO
 import Foundation
 import NBDClient
+import RBD
 import VDiskBus
 
 #if canImport(Glibc)
@@ -76,6 +77,15 @@ extension Vdisk {
                   vdisk plug --overlay base.qcow2
                   vdisk plug nbd+unix:///disk?socket=/run/other.sock
                   vdisk plug 'nbds://server.example/disk?tls-certificates=/etc/vdisk/client-pki'
+                  vdisk plug rbd:pool/disk:conf=/etc/ceph/ceph.conf:id=vdisk
+
+                An rbd: image (qemu's spelling, rbd:POOL/IMAGE[@SNAP][:conf=PATH][:id=NAME][:key=SECRET]) may
+                hold a raw disk or a VIMG image; a writer takes its exclusive lock, so the image is plugged
+                on one host at a time (see 'vimg rbd-break-lock' for a host that died). See docs/CEPH.md.
+
+                The disk's NBD export on the bus offers qemu:allocation-depth, and for a VIMG image
+                qemu:dirty-bitmap:NAME for each of its consistent dirty bitmaps; --bitmap-from-snapshots
+                FROM..TO adds a snapshot diff (see docs/BUS.md, "Changed blocks").
 
                 An nbds:// or nbds+unix:// URI requires TLS: tls-certificates=DIR names the directory holding
                 ca-cert.pem (and client-cert.pem and client-key.pem if the server asks for a client
@@ -83,7 +93,7 @@ extension Vdisk {
                 """
         )
 
-        @Argument(help: "An image (VIMG, raw, qcow2) or an nbd[s]:// / nbd[s]+unix:// URI.")
+        @Argument(help: "An image (VIMG, raw, qcow2), an rbd:POOL/IMAGE, or an nbd[s]:// / nbd[s]+unix:// URI.")
         var source: String?
 
         @Option(help: ArgumentHelp("Plug a RAM disk of this size instead (512M, 4G...).", valueName: "SIZE"))
@@ -115,8 +125,19 @@ extension Vdisk {
         )
         var reconnectTimeout: Double?
 
+        @Option(
+            name: .customLong("bitmap-from-snapshots"),
+            help: ArgumentHelp(
+                "Offer what changed from snapshot FROM to TO as qemu:dirty-bitmap:FROM..TO on the disk's NBD export (repeatable).",
+                valueName: "FROM..TO"
+            )
+        )
+        var snapshotRanges: [String] = []
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
+
+        @OptionGroup var crashTesting: CrashTestingOptions
 
         @OptionGroup var bus: BusOptions
 
@@ -129,9 +150,12 @@ extension Vdisk {
                 guard PlugRequest.reconnectTimeoutRange.contains(reconnectTimeout) else {
                     throw ValidationError("--reconnect-timeout must be between 0 and 86400 seconds")
                 }
-                guard source?.contains("://") == true else {
-                    throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs)")
+                guard source?.contains("://") == true || source.map(RBDSpec.isRBD) == true else {
+                    throw ValidationError("--reconnect-timeout is for remote exports (nbd:// URIs) and rbd: images")
                 }
+            }
+            for text in snapshotRanges {
+                do { _ = try SnapshotRange(parsing: text) } catch { throw ValidationError("\(error)") }
             }
         }
 
@@ -140,7 +164,10 @@ extension Vdisk {
                 try bus.ensureBus()
                 var source = self.source
                 // The bus has another working folder: make paths, and a URI's certificates folder, absolute.
-                if let s = source, !s.contains("://") {
+                if let s = source, RBDSpec.isRBD(s) {
+                    source = try RBDSpec(parsing: s).resolvingConf(against: FileManager.default.currentDirectoryPath)
+                        .text
+                } else if let s = source, !s.contains("://") {
                     source = URL(fileURLWithPath: s).standardizedFileURL.path
                 } else if let s = source {
                     source = NBDURI.resolvingCertificatesDirectory(
@@ -148,7 +175,7 @@ extension Vdisk {
                         against: FileManager.default.currentDirectoryPath
                     )
                 }
-                let request = PlugRequest(
+                var request = PlugRequest(
                     source: source,
                     ramSize: ram.flatMap(ByteSize.parse),
                     name: name,
@@ -157,10 +184,18 @@ extension Vdisk {
                     snapshot: snapshot,
                     overlay: overlay,
                     device: device,
-                    reconnectTimeout: reconnectTimeout
+                    reconnectTimeout: reconnectTimeout,
+                    bitmapFromSnapshots: snapshotRanges.isEmpty ? nil : snapshotRanges
                 )
+                request.crashSim = crashTesting.settings()
+                request.record = crashTesting.recordPath
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }
+                if let seed = request.crashSim?.seed {
+                    printToStandardError(
+                        "vdisk: \(disk.name): crash simulation, seed \(seed) ('vdisk crash \(disk.name)' cuts the power)"
+                    )
+                }
                 switch output {
                 case .json: print(try jsonString(disk))
                 case .human: print(disk.device ?? disk.nbdURI ?? disk.name)

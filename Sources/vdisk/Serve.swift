@@ -1,10 +1,13 @@
 import ArgumentParser
 import BlockIO
+import CrashSim
 import Dispatch
 import ImageFormats
 import Logging
 import NBDServer
 import NIOCore
+import RBD
+import VDiskBus
 import VImage
 
 #if canImport(Glibc)
@@ -21,6 +24,12 @@ extension Vdisk {
                 Each image is one export, named after its file (or --export for a single image); the first
                 image is also the default export "". VIMG and raw images are opened read-write unless
                 --read-only or --snapshot is given.
+
+                Every export offers the NBD metadata contexts base:allocation and qemu:allocation-depth.
+                --bitmap NAME adds qemu:dirty-bitmap:NAME, a live view of a persistent dirty bitmap (vimg
+                bitmap); --bitmap-from-snapshots FROM..TO adds qemu:dirty-bitmap:FROM..TO, what changed
+                between two snapshots (an empty TO is the exported state), for backup tools that read
+                changed blocks over NBD.
 
                 With --tls=on or --tls=require, clients can upgrade to TLS (NBD_OPT_STARTTLS) with the
                 certificate and key in the --tls-certificates directory (server-cert.pem, server-key.pem);
@@ -52,6 +61,24 @@ extension Vdisk {
 
         @Option(help: ArgumentHelp("Export this internal snapshot of each VIMG image (read-only).", valueName: "name"))
         var snapshot: String?
+
+        @Option(
+            name: .customLong("bitmap"),
+            help: ArgumentHelp(
+                "Offer this dirty bitmap of each image as qemu:dirty-bitmap:NAME (repeatable).",
+                valueName: "name"
+            )
+        )
+        var bitmaps: [String] = []
+
+        @Option(
+            name: .customLong("bitmap-from-snapshots"),
+            help: ArgumentHelp(
+                "Offer what changed from snapshot FROM to TO as qemu:dirty-bitmap:FROM..TO (repeatable).",
+                valueName: "from..to"
+            )
+        )
+        var snapshotRanges: [String] = []
 
         @Option(name: .customLong("export"), help: ArgumentHelp("The export name (one image only).", valueName: "name"))
         var exportName: String?
@@ -99,6 +126,17 @@ extension Vdisk {
         @Flag(name: .shortAndLong, help: "Log connections (-v) and refused requests (-vv) to stderr.")
         var verbose: Int
 
+        @OptionGroup var crashTesting: CrashTestingOptions
+
+        @Option(
+            name: .customLong("control-socket"),
+            help: ArgumentHelp(
+                "Answer 'vdisk crash' and 'vdisk mark' (--control-socket PATH) on this unix socket.",
+                valueName: "path"
+            )
+        )
+        var controlSocket: String?
+
         @Argument(help: "The images to export.")
         var images: [String] = []
 
@@ -119,16 +157,36 @@ extension Vdisk {
             if tlsMode != .off && tlsCertificates == nil {
                 throw ValidationError("--tls=\(tlsMode.rawValue) needs --tls-certificates DIR")
             }
+            if snapshot != nil && !bitmaps.isEmpty {
+                throw ValidationError(
+                    "--bitmap describes the live disk, not snapshot '\(snapshot!)'; to serve what changed up to "
+                        + "it, use --bitmap-from-snapshots FROM..\(snapshot!)"
+                )
+            }
+            for text in snapshotRanges {
+                do { _ = try SnapshotRange(parsing: text) } catch { throw ValidationError("\(error)") }
+            }
+            if crashTesting.crashSim || crashTesting.record != nil {
+                if readOnly || snapshot != nil {
+                    throw ValidationError("--crash-sim and --record need writable exports")
+                }
+                if crashTesting.record != nil && images.count > 1 {
+                    throw ValidationError("--record records a single image")
+                }
+            }
             let names = exportNames
             if Set(names).count != names.count {
                 throw ValidationError("two images have the same export name; rename one of them")
             }
         }
 
-        /// One name per image: --export, else the file's base name.
+        /// One name per image: --export, else the file's base name (an rbd: image's name).
         var exportNames: [String] {
             if let exportName { return [exportName] }
-            return images.map { path in path.split(separator: "/").last.map(String.init) ?? path }
+            return images.map { path in
+                if let spec = try? RBDSpec(parsing: path) { return spec.image }
+                return path.split(separator: "/").last.map(String.init) ?? path
+            }
         }
 
         func run() async throws {
@@ -161,6 +219,8 @@ extension Vdisk {
 
             let writable = !readOnly && snapshot == nil
             var exports: [NBDExport] = []
+            var crashTestedExports: [String: CrashTestingStack] = [:]
+            let crashSettings = crashTesting.settings()
             do {
                 for (path, name) in zip(images, exportNames) {
                     // qcow2 is read-only in vdisk (for now): serve it read-only rather than refuse it.
@@ -168,8 +228,38 @@ extension Vdisk {
                     if readOnly && writable {
                         printError("vdisk serve: \(path) is qcow2, which vdisk serves read-only")
                     }
-                    let device = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
-                    exports.append(NBDExport(name: name, description: path, device: device, readOnly: readOnly))
+                    let opened = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
+                    let stack: CrashTestingStack
+                    let contexts: [NBDMetaContext]
+                    do {
+                        contexts = try MetaContexts.make(
+                            device: opened,
+                            image: opened as? VImage,
+                            bitmaps: bitmaps,
+                            snapshotRanges: try snapshotRanges.map { try SnapshotRange(parsing: $0) },
+                            changing: !readOnly,
+                            path: path
+                        )
+                        stack = try CrashTestingStack(
+                            on: opened,
+                            image: opened as? VImage,
+                            crashSim: crashSettings,
+                            record: crashTesting.recordPath
+                        )
+                    } catch {
+                        try? opened.close()
+                        throw error
+                    }
+                    if stack.crashSim != nil || stack.recorder != nil { crashTestedExports[name] = stack }
+                    exports.append(
+                        NBDExport(
+                            name: name,
+                            description: (try? RBDSpec(parsing: path).description) ?? path,  // never a key=
+                            device: stack.device,
+                            readOnly: readOnly,
+                            metaContexts: contexts
+                        )
+                    )
                 }
             } catch {
                 for export in exports { try? export.device.close() }
@@ -184,6 +274,11 @@ extension Vdisk {
                 if let port { listeners.append(.tcp(host: bind ?? "127.0.0.1", port: port)) }
             }
             var configuration = NBDServerConfiguration(listeners: listeners)
+            if images.contains(where: RBDSpec.isRBD) {
+                // A request to a cluster waits a network round trip on its pool thread (the device API is
+                // synchronous): enough threads to keep a client's whole queue (depth 32 and more) in flight.
+                configuration.deviceThreads = max(configuration.deviceThreads, 64)
+            }
             configuration.maximumConnections = maxConnections
             configuration.handshakeTimeout = .seconds(Int64(handshakeTimeout))
             configuration.tls = tls
@@ -202,11 +297,13 @@ extension Vdisk {
                 throw error
             }
 
+            // The contexts a backup client must ask for by name; base:allocation and depth go unsaid.
+            let bitmapContexts = (bitmaps + snapshotRanges).map { ", qemu:dirty-bitmap:\($0)" }.joined()
             let mode = writable ? "read-write" : "read-only"
             let what =
                 exports.count == 1
-                ? "\(images[0]) as '\(exports[0].name)' (\(mode), \(ByteSize.format(exports[0].device.size)))"
-                : "\(exports.count) images as \(exports.map { "'\($0.name)'" }.joined(separator: ", ")) (\(mode))"
+                ? "\(images[0]) as '\(exports[0].name)' (\(mode), \(ByteSize.format(exports[0].device.size))\(bitmapContexts))"
+                : "\(exports.count) images as \(exports.map { "'\($0.name)'" }.joined(separator: ", ")) (\(mode)\(bitmapContexts))"
             var security = ""
             if let tls {
                 security = tls.mode == .required ? " (TLS required" : " (TLS offered"
@@ -214,6 +311,22 @@ extension Vdisk {
             }
             let addresses = server.boundAddresses.joined(separator: ", ")
             printToStandardError("vdisk: serving \(what) on \(addresses)\(security)")
+            for (name, wrapped) in crashTestedExports.sorted(by: { $0.key < $1.key }) {
+                printToStandardError("vdisk: '\(name)': \(wrapped)")
+            }
+            var control: ControlServer?
+            if let controlSocket {
+                do {
+                    let exports = crashTestedExports
+                    control = try ControlServer(path: controlSocket) { request in
+                        Self.answerControl(request, exports: exports, logger: logger)
+                    }
+                } catch {
+                    try? await server.shutdown()
+                    throw error
+                }
+            }
+            defer { control?.stop() }
 
             let statsTask: Task<Void, Never>? = statsFile.map { path in
                 let interval = statsInterval
@@ -236,6 +349,33 @@ extension Vdisk {
             defer { withExtendedLifetime(sources) {} }
             try await server.shutdown()
             if let statsFile { Self.writeStats(server.statsJSON(), to: statsFile) }
+        }
+
+        /// Answers a control request (`vdisk crash`, `vdisk mark`, a ping) for the exports.
+        private static func answerControl(
+            _ request: BusRequest,
+            exports: [String: CrashTestingStack],
+            logger: Logger
+        ) -> BusResponse {
+            if request.op == .ping { return BusResponse(ok: true, pid: getpid()) }
+            guard let name = request.target, let export = exports[name] else {
+                let known = exports.keys.sorted().map { "'\($0)'" }.joined(separator: ", ")
+                return .failure(
+                    "no export named '\(request.target ?? "")' is served with --crash-sim or --record"
+                        + (known.isEmpty ? "" : " (these are: \(known))")
+                )
+            }
+            do {
+                return try CrashControl.answer(
+                    request,
+                    disk: name,
+                    crashSim: export.crashSim,
+                    recorder: export.recorder,
+                    log: { logger.notice("\($0)") }
+                )
+            } catch {
+                return .failure("\(error)")
+            }
         }
 
         /// Delivers the given signals as a stream instead of letting them kill the process.

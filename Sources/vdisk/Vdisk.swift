@@ -12,8 +12,15 @@ struct Vdisk: AsyncParsableCommand {
         commandName: "vdisk",
         abstract: "Export disk images over NBD and plug them into the kernel.",
         version: "0.1.0",
-        subcommands: [Plug.self, Unplug.self, List.self, DiskSnapshot.self, BusCommand.self, Serve.self]
+        subcommands: [
+            Plug.self, Unplug.self, List.self, DiskSnapshot.self, BusCommand.self, Serve.self, Crash.self, Mark.self,
+        ]
     )
+
+    /// `--crash-sim[=SEED]` is a flag with an optional value, which the parser has no notion of.
+    static func main() async {
+        await main(CrashTestingOptions.splittingOptionalValues(Array(CommandLine.arguments.dropFirst())))
+    }
 }
 
 /// Prints one calm line on stderr, prefixed with the program name.

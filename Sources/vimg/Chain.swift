@@ -18,7 +18,7 @@ func formatNamed(_ name: String?) throws -> ImageFormats.Format? {
 
 /// Opens a VIMG image read-write over an explicitly opened backing device.
 func openVImage(path: String, backing: any BlockDevice) throws -> VImage {
-    let host = try FileDevice.open(path: path, readOnly: false, growable: true, lock: .exclusive)
+    let host = try ImageFormats.openStorage(path: path, readOnly: false, growable: true, lock: .exclusive)
     do {
         return try VImage.open(host: host, path: path, readOnly: false, backing: backing)
     } catch {
@@ -145,7 +145,12 @@ extension Vimg {
                 let newName: String? = base.isEmpty ? nil : base
                 let resolved = BackingReference.resolve(base, relativeTo: file)
                 if unsafe {
-                    let host = try FileDevice.open(path: file, readOnly: false, growable: true, lock: .exclusive)
+                    let host = try ImageFormats.openStorage(
+                        path: file,
+                        readOnly: false,
+                        growable: true,
+                        lock: .exclusive
+                    )
                     let image = try VImage.open(host: host, path: file, readOnly: false, backing: MemoryDevice(size: 0))
                     defer {
                         try? image.close()
@@ -213,7 +218,7 @@ extension Vimg {
                     if dropped > 0 && !quiet {
                         print("Discarded \(ByteSize.format(dropped)) of allocated data past the new end.")
                     }
-                } else if let raw = device as? FileDevice {
+                } else {
                     guard target >= current || shrink else {
                         throw VImageError(
                             .invalidArgument,
@@ -221,7 +226,7 @@ extension Vimg {
                             message: "shrinking discards data past the new end; use --shrink to confirm"
                         )
                     }
-                    try raw.truncate(to: target)
+                    try (device as? any TruncatableDevice)?.truncate(to: target)  // a raw file or RBD image
                 }
                 try device.close()
                 if !quiet { print("Image resized.") }

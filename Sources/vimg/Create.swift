@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import ImageFormats
+import RBD
 import VImage
 
 #if canImport(Glibc)
@@ -18,6 +19,9 @@ extension Vimg {
                   vimg create -o checksums=on safe.vimg 10G
                   vimg create -f raw disk.raw 1G
                   vimg create -b base.vimg -F vimg child.vimg
+                  vimg create -f raw rbd:pool/disk 10G           (an RBD image in a Ceph cluster)
+                  vimg create rbd:pool/disk 10G                  (a VIMG image stored in an RBD image)
+                  vimg create -b rbd:pool/golden@v1 local.vimg   (a local clone of an image in Ceph)
                 """
         )
 
@@ -36,7 +40,7 @@ extension Vimg {
         @Flag(name: .short, help: "Quiet: print nothing on success.")
         var quiet = false
 
-        @Argument(help: "The image file to create.")
+        @Argument(help: "The image file to create, or rbd:POOL/IMAGE[:conf=PATH][:id=NAME] for one in Ceph.")
         var file: String
 
         @Argument(help: "Virtual size (512M, 10G, 1T...); defaults to the backing file's size.")
@@ -66,7 +70,10 @@ extension Vimg {
                     virtualSize = base.size
                     try base.close()
                 }
-                if format == "raw" {
+                if RBDSpec.isRBD(file) {
+                    try createRBD(RBDSpec(parsing: file), virtualSize: virtualSize, clusterBits: clusterBits)
+                    if format == "vimg" { virtualSize = (virtualSize + 511) & ~511 }
+                } else if format == "raw" {
                     let file = try FileDevice.open(
                         path: file,
                         readOnly: false,
@@ -107,6 +114,38 @@ extension Vimg {
                     if let backingFormat { line += " backing_fmt=\(backingFormat)" }
                     print(line + " size=\(virtualSize)")
                 }
+            }
+        }
+
+        /// A new RBD image: raw (the disk itself, thin) or holding a VIMG image, which then grows inside it.
+        func createRBD(_ spec: RBDSpec, virtualSize: UInt64, clusterBits: Int) throws {
+            guard format == "vimg" else { return try RBDDevice.create(spec, size: virtualSize) }
+            if backing != nil {
+                // Fail early and clearly if the backing image cannot be opened.
+                try ImageFormats.open(
+                    path: resolveBacking(),
+                    format: backingFormat.flatMap(ImageFormats.Format.init),
+                    readOnly: true
+                ).close()
+            }
+            try RBDDevice.create(spec, size: 0)
+            do {
+                let device = try RBDDevice.open(spec, readOnly: false)
+                device.allowGrowth()
+                do {
+                    try VImage.create(
+                        on: device,
+                        virtualSize: virtualSize,
+                        options: .init(clusterBits: clusterBits, backingFile: backing, backingFormat: backingFormat)
+                    )
+                    try device.close()
+                } catch {
+                    try? device.close()
+                    throw error
+                }
+            } catch {
+                try? RBDDevice.remove(spec)
+                throw error
             }
         }
 

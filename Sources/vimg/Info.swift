@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import ImageFormats
+import RBD
 import VImage
 
 extension Vimg {
@@ -24,7 +25,7 @@ extension Vimg {
                 let top = try formatNamed(format) ?? ImageFormats.probe(path: file)
                 var levels = [ImageFormats.ChainLevel(path: file, format: top)]
                 if backingChain, let reference = try ImageFormats.backingReference(of: file, format: top) {
-                    levels += try ImageFormats.backingLevels(from: reference, excluding: [canonicalPath(file) ?? file])
+                    levels += try ImageFormats.backingLevels(from: reference, excluding: [ImageFormats.identity(file)])
                 }
                 let outputs = try levels.map { try describe($0.path, $0.format) }
                 if output.format == .json {
@@ -42,8 +43,9 @@ extension Vimg {
         /// Text lines and JSON fields for one image.
         func describe(_ file: String, _ kind: ImageFormats.Format) throws -> (lines: [String], fields: [(String, JSON)])
         {
+            // What the file occupies (an RBD image's usage is the cluster's business: not shown).
             let actual =
-                (try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
+                (RBDSpec.isRBD(file) ? nil : try? FileDevice.open(path: file, readOnly: true)).map { f -> UInt64 in
                     defer { try? f.close() }
                     return f.allocatedBytes()
                 } ?? 0
@@ -52,7 +54,7 @@ extension Vimg {
             switch kind {
             case .vimg:
                 let (h, bitmaps) = try withFile(file) { () -> (ImageHeader, [BitmapInfo]) in
-                    let device = try FileDevice.open(path: file, readOnly: true, lock: .shared)
+                    let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: .shared)
                     defer { try? device.close() }
                     let header = try ImageHeader.read(from: device, path: file)
                     return (header, VImage.listBitmaps(host: device, header: header))
@@ -129,7 +131,7 @@ extension Vimg {
                     )
                 )
             case .raw:
-                let device = try FileDevice.open(path: file, readOnly: true)
+                let device = try ImageFormats.openStorage(path: file, readOnly: true)
                 defer { try? device.close() }
                 lines += [
                     "virtual size: \(ByteSize.format(device.size)) (\(device.size) bytes)",
@@ -140,7 +142,7 @@ extension Vimg {
                     ("actual-size", .uint(actual)), ("dirty-flag", .bool(false)),
                 ]
             case .qcow2:
-                let device = try withFile(file) { try FileDevice.open(path: file, readOnly: true, lock: .shared) }
+                let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: .shared)
                 let image: Qcow2Image
                 do {
                     image = try Qcow2Image(file: device, path: file, backing: nil)

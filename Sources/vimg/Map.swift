@@ -78,15 +78,7 @@ extension Vimg {
         ) throws {
             guard count > 0 else { return }
             // VIMG and qcow2 images report their own mapping; unallocated runs descend into the backing file.
-            let layer: (runs: [VImage.MappingExtent], backing: (any BlockDevice)?, backingName: String?)?
-            if let image = device as? VImage {
-                layer = (try image.mapping(at: offset, count: count), image.backingDevice, image.backingPath)
-            } else if let image = device as? Qcow2Image {
-                layer = (try image.mapping(at: offset, count: count), image.backing, image.backingPath)
-            } else {
-                layer = nil
-            }
-            if let layer {
+            if let layer = try ImageFormats.layer(of: device, at: offset, count: count) {
                 for m in layer.runs {
                     switch m.kind {
                     case .data(let host):
@@ -137,7 +129,7 @@ extension Vimg {
                             let inside = m.offset < size ? min(m.length, size - m.offset) : 0
                             try collect(
                                 backing,
-                                name: layer.backingName ?? "backing",
+                                name: layer.backingPath ?? "backing",
                                 depth: depth + 1,
                                 offset: m.offset,
                                 count: inside,

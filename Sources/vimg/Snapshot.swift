@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import ImageFormats
+import RBD
 import VImage
 
 #if canImport(Glibc)
@@ -17,6 +18,7 @@ extension Vimg {
                   vimg snapshot -l disk.vimg
                   vimg snapshot -a before-upgrade disk.vimg
                   vimg snapshot -d before-upgrade disk.vimg
+                  vimg snapshot -c v1 rbd:pool/golden            (a raw RBD image: an RBD snapshot)
                 """
         )
 
@@ -41,6 +43,9 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
+                if RBDSpec.isRBD(file), try ImageFormats.probe(path: file) == .raw {
+                    return try rbdSnapshots(RBDSpec(parsing: file))
+                }
                 let image = try ImageFormats.openVImage(path: file, readOnly: list)
                 defer { try? image.close() }
                 if let create { try image.createSnapshot(named: create) }
@@ -74,6 +79,29 @@ extension Vimg {
                     )
                 }
             }
+        }
+
+        /// -c/-l/-a/-d on a raw RBD image: its RBD snapshots (the same ones `rbd snap` and qemu see).
+        func rbdSnapshots(_ spec: RBDSpec) throws {
+            let device = try RBDDevice.open(spec, readOnly: list)
+            defer { try? device.close() }
+            if let create { try device.createSnapshot(named: create) }
+            if let apply { try device.rollback(toSnapshot: apply) }
+            if let delete { try device.deleteSnapshot(named: delete) }
+            guard list else { return try device.close() }
+            let snapshots = try device.snapshots()
+            if output.format == .json {
+                let rows = snapshots.map { s in
+                    JSON.object([
+                        ("id", .string(String(s.id))), ("name", .string(s.name)), ("virtual-size", .uint(s.size)),
+                    ])
+                }
+                return print(JSON.array(rows).render())
+            }
+            guard !snapshots.isEmpty else { return }
+            print("Snapshot list:")
+            print(pad("ID", 8) + pad("TAG", 24) + "SIZE")
+            for s in snapshots { print(pad(String(s.id), 8) + pad(s.name, 24) + ByteSize.format(s.size)) }
         }
 
         func pad(_ s: String, _ width: Int) -> String {

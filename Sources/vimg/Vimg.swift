@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import ImageFormats
+import RBD
 import VImage
 
 #if canImport(Glibc)
@@ -18,7 +19,7 @@ struct Vimg: ParsableCommand {
         subcommands: [
             Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self,
             Resize.self, Compare.self, Convert.self, Measure.self, Bitmap.self, Diff.self, ExportDiff.self,
-            ImportDiff.self, Sparsify.self, Compact.self, Scrub.self,
+            ImportDiff.self, Sparsify.self, Compact.self, Scrub.self, RBDBreakLock.self, Replay.self,
         ]
     )
 }
@@ -48,6 +49,9 @@ func runReportingErrors(_ body: () throws -> Void) throws {
         printError(error.description)
         throw ExitCode.failure
     } catch let error as ImageFormatError {
+        printError(error.description)
+        throw ExitCode.failure
+    } catch let error as RBDError {
         printError(error.description)
         throw ExitCode.failure
     }

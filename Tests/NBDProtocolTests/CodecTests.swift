@@ -140,7 +140,7 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
             flags: [.hasFlags, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .sendFastZero]
         ),
         structuredReplies: true,
-        baseAllocationContextID: 1
+        metaContextIDs: [1]
     )
     static let readOnly = NBDSession(
         export: NBDExportDescription(name: "r", size: 1 << 20, flags: [.hasFlags, .readOnly, .sendFlush])
@@ -252,8 +252,8 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
     /// are clipped to the request, REQ_ONE keeps only the first, and no reply has more than the limit.
     @Test func descriptors() {
         let extents = [
-            Extent(offset: 0, length: 4096, flags: []), Extent(offset: 4096, length: 4096, flags: []),
-            Extent(offset: 8192, length: 1 << 20, flags: [.hole, .zero]),
+            NBDStatusRun(offset: 0, length: 4096, flags: 0), NBDStatusRun(offset: 4096, length: 4096, flags: 0),
+            NBDStatusRun(offset: 8192, length: 1 << 20, flags: 3),
         ]
         let all = NBDTransmissionHandler.descriptors(extents, offset: 1024, length: 10000, one: false)
         #expect(all == [.init(length: 7168, flags: 0), .init(length: 2832, flags: 3)])
@@ -261,11 +261,13 @@ func requestBytes(_ requests: [NBDRequest]) -> ByteBuffer {
         #expect(one == [.init(length: 7168, flags: 0)])
         // A reply stops at the descriptor limit (2^20 by default); what it covers is still exact.
         let alternating = (0..<8).map {
-            Extent(offset: UInt64($0) * 4096, length: 4096, flags: $0 % 2 == 0 ? [] : [.zero])
+            NBDStatusRun(offset: UInt64($0) * 4096, length: 4096, flags: $0 % 2 == 0 ? 0 : 2)
         }
         let capped = NBDTransmissionHandler.descriptors(alternating, offset: 0, length: 32768, one: false, limit: 3)
         #expect(
             capped == [.init(length: 4096, flags: 0), .init(length: 4096, flags: 2), .init(length: 4096, flags: 0)]
         )
+        // Runs that do not reach the request's first byte describe nothing (the caller decides what then).
+        #expect(NBDTransmissionHandler.descriptors(extents, offset: 1 << 22, length: 512, one: false).isEmpty)
     }
 }

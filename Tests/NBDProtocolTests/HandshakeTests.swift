@@ -81,8 +81,8 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
 
 @Suite struct HandshakeStateMachineTests {
     /// Runs the machine past the client flags.
-    func negotiating() -> NBDHandshakeStateMachine {
-        var machine = NBDHandshakeStateMachine(exports: testExports)
+    func negotiating(_ exports: [NBDExportDescription] = testExports) -> NBDHandshakeStateMachine {
+        var machine = NBDHandshakeStateMachine(exports: exports)
         _ = machine.start()
         var flags = ClientBytes.flags()
         #expect(machine.receive(&flags).isEmpty)
@@ -226,6 +226,104 @@ func closes(_ actions: [NBDHandshakeStateMachine.Action]) -> Bool {
         // A selection made for "disk" does not carry over to "other".
         var go = ClientBytes.option(.go, ClientBytes.goData("other"))
         #expect(session(in: machine.receive(&go))?.baseAllocationContextID == nil)
+    }
+
+    /// Invariant: an export's own contexts are listed with id 0 and selected with ids in offer order
+    /// (base:allocation 1, then 2, 3...); LIST takes the "qemu:" and "qemu:dirty-bitmap:" wildcards, SET
+    /// only exact names (a wildcard or unknown name selects nothing), duplicates select once, and the
+    /// session carries the selection.
+    @Test func qemuMetaContexts() {
+        let export = NBDExportDescription(
+            name: "disk",
+            size: 1 << 20,
+            flags: [.hasFlags],
+            metaContexts: ["qemu:allocation-depth", "qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b:c"]
+        )
+        var machine = negotiating([export])
+        var structured = ClientBytes.option(.structuredReply)
+        _ = machine.receive(&structured)
+        func names(_ replies: [(NBDOption, NBDOptionReplyType, [UInt8])]) -> [String] {
+            replies.filter { $0.1 == .metaContext }.map { String(decoding: $0.2.dropFirst(4), as: UTF8.self) }
+        }
+        func ids(_ replies: [(NBDOption, NBDOptionReplyType, [UInt8])]) -> [UInt32] {
+            replies.filter { $0.1 == .metaContext }.map { $0.2.prefix(4).reduce(0) { $0 << 8 | UInt32($1) } }
+        }
+        func list(_ queries: [String]) -> [(NBDOption, NBDOptionReplyType, [UInt8])] {
+            var bytes = ClientBytes.option(.listMetaContext, ClientBytes.metaContextData("disk", queries: queries))
+            return optionReplies(machine.receive(&bytes))
+        }
+        #expect(names(list([])) == ["base:allocation"] + export.metaContexts)
+        #expect(ids(list([])) == [0, 0, 0, 0])
+        #expect(names(list(["qemu:"])) == export.metaContexts)
+        #expect(names(list(["qemu:dirty-bitmap:"])) == ["qemu:dirty-bitmap:a", "qemu:dirty-bitmap:b:c"])
+        #expect(names(list(["base:", "qemu:dirty-bitmap:a"])) == ["base:allocation", "qemu:dirty-bitmap:a"])
+        // Only the two wildcard forms: a prefix of a bitmap's name is not one.
+        #expect(names(list(["qemu:dirty-bitmap:b:", "x-other:"])) == [])
+
+        var set = ClientBytes.option(
+            .setMetaContext,
+            ClientBytes.metaContextData(
+                "disk",
+                queries: ["qemu:dirty-bitmap:b:c", "qemu:", "qemu:dirty-bitmap:", "nope:x", "qemu:dirty-bitmap:b:c"]
+            )
+        )
+        let selected = optionReplies(machine.receive(&set))
+        #expect(names(selected) == ["qemu:dirty-bitmap:b:c"])
+        #expect(ids(selected) == [4])
+        var go = ClientBytes.option(.go, ClientBytes.goData("disk"))
+        let negotiated = session(in: machine.receive(&go))
+        #expect(negotiated?.metaContextIDs == [4])
+        #expect(negotiated?.metaContextNames == ["qemu:dirty-bitmap:b:c"])
+        #expect(negotiated?.baseAllocationContextID == nil)
+    }
+
+    /// Invariant: hostile meta-context queries are bounded and never select anything by accident: a query
+    /// over 4096 bytes is refused (ERR_TOO_BIG) before it is read, a count larger than the data is
+    /// malformed (ERR_INVALID), a query that is not UTF-8 or is in an unknown namespace is ignored (and a
+    /// LIST made only of such queries lists nothing, not everything), and the machine negotiates on after.
+    @Test func hostileMetaContextQueries() {
+        let export = NBDExportDescription(
+            name: "disk",
+            size: 1 << 20,
+            flags: [.hasFlags],
+            metaContexts: ["qemu:dirty-bitmap:a"]
+        )
+        var machine = negotiating([export])
+        var structured = ClientBytes.option(.structuredReply)
+        _ = machine.receive(&structured)
+        func send(_ option: NBDOption, _ data: [UInt8]) -> [(NBDOption, NBDOptionReplyType, [UInt8])] {
+            var bytes = ClientBytes.option(option, data)
+            return optionReplies(machine.receive(&bytes))
+        }
+        func header(queries count: UInt32) -> [UInt8] {
+            var bytes: [UInt8] = []
+            ClientBytes.append(&bytes, UInt32(4))
+            bytes += Array("disk".utf8)
+            ClientBytes.append(&bytes, count)
+            return bytes
+        }
+        // Too long: the length alone decides, with the bytes not even sent.
+        var long = header(queries: 1)
+        ClientBytes.append(&long, UInt32(NBDLimits.maximumString + 1))
+        #expect(send(.listMetaContext, long).map(\.1) == [.errTooBig])
+        // A count the data does not hold.
+        var short = header(queries: 0xFFFF_FFFF)
+        ClientBytes.append(&short, UInt32(2))
+        short += Array("q:".utf8)
+        #expect(send(.setMetaContext, short).map(\.1) == [.errInvalid])
+        // Not UTF-8, and unknown namespaces: ignored.
+        var invalid = header(queries: 3)
+        for query in [[0xFF, 0xFE, 0x3A], Array("x-unknown:".utf8), Array("qemu:dirty-bitmap:zz".utf8)] {
+            ClientBytes.append(&invalid, UInt32(query.count))
+            invalid += query
+        }
+        #expect(send(.listMetaContext, invalid).map(\.1) == [.ack])
+        #expect(send(.setMetaContext, invalid).map(\.1) == [.ack])
+        // Still negotiating: a good SET selects, and GO carries it.
+        let good = send(.setMetaContext, ClientBytes.metaContextData("disk", queries: ["qemu:dirty-bitmap:a"]))
+        #expect(good.map(\.1) == [.metaContext, .ack])
+        var go = ClientBytes.option(.go, ClientBytes.goData("disk"))
+        #expect(session(in: machine.receive(&go))?.metaContextNames == ["qemu:dirty-bitmap:a"])
     }
 
     /// Invariant: a SET_META_CONTEXT that fails (unknown export) drops the earlier selection, as the spec

@@ -72,20 +72,15 @@ final class RawClient {
     func handshake(
         export: String = "",
         structured: Bool = true,
-        baseAllocation: Bool = true
+        contexts: [String] = [NBDBaseAllocation.name]
     ) -> (UInt64, NBDTransmissionFlags)? {
         guard var greeting = receive(18), greeting.readInteger(as: UInt64.self) == NBDMagic.greeting else { return nil }
         send(ClientBytes.flags())
         if structured {
             send(ClientBytes.option(.structuredReply))
             guard readOptionReplies().last?.0 == .ack else { return nil }
-            if baseAllocation {
-                send(
-                    ClientBytes.option(
-                        .setMetaContext,
-                        ClientBytes.metaContextData(export, queries: ["base:allocation"])
-                    )
-                )
+            if !contexts.isEmpty {
+                send(ClientBytes.option(.setMetaContext, ClientBytes.metaContextData(export, queries: contexts)))
                 guard readOptionReplies().last?.0 == .ack else { return nil }
             }
         }
@@ -122,12 +117,17 @@ final class RawClient {
     }
 
     /// One reply: (cookie, error, payload). Simple replies to READ carry `readLength` data bytes;
-    /// structured replies are read chunk by chunk until DONE, concatenating OFFSET_DATA payloads.
+    /// structured replies are read chunk by chunk until DONE, concatenating OFFSET_DATA payloads and the
+    /// descriptors of every BLOCK_STATUS chunk (`chunks` keeps them apart, by context id).
     func reply(
         readLength: Int = 0
-    ) -> (cookie: UInt64, error: NBDErrorCode, data: ByteBuffer, descriptors: [NBDBlockDescriptor])? {
+    ) -> (
+        cookie: UInt64, error: NBDErrorCode, data: ByteBuffer, descriptors: [NBDBlockDescriptor],
+        chunks: [(contextID: UInt32, descriptors: [NBDBlockDescriptor])]
+    )? {
         var data = ByteBuffer()
         var descriptors: [NBDBlockDescriptor] = []
+        var chunks: [(contextID: UInt32, descriptors: [NBDBlockDescriptor])] = []
         var error = NBDErrorCode.success
         while true {
             guard var magic = receive(4) else { return nil }
@@ -136,7 +136,7 @@ final class RawClient {
                 let code = NBDErrorCode(rawValue: rest.readInteger()!)
                 let cookie: UInt64 = rest.readInteger()!
                 if code == .success && readLength > 0 { data = receive(readLength) ?? ByteBuffer() }
-                return (cookie, code, data, [])
+                return (cookie, code, data, [], [])
             }
             guard var header = receive(16) else { return nil }
             let flags = NBDReplyFlags(rawValue: header.readInteger()!)
@@ -149,15 +149,18 @@ final class RawClient {
                 _ = payload.readInteger(as: UInt64.self)
                 data.writeBuffer(&payload)
             case .blockStatus:
-                _ = payload.readInteger(as: UInt32.self)
+                let id: UInt32 = payload.readInteger() ?? 0
+                var chunk: [NBDBlockDescriptor] = []
                 while let length: UInt32 = payload.readInteger(), let flags: UInt32 = payload.readInteger() {
-                    descriptors.append(NBDBlockDescriptor(length: length, flags: flags))
+                    chunk.append(NBDBlockDescriptor(length: length, flags: flags))
                 }
+                descriptors += chunk
+                chunks.append((id, chunk))
             case .error:
                 error = NBDErrorCode(rawValue: payload.readInteger()!)
             default: break
             }
-            if flags.contains(.done) { return (cookie, error, data, descriptors) }
+            if flags.contains(.done) { return (cookie, error, data, descriptors, chunks) }
         }
     }
 }
@@ -169,6 +172,7 @@ func withServer(
     maximumConnections: Int = 64,
     handshakeTimeout: TimeAmount = .seconds(10),
     tls: NBDTLSConfiguration? = nil,
+    metaContexts: [NBDMetaContext] = [],
     _ body: (String, NBDServer, MemoryDevice) async throws -> Void
 ) async throws {
     let directory = TestEnvironment.temporaryDirectory("nbd-server")
@@ -181,7 +185,7 @@ func withServer(
     configuration.tls = tls
     configuration.deviceThreads = 4
     let server = NBDServer(
-        exports: [NBDExport(name: "mem", device: device, readOnly: readOnly)],
+        exports: [NBDExport(name: "mem", device: device, readOnly: readOnly, metaContexts: metaContexts)],
         configuration: configuration,
         logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() })
     )
@@ -279,6 +283,51 @@ func withServer(
             #expect(client.reply()?.error == .success)
             client.request(NBDRequest(command: .disconnect, cookie: 14))
             #expect(client.isClosedByServer())
+        }
+    }
+
+    /// Invariant: BLOCK_STATUS answers one chunk per selected context, with the ids SET_META_CONTEXT handed
+    /// out, only the last chunk ending the reply; REQ_ONE gives one descriptor per chunk; a context whose
+    /// source fails fails the request (EIO with its message), and the connection goes on.
+    @Test func metaContextChunks() async throws {
+        let bitmap = NBDMetaContext(name: "qemu:dirty-bitmap:b") { offset, count in
+            // Dirty below 64 KiB, clean above: a source's runs may start before the request.
+            [
+                NBDStatusRun(offset: 0, length: 65536, flags: NBDQemuContext.dirty),
+                NBDStatusRun(offset: 65536, length: 4 << 20, flags: 0),
+            ].filter { $0.offset + $0.length > offset && $0.offset < offset + count }
+        }
+        let failing = NBDMetaContext(name: "qemu:allocation-depth") { offset, _ in
+            struct Broken: Error {}
+            if offset >= 1 << 20 { throw Broken() }
+            return [NBDStatusRun(offset: offset, length: 1 << 20, flags: 1)]
+        }
+        try await withServer(metaContexts: [failing, bitmap]) { path, _, _ in
+            let client = try #require(RawClient(socketPath: path))
+            let size = try #require(client.handshake(contexts: ["base:allocation", "qemu:dirty-bitmap:b"])).0
+            client.request(NBDRequest(command: .blockStatus, cookie: 1, offset: 4096, length: UInt32(size - 4096)))
+            let status = try #require(client.reply())
+            #expect(status.error == .success)
+            #expect(status.chunks.map(\.contextID) == [1, 3])
+            #expect(
+                status.chunks.last?.descriptors == [
+                    NBDBlockDescriptor(length: 61440, flags: 1),
+                    NBDBlockDescriptor(length: UInt32(size - 65536), flags: 0),
+                ]
+            )
+            client.request(NBDRequest(flags: .reqOne, command: .blockStatus, cookie: 2, offset: 0, length: 100))
+            let one = try #require(client.reply())
+            #expect(one.chunks.map(\.descriptors.count) == [1, 1])
+            #expect(one.chunks.last?.descriptors == [NBDBlockDescriptor(length: 100, flags: 1)])
+
+            let depth = try #require(RawClient(socketPath: path))
+            _ = try #require(depth.handshake(contexts: ["qemu:allocation-depth"]))
+            depth.request(NBDRequest(command: .blockStatus, cookie: 3, offset: 0, length: 8192))
+            #expect(depth.reply()?.chunks.map(\.contextID) == [2])
+            depth.request(NBDRequest(command: .blockStatus, cookie: 4, offset: 2 << 20, length: 8192))
+            #expect(depth.reply()?.error == .EIO)
+            depth.request(NBDRequest(command: .read, cookie: 5, offset: 0, length: 16))
+            #expect(depth.reply()?.error == .success)
         }
     }
 

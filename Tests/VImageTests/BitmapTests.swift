@@ -204,4 +204,57 @@ import VImageTestSupport
         #expect(throws: VImageError.self) { try image.changes(from: "nope", to: nil) }
         try image.close()
     }
+
+    /// Invariant: a bitmap's runs (what NBD's qemu:dirty-bitmap contexts report) match a granule-by-granule
+    /// reading of its bits for any range, however the bits fall around whole words, and cover exactly the
+    /// range asked for (clipped to the disk).
+    @Test func runsMatchTheBits() {
+        var generator = SystemRandomNumberGenerator()
+        for trial in 0..<50 {
+            let size = UInt64.random(in: 1...4096, using: &generator) * 512
+            var bitmap = DirtyBitmap(name: "r", granularityBits: 9, enabled: true, virtualSize: size)
+            for _ in 0..<Int.random(in: 0...8, using: &generator) {
+                let offset = UInt64.random(in: 0..<size, using: &generator)
+                bitmap.mark(offset: offset, count: UInt64.random(in: 1...(200 << 10), using: &generator))
+            }
+            if trial % 5 == 0 { bitmap.mark(offset: 0, count: size) }
+            let offset = UInt64.random(in: 0..<size, using: &generator)
+            let count = UInt64.random(in: 1...(size - offset + 4096), using: &generator)
+            let runs = bitmap.runs(at: offset, count: count, virtualSize: size)
+            var position = offset
+            for run in runs {
+                #expect(run.offset == position && run.length > 0)
+                for byte in stride(from: run.offset, to: run.offset + run.length, by: 512) {
+                    #expect(bitmap.isDirty(byte >> 9) == run.dirty, "trial \(trial) at \(byte)")
+                }
+                position += run.length
+            }
+            #expect(position == min(offset + count, size))
+            #expect(zip(runs, runs.dropFirst()).allSatisfy { $0.dirty != $1.dirty })
+        }
+    }
+
+    /// Invariant: a snapshot diff read as runs (the qemu:dirty-bitmap view of `changes(from:to:)`) marks
+    /// exactly the bytes of its extents, whatever the range asked for.
+    @Test func diffRuns() {
+        let changes = [
+            ChangedExtent(offset: 4096, length: 4096, isZero: false),
+            ChangedExtent(offset: 8192, length: 8192, isZero: true),
+            ChangedExtent(offset: 65536, length: 4096, isZero: false),
+        ]
+        func dirty(_ byte: UInt64) -> Bool { changes.contains { $0.offset <= byte && byte < $0.offset + $0.length } }
+        for offset in stride(from: UInt64(0), to: 80_000, by: 1000) {
+            for count in [UInt64(1), 3000, 5000, 70_000] {
+                let runs = changes.runs(at: offset, count: count)
+                var position = offset
+                for run in runs {
+                    #expect(run.offset == position && run.length > 0)
+                    #expect(dirty(run.offset) == run.dirty && dirty(run.offset + run.length - 1) == run.dirty)
+                    position += run.length
+                }
+                #expect(position == offset + count)
+            }
+        }
+        #expect([ChangedExtent]().runs(at: 0, count: 10).map(\.dirty) == [false])
+    }
 }
