@@ -21,6 +21,7 @@ static const int CBlockIO_FALLOC_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
 static const int CBlockIO_FALLOC_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
 static const int CBlockIO_SEEK_DATA = SEEK_DATA;
 static const int CBlockIO_SEEK_HOLE = SEEK_HOLE;
+static const int CBlockIO_O_DIRECT = O_DIRECT;
 
 static inline int CBlockIO_fallocate(int fd, int mode, long long offset, long long length) {
     return fallocate(fd, mode, (off_t)offset, (off_t)length);
