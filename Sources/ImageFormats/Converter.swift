@@ -46,6 +46,10 @@ public struct ConvertOptions: Sendable {
     /// Sync a VIMG output as the engine normally does (`-t writeback`); off by default, like qemu-img
     /// convert, which never syncs its output's data.
     public var syncOutput = false
+    /// `.direct` writes the output with direct I/O (`-t none`; its file is synced when closed).
+    public var outputCache: FileDevice.CacheMode = .writeback
+    /// `.direct` reads the source (and the `-B` backing file) with direct I/O (`-T none`).
+    public var sourceCache: FileDevice.CacheMode = .writeback
 
     public init() {}
 }
@@ -71,7 +75,8 @@ public enum ImageConverter {
             path: source,
             format: options.sourceFormat,
             readOnly: true,
-            snapshot: options.snapshot
+            snapshot: options.snapshot,
+            cache: options.sourceCache
         )
         defer { try? input.close() }
         var backing: (any BlockDevice)? = nil
@@ -79,7 +84,8 @@ public enum ImageConverter {
             backing = try ImageFormats.open(
                 path: BackingReference.resolve(name, relativeTo: destination),
                 format: options.backingFormat,
-                readOnly: true
+                readOnly: true,
+                cache: options.sourceCache
             )
         }
         defer { try? backing?.close() }
@@ -266,7 +272,12 @@ public enum ImageConverter {
     ) throws -> any ConvertSink {
         switch options.outputFormat {
         case .raw:
-            return try RawSink(path: path, size: size, sparseSize: Int(min(options.sparseSize, 1 << 20)))
+            return try RawSink(
+                path: path,
+                size: size,
+                sparseSize: Int(min(options.sparseSize, 1 << 20)),
+                cache: options.outputCache
+            )
         case .vimg:
             return try VImageSink(path: path, size: size, options: options, backing: backing)
         case .qcow2:
@@ -288,43 +299,27 @@ protocol ConvertSink: Sendable {
     func abandon()
 }
 
-/// A sparse raw file: ftruncated to size, then only non-zero runs written. Plain pwrite on a descriptor
-/// of its own: `FileDevice.close` syncs, and like qemu-img convert this leaves writeback to the kernel.
+/// A sparse raw file: ftruncated to size, then only non-zero runs written. Closed without a sync (like
+/// qemu-img convert, this leaves writeback to the kernel), except with direct I/O (`-t none`), whose file is
+/// synced at close as qemu's cache=none does.
 final class RawSink: ConvertSink, @unchecked Sendable {
-    let path: String
-    let fd: Int32
+    let file: FileDevice
     let sparseSize: Int
     var unitSize: Int { 1 << 20 }
 
-    init(path: String, size: UInt64, sparseSize: Int) throws {
-        self.path = path
-        fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            throw ImageFormatError(.io, path: path, message: "cannot create: \(describeErrno(errno))")
+    init(path: String, size: UInt64, sparseSize: Int, cache: FileDevice.CacheMode) throws {
+        // Created and sized first, then opened at that fixed size: direct I/O never writes past it.
+        try withPath(path) {
+            let created = try FileDevice.open(path: path, readOnly: false, create: true, growable: true)
+            defer { try? created.close(flushing: false) }
+            try created.truncate(to: size)
         }
+        file = try withPath(path) { try FileDevice.open(path: path, readOnly: false, cache: cache) }
         self.sparseSize = sparseSize
-        guard ftruncate(fd, off_t(size)) == 0 else {
-            let code = errno
-            Glibc.close(fd)
-            throw ImageFormatError(.io, path: path, message: "cannot set the size to \(size): \(describeErrno(code))")
-        }
     }
 
     private func put(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        var done = 0
-        while done < data.count {
-            let n = pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + UInt64(done)))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw ImageFormatError(
-                    .io,
-                    path: path,
-                    offset: offset + UInt64(done),
-                    message: "write failed: \(describeErrno(errno))"
-                )
-            }
-            done += n
-        }
+        try withPath(file.path) { try file.write(data, at: offset, fua: false) }
     }
 
     func write(unit index: UInt64, data: UnsafeRawBufferPointer, length: Int) throws {
@@ -355,12 +350,10 @@ final class RawSink: ConvertSink, @unchecked Sendable {
     func writeZeroes(unit index: UInt64, length: Int) throws {}
 
     func finish() throws {
-        guard Glibc.close(fd) == 0 else {
-            throw ImageFormatError(.io, path: path, message: "close failed: \(describeErrno(errno))")
-        }
+        try withPath(file.path) { try file.close(flushing: file.cacheMode == .direct) }
     }
 
-    func abandon() { Glibc.close(fd) }
+    func abandon() { try? file.close(flushing: false) }
 }
 
 /// A new VIMG image, optionally LZ4-compressed, optionally a clone over the backing file.
@@ -382,7 +375,13 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
             )
         )
         let file = try withPath(path) {
-            try FileDevice.open(path: path, readOnly: false, growable: true, lock: .exclusive)
+            try FileDevice.open(
+                path: path,
+                readOnly: false,
+                growable: true,
+                lock: .exclusive,
+                cache: options.outputCache
+            )
         }
         // The output is renamed into place only when complete, so by default (as qemu-img convert's
         // cache=unsafe) its metadata steps are not synced one by one; `syncOutput` makes them durable.
@@ -441,7 +440,14 @@ final class Qcow2Sink: ConvertSink, @unchecked Sendable {
 
     init(path: String, size: UInt64, options: ConvertOptions) throws {
         file = try withPath(path) {
-            try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive)
+            try FileDevice.open(
+                path: path,
+                readOnly: false,
+                create: true,
+                growable: true,
+                lock: .exclusive,
+                cache: options.outputCache
+            )
         }
         do {
             writer = try Qcow2Writer(

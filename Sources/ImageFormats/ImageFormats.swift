@@ -61,13 +61,16 @@ public enum ImageFormats {
     ///     must be opened read-only.
     ///   - snapshot: read an internal snapshot (by name; qcow2 also by id) instead of the active state
     ///     (read-only).
+    ///   - cache: `.direct` opens the image and its backing chain with direct I/O (qemu's cache=none, whose
+    ///     backing files inherit it too).
     /// - Returns: a device whose `size` is the guest (virtual) size.
     /// - Throws: `ImageFormatError`, `VImageError` or `BlockIOError` with a clear message.
     public static func open(
         path: String,
         format: Format? = nil,
         readOnly: Bool,
-        snapshot: String? = nil
+        snapshot: String? = nil,
+        cache: FileDevice.CacheMode = .writeback
     ) throws -> any BlockDevice {
         switch try format ?? probe(path: path) {
         case .raw:
@@ -75,10 +78,12 @@ public enum ImageFormats {
                 throw ImageFormatError(.invalidArgument, path: path, message: "raw images have no snapshots")
             }
             return try withPath(path) {
-                try FileDevice.open(path: path, readOnly: readOnly, lock: readOnly ? .shared : .exclusive)
+                try FileDevice.open(path: path, readOnly: readOnly, lock: readOnly ? .shared : .exclusive, cache: cache)
             }
         case .vimg:
-            return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot)
+            var options = VImage.OpenOptions()
+            options.cache = cache
+            return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot, options: options)
         case .qcow2:
             guard readOnly else {
                 throw ImageFormatError(
@@ -87,11 +92,11 @@ public enum ImageFormats {
                     message: "qcow2 images can only be opened read-only (convert them to VIMG to write)"
                 )
             }
-            return try openQcow2(path: path, snapshot: snapshot)
+            return try openQcow2(path: path, snapshot: snapshot, cache: cache)
         }
     }
 
-    /// Opens a VIMG image with its backing chain (any formats below it).
+    /// Opens a VIMG image with its backing chain (any formats below it), the chain with `options.cache` too.
     /// - Parameter alongsideWriter: open a snapshot without taking the file's lock, so it can be read
     ///   while a writer has the image open (see `VImage.openSnapshotAlongsideWriter`).
     public static func openVImage(
@@ -106,7 +111,7 @@ public enum ImageFormats {
                 path: path,
                 snapshot: snapshot,
                 options: options,
-                backingOpener: openBacking
+                backingOpener: { try openBacking($0, cache: options.cache) }
             )
         }
         return try VImage.open(
@@ -114,18 +119,25 @@ public enum ImageFormats {
             readOnly: readOnly,
             snapshot: snapshot,
             options: options,
-            backingOpener: openBacking
+            backingOpener: { try openBacking($0, cache: options.cache) }
         )
     }
 
     /// Opens a qcow2 image and its backing chain.
-    public static func openQcow2(path: String, snapshot: String? = nil) throws -> Qcow2Image {
-        let file = try withPath(path) { try FileDevice.open(path: path, readOnly: true, lock: .shared) }
+    public static func openQcow2(
+        path: String,
+        snapshot: String? = nil,
+        cache: FileDevice.CacheMode = .writeback
+    ) throws -> Qcow2Image {
+        let file = try withPath(path) { try FileDevice.open(path: path, readOnly: true, lock: .shared, cache: cache) }
         var backing: (any BlockDevice)? = nil
         do {
             let header = try Qcow2Header.read(from: file, path: path)
             if let name = header.backingFile {
-                backing = try openBacking(BackingReference(name: name, format: header.backingFormat, imagePath: path))
+                backing = try openBacking(
+                    BackingReference(name: name, format: header.backingFormat, imagePath: path),
+                    cache: cache
+                )
             }
             return try Qcow2Image(file: file, path: path, snapshot: snapshot, backing: backing)
         } catch {
@@ -138,6 +150,12 @@ public enum ImageFormats {
     /// Opens the backing chain a clone names, read-only, and returns its top level: the `BackingOpener`
     /// every VIMG image is opened with.
     public static func openBacking(_ reference: BackingReference) throws -> any BlockDevice {
+        try openBacking(reference, cache: .writeback)
+    }
+
+    /// `openBacking(_:)` with every level's file opened in cache mode `cache`.
+    public static func openBacking(_ reference: BackingReference, cache: FileDevice.CacheMode) throws -> any BlockDevice
+    {
         let top = reference.imagePath.map { canonicalPath($0) ?? $0 }
         let levels: [ChainLevel]
         do {
@@ -150,7 +168,7 @@ public enum ImageFormats {
             for level in levels.reversed() {
                 let below = device
                 device = nil
-                device = try openLevel(level, over: below)
+                device = try openLevel(level, over: below, cache: cache)
             }
         } catch {
             try? device?.close()
@@ -160,18 +178,27 @@ public enum ImageFormats {
     }
 
     /// Opens one chain level read-only over the (already open) level below, which it then owns.
-    private static func openLevel(_ level: ChainLevel, over below: (any BlockDevice)?) throws -> any BlockDevice {
+    private static func openLevel(
+        _ level: ChainLevel,
+        over below: (any BlockDevice)?,
+        cache: FileDevice.CacheMode
+    ) throws -> any BlockDevice {
         var taken = false
         do {
             switch level.format {
             case .raw:
                 try? below?.close()  // a raw level ends a chain: nothing is below it
                 taken = true
-                return try withPath(level.path) { try FileDevice.open(path: level.path, readOnly: true, lock: .shared) }
+                return try withPath(level.path) {
+                    try FileDevice.open(path: level.path, readOnly: true, lock: .shared, cache: cache)
+                }
             case .vimg:
+                var options = VImage.OpenOptions()
+                options.cache = cache
                 return try VImage.open(
                     path: level.path,
                     readOnly: true,
+                    options: options,
                     backingOpener: { _ in
                         guard let below else {
                             throw ImageFormatError(
@@ -186,7 +213,7 @@ public enum ImageFormats {
                 )
             case .qcow2:
                 let file = try withPath(level.path) {
-                    try FileDevice.open(path: level.path, readOnly: true, lock: .shared)
+                    try FileDevice.open(path: level.path, readOnly: true, lock: .shared, cache: cache)
                 }
                 do {
                     taken = true

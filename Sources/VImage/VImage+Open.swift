@@ -252,7 +252,8 @@ extension VImage {
                 path: path,
                 readOnly: readOnly,
                 growable: true,
-                lock: lock ?? (readOnly ? .shared : .exclusive)
+                lock: lock ?? (readOnly ? .shared : .exclusive),
+                cache: options.cache
             )
         }
         do {
