@@ -45,6 +45,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     public var reconnectTimeout: Double?
     /// The reconnect timeouts accepted (a day at most: waiting must end).
     public static let reconnectTimeoutRange = 0.0...86400.0
+    /// For an image file: through the host page cache or with direct I/O; nil for the default (writeback).
+    public var cache: FileDevice.CacheMode?
 
     public init(
         source: String? = nil,
@@ -55,7 +57,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         snapshot: String? = nil,
         overlay: Bool = false,
         device: DeviceKind = .auto,
-        reconnectTimeout: Double? = nil
+        reconnectTimeout: Double? = nil,
+        cache: FileDevice.CacheMode? = nil
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -66,6 +69,7 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.overlay = overlay
         self.device = device
         self.reconnectTimeout = reconnectTimeout
+        self.cache = cache
     }
 }
 

@@ -115,6 +115,14 @@ extension Vdisk {
         )
         var reconnectTimeout: Double?
 
+        @Option(
+            help: ArgumentHelp(
+                "For an image file: the host page cache, writeback or none (direct I/O, O_DIRECT).",
+                valueName: "mode"
+            )
+        )
+        var cache: FileDevice.CacheMode?
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
@@ -122,6 +130,9 @@ extension Vdisk {
 
         func validate() throws {
             if (source == nil) == (ram == nil) { throw ValidationError("give an image or URI to plug, or --ram SIZE") }
+            if cache == FileDevice.CacheMode.direct && source?.contains("://") != false {
+                throw ValidationError("--cache=none is for image files, not RAM disks or remote exports")
+            }
             if let ram, ByteSize.parse(ram) == nil {
                 throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G")
             }
@@ -157,7 +168,8 @@ extension Vdisk {
                     snapshot: snapshot,
                     overlay: overlay,
                     device: device,
-                    reconnectTimeout: reconnectTimeout
+                    reconnectTimeout: reconnectTimeout,
+                    cache: cache
                 )
                 let response = try bus.send(BusRequest(op: .plug, plug: request))
                 guard let disk = response.disk else { return }
@@ -372,6 +384,7 @@ enum OutputFormat: String, ExpressibleByArgument {
 }
 
 extension DeviceKind: ExpressibleByArgument {}
+extension FileDevice.CacheMode: ExpressibleByArgument {}
 
 func jsonString<T: Encodable>(_ value: T) throws -> String {
     let encoder = JSONEncoder()
