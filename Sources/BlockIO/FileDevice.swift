@@ -11,7 +11,20 @@ import Glibc
 ///   it are refused;
 /// - a *growable* device (the host file under a VIMG image): writes may extend the file and reads past the
 ///   end return zeroes, because an image allocates clusters past its current end before writing them.
+///
+/// With cache mode `.direct` (qemu's cache=none) the file is opened with O_DIRECT and any request is carried
+/// out in aligned blocks (design notes in DirectIO.swift).
 public final class FileDevice: BlockDevice, @unchecked Sendable {
+    /// Whether the file's data goes through the host page cache. The raw values are qemu's names for the
+    /// same modes (`--cache=writeback`, `--cache=none`).
+    public enum CacheMode: String, Sendable, Codable, CaseIterable {
+        /// Buffered I/O through the page cache; data is durable after a flush.
+        case writeback
+        /// Direct I/O (O_DIRECT), qemu's cache=none: reads and writes bypass the page cache; data is
+        /// durable after a flush (which still syncs the file's metadata and the disk's own cache).
+        case direct = "none"
+    }
+
     /// Advisory whole-file lock taken at open (`flock`), so two writers cannot open one image.
     public enum LockMode: Sendable {
         case none
@@ -27,20 +40,43 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     private let fd: Int32
     private let fixedSize: UInt64
     private let isBlockDevice: Bool
+    public let cacheMode: CacheMode
+    /// The aligned-I/O path, with cache mode `.direct`.
+    let direct: DirectIO?
+    /// With cache mode `.direct`, for a fixed-size file whose size is not a multiple of the alignment: a
+    /// descriptor without O_DIRECT for the bytes of its last, partial block (from `directEnd` on).
+    private let tailFD: Int32
+    private let directEnd: UInt64
     // Set once by close(); reads race only with a caller misusing a closed device.
     private nonisolated(unsafe) var isClosed = false
 
-    private init(path: String, fd: Int32, readOnly: Bool, growable: Bool, size: UInt64, isBlockDevice: Bool) {
+    private init(
+        path: String,
+        fd: Int32,
+        readOnly: Bool,
+        growable: Bool,
+        size: UInt64,
+        isBlockDevice: Bool,
+        cacheMode: CacheMode,
+        tailFD: Int32
+    ) {
         self.path = path
         self.fd = fd
         self.isReadOnly = readOnly
         self.isGrowable = growable
         self.fixedSize = size
         self.isBlockDevice = isBlockDevice
+        self.cacheMode = cacheMode
+        self.direct = cacheMode == .direct ? DirectIO(fd: fd, path: path) : nil
+        self.tailFD = tailFD
+        self.directEnd = tailFD >= 0 ? DirectIO.alignDown(size) : .max
     }
 
     deinit {
-        if !isClosed { Glibc.close(fd) }
+        if !isClosed {
+            Glibc.close(fd)
+            if tailFD >= 0 { Glibc.close(tailFD) }
+        }
     }
 
     /// Opens `path`.
@@ -49,19 +85,22 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     ///   - create: create the file (it must not exist yet) with mode 0644.
     ///   - growable: see the type's notes.
     ///   - lock: advisory lock to take; fails with `.locked` if it is held elsewhere.
+    ///   - cache: `.direct` for direct I/O; fails with `.notSupported` where the file system refuses it.
     /// - Throws: `BlockIOError`.
     public static func open(
         path: String,
         readOnly: Bool,
         create: Bool = false,
         growable: Bool = false,
-        lock: LockMode = .none
+        lock: LockMode = .none,
+        cache: CacheMode = .writeback
     ) throws -> FileDevice {
         var flags: Int32 = readOnly ? O_RDONLY : O_RDWR
         flags |= O_CLOEXEC
         if create { flags |= O_CREAT | O_EXCL }
         let fd = Glibc.open(path, flags, 0o644)
         if fd < 0 { throw BlockIOError.system(.open, errno: errno, path: path) }
+        var tailFD: Int32 = -1
         do {
             var st = stat()
             if fstat(fd, &st) != 0 { throw BlockIOError.system(.stat, errno: errno, path: path) }
@@ -80,6 +119,29 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                 var bytes: UInt64 = 0
                 // BLKGETSIZE64 = _IOR(0x12, 114, size_t)
                 if ioctl(fd, 0x8008_1272, &bytes) == 0 { size = bytes }
+            }
+            if cache == .direct {
+                // O_DIRECT is added after the open, so that a file just created can be removed again if
+                // the file system refuses it (the open would create the file, then fail).
+                if fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | CBlockIO_O_DIRECT) != 0 {
+                    let code = errno
+                    if create { unlink(path) }
+                    if code == EINVAL {
+                        throw BlockIOError(
+                            .notSupported,
+                            operation: .open,
+                            errno: EINVAL,
+                            path: path,
+                            message:
+                                "the file system does not support direct I/O (O_DIRECT), which cache mode none needs; use cache mode writeback"
+                        )
+                    }
+                    throw BlockIOError.system(.open, errno: code, path: path)
+                }
+                if !growable && !DirectIO.isAligned(size) {
+                    tailFD = Glibc.open("/proc/self/fd/\(fd)", (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+                    if tailFD < 0 { throw BlockIOError.system(.open, errno: errno, path: path) }
+                }
             }
             if lock != .none {
                 let op = (lock == .exclusive ? LOCK_EX : LOCK_SH) | LOCK_NB
@@ -105,10 +167,13 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                 readOnly: readOnly,
                 growable: growable,
                 size: size,
-                isBlockDevice: isBlock
+                isBlockDevice: isBlock,
+                cacheMode: cache,
+                tailFD: tailFD
             )
         } catch {
             Glibc.close(fd)
+            if tailFD >= 0 { Glibc.close(tailFD) }
             throw error
         }
     }
@@ -165,6 +230,29 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
     public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         try checkOpen(.read)
         if !isGrowable { try checkRange(offset: offset, count: UInt64(buffer.count), operation: .read) }
+        if let direct {
+            let (head, tail) = splitAtDirectEnd(offset: offset, count: buffer.count)
+            try direct.read(into: UnsafeMutableRawBufferPointer(rebasing: buffer[0..<head]), at: offset)
+            if tail > 0 {
+                try readBuffered(
+                    tailFD,
+                    into: UnsafeMutableRawBufferPointer(rebasing: buffer[head...]),
+                    at: offset + UInt64(head)
+                )
+            }
+            return
+        }
+        try readBuffered(fd, into: buffer, at: offset)
+    }
+
+    /// Splits a request of `count` bytes at `offset` into the bytes before `directEnd` and those after it.
+    private func splitAtDirectEnd(offset: UInt64, count: Int) -> (head: Int, tail: Int) {
+        guard offset + UInt64(count) > directEnd else { return (count, 0) }
+        let head = offset >= directEnd ? 0 : Int(directEnd - offset)
+        return (head, count - head)
+    }
+
+    private func readBuffered(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws {
         var done = 0
         while done < buffer.count {
             let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + UInt64(done)))
@@ -183,6 +271,19 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64, fua: Bool) throws {
         try checkWritable(.write, offset: offset, count: UInt64(buffer.count))
+        if let direct {
+            let (head, tail) = splitAtDirectEnd(offset: offset, count: buffer.count)
+            try direct.write(UnsafeRawBufferPointer(rebasing: buffer[0..<head]), at: offset)
+            if tail > 0 {
+                try writeBuffered(tailFD, UnsafeRawBufferPointer(rebasing: buffer[head...]), at: offset + UInt64(head))
+            }
+        } else {
+            try writeBuffered(fd, buffer, at: offset)
+        }
+        if fua { try flush() }
+    }
+
+    private func writeBuffered(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws {
         var done = 0
         while done < buffer.count {
             let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset + UInt64(done)))
@@ -192,7 +293,13 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             }
             done += n
         }
-        if fua { try flush() }
+    }
+
+    /// Runs `body` (a change of bytes at `offset..<offset + count` other than through `write`) so that no
+    /// read-modify-write of direct I/O overlaps it in a block they share (see DirectIO.swift).
+    private func excludingPartialBlockWrites<T>(offset: UInt64, count: UInt64, _ body: () throws -> T) rethrows -> T {
+        guard let direct else { return try body() }
+        return try direct.withPartialBlocksLocked(offset: offset, count: count) { _ in try body() }
     }
 
     public func writeZeroes(at offset: UInt64, count: UInt64, mayUnmap: Bool, fast: Bool) throws {
@@ -203,11 +310,11 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
             let mode = mayUnmap ? (CBlockIO_FALLOC_PUNCH_HOLE | CBlockIO_FALLOC_KEEP_SIZE) : CBlockIO_FALLOC_ZERO_RANGE
             var end = offset + count
             if isGrowable || mayUnmap { end = min(end, max(offset, currentLength())) }
-            if end > offset, CBlockIO_fallocate(fd, mode, Int64(offset), Int64(end - offset)) == 0 {
-                if end - offset == count { return }
-            } else if end <= offset {
-                return  // entirely past the end of a growable file: already zero
+            guard end > offset else { return }  // entirely past the end of a growable file: already zero
+            let result = excludingPartialBlockWrites(offset: offset, count: end - offset) {
+                CBlockIO_fallocate(fd, mode, Int64(offset), Int64(end - offset))
             }
+            if result == 0 && end - offset == count { return }
         }
         if fast {
             throw BlockIOError(
@@ -238,7 +345,9 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         try checkWritable(.discard, offset: offset, count: count)
         guard count > 0, !isBlockDevice else { return }
         // Best effort: a file system without hole punching simply keeps the blocks.
-        _ = CBlockIO_fallocate(fd, CBlockIO_FALLOC_PUNCH_HOLE | CBlockIO_FALLOC_KEEP_SIZE, Int64(offset), Int64(count))
+        _ = excludingPartialBlockWrites(offset: offset, count: count) {
+            CBlockIO_fallocate(fd, CBlockIO_FALLOC_PUNCH_HOLE | CBlockIO_FALLOC_KEEP_SIZE, Int64(offset), Int64(count))
+        }
     }
 
     public func flush() throws {
@@ -301,6 +410,7 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         if isClosed { return }
         if flushing && !isReadOnly { try? flush() }
         isClosed = true
+        if tailFD >= 0 { Glibc.close(tailFD) }
         if Glibc.close(fd) != 0 { throw BlockIOError.system(.close, errno: errno, path: path) }
     }
 }

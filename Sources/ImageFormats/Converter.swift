@@ -51,6 +51,10 @@ public struct ConvertOptions: Sendable {
     /// Sync a VIMG output as the engine normally does (`-t writeback`); off by default, like qemu-img
     /// convert, which never syncs its output's data.
     public var syncOutput = false
+    /// `.direct` writes the output with direct I/O (`-t none`; its file is synced when closed).
+    public var outputCache: FileDevice.CacheMode = .writeback
+    /// `.direct` reads the source (and the `-B` backing file) with direct I/O (`-T none`).
+    public var sourceCache: FileDevice.CacheMode = .writeback
 
     public init() {}
 }
@@ -76,7 +80,8 @@ public enum ImageConverter {
             path: source,
             format: options.sourceFormat,
             readOnly: true,
-            snapshot: options.snapshot
+            snapshot: options.snapshot,
+            cache: options.sourceCache
         )
         defer { try? input.close() }
         var backing: (any BlockDevice)? = nil
@@ -84,7 +89,8 @@ public enum ImageConverter {
             backing = try ImageFormats.open(
                 path: BackingReference.resolve(name, relativeTo: destination),
                 format: options.backingFormat,
-                readOnly: true
+                readOnly: true,
+                cache: options.sourceCache
             )
         }
         defer { try? backing?.close() }
@@ -340,7 +346,12 @@ public enum ImageConverter {
     ) throws -> any ConvertSink {
         switch options.outputFormat {
         case .raw:
-            return try RawSink(path: path, size: size, sparseSize: Int(min(options.sparseSize, 1 << 20)))
+            return try RawSink(
+                path: path,
+                size: size,
+                sparseSize: Int(min(options.sparseSize, 1 << 20)),
+                cache: options.outputCache
+            )
         case .vimg:
             return try VImageSink(path: path, size: size, options: options, backing: backing)
         case .qcow2:
@@ -362,57 +373,35 @@ protocol ConvertSink: Sendable {
     func abandon()
 }
 
-/// A sparse raw file: ftruncated to size, then only non-zero runs written. Plain pwrite on a descriptor
-/// of its own: `FileDevice.close` syncs, and like qemu-img convert this leaves writeback to the kernel.
-/// Or a new device that reads as zeroes (an RBD image), written the same way through `BlockDevice.write`.
+/// A sparse raw output: only non-zero runs written, on a new device that reads as zeroes. A file is created
+/// and sized first, then opened at that fixed size (direct I/O never writes past it), and closed without a
+/// sync (like qemu-img convert, this leaves writeback to the kernel), except with direct I/O (`-t none`),
+/// whose file is synced at close as qemu's cache=none does. Or an RBD image, written the same way.
 final class RawSink: ConvertSink, @unchecked Sendable {
     let path: String
-    let fd: Int32
-    let device: (any BlockDevice)?
+    let device: any BlockDevice
     let sparseSize: Int
     var unitSize: Int { 1 << 20 }
 
     init(device: any BlockDevice, path: String, sparseSize: Int) {
         self.path = path
-        self.fd = -1
         self.device = device
         self.sparseSize = sparseSize
     }
 
-    init(path: String, size: UInt64, sparseSize: Int) throws {
+    init(path: String, size: UInt64, sparseSize: Int, cache: FileDevice.CacheMode) throws {
+        try withPath(path) {
+            let created = try FileDevice.open(path: path, readOnly: false, create: true, growable: true)
+            defer { try? created.close(flushing: false) }
+            try created.truncate(to: size)
+        }
         self.path = path
-        device = nil
-        fd = Glibc.open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else {
-            throw ImageFormatError(.io, path: path, message: "cannot create: \(describeErrno(errno))")
-        }
+        device = try withPath(path) { try FileDevice.open(path: path, readOnly: false, cache: cache) }
         self.sparseSize = sparseSize
-        guard ftruncate(fd, off_t(size)) == 0 else {
-            let code = errno
-            Glibc.close(fd)
-            throw ImageFormatError(.io, path: path, message: "cannot set the size to \(size): \(describeErrno(code))")
-        }
     }
 
     private func put(_ data: UnsafeRawBufferPointer, at offset: UInt64) throws {
-        if let device {
-            try device.write(data, at: offset, fua: false)
-            return
-        }
-        var done = 0
-        while done < data.count {
-            let n = pwrite(fd, data.baseAddress! + done, data.count - done, off_t(offset + UInt64(done)))
-            if n < 0 {
-                if errno == EINTR { continue }
-                throw ImageFormatError(
-                    .io,
-                    path: path,
-                    offset: offset + UInt64(done),
-                    message: "write failed: \(describeErrno(errno))"
-                )
-            }
-            done += n
-        }
+        try withPath(path) { try device.write(data, at: offset, fua: false) }
     }
 
     func write(unit index: UInt64, data: UnsafeRawBufferPointer, length: Int) throws {
@@ -443,14 +432,12 @@ final class RawSink: ConvertSink, @unchecked Sendable {
     func writeZeroes(unit index: UInt64, length: Int) throws {}
 
     func finish() throws {
-        if let device { return try device.close() }
-        guard Glibc.close(fd) == 0 else {
-            throw ImageFormatError(.io, path: path, message: "close failed: \(describeErrno(errno))")
-        }
+        guard let file = device as? FileDevice else { return try device.close() }
+        try withPath(path) { try file.close(flushing: file.cacheMode == .direct) }
     }
 
     func abandon() {
-        if let device { try? device.close() } else { Glibc.close(fd) }
+        if let file = device as? FileDevice { try? file.close(flushing: false) } else { try? device.close() }
     }
 }
 
@@ -463,7 +450,14 @@ final class VImageSink: ConvertSink, @unchecked Sendable {
 
     convenience init(path: String, size: UInt64, options: ConvertOptions, backing: (any BlockDevice)?) throws {
         let file = try withPath(path) {
-            try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive)
+            try FileDevice.open(
+                path: path,
+                readOnly: false,
+                create: true,
+                growable: true,
+                lock: .exclusive,
+                cache: options.outputCache
+            )
         }
         try self.init(host: file, path: path, size: size, options: options, backing: backing)
     }
@@ -552,7 +546,14 @@ final class Qcow2Sink: ConvertSink, @unchecked Sendable {
 
     init(path: String, size: UInt64, options: ConvertOptions) throws {
         file = try withPath(path) {
-            try FileDevice.open(path: path, readOnly: false, create: true, growable: true, lock: .exclusive)
+            try FileDevice.open(
+                path: path,
+                readOnly: false,
+                create: true,
+                growable: true,
+                lock: .exclusive,
+                cache: options.outputCache
+            )
         }
         do {
             writer = try Qcow2Writer(

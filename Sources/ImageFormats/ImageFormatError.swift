@@ -79,6 +79,9 @@ func withPath<T>(_ path: String?, _ body: () throws -> T) throws -> T {
         throw error
     } catch let error as BlockIOError {
         if error.errno == ENOENT { throw ImageFormatError(.notFound, path: path, message: "no such file or directory") }
+        if error.code == .notSupported && error.operation == .open {  // no direct I/O there: say so plainly
+            throw ImageFormatError(.unsupportedFeature, path: path, message: error.message)
+        }
         throw ImageFormatError(.io, path: path, offset: error.offset, message: "I/O error", cause: error)
     }
 }

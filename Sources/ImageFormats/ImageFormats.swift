@@ -68,6 +68,8 @@ public enum ImageFormats {
     ///   - snapshot: read an internal snapshot (by name; qcow2 also by id) instead of the active state
     ///     (read-only).
     ///   - rbd: timeouts for `rbd:` images (the whole chain).
+    ///   - cache: `.direct` opens the image and its backing chain with direct I/O (qemu's cache=none, whose
+    ///     backing files inherit it too; files only).
     /// - Returns: a device whose `size` is the guest (virtual) size.
     /// - Throws: `ImageFormatError`, `VImageError`, `BlockIOError` or `RBDError` with a clear message.
     public static func open(
@@ -75,7 +77,8 @@ public enum ImageFormats {
         format: Format? = nil,
         readOnly: Bool,
         snapshot: String? = nil,
-        rbd: RBDOptions = .init()
+        rbd: RBDOptions = .init(),
+        cache: FileDevice.CacheMode = .writeback
     ) throws -> any BlockDevice {
         if RBDSpec.isRBD(path) {
             return try openRBD(path: path, format: format, readOnly: readOnly, snapshot: snapshot, rbd: rbd)
@@ -85,12 +88,14 @@ public enum ImageFormats {
             if snapshot != nil {
                 throw ImageFormatError(.invalidArgument, path: path, message: "raw images have no snapshots")
             }
-            return try openStorage(path: path, readOnly: readOnly, lock: readOnly ? .shared : .exclusive)
+            return try openStorage(path: path, readOnly: readOnly, lock: readOnly ? .shared : .exclusive, cache: cache)
         case .vimg:
-            return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot)
+            var options = VImage.OpenOptions()
+            options.cache = cache
+            return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot, options: options, rbd: rbd)
         case .qcow2:
             guard readOnly else { throw qcow2ReadOnly(path) }
-            return try openQcow2(path: path, snapshot: snapshot)
+            return try openQcow2(path: path, snapshot: snapshot, cache: cache)
         }
     }
 
@@ -146,12 +151,14 @@ public enum ImageFormats {
     /// The storage an image name refers to, without any format on top: the file at `path`, or the RBD image
     /// an `rbd:` name names (whose writers take its exclusive lock whatever `lock` says).
     /// - Parameter growable: for an image format's host file: writes may extend it (see `FileDevice`).
+    /// - Parameter cache: for a file: through the page cache, or with direct I/O.
     public static func openStorage(
         path: String,
         readOnly: Bool,
         growable: Bool = false,
         lock: FileDevice.LockMode = .none,
-        rbd: RBDOptions = .init()
+        rbd: RBDOptions = .init(),
+        cache: FileDevice.CacheMode = .writeback
     ) throws -> any BlockDevice {
         if RBDSpec.isRBD(path) {
             let device = try RBDDevice.open(RBDSpec(parsing: path), readOnly: readOnly, options: rbd)
@@ -159,11 +166,11 @@ public enum ImageFormats {
             return device
         }
         return try withPath(path) {
-            try FileDevice.open(path: path, readOnly: readOnly, growable: growable, lock: lock)
+            try FileDevice.open(path: path, readOnly: readOnly, growable: growable, lock: lock, cache: cache)
         }
     }
 
-    /// Opens a VIMG image with its backing chain (any formats below it).
+    /// Opens a VIMG image with its backing chain (any formats below it), the chain with `options.cache` too.
     /// - Parameter alongsideWriter: open a snapshot without taking the file's lock, so it can be read
     ///   while a writer has the image open (see `VImage.openSnapshotAlongsideWriter`).
     public static func openVImage(
@@ -174,7 +181,7 @@ public enum ImageFormats {
         alongsideWriter: Bool = false,
         rbd: RBDOptions = .init()
     ) throws -> VImage {
-        let opener: BackingOpener = { try openBacking($0, rbd: rbd) }
+        let opener: BackingOpener = { try openBacking($0, rbd: rbd, cache: options.cache) }
         if alongsideWriter, let snapshot, !RBDSpec.isRBD(path) {
             return try VImage.openSnapshotAlongsideWriter(
                 path: path,
@@ -189,7 +196,8 @@ public enum ImageFormats {
             readOnly: readOnly,
             growable: true,
             lock: readOnly ? .shared : .exclusive,
-            rbd: rbd
+            rbd: rbd,
+            cache: options.cache
         )
         return try VImage.open(
             owning: host,
@@ -197,13 +205,22 @@ public enum ImageFormats {
             readOnly: readOnly,
             snapshot: snapshot,
             options: options,
-            backingOpener: opener
+                backingOpener: opener
         )
     }
 
     /// Opens a qcow2 image and its backing chain.
-    public static func openQcow2(path: String, snapshot: String? = nil) throws -> Qcow2Image {
-        try openQcow2(file: openStorage(path: path, readOnly: true, lock: .shared), path: path, snapshot: snapshot)
+    public static func openQcow2(
+        path: String,
+        snapshot: String? = nil,
+        cache: FileDevice.CacheMode = .writeback
+    ) throws -> Qcow2Image {
+        try openQcow2(
+            file: openStorage(path: path, readOnly: true, lock: .shared, cache: cache),
+            path: path,
+            snapshot: snapshot,
+            cache: cache
+        )
     }
 
     /// Opens a qcow2 image stored on `file` (which it then owns) and its backing chain.
@@ -211,7 +228,8 @@ public enum ImageFormats {
         file: any BlockDevice,
         path: String,
         snapshot: String?,
-        rbd: RBDOptions = .init()
+        rbd: RBDOptions = .init(),
+        cache: FileDevice.CacheMode = .writeback
     ) throws -> Qcow2Image {
         var backing: (any BlockDevice)? = nil
         do {
@@ -219,7 +237,8 @@ public enum ImageFormats {
             if let name = header.backingFile {
                 backing = try openBacking(
                     BackingReference(name: name, format: header.backingFormat, imagePath: path),
-                    rbd: rbd
+                    rbd: rbd,
+                    cache: cache
                 )
             }
             return try Qcow2Image(file: file, path: path, snapshot: snapshot, backing: backing)
@@ -236,8 +255,13 @@ public enum ImageFormats {
         try openBacking(reference, rbd: .init())
     }
 
-    /// `openBacking` with timeouts for the `rbd:` images of the chain.
-    public static func openBacking(_ reference: BackingReference, rbd: RBDOptions) throws -> any BlockDevice {
+    /// `openBacking` with timeouts for the `rbd:` images of the chain, and every level's file opened in
+    /// cache mode `cache`.
+    public static func openBacking(
+        _ reference: BackingReference,
+        rbd: RBDOptions = .init(),
+        cache: FileDevice.CacheMode = .writeback
+    ) throws -> any BlockDevice {
         let top = reference.imagePath.map(identity)
         let levels: [ChainLevel]
         do {
@@ -250,7 +274,7 @@ public enum ImageFormats {
             for level in levels.reversed() {
                 let below = device
                 device = nil
-                device = try openLevel(level, over: below, rbd: rbd)
+                device = try openLevel(level, over: below, rbd: rbd, cache: cache)
             }
         } catch {
             try? device?.close()
@@ -263,7 +287,8 @@ public enum ImageFormats {
     private static func openLevel(
         _ level: ChainLevel,
         over below: (any BlockDevice)?,
-        rbd: RBDOptions
+        rbd: RBDOptions,
+        cache: FileDevice.CacheMode
     ) throws -> any BlockDevice {
         var taken = false
         do {
@@ -271,12 +296,22 @@ public enum ImageFormats {
             case .raw:
                 try? below?.close()  // a raw level ends a chain: nothing is below it
                 taken = true
-                return try openStorage(path: level.path, readOnly: true, lock: .shared, rbd: rbd)
+                return try openStorage(path: level.path, readOnly: true, lock: .shared, rbd: rbd, cache: cache)
             case .vimg:
+                var options = VImage.OpenOptions()
+                options.cache = cache
                 return try VImage.open(
-                    owning: openStorage(path: level.path, readOnly: true, growable: true, lock: .shared, rbd: rbd),
+                    owning: openStorage(
+                        path: level.path,
+                        readOnly: true,
+                        growable: true,
+                        lock: .shared,
+                        rbd: rbd,
+                        cache: cache
+                    ),
                     path: level.path,
                     readOnly: true,
+                    options: options,
                     backingOpener: { _ in
                         guard let below else {
                             throw ImageFormatError(
@@ -290,7 +325,7 @@ public enum ImageFormats {
                     }
                 )
             case .qcow2:
-                let file = try openStorage(path: level.path, readOnly: true, lock: .shared, rbd: rbd)
+                let file = try openStorage(path: level.path, readOnly: true, lock: .shared, rbd: rbd, cache: cache)
                 do {
                     taken = true
                     return try Qcow2Image(file: file, path: level.path, backing: below)

@@ -76,6 +76,11 @@ enum Backends {
         alongside: (String) -> Bool
     ) throws -> OpenedBackend {
         var base: OpenedBackend
+        let isFile = request.ramSize == nil && !Self.remoteSchemes.contains { request.source?.hasPrefix($0) == true }
+        if request.cache == FileDevice.CacheMode.direct && !isFile {
+            throw BusError("--cache=none is for image files, not RAM disks or remote exports")
+        }
+        let cache = request.cache ?? .writeback
         if let size = request.ramSize {
             guard request.source == nil else { throw BusError("give either a source or --ram, not both") }
             guard size > 0, size % 512 == 0, size <= 1 << 44 else {
@@ -110,15 +115,18 @@ enum Backends {
             let readOnly = request.readOnly || request.overlay || request.snapshot != nil
             let (device, format): (any BlockDevice, String)
             if let snapshot = request.snapshot, alongside(path) {
+                var options = VImage.OpenOptions()
+                options.cache = cache
                 let view = try ImageFormats.openVImage(
                     path: path,
                     readOnly: true,
                     snapshot: snapshot,
+                    options: options,
                     alongsideWriter: true
                 )
                 (device, format) = (view, "vimg")
             } else {
-                (device, format) = try opener.openImage(path, request.format, readOnly, request.snapshot)
+                (device, format) = try opener.openImage(path, request.format, readOnly, request.snapshot, cache)
             }
             if format == "qcow2" && !request.readOnly && !request.overlay {
                 try? device.close()
@@ -195,14 +203,18 @@ enum Backends {
 
 /// How the bus opens sources: injected by the executable, which knows every image format and the NBD client.
 public struct BusOpener: Sendable {
-    /// (absolute path, format or nil to probe, read-only, snapshot) -> (device, its format's name)
-    public var openImage: @Sendable (String, String?, Bool, String?) throws -> (any BlockDevice, String)
+    /// (absolute path, format or nil to probe, read-only, snapshot, cache mode) -> (device, its format's name)
+    public var openImage:
+        @Sendable (String, String?, Bool, String?, FileDevice.CacheMode) throws -> (any BlockDevice, String)
     /// (nbd://, nbd+unix://, nbds:// or nbds+unix:// URI, read-only, reconnect timeout in seconds or nil for
     /// the default) -> device
     public var openRemote: @Sendable (String, Bool, Double?) throws -> any BlockDevice
 
     public init(
-        openImage: @escaping @Sendable (String, String?, Bool, String?) throws -> (any BlockDevice, String),
+        openImage:
+            @escaping @Sendable (String, String?, Bool, String?, FileDevice.CacheMode) throws -> (
+                any BlockDevice, String
+            ),
         openRemote: @escaping @Sendable (String, Bool, Double?) throws -> any BlockDevice
     ) {
         self.openImage = openImage

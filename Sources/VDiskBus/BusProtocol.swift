@@ -52,6 +52,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     public var crashSim: CrashSimSettings? = nil
     /// Record every write, flush and discard to this write log (an absolute path; VIMG images only).
     public var record: String? = nil
+    /// For an image file: through the host page cache or with direct I/O; nil for the default (writeback).
+    public var cache: FileDevice.CacheMode?
 
     public init(
         source: String? = nil,
@@ -63,7 +65,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         overlay: Bool = false,
         device: DeviceKind = .auto,
         reconnectTimeout: Double? = nil,
-        bitmapFromSnapshots: [String]? = nil
+        bitmapFromSnapshots: [String]? = nil,
+        cache: FileDevice.CacheMode? = nil
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -75,6 +78,7 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.device = device
         self.reconnectTimeout = reconnectTimeout
         self.bitmapFromSnapshots = bitmapFromSnapshots
+        self.cache = cache
     }
 }
 

@@ -265,7 +265,8 @@ extension VImage {
                 path: path,
                 readOnly: readOnly,
                 growable: true,
-                lock: lock ?? (readOnly ? .shared : .exclusive)
+                lock: lock ?? (readOnly ? .shared : .exclusive),
+                cache: options.cache
             )
         }
         return try open(

@@ -66,6 +66,9 @@ public final class VImage: BlockDevice, Sendable {
         public var maintainsBitmaps = true
         /// What a discard does with the space it frees.
         public var discard: DiscardPolicy = .punch
+        /// Whether the image file (opened by path) is read and written through the host page cache
+        /// (`.writeback`) or with direct I/O (`.none`).
+        public var cache: FileDevice.CacheMode = .writeback
 
         public init(
             l2CacheBytes: Int = 128 << 20,

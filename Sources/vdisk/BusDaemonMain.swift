@@ -64,7 +64,7 @@ func runBusDaemon(paths: BusPaths, persist: Bool, toolTimeout: Double) async thr
 
     let log: @Sendable (String) -> Void = { printToStandardError("vdisk bus: \($0)") }
     let opener = BusOpener(
-        openImage: { path, format, readOnly, snapshot in
+        openImage: { path, format, readOnly, snapshot, cache in
             let format =
                 try format.map { name -> ImageFormats.Format in
                     guard let f = ImageFormats.Format(rawValue: name) else {
@@ -73,7 +73,7 @@ func runBusDaemon(paths: BusPaths, persist: Bool, toolTimeout: Double) async thr
                     return f
                 } ?? ImageFormats.probe(path: path)
             return (
-                try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot),
+                try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot, cache: cache),
                 format.rawValue
             )
         },

@@ -134,6 +134,14 @@ extension Vdisk {
         )
         var snapshotRanges: [String] = []
 
+        @Option(
+            help: ArgumentHelp(
+                "For an image file: the host page cache, writeback or none (direct I/O, O_DIRECT).",
+                valueName: "mode"
+            )
+        )
+        var cache: FileDevice.CacheMode?
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
@@ -143,6 +151,9 @@ extension Vdisk {
 
         func validate() throws {
             if (source == nil) == (ram == nil) { throw ValidationError("give an image or URI to plug, or --ram SIZE") }
+            if cache == FileDevice.CacheMode.direct && source?.contains("://") != false {
+                throw ValidationError("--cache=none is for image files, not RAM disks or remote exports")
+            }
             if let ram, ByteSize.parse(ram) == nil {
                 throw ValidationError("invalid size '\(ram)': use bytes or a suffix such as 512M, 1G")
             }
@@ -185,7 +196,8 @@ extension Vdisk {
                     overlay: overlay,
                     device: device,
                     reconnectTimeout: reconnectTimeout,
-                    bitmapFromSnapshots: snapshotRanges.isEmpty ? nil : snapshotRanges
+                    bitmapFromSnapshots: snapshotRanges.isEmpty ? nil : snapshotRanges,
+                    cache: cache
                 )
                 request.crashSim = crashTesting.settings()
                 request.record = crashTesting.recordPath
@@ -407,6 +419,7 @@ enum OutputFormat: String, ExpressibleByArgument {
 }
 
 extension DeviceKind: ExpressibleByArgument {}
+extension FileDevice.CacheMode: ExpressibleByArgument {}
 
 func jsonString<T: Encodable>(_ value: T) throws -> String {
     let encoder = JSONEncoder()

@@ -123,6 +123,14 @@ extension Vdisk {
         @Option(help: ArgumentHelp("Seconds between --stats-file updates.", valueName: "seconds"))
         var statsInterval: Int = 5
 
+        @Option(
+            help: ArgumentHelp(
+                "The host page cache for the image files: writeback, or none for direct I/O (O_DIRECT).",
+                valueName: "mode"
+            )
+        )
+        var cache: FileDevice.CacheMode = .writeback
+
         @Flag(name: .shortAndLong, help: "Log connections (-v) and refused requests (-vv) to stderr.")
         var verbose: Int
 
@@ -228,7 +236,12 @@ extension Vdisk {
                     if readOnly && writable {
                         printError("vdisk serve: \(path) is qcow2, which vdisk serves read-only")
                     }
-                    let opened = try ImageFormats.open(path: path, readOnly: readOnly, snapshot: snapshot)
+                    let opened = try ImageFormats.open(
+                        path: path,
+                        readOnly: readOnly,
+                        snapshot: snapshot,
+                        cache: cache
+                    )
                     let stack: CrashTestingStack
                     let contexts: [NBDMetaContext]
                     do {

@@ -85,9 +85,14 @@ extension Vimg {
         @Option(
             name: .customShort("t"),
             help:
-                "Output cache mode: unsafe (default, as qemu-img convert: no syncs) or writeback (the VIMG output is synced as it is written)."
+                "Output cache mode: unsafe (default, as qemu-img convert: no syncs), writeback (the VIMG output is synced as it is written) or none (writeback with direct I/O, O_DIRECT)."
         )
         var cache = "unsafe"
+        @Option(
+            name: .customShort("T"),
+            help: "Source cache mode: writeback (default) or none (direct I/O, O_DIRECT)."
+        )
+        var sourceCache: FileDevice.CacheMode = .writeback
         @Flag(name: .short, help: "Quiet.")
         var quiet = false
         @Flag(help: "Also copy the source's persistent dirty bitmaps (VIMG to VIMG).")
@@ -112,8 +117,8 @@ extension Vimg {
             if backingFormat != nil && backing == nil { throw ValidationError("-F goes with -B") }
             if bitmaps && outputFormat != "vimg" { throw ValidationError("--bitmaps needs -O vimg") }
             if skipBrokenBitmaps && !bitmaps { throw ValidationError("--skip-broken-bitmaps goes with --bitmaps") }
-            guard ["unsafe", "writeback"].contains(cache) else {
-                throw ValidationError("unknown cache mode '\(cache)' (use unsafe or writeback)")
+            guard ["unsafe", "writeback", "none"].contains(cache) else {
+                throw ValidationError("unknown cache mode '\(cache)' (use unsafe, writeback or none)")
             }
         }
 
@@ -130,7 +135,9 @@ extension Vimg {
                 opts.snapshot = snapshot
                 opts.backingFile = backing
                 opts.backingFormat = try formatNamed(backingFormat)
-                opts.syncOutput = cache == "writeback"
+                opts.syncOutput = cache != "unsafe"
+                opts.outputCache = cache == "none" ? .direct : .writeback
+                opts.sourceCache = sourceCache
                 let shared = progress ? SharedProgress() : nil
                 var callback: (@Sendable (UInt64, UInt64) -> Void)? = nil
                 if let shared {

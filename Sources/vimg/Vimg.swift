@@ -25,6 +25,7 @@ struct Vimg: ParsableCommand {
 }
 
 extension RepairMode: ExpressibleByArgument {}
+extension FileDevice.CacheMode: ExpressibleByArgument {}
 
 /// `--output=human|json`, shared by the subcommands scripts read.
 enum OutputFormat: String, ExpressibleByArgument, CaseIterable {

@@ -189,6 +189,18 @@ struct BusTests {
 
     func plug(_ args: [String], _ h: Harness) throws -> String { try h.plug(args) }
 
+    /// Invariant: with `--cache=none` (the image file opened with O_DIRECT by the bus) a VIMG disk survives
+    /// partition + mkfs + copy + unplug + re-plug bit for bit; RAM disks and remote exports refuse it.
+    @Test(arguments: FrontEnd.lanes) func vimgDiskWithCacheNone(_ frontEnd: FrontEnd) throws {
+        let h = Harness(vdisk: vdisk, frontEnd)
+        defer { h.stopAndCheckClean() }
+        let image = h.dir + "/disk.vimg"
+        #expect(run(vimg, ["create", image, "256M"]).status == 0)
+        try partitionedRoundTrip(h, source: ["--cache=none", image], replug: true, checkImage: image)
+        let ram = h.vd(["plug", "--cache=none", "--ram", "64M"])
+        #expect(ram.status != 0 && ram.stderr.contains("--cache=none is for image files"), "\(ram.stderr)")
+    }
+
     /// Invariant: a VIMG disk survives partition + mkfs + copy + unplug + re-plug bit for bit.
     @Test(arguments: FrontEnd.lanes) func vimgDiskEndToEnd(_ frontEnd: FrontEnd) throws {
         let h = Harness(vdisk: vdisk, frontEnd)

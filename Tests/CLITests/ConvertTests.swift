@@ -100,6 +100,25 @@ struct ConvertTests {
         }
     }
 
+    /// Invariant: `-t none` / `-T none` (direct I/O on the output and the source) give the same bytes as
+    /// the default, for raw (a size that ends inside a 4 KiB block), VIMG and qcow2 outputs.
+    @Test func cacheNoneOutputsAreIdentical() throws {
+        try inTemporaryDirectory { dir in
+            let src = dir + "/src.raw"
+            try mixedRaw(src, size: (4 << 20) + 1536)
+            must(vimg, ["convert", "-t", "none", "-T", "none", "-O", "raw", src, dir + "/direct.raw"])
+            #expect(firstDifference(try bytes(dir + "/direct.raw")[...], try bytes(src)[...]) == nil)
+            must(vimg, ["convert", "-t", "none", "-O", "vimg", src, dir + "/direct.vimg"])
+            must(vimg, ["check", dir + "/direct.vimg"])
+            must(vimg, ["compare", src, dir + "/direct.vimg"])
+            must(vimg, ["convert", "-T", "none", "-t", "none", "-O", "qcow2", dir + "/direct.vimg", dir + "/d.qcow2"])
+            must("qemu-img", ["check", dir + "/d.qcow2"])
+            must("qemu-img", ["compare", src, dir + "/d.qcow2"])
+            let bad = run(vimg, ["convert", "-t", "fast", "-O", "raw", src, dir + "/bad.raw"])
+            #expect(bad.status == 64 && bad.stderr.contains("unsafe, writeback or none"), "\(bad.stderr)")
+        }
+    }
+
     /// Invariant: VIMG (plain and -c) converted to qcow2 is equal to its source for qemu-img compare and
     /// clean for qemu-img check, and so is raw to qcow2 at 512 B and 2 MiB clusters.
     @Test func qcow2OutputIsCleanAndEqual() throws {

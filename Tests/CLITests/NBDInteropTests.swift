@@ -311,6 +311,29 @@ func patternChecks(_ offsets: [UInt64], pattern: String) -> [String] {
         #expect(run(TestEnvironment.product("vimg"), ["check", served.image]).status == 0)
     }
 
+    /// Invariant: with `--cache=none` (O_DIRECT image files) aligned and unaligned writes, write-zeroes,
+    /// discards and flushes read back; the image checks clean and reads the same through the page cache.
+    @Test(.enabled(if: Clients.qemuIO != nil)) func cacheNone() throws {
+        let served = try ServedImage(serveArguments: ["--cache=none"])
+        let commands = [
+            "write -P 0xab 0 1M", "write -P 0x11 5000 333", "write -P 0x22 1048575 2", "write -P 0x33 3M 4097",
+            "write -z 2M 1000", "discard 128k 64k", "flush",
+        ]
+        let reads = [
+            "read -P 0xab 0 5000", "read -P 0x11 5000 333", "read -P 0xab 5333 125739", "read -P 0 128k 64k",
+            "read -P 0xab 192k 851967", "read -P 0x22 1048575 2", "read -P 0 2M 1000", "read -P 0x33 3M 4097",
+        ]
+        let result = qemuIO(served.uri, commands + reads)
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        #expect(!result.stdout.contains("Pattern verification failed"), "\(result.stdout)")
+        #expect(served.stop() == 0)
+        #expect(run(TestEnvironment.product("vimg"), ["check", served.image]).status == 0)
+        try served.start()  // default cache mode: the same bytes through the page cache
+        let again = qemuIO(served.uri, reads)
+        #expect(again.status == 0 && !again.stdout.contains("Pattern verification failed"), "\(again.stdout)")
+        #expect(served.stop() == 0)
+    }
+
     /// Invariant: qemu-img sees a raw disk of the right size, converts it to a raw file and compares equal.
     @Test(.enabled(if: Clients.qemuImg != nil && Clients.qemuIO != nil)) func qemuImg() throws {
         let served = try ServedImage()
@@ -804,5 +827,7 @@ func patternChecks(_ offsets: [UInt64], pattern: String) -> [String] {
         #expect(missing.status == 1)
         #expect(missing.stderr.hasPrefix("vdisk: error: "), "\(missing.stderr)")
         #expect(missing.stderr.split(separator: "\n").count == 1)
+        let badCache = run(vdisk, ["serve", "--cache=fast", "--socket", "/tmp/vdisk-never.sock", "/nonexistent.vimg"])
+        #expect(badCache.status == 64 && badCache.stderr.contains("writeback"), "\(badCache.stderr)")
     }
 }
