@@ -70,6 +70,7 @@ public enum ImageFormats {
     ///   - rbd: timeouts for `rbd:` images (the whole chain).
     ///   - cache: `.direct` opens the image and its backing chain with direct I/O (qemu's cache=none, whose
     ///     backing files inherit it too; files only).
+    ///   - discard: what a VIMG image does with discards (punch holes by default).
     /// - Returns: a device whose `size` is the guest (virtual) size.
     /// - Throws: `ImageFormatError`, `VImageError`, `BlockIOError` or `RBDError` with a clear message.
     public static func open(
@@ -78,7 +79,8 @@ public enum ImageFormats {
         readOnly: Bool,
         snapshot: String? = nil,
         rbd: RBDOptions = .init(),
-        cache: FileDevice.CacheMode = .writeback
+        cache: FileDevice.CacheMode = .writeback,
+        discard: VImage.DiscardPolicy = .punch
     ) throws -> any BlockDevice {
         if RBDSpec.isRBD(path) {
             return try openRBD(path: path, format: format, readOnly: readOnly, snapshot: snapshot, rbd: rbd)
@@ -92,6 +94,7 @@ public enum ImageFormats {
         case .vimg:
             var options = VImage.OpenOptions()
             options.cache = cache
+            options.discard = discard
             return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot, options: options, rbd: rbd)
         case .qcow2:
             guard readOnly else { throw qcow2ReadOnly(path) }
@@ -205,7 +208,7 @@ public enum ImageFormats {
             readOnly: readOnly,
             snapshot: snapshot,
             options: options,
-                backingOpener: opener
+            backingOpener: opener
         )
     }
 

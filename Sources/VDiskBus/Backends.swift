@@ -126,7 +126,14 @@ enum Backends {
                 )
                 (device, format) = (view, "vimg")
             } else {
-                (device, format) = try opener.openImage(path, request.format, readOnly, request.snapshot, cache)
+                (device, format) = try opener.openImage(
+                    path,
+                    request.format,
+                    readOnly,
+                    request.snapshot,
+                    cache,
+                    request.discard ?? .punch
+                )
             }
             if format == "qcow2" && !request.readOnly && !request.overlay {
                 try? device.close()
@@ -203,16 +210,19 @@ enum Backends {
 
 /// How the bus opens sources: injected by the executable, which knows every image format and the NBD client.
 public struct BusOpener: Sendable {
-    /// (absolute path, format or nil to probe, read-only, snapshot, cache mode) -> (device, its format's name)
+    /// (absolute path, format or nil to probe, read-only, snapshot, cache mode, discard policy) -> (device,
+    /// its format's name)
     public var openImage:
-        @Sendable (String, String?, Bool, String?, FileDevice.CacheMode) throws -> (any BlockDevice, String)
+        @Sendable (String, String?, Bool, String?, FileDevice.CacheMode, VImage.DiscardPolicy) throws -> (
+            any BlockDevice, String
+        )
     /// (nbd://, nbd+unix://, nbds:// or nbds+unix:// URI, read-only, reconnect timeout in seconds or nil for
     /// the default) -> device
     public var openRemote: @Sendable (String, Bool, Double?) throws -> any BlockDevice
 
     public init(
         openImage:
-            @escaping @Sendable (String, String?, Bool, String?, FileDevice.CacheMode) throws -> (
+            @escaping @Sendable (String, String?, Bool, String?, FileDevice.CacheMode, VImage.DiscardPolicy) throws -> (
                 any BlockDevice, String
             ),
         openRemote: @escaping @Sendable (String, Bool, Double?) throws -> any BlockDevice

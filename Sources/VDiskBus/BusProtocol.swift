@@ -12,6 +12,7 @@
 import BlockIO
 import CrashSim
 import Foundation
+import VImage
 
 /// Which kernel block device a plugged disk gets.
 public enum DeviceKind: String, Codable, Sendable, CaseIterable {
@@ -54,6 +55,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
     public var record: String? = nil
     /// For an image file: through the host page cache or with direct I/O; nil for the default (writeback).
     public var cache: FileDevice.CacheMode?
+    /// For a VIMG image: punch discarded space out of the file (default), only free it, or ignore discards.
+    public var discard: VImage.DiscardPolicy?
 
     public init(
         source: String? = nil,
@@ -66,7 +69,8 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         device: DeviceKind = .auto,
         reconnectTimeout: Double? = nil,
         bitmapFromSnapshots: [String]? = nil,
-        cache: FileDevice.CacheMode? = nil
+        cache: FileDevice.CacheMode? = nil,
+        discard: VImage.DiscardPolicy? = nil
     ) {
         self.source = source
         self.ramSize = ramSize
@@ -79,6 +83,7 @@ public struct PlugRequest: Codable, Sendable, Hashable {
         self.reconnectTimeout = reconnectTimeout
         self.bitmapFromSnapshots = bitmapFromSnapshots
         self.cache = cache
+        self.discard = discard
     }
 }
 

@@ -84,7 +84,7 @@ public final class VImage: BlockDevice, Sendable {
     }
 
     /// What guest discards (and freed clusters) do with host space.
-    public enum DiscardPolicy: String, Sendable, CaseIterable {
+    public enum DiscardPolicy: String, Sendable, CaseIterable, Codable {
         /// Free discarded clusters and punch every cluster whose refcount drops to zero out of the file
         /// (after the change that freed it is durable); punch discarded parts of owned clusters too, so
         /// space comes back at the file system's block size.

@@ -64,7 +64,7 @@ func runBusDaemon(paths: BusPaths, persist: Bool, toolTimeout: Double) async thr
 
     let log: @Sendable (String) -> Void = { printToStandardError("vdisk bus: \($0)") }
     let opener = BusOpener(
-        openImage: { path, format, readOnly, snapshot, cache in
+        openImage: { path, format, readOnly, snapshot, cache, discard in
             let format =
                 try format.map { name -> ImageFormats.Format in
                     guard let f = ImageFormats.Format(rawValue: name) else {
@@ -73,7 +73,14 @@ func runBusDaemon(paths: BusPaths, persist: Bool, toolTimeout: Double) async thr
                     return f
                 } ?? ImageFormats.probe(path: path)
             return (
-                try ImageFormats.open(path: path, format: format, readOnly: readOnly, snapshot: snapshot, cache: cache),
+                try ImageFormats.open(
+                    path: path,
+                    format: format,
+                    readOnly: readOnly,
+                    snapshot: snapshot,
+                    cache: cache,
+                    discard: discard
+                ),
                 format.rawValue
             )
         },

@@ -4,6 +4,7 @@ import Foundation
 import NBDClient
 import RBD
 import VDiskBus
+import VImage
 
 #if canImport(Glibc)
 import Glibc
@@ -142,6 +143,14 @@ extension Vdisk {
         )
         var cache: FileDevice.CacheMode?
 
+        @Option(
+            help: ArgumentHelp(
+                "For a VIMG image: what discards (fstrim) do: punch (give the space back to the host, the default), free (reuse it later) or ignore.",
+                valueName: "policy"
+            )
+        )
+        var discard: VImage.DiscardPolicy?
+
         @Option(help: "Output format: human or json.")
         var output: OutputFormat = .human
 
@@ -197,7 +206,8 @@ extension Vdisk {
                     device: device,
                     reconnectTimeout: reconnectTimeout,
                     bitmapFromSnapshots: snapshotRanges.isEmpty ? nil : snapshotRanges,
-                    cache: cache
+                    cache: cache,
+                    discard: discard
                 )
                 request.crashSim = crashTesting.settings()
                 request.record = crashTesting.recordPath
@@ -420,6 +430,7 @@ enum OutputFormat: String, ExpressibleByArgument {
 
 extension DeviceKind: ExpressibleByArgument {}
 extension FileDevice.CacheMode: ExpressibleByArgument {}
+extension VImage.DiscardPolicy: ExpressibleByArgument {}
 
 func jsonString<T: Encodable>(_ value: T) throws -> String {
     let encoder = JSONEncoder()

@@ -131,6 +131,14 @@ extension Vdisk {
         )
         var cache: FileDevice.CacheMode = .writeback
 
+        @Option(
+            help: ArgumentHelp(
+                "What a VIMG image does with discards (trim): punch (free the clusters and punch the space out of the file), free (reuse it later, the file never shrinks) or ignore.",
+                valueName: "policy"
+            )
+        )
+        var discard: VImage.DiscardPolicy = .punch
+
         @Flag(name: .shortAndLong, help: "Log connections (-v) and refused requests (-vv) to stderr.")
         var verbose: Int
 
@@ -240,7 +248,8 @@ extension Vdisk {
                         path: path,
                         readOnly: readOnly,
                         snapshot: snapshot,
-                        cache: cache
+                        cache: cache,
+                        discard: discard
                     )
                     let stack: CrashTestingStack
                     let contexts: [NBDMetaContext]

@@ -210,6 +210,54 @@ struct BusTests {
         try partitionedRoundTrip(h, source: [image], replug: true, checkImage: image)
     }
 
+    /// Invariant (issue 16): space goes back to the host. Files written to a plugged VIMG disk's ext4 and
+    /// deleted, then `fstrim`, give their clusters back: the image's allocated size on the host falls back to
+    /// about what it was before they were written, and the image checks clean. With `--discard=free` the
+    /// same trim frees the clusters for reuse but the file keeps its blocks.
+    @Test(arguments: FrontEnd.lanes) func fstrimShrinksTheImage(_ frontEnd: FrontEnd) throws {
+        let h = Harness(vdisk: vdisk, frontEnd)
+        defer { h.stopAndCheckClean() }
+        let mib: UInt64 = 1 << 20
+        for policy in ["punch", "free"] {
+            let image = h.dir + "/\(policy).vimg"
+            #expect(run(vimg, ["create", image, "512M"]).status == 0)
+            let device = try plug(["--discard=\(policy)", image], h)
+            #expect(run("mkfs.ext4", ["-q", "-E", "nodiscard", device]).status == 0)
+            let point = h.dir + "/m"
+            try mount(device, point)
+            let write = sh("head -c \(128 * mib) /dev/urandom > \(point)/big && sync")
+            try #require(write.status == 0, "\(write.stderr)")
+            let full = allocatedBytes(image)
+            let trim = sh("rm \(point)/big && sync && fstrim \(point) && sync")
+            #expect(trim.status == 0, "fstrim: \(trim.stderr)")
+            // Freed clusters are punched once the metadata that frees them is durable: the next flushes.
+            var after = allocatedBytes(image)
+            for _ in 0..<20 where policy == "punch" && after > full - 100 * mib {
+                _ = sh("sync")
+                usleep(100_000)
+                after = allocatedBytes(image)
+            }
+            unmount(point)
+            #expect(h.vd(["unplug", device]).status == 0)
+            let check = run(vimg, ["check", image])
+            #expect(check.status == 0, "vimg check: \(check.stdout)")
+            if policy == "punch" {
+                #expect(
+                    after + 100 * mib < full,
+                    "\(frontEnd) punch: \(after / mib) MiB allocated after fstrim, \(full / mib) MiB before"
+                )
+            } else {
+                #expect(after + 8 * mib > full, "\(frontEnd) free: \(after / mib) MiB of \(full / mib) MiB")
+            }
+        }
+    }
+
+    /// The bytes a file occupies on its file system.
+    func allocatedBytes(_ path: String) -> UInt64 {
+        var st = stat()
+        return stat(path, &st) == 0 ? UInt64(st.st_blocks) * 512 : 0
+    }
+
     /// Invariant: the same on a raw file.
     @Test(arguments: FrontEnd.lanes) func rawDiskEndToEnd(_ frontEnd: FrontEnd) throws {
         let h = Harness(vdisk: vdisk, frontEnd)
