@@ -180,6 +180,11 @@ public final class Bus: Sendable {
                 }
                 let notes = try snapshot(target, name: snap, freeze: !(request.noFreeze ?? false))
                 return BusResponse(ok: true, notes: notes)
+            case .scrub:
+                guard let target = request.target else { return .failure("scrub needs a disk name or device") }
+                var response = BusResponse(ok: true)
+                response.scrub = try scrub(target)
+                return response
             case .shutdown:
                 return BusResponse(ok: true)
             case .handover:
@@ -208,10 +213,40 @@ public final class Bus: Sendable {
             snapshot: disk.request.snapshot,
             nbdURI: disk.exported ? exporter?.uri(for: disk.name) : nil,
             metaContexts: disk.exported ? disk.metaContexts : nil,
-            counters: disk.counting.snapshot,
+            counters: counters(disk),
             connection: disk.backend.owned.lazy.compactMap { ($0 as? any ConnectionStatusReporting)?.connectionStatus }
                 .first
         )
+    }
+
+    func counters(_ disk: PluggedDisk) -> IOCounters {
+        var counters = disk.counting.snapshot
+        if let image = disk.backend.image, image.hasChecksums { counters.checksumErrors = image.checksumMismatches }
+        return counters
+    }
+
+    // MARK: Scrub
+
+    /// Reads and verifies every block of a plugged VIMG disk that has checksums (data of the disk and of its
+    /// snapshots, and metadata) while its I/O goes on; the operations lock is not held, so other disks can
+    /// be plugged meanwhile. Each bad block is also logged.
+    public func scrub(_ target: String) throws -> ScrubSummary {
+        let disk = try find(target)
+        guard let image = disk.backend.image, image.hasChecksums else {
+            throw BusError("'\(disk.name)' has no checksums (a VIMG image created with -o checksums=on)")
+        }
+        let report = try image.scrub()
+        for finding in report.findings {
+            let places = finding.guestOffsets.map {
+                "\($0.snapshot.map { "snapshot \($0) " } ?? "")offset \($0.offset)"
+            }
+            log(
+                "scrub \(disk.name): \(finding.kind.rawValue) block at host offset \(finding.hostOffset) fails its checksum"
+                    + (places.isEmpty ? "" : " (guest \(places.joined(separator: ", ")))")
+            )
+        }
+        log("scrub \(disk.name): \(report.blocksVerified) blocks verified, \(report.findings.count) bad")
+        return ScrubSummary(report)
     }
 
     // MARK: Plug
@@ -251,6 +286,10 @@ public final class Bus: Sendable {
                 }
             )
             let disk = PluggedDisk(name: name, request: request, backend: backend)
+            if let image = backend.image, image.hasChecksums {
+                // A read that fails its checksum reaches the guest as EIO; the log says where.
+                image.onChecksumMismatch { [log] error in log("\(name): \(error)") }
+            }
             do {
                 try attach(disk, reattach: reattach)
             } catch {

@@ -137,7 +137,41 @@ public struct IOCounters: Codable, Sendable, Hashable {
     public var discards: UInt64 = 0
     public var flushes: UInt64 = 0
     public var errors: UInt64 = 0
+    /// Reads that failed their checksum (EIO), for a VIMG image with checksums; nil without them.
+    public var checksumErrors: UInt64? = nil
     public init() {}
+}
+
+/// What `vdisk scrub` found (`VImage.scrub`).
+public struct ScrubSummary: Codable, Sendable, Hashable {
+    /// Where a bad block is seen by the guest: the active disk (`snapshot` nil) or a snapshot.
+    public struct Place: Codable, Sendable, Hashable {
+        public var snapshot: String?
+        public var offset: UInt64
+    }
+
+    public struct Finding: Codable, Sendable, Hashable {
+        /// data, compressed, metadata or checksum-structure.
+        public var kind: String
+        public var hostOffset: UInt64
+        public var guestOffsets: [Place]
+    }
+
+    public var blocksVerified: UInt64
+    public var blocksUnverified: UInt64
+    public var findings: [Finding]
+
+    public init(_ report: ScrubReport) {
+        blocksVerified = report.blocksVerified
+        blocksUnverified = report.blocksUnverified
+        findings = report.findings.map { finding in
+            Finding(
+                kind: finding.kind.rawValue,
+                hostOffset: finding.hostOffset,
+                guestOffsets: finding.guestOffsets.map { Place(snapshot: $0.snapshot, offset: $0.offset) }
+            )
+        }
+    }
 }
 
 /// One plugged disk, as `vdisk list` shows it.
@@ -170,6 +204,8 @@ public struct BusRequest: Codable, Sendable {
         /// Cut the power of a `--crash-sim` disk; put a label in a recorded disk's log.
         case crash, mark
         case plug, unplug, list, snapshot, ping, shutdown
+        /// Read and verify every block of a plugged disk with checksums, while its I/O goes on.
+        case scrub
         /// Flush and close every disk, keep each /dev/nbdN for the next bus, and exit (`bus --restart`).
         case handover
     }
@@ -224,6 +260,8 @@ public struct BusResponse: Codable, Sendable {
     public var recovered: [String]?
     /// What a power cut did (crash).
     public var crashReport: CrashSimDevice.CrashReport? = nil
+    /// What a scrub found (scrub).
+    public var scrub: ScrubSummary? = nil
 
     public init(
         ok: Bool,

@@ -13,7 +13,8 @@ struct Vdisk: AsyncParsableCommand {
         abstract: "Export disk images over NBD and plug them into the kernel.",
         version: "0.1.0",
         subcommands: [
-            Plug.self, Unplug.self, List.self, DiskSnapshot.self, BusCommand.self, Serve.self, Crash.self, Mark.self,
+            Plug.self, Unplug.self, List.self, DiskSnapshot.self, DiskScrub.self, BusCommand.self, Serve.self,
+            Crash.self, Mark.self,
         ]
     )
 
