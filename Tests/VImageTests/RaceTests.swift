@@ -1,4 +1,5 @@
 import BlockIO
+import Glibc
 import Synchronization
 import Testing
 import VImageTestSupport
@@ -243,7 +244,11 @@ import VImageTestSupport
         }
         var rng = SeededRandom(seed: seed)
         var live: [String] = []
+        // Each step waits until the writers have started a few more writes, so the steps and the writes
+        // interleave however loaded the machine is (no step sequence can finish before the writers run).
+        func writesStarted() -> Int { history.lock.withLock { $0.reduce(0) { $0 + $1.count } } }
         for step in 0..<40 {
+            while writesStarted() < 3 * step { usleep(200) }
             switch Int.random(in: 0..<5, using: &rng) {
             case 0, 1:
                 let name = "s\(step)"
