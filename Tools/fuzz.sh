@@ -28,6 +28,7 @@ module CBlockIO {
 }
 MAP
 clang -c -O1 -g -fsanitize=fuzzer-no-link,address -I Sources/CBlockIO/include Sources/CBlockIO/shim.c -o "$OUT/CBlockIO.o"
+clang -c -O1 -g -fsanitize=fuzzer-no-link,address -I Sources/CBlockIO/include Sources/CBlockIO/linux.c -o "$OUT/CBlockIOLinux.o"
 swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name BlockIO -emit-module -emit-module-path "$MODULES/BlockIO.swiftmodule" \
     -c Sources/BlockIO/*.swift -o "$OUT/BlockIO.o"
 swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name VImage -emit-module -emit-module-path "$MODULES/VImage.swiftmodule" \
@@ -35,7 +36,7 @@ swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name VImage -emit-module -emit-mod
 # Linked from inside $OUT: swiftc leaves the executable's module files in the working directory.
 (cd "$OUT" && swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name FuzzVImage \
     "$ROOT/Fuzz/FuzzVImage.swift" "$ROOT/Sources/VImageTestSupport/FuzzHarness.swift" "$ROOT/Sources/VImageTestSupport/Support.swift" \
-    CBlockIO.o BlockIO.o VImage.o -llz4 -use-ld=lld -o fuzz-vimage)
+    CBlockIO.o CBlockIOLinux.o BlockIO.o VImage.o -llz4 -use-ld=lld -o fuzz-vimage)
 echo "built $OUT/fuzz-vimage" >&2
 
 WORK=${FUZZ_WORK:-$OUT/corpus}
