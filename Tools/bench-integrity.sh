@@ -79,7 +79,7 @@ done
 "$BIN/vimg" check "$WORK/checksums.vimg" >/dev/null
 
 # Scrub rate vs reading the same file, both from disk (page cache dropped first), best of ROUNDS.
-seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null; e=$(date +%s.%N); echo "$e - $s" | bc; }
+seconds() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
 read_best=999999
 scrub_best=999999
 for _ in $(seq "$ROUNDS"); do

@@ -37,14 +37,16 @@ mib() { echo $(($1 / 1048576)); }
 # "length MiB / allocated MiB" of a file
 sizes() { echo "$(mib "$(stat -c %s "$1")") / $(mib $(($(stat -c %b "$1") * 512)))"; }
 
-plug() {  # kind file -> device
+# kind file: plugs the image and mounts nothing; sets DEV. Not called in a command substitution, which
+# would wait for qemu-nbd (it inherits the substitution's stdout).
+plug() {
     if [ "$1" = vimg ]; then
-        "$VDISK" plug --name disk "$2"
+        DEV=$("$VDISK" plug --name disk "$2")
     else
-        qemu-nbd -f qcow2 --discard=unmap --cache=writeback -k "$WORK/nbd.sock" -t "$2" &
+        qemu-nbd -f qcow2 --discard=unmap --cache=writeback -k "$WORK/nbd.sock" -t "$2" >/dev/null 2>&1 &
         NBD_PID=$!
         for _ in $(seq 100); do [ -S "$WORK/nbd.sock" ] && break; sleep 0.05; done
-        "$VDISK" plug --name disk "nbd+unix:///?socket=$WORK/nbd.sock"
+        DEV=$("$VDISK" plug --name disk "nbd+unix:///?socket=$WORK/nbd.sock")
     fi
 }
 unplug() {  # kind
@@ -62,10 +64,9 @@ declare -A row
 run_kind() {  # kind
     local kind=$1 file=$WORK/disk.$1
     if [ "$kind" = vimg ]; then "$VIMG" create "$file" "$SIZE" >/dev/null; else qemu-img create -q -f qcow2 "$file" "$SIZE"; fi
-    local dev
-    dev=$(plug "$kind" "$file")
-    mkfs.ext4 -q -E nodiscard "$dev"
-    mount "$dev" "$WORK/m"
+    plug "$kind" "$file"
+    mkfs.ext4 -q -E nodiscard "$DEV"
+    mount "$DEV" "$WORK/m"
     # 80% of the disk in 64 MiB files of random data.
     local count=$((bytes * 8 / 10 / 67108864 - 2))
     for i in $(seq 1 "$count"); do head -c 64M /dev/urandom >"$WORK/m/f$i"; done
@@ -75,8 +76,8 @@ run_kind() {  # kind
     unplug "$kind"
     if [ "$kind" = vimg ]; then "$VIMG" snapshot -c s1 "$file"; else qemu-img snapshot -c s1 "$file"; fi
     row[$kind,snapshot]=$(sizes "$file")
-    dev=$(plug "$kind" "$file")
-    mount "$dev" "$WORK/m"
+    plug "$kind" "$file"
+    mount "$DEV" "$WORK/m"
     for i in $(seq 1 2 "$count"); do rm "$WORK/m/f$i"; done
     sync
     row[$kind,delete]=$(sizes "$file")
@@ -84,8 +85,8 @@ run_kind() {  # kind
     unplug "$kind"
     if [ "$kind" = vimg ]; then "$VIMG" snapshot -d s1 "$file"; else qemu-img snapshot -d s1 "$file"; fi
     row[$kind,drop]=$(sizes "$file")
-    dev=$(plug "$kind" "$file")
-    mount "$dev" "$WORK/m"
+    plug "$kind" "$file"
+    mount "$DEV" "$WORK/m"
     fstrim "$WORK/m"
     sync
     unplug "$kind"
