@@ -113,7 +113,7 @@ extension VImage {
         record.replaceSubrange(4..<4 + payload.count, with: payload)
         // Reserve the record's span (and the guest cluster) under the lock, write it outside, then commit.
         let guest = GuestCluster(guestCluster)
-        let ready = { (m: Metadata) in m.acceptsRequest(touching: guest...guest) }
+        let ready = { (m: borrowing Metadata) in m.acceptsRequest(touching: guest...guest) }
         let (descriptor, ticket) = try plan(waitingUntil: ready) { m in
             try m.guestWillChange(offset: offset, count: UInt64(cs))
             let d = try m.reserveCompressedSpan(bytes: record.count)

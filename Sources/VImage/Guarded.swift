@@ -34,7 +34,7 @@ final class Guarded<State>: @unchecked Sendable {
     /// Takes the lock, waits (releasing it meanwhile) until `ready` holds, then runs `body`.
     @inline(__always)
     func withLock<R>(
-        waitingUntil ready: (State) -> Bool,
+        waitingUntil ready: (borrowing State) -> Bool,
         broadcast: Bool = false,
         _ body: (inout State) throws -> R
     ) rethrows -> R {
@@ -43,8 +43,15 @@ final class Guarded<State>: @unchecked Sendable {
             if broadcast { monitor.broadcast() }
             monitor.unlock()
         }
-        while !ready(state) { monitor.wait() }
+        while !Self.holds(ready, &state) { monitor.wait() }
         return try body(&state)
+    }
+
+    /// Evaluates `ready` on the state in place: passed straight from the stored property, the state would
+    /// be copied (a retain of every reference in it, on every request).
+    @inline(__always)
+    private static func holds(_ ready: (borrowing State) -> Bool, _ state: inout State) -> Bool {
+        ready(state)
     }
 
     /// Wakes every waiter.

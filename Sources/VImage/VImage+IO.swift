@@ -86,7 +86,7 @@ extension VImage {
             var level = self
             while true {
                 let isTop = level === self
-                let source = try level.state.withLock(waitingUntil: \.acceptsRequests) { m -> ReadSource in
+                let source = try level.state.withLock(waitingUntil: { $0.acceptsRequests }) { m -> ReadSource in
                     try m.checkOpen()
                     let source = try m.readSource(at: offset)
                     if isTop && !isReadOnly { ticket = gate.enter(epoch: m.gateEpoch) }
@@ -171,7 +171,7 @@ extension VImage {
             let first = geometry.guestCluster(containing: position)
             // A cluster being allocated by another request is waited for: two partial writes to one new
             // cluster must not both fill it from the old content.
-            let ready = { (m: Metadata) in m.acceptsRequest(touching: first...first) }
+            let ready = { (m: borrowing Metadata) in m.acceptsRequest(touching: first...first) }
             let (plan, ticket) = try plan(waitingUntil: ready) { m in
                 if done == 0 { try m.guestWillChange(offset: offset, count: UInt64(buffer.count)) }
                 return try m.planWrite(at: position, count: buffer.count - done)
@@ -316,7 +316,7 @@ extension VImage {
             let cluster = geometry.guestCluster(containing: position)
             let piece = min(offset + count, geometry.guestOffset(of: cluster + 1)) - position
             let at = position
-            let ready = { (m: Metadata) in m.acceptsRequest(touching: cluster...cluster) }
+            let ready = { (m: borrowing Metadata) in m.acceptsRequest(touching: cluster...cluster) }
             let (target, ticket) = try plan(waitingUntil: ready) { m -> HostOffset? in
                 guard case .normal(let host, copied: true) = try m.l2Entry(cluster) else { return nil }
                 try m.guestWillChange(offset: at, count: piece)
@@ -365,7 +365,7 @@ extension VImage {
             // One L2 table at a time, waiting for in-flight allocations in it.
             let tableLast = min(last, GuestCluster((cluster.rawValue / perTable + 1) * perTable - 1))
             let range = cluster...tableLast
-            let ready = { (m: Metadata) in m.acceptsRequest(touching: range) }
+            let ready = { (m: borrowing Metadata) in m.acceptsRequest(touching: range) }
             try state.withLock(waitingUntil: ready) { m in
                 try m.checkOpen()
                 try wrapIO(path) { try m.zeroClusters(range, mode: mode) }
@@ -508,7 +508,11 @@ extension Metadata {
 
     /// Where the byte at guest `offset` comes from.
     mutating func readSource(at offset: UInt64) throws -> ReadSource {
-        readSource(try l2Entry(geometry.guestCluster(containing: offset), mayWrite: false), guestOffset: offset)
+        // Two statements on purpose: `readSource(try l2Entry(...))` evaluates the non-mutating call's `self`
+        // before its mutating argument, which copies the whole state (a retain of each of its references)
+        // on every read.
+        let entry = try l2Entry(geometry.guestCluster(containing: offset), mayWrite: false)
+        return readSource(entry, guestOffset: offset)
     }
 
     func readSource(_ entry: L2Entry, guestOffset offset: UInt64) -> ReadSource {

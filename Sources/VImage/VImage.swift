@@ -189,7 +189,7 @@ public final class VImage: BlockDevice, Sendable {
     /// ticket to `leave` when its I/O has completed.
     @inline(__always)
     func plan<P>(
-        waitingUntil ready: (Metadata) -> Bool = \.acceptsRequests,
+        waitingUntil ready: (borrowing Metadata) -> Bool = { $0.acceptsRequests },
         _ body: (inout Metadata) throws -> P
     ) throws -> (P, IOGate.Ticket?) {
         try state.withLock(waitingUntil: ready) { m in
@@ -209,7 +209,7 @@ public final class VImage: BlockDevice, Sendable {
     /// for operations that change what a planned request relies on (snapshots, resize, unallocation,
     /// backing changes, close).
     func drained<R>(_ body: (inout Metadata) throws -> R) throws -> R {
-        let noOtherDrain = { (m: Metadata) in !m.isDraining }
+        let noOtherDrain = { (m: borrowing Metadata) in !m.isDraining }
         try state.withLock(waitingUntil: noOtherDrain) { m in
             try m.checkOpen()
             m.isDraining = true
@@ -219,7 +219,7 @@ public final class VImage: BlockDevice, Sendable {
             gate.drainWaiting.store(false, ordering: .sequentiallyConsistent)
             state.withLock(broadcast: true) { $0.isDraining = false }
         }
-        let nothingInFlight = { [gate] (_: Metadata) in gate.isEmpty }
+        let nothingInFlight = { [gate] (_: borrowing Metadata) in gate.isEmpty }
         return try state.withLock(waitingUntil: nothingInFlight) { m in
             try m.checkOpen()
             return try wrapIO(path) { try body(&m) }
