@@ -25,7 +25,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
         case direct = "none"
     }
 
-    /// Advisory whole-file lock taken at open (`flock`), so two writers cannot open one image.
+    /// Advisory whole-file lock taken at open (`flock`), so two writers cannot open one image; with it, the
+    /// byte-range locks qemu takes and checks (QemuImageLocks.swift), so neither can a VM and vdisk.
     public enum LockMode: Sendable {
         case none
         /// Shared: other readers may also hold it; a writer may not.
@@ -160,6 +161,8 @@ public final class FileDevice: BlockDevice, @unchecked Sendable {
                     }
                     throw BlockIOError.system(.lock, errno: code, path: path)
                 }
+                // And qemu's locks, which qemu checks (flock it does not): QemuImageLocks.swift.
+                try QemuImageLocks.take(fd: fd, path: path, writer: lock == .exclusive)
             }
             return FileDevice(
                 path: path,

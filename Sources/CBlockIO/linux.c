@@ -46,3 +46,16 @@ int CBlockIO_pipe_cloexec(int fds[2]) { return pipe2(fds, O_CLOEXEC); }
 int CBlockIO_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int low) {
     return posix_spawn_file_actions_addclosefrom_np(actions, low);
 }
+
+int CBlockIO_ofd_read_lock(int fd, long long byte) {
+    struct flock lock = {.l_type = F_RDLCK, .l_whence = SEEK_SET, .l_start = (off_t)byte, .l_len = 1};
+    return fcntl(fd, F_OFD_SETLK, &lock);
+}
+
+int CBlockIO_ofd_locked_elsewhere(int fd, long long byte) {
+    // A write lock conflicts with any lock on the byte; the kernel reports one held through another open file
+    // description (ours never conflict with themselves). l_pid must be 0 for the OFD commands.
+    struct flock lock = {.l_type = F_WRLCK, .l_whence = SEEK_SET, .l_start = (off_t)byte, .l_len = 1};
+    if (fcntl(fd, F_OFD_GETLK, &lock) != 0) return -1;
+    return lock.l_type != F_UNLCK;
+}

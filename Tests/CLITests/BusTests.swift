@@ -712,6 +712,55 @@ struct BusTests {
         #expect(h.vd(["unplug", "t"]).status == 0)
         #expect(run(vimg, ["check", image]).status == 0)
     }
+
+    /// Invariant: a disk and a qemu process refuse each other's image, in both orders (qemu's locks,
+    /// QemuImageLocks.swift): `vdisk plug` of an image qemu-io has open for writing fails naming why, and
+    /// qemu-io cannot write an image that is plugged (VIMG read-write; qcow2, read-only for now).
+    @Test(arguments: FrontEnd.lanes, ["vimg", "qcow2"]) func qemuAndPlugRefuseEachOther(
+        _ frontEnd: FrontEnd,
+        _ kind: String
+    ) throws {
+        let qemuIO = try #require(TestEnvironment.which("qemu-io"), "qemu-io not installed")
+        let h = Harness(vdisk: vdisk, frontEnd)
+        defer { h.stopAndCheckClean() }
+        let image = h.dir + "/q." + kind
+        let format = kind == "vimg" ? "raw" : "qcow2"
+        if kind == "vimg" {
+            #expect(run(vimg, ["create", image, "64M"]).status == 0)
+        } else {
+            #expect(run(TestEnvironment.which("qemu-img")!, ["create", "-f", "qcow2", image, "64M"]).status == 0)
+        }
+        // qemu first: an interactive qemu-io keeps the image open until its input ends (its own session, so
+        // the whole pipeline goes at once).
+        let holder = try #require(
+            spawn("/usr/bin/setsid", ["sh", "-c", "sleep 120 | \(qemuIO) -f \(format) \(image)"])
+        )
+        defer {
+            kill(-holder, SIGKILL)
+            waitForExit(holder)
+        }
+        var inode = stat()
+        try #require(stat(image, &inode) == 0)
+        let lockLine = ":\(inode.st_ino) 100 101"  // qemu's write permission taken: it has opened the image
+        // (/proc files read as empty through readFile, which trusts their size of 0.)
+        let locks = { run("/bin/cat", ["/proc/locks"]).stdout }
+        for _ in 0..<500 where !locks().contains(lockLine) { usleep(10_000) }
+        #expect(locks().contains(lockLine), "qemu-io did not open \(image)")
+        // qcow2 plugs read-only (until qcow2 is writable): a reader of an image qemu writes is refused too.
+        let readOnly = kind == "qcow2" ? ["--read-only"] : []
+        let refused = h.vd(["plug", "--device", frontEnd.rawValue] + readOnly + [image])
+        #expect(refused.status != 0 && refused.stderr.contains("in use"), "\(refused.stdout)\(refused.stderr)")
+        kill(-holder, SIGKILL)
+        waitForExit(holder)
+
+        // vdisk first.
+        let d = try h.plug(readOnly + [image, "--name", "q"])
+        let write = run(qemuIO, ["-f", format, "-c", "write 0 4k", image])
+        #expect(write.status != 0 && write.stderr.contains("lock"), "\(write.stdout)\(write.stderr)")
+        #expect(h.vd(["unplug", d]).status == 0)
+        let after = run(qemuIO, ["-f", format, "-c", "write 0 4k", image])
+        #expect(after.status == 0, "\(after.stderr)")
+    }
 }
 
 /// Whether something is mounted on `point`.

@@ -45,4 +45,9 @@ int CBlockIO_pipe_cloexec(int fds[2]);
 /// Closes every descriptor from `low` up in the spawned child (glibc 2.34+).
 int CBlockIO_spawn_addclosefrom(posix_spawn_file_actions_t *actions, int low);
 
+/// Takes a shared open-file-description lock on one byte (F_OFD_SETLK, F_RDLCK), as qemu's image locking does.
+int CBlockIO_ofd_read_lock(int fd, long long byte);
+/// 1 when another open file description holds a lock on `byte`, 0 when none does, -1 on error (errno).
+int CBlockIO_ofd_locked_elsewhere(int fd, long long byte);
+
 #endif
