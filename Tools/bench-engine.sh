@@ -5,6 +5,10 @@
 # blocks modulo the image size touches every block once per pass in a scattered order.
 #
 #   Tools/bench-engine.sh [WORKDIR]     (default: a temp dir under /var/tmp; needs ~4.5 GiB free)
+#
+# BEFORE=DIR adds a column: the vimg-bench built in another checkout (DIR/.build/release, e.g. a worktree
+# at an older commit) runs every row too, on an image of its own, right after ours: a before/after
+# comparison in one run, under the same load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d /opt/swift/usr/bin ] && export PATH="/opt/swift/usr/bin:$PATH"
@@ -13,6 +17,15 @@ swift build -c release --product vimg-bench >/dev/null
 swift build -c release --product vimg >/dev/null
 BENCH=$PWD/.build/release/vimg-bench
 VIMG=$PWD/.build/release/vimg
+BEFORE_BENCH=
+if [ -n "${BEFORE:-}" ]; then
+    BEFORE_BENCH=$(cd "$BEFORE" && pwd)/.build/release/vimg-bench
+    BEFORE_VIMG=$(cd "$BEFORE" && pwd)/.build/release/vimg  # its images are made by its own vimg
+    [ -x "$BEFORE_BENCH" ] && [ -x "$BEFORE_VIMG" ] || {
+        echo "build vimg-bench and vimg in $BEFORE first (swift build -c release --product ...)" >&2
+        exit 1
+    }
+fi
 WORK=${1:-$(mktemp -d /var/tmp/vdisk-bench.XXXXXX)}
 mkdir -p "$WORK"
 trap 'rm -rf "$WORK"' EXIT
@@ -21,6 +34,7 @@ STRIDE4K=$((4096 * 7919))
 STRIDE64K=$((65536 * 7919))
 
 ours() { "$BENCH" "$@" | awk '{print $1, $3}'; }  # seconds bytes
+before() { "$BEFORE_BENCH" "$@" | awk '{print $1, $3}'; }
 theirs() {
     local out
     out=$(qemu-img bench -f qcow2 "$@" | tail -1)
@@ -29,12 +43,17 @@ theirs() {
 }
 
 fresh() {
-    rm -f "$WORK/a.vimg" "$WORK/a.qcow2"
+    rm -f "$WORK/a.vimg" "$WORK/b.vimg" "$WORK/a.qcow2"
     "$VIMG" create -q "$WORK/a.vimg" $SIZE
+    [ -z "$BEFORE_BENCH" ] || "$BEFORE_VIMG" create -q "$WORK/b.vimg" $SIZE
     qemu-img create -q -f qcow2 -o cluster_size=65536 "$WORK/a.qcow2" $SIZE
 }
 
-printf '| workload | vimg | qemu-img bench (qcow2) | ratio |\n|---|---|---|---|\n'
+if [ -n "$BEFORE_BENCH" ]; then
+    printf '| workload | vimg | qemu-img bench (qcow2) | ratio | vimg before | after / before |\n|---|---|---|---|---|---|\n'
+else
+    printf '| workload | vimg | qemu-img bench (qcow2) | ratio |\n|---|---|---|---|\n'
+fi
 row() {  # name unit count blocksize -- vimg args -- qemu args
     local name=$1 unit=$2 count=$3 bs=$4
     shift 4
@@ -42,13 +61,20 @@ row() {  # name unit count blocksize -- vimg args -- qemu args
     while [ "$1" != "--" ]; do oargs+=("$1"); shift; done
     shift
     qargs=("$@")
-    local o t
+    local o t b=0
     o=$(ours "${oargs[@]}" | awk '{print $1}')
+    if [ -n "$BEFORE_BENCH" ]; then
+        local bargs=("${oargs[@]}")
+        bargs[-1]=${bargs[-1]/a.vimg/b.vimg}
+        b=$(before "${bargs[@]}" | awk '{print $1}')
+    fi
     t=$(theirs "${qargs[@]}")
-    awk -v n="$name" -v u="$unit" -v c="$count" -v bs="$bs" -v o="$o" -v t="$t" 'BEGIN {
-        if (u == "MiB/s") { ov = c * bs / 1048576 / o; tv = c * bs / 1048576 / t; f = "%.0f MiB/s" }
-        else { ov = c / o; tv = c / t; f = "%.0f IOPS" }
-        printf "| %s | " f " | " f " | %.2fx |\n", n, ov, tv, ov / tv }'
+    awk -v n="$name" -v u="$unit" -v c="$count" -v bs="$bs" -v o="$o" -v t="$t" -v b="$b" 'BEGIN {
+        if (u == "MiB/s") { ov = c * bs / 1048576 / o; tv = c * bs / 1048576 / t; bv = b > 0 ? c * bs / 1048576 / b : 0; f = "%.0f MiB/s" }
+        else { ov = c / o; tv = c / t; bv = b > 0 ? c / b : 0; f = "%.0f IOPS" }
+        printf "| %s | " f " | " f " | %.2fx |", n, ov, tv, ov / tv
+        if (bv > 0) printf " " f " | %.2fx |", bv, ov / bv
+        printf "\n" }'
 }
 
 fresh

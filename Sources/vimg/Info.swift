@@ -16,8 +16,17 @@ extension Vimg {
         @Flag(help: "Show every image of the backing chain, top first.")
         var backingChain = false
 
+        @Flag(
+            name: [.customShort("U"), .customLong("force-share")],
+            help: "Read the image even while another process writes it (as qemu-img info -U); it may be changing."
+        )
+        var forceShare = false
+
         @Argument(help: "The image file.")
         var file: String
+
+        /// A shared lock, as any reader takes; none with -U.
+        var lock: FileDevice.LockMode { forceShare ? .none : .shared }
 
         func run() throws {
             try runReportingErrors {
@@ -54,7 +63,7 @@ extension Vimg {
             switch kind {
             case .vimg:
                 let (h, bitmaps) = try withFile(file) { () -> (ImageHeader, [BitmapInfo]) in
-                    let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: .shared)
+                    let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: lock)
                     defer { try? device.close() }
                     let header = try ImageHeader.read(from: device, path: file)
                     return (header, VImage.listBitmaps(host: device, header: header))
@@ -142,7 +151,7 @@ extension Vimg {
                     ("actual-size", .uint(actual)), ("dirty-flag", .bool(false)),
                 ]
             case .qcow2:
-                let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: .shared)
+                let device = try ImageFormats.openStorage(path: file, readOnly: true, lock: lock)
                 let image: Qcow2Image
                 do {
                     image = try Qcow2Image(file: device, path: file, backing: nil)

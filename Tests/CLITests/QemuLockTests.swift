@@ -106,6 +106,11 @@ struct QemuLockTests {
         }
         let forced = qemu("qemu-img", ["info", "-U", "-f", format, image])
         #expect(forced.status == 0, "\(forced.stderr)")
+        // And our own info, the same way.
+        let info = run(vimg, ["info", image])
+        let ourForced = run(vimg, ["info", "-U", image])
+        #expect(ourForced.status == 0 && ourForced.stdout.contains("virtual size: 64 MiB"), "\(ourForced.stderr)")
+        if kind == "vimg" { #expect(info.status != 0 && info.stderr.contains("another process"), "\(info.stderr)") }
     }
 
     /// Invariant: the backing file of a served clone is locked as qemu locks a backing file: qemu cannot
