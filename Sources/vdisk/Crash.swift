@@ -2,6 +2,7 @@ import ArgumentParser
 import BlockIO
 import CrashSim
 import Foundation
+import ImageFormats
 import VDiskBus
 
 /// The crash-testing options `vdisk plug` and `vdisk serve` share (docs/CRASH.md).
@@ -109,7 +110,7 @@ extension Vdisk {
                 With --after-writes N the power goes right after the N-th write from now reaches the disk,
                 wherever the workload then is; the command waits for it (--timeout, 60 s by default).
                 Prints what happened, with the seed that replays it. See docs/CRASH.md.
-                """
+                """.reflowedHelp
         )
 
         @Argument(help: "The disk's name (or device path); for --control-socket, the export's name.")
@@ -180,7 +181,7 @@ extension Vdisk {
             discussion: """
                 The label sits between the requests completed before and after it; 'vimg replay
                 --until-mark LABEL' rebuilds the disk as it was there. Prints the mark's record number.
-                """
+                """.reflowedHelp
         )
 
         @Argument(help: "The disk's name (or device path); for --control-socket, the export's name.")

@@ -1,6 +1,7 @@
 import ArgumentParser
 import BlockIO
 import Foundation
+import ImageFormats
 import NBDClient
 import RBD
 import VDiskBus
@@ -91,7 +92,7 @@ extension Vdisk {
                 An nbds:// or nbds+unix:// URI requires TLS: tls-certificates=DIR names the directory holding
                 ca-cert.pem (and client-cert.pem and client-key.pem if the server asks for a client
                 certificate); tls-verify-peer=false skips checking the server's certificate.
-                """
+                """.reflowedHelp
         )
 
         @Argument(help: "An image (VIMG, raw, qcow2), an rbd:POOL/IMAGE, or an nbd[s]:// / nbd[s]+unix:// URI.")
@@ -323,7 +324,7 @@ extension Vdisk {
                 File systems mounted from the disk (its partitions, LVM on them) are frozen while the snapshot
                 is taken; one that cannot be frozen (a FUSE file system such as ntfs-3g) is synced instead, and
                 its snapshot is crash-consistent. Prints which consistency each file system got.
-                """
+                """.reflowedHelp
         )
 
         @Argument(help: "The disk's name or device path.")
@@ -357,7 +358,7 @@ extension Vdisk {
                 I/O (what vimg scrub does offline). Bad blocks are also in the bus's log. Exit codes: 0 every
                 block verifies, 1 the scrub could not run, 2 bad blocks (repair them with the disk unplugged:
                 vimg check --repair-from OTHER).
-                """
+                """.reflowedHelp
         )
 
         @Argument(help: "The disk's name or device path.")
@@ -402,7 +403,7 @@ extension Vdisk {
             discussion: """
                 Holds the plugged disks, serves the root-only control socket <runtime-dir>/bus.sock and exports
                 every disk over NBD on <runtime-dir>/nbd.sock. SIGINT or SIGTERM unplugs every disk cleanly.
-                """
+                """.reflowedHelp
         )
 
         @Flag(help: "Remember plugged disks and re-plug them when the bus starts again.")

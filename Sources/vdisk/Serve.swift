@@ -39,7 +39,7 @@ extension Vdisk {
                 On SIGINT or SIGTERM the server stops accepting, finishes in-flight requests, flushes and
                 closes the images, and exits 0. SIGUSR1 writes the --stats-file at once.
                 See docs/NBD.md.
-                """
+                """.reflowedHelp
         )
 
         /// `--tls`: the words nbdkit uses.

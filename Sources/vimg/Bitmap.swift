@@ -16,7 +16,7 @@ extension Vimg {
                   vimg bitmap --add disk.vimg nightly
                   vimg bitmap --clear disk.vimg nightly
                   vimg bitmap --merge other -b old.vimg disk.vimg nightly
-                """
+                """.reflowedHelp
         )
 
         @Flag(help: "Add the bitmap (empty, enabled unless --disable).")

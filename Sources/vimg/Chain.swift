@@ -126,7 +126,7 @@ extension Vimg {
                 Safe mode (default) first copies into IMAGE every cluster whose content would change, so the guest
                 sees the same disk. -u only rewrites the name (for a moved or renamed file with the same content).
                 -b "" makes IMAGE standalone.
-                """
+                """.reflowedHelp
         )
 
         @Option(name: .short, help: "The new backing file (\"\" for none).")

@@ -20,7 +20,7 @@ extension Vimg {
                 first scrubs the data and rewrites each block that fails its checksum from OTHER (a replica or
                 backup of the same disk, any format) when OTHER's copy matches the checksum; blocks it cannot
                 repair are listed and the exit code is 2.
-                """
+                """.reflowedHelp
         )
 
         @OptionGroup var output: OutputOptions

@@ -12,7 +12,7 @@ extension Vimg {
                 clusters, with every byte as it was. Snapshots, clones, compressed clusters and bitmaps are kept;
                 a clone's backing file is not touched. Run vimg sparsify first to turn zero-filled clusters into
                 holes as well.
-                """
+                """.reflowedHelp
         )
 
         @Flag(name: .short, help: "Show progress.")

@@ -55,10 +55,10 @@ extension Vimg {
                 Reads only the source's allocated ranges and keeps the output sparse. The output is written under
                 a temporary name next to DST and renamed when complete.
                 Examples:
-                  vimg convert -O vimg -c disk.raw disk.vimg       # LZ4-compressed, on all cores
+                  vimg convert -O vimg -c disk.raw disk.vimg   # LZ4, on all cores
                   vimg convert -f qcow2 -O raw -l snap1 vm.qcow2 snap1.raw
                   vimg convert -O vimg -B base.vimg new.raw clone.vimg
-                """
+                """.reflowedHelp
         )
 
         @Option(name: .customShort("f"), help: "Source format (raw, vimg, qcow2); probed when omitted.")

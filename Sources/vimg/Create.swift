@@ -22,7 +22,7 @@ extension Vimg {
                   vimg create -f raw rbd:pool/disk 10G           (an RBD image in a Ceph cluster)
                   vimg create rbd:pool/disk 10G                  (a VIMG image stored in an RBD image)
                   vimg create -b rbd:pool/golden@v1 local.vimg   (a local clone of an image in Ceph)
-                """
+                """.reflowedHelp
         )
 
         @Option(name: .short, help: "Image format: vimg or raw.")

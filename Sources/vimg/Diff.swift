@@ -14,7 +14,7 @@ extension Vimg {
             discussion: """
                 Like rbd diff: without --from-snap, everything the target state holds; without --to-snap, up to
                 the active state. No data is read. Ranges that read as zeroes in the target are "zero".
-                """
+                """.reflowedHelp
         )
 
         @Option(help: "The snapshot to compare from (default: an empty disk).")
@@ -60,7 +60,7 @@ extension Vimg {
             discussion: """
                 The stream format of rbd export-diff (docs/FORMAT.md, appendix), so rbd merge-diff and
                 rbd import-diff accept it. OUT "-" writes to standard output.
-                """
+                """.reflowedHelp
         )
 
         @Option(help: "The snapshot to start from (default: an empty disk).")
@@ -117,7 +117,7 @@ extension Vimg {
                 must not have changed since the starting snapshot (--force applies anyway). If the stream is
                 malformed or cut short, the image is reverted to its state before the command.
                 DIFF "-" reads standard input.
-                """
+                """.reflowedHelp
         )
 
         @Flag(help: "Apply even if the image changed since the diff's starting snapshot.")

@@ -15,7 +15,7 @@ extension Vimg {
 
                   vimg rbd-break-lock rbd:pool/disk
                   vimg rbd-break-lock 'rbd:pool/disk:conf=/etc/ceph/site-b.conf:id=vdisk'
-                """
+                """.reflowedHelp
         )
 
         @Argument(help: "The image: rbd:POOL/IMAGE[:conf=PATH][:id=NAME][:key=SECRET].")

@@ -21,7 +21,7 @@ extension Vimg {
                   vimg replay -O raw --until-mark 'after commit 42' disk.log disk.vimg commit42.raw
                   vimg replay --list disk.log            # flush points and marks (--output=json for scripts)
                 See docs/CRASH.md.
-                """
+                """.reflowedHelp
         )
 
         @Option(help: ArgumentHelp("Stop after record N (0: the start state).", valueName: "N"))

@@ -12,7 +12,7 @@ extension Vimg {
                 all metadata; --backing-chain also scrubs the backing images. Exit codes: 0 every block verifies,
                 1 the scrub could not complete, 2 blocks fail their checksum (repair them with
                 vimg check --repair-from OTHER).
-                """
+                """.reflowedHelp
         )
 
         @Flag(help: "Also scrub the backing images.")

@@ -19,7 +19,7 @@ extension Vimg {
                   vimg snapshot -a before-upgrade disk.vimg
                   vimg snapshot -d before-upgrade disk.vimg
                   vimg snapshot -c v1 rbd:pool/golden            (a raw RBD image: an RBD snapshot)
-                """
+                """.reflowedHelp
         )
 
         @Option(name: .customShort("c"), help: "Create a snapshot with this name.")

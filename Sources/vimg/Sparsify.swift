@@ -11,7 +11,7 @@ extension Vimg {
                 Reads every allocated cluster; one that reads as zeroes becomes a zero cluster, and its storage
                 is freed and punched out of the file (the file's allocated size shrinks; its length does not:
                 vimg compact moves clusters and truncates). Snapshots keep what they reference.
-                """
+                """.reflowedHelp
         )
 
         @Flag(name: .short, help: "Show progress.")
