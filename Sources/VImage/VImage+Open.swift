@@ -120,7 +120,7 @@ extension VImage {
         // write of the first sector; then the informational extensions.
         header.setBitmapDirectory(.empty)
         header.featureNames = FeatureName.all
-        header.uuid = ImageUUID.random()
+        header.uuid = options.uuid ?? ImageUUID.random()
         if let backingFile = options.backingFile {
             guard !backingFile.isEmpty, backingFile.utf8.count <= ImageHeader.maxBackingNameLength,
                 !backingFile.utf8.contains(0)

@@ -39,17 +39,21 @@ public final class VImage: BlockDevice, Sendable {
         public var backingFormat: String? = nil
         /// End-to-end checksums of every 4 KiB block (`-o checksums=on`).
         public var checksums = false
+        /// The image's UUID; nil for a new random one (fixtures pin it, so their bytes are reproducible).
+        public var uuid: ImageUUID? = nil
 
         public init(
             clusterBits: Int = 16,
             backingFile: String? = nil,
             backingFormat: String? = nil,
-            checksums: Bool = false
+            checksums: Bool = false,
+            uuid: ImageUUID? = nil
         ) {
             self.clusterBits = clusterBits
             self.backingFile = backingFile
             self.backingFormat = backingFormat
             self.checksums = checksums
+            self.uuid = uuid
         }
     }
 

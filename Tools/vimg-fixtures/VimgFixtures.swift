@@ -39,12 +39,20 @@ let compressedWritten: [FixtureSpec.Written] = [
 ]
 
 /// An image under construction, with raw access to its metadata.
+/// Every fixture's UUID: a random one would change the bytes on every run.
+let fixedUUID = ImageUUID(bytes: Array("vdisk fixtures!!".utf8))!
+
 struct Fixture {
     let host = MemoryDevice(size: 0, growable: true)
     var written = baseWritten
 
-    init(snapshots: [String] = [], compressed: Bool = false, backingFile: String? = nil) throws {
-        try VImage.create(on: host, virtualSize: virtualSize, options: .init(clusterBits: 12, backingFile: backingFile))
+    init(snapshots: [String] = [], compressed: Bool = false, backingFile: String? = nil, checksums: Bool = false) throws
+    {
+        try VImage.create(
+            on: host,
+            virtualSize: virtualSize,
+            options: .init(clusterBits: 12, backingFile: backingFile, checksums: checksums, uuid: fixedUUID)
+        )
         // A clone's writes need a backing device; an empty one stands in for the named file.
         let image = try VImage.open(
             host: host,
@@ -392,11 +400,14 @@ func corpusImages() throws -> [(String, [UInt8])] {
     out.append(("snapshots.vimg", try Fixture(snapshots: ["a", "b"]).host.snapshotBytes()))
     out.append(("compressed.vimg", try Fixture(compressed: true).host.snapshotBytes()))
     out.append(("clone.vimg", try Fixture(backingFile: "base.vimg").host.snapshotBytes()))
+    // End-to-end checksums (a checksum table and blocks, the header's own CRC); no snapshot, whose
+    // creation time the fixture patches in place (that would leave its checksum stale).
+    out.append(("checksums.vimg", try Fixture(checksums: true).host.snapshotBytes()))
     let empty = MemoryDevice(size: 0, growable: true)
-    try VImage.create(on: empty, virtualSize: 64 * 1024, options: .init(clusterBits: 12))
+    try VImage.create(on: empty, virtualSize: 64 * 1024, options: .init(clusterBits: 12, uuid: fixedUUID))
     out.append(("empty.vimg", empty.snapshotBytes()))
     let zeroSize = MemoryDevice(size: 0, growable: true)
-    try VImage.create(on: zeroSize, virtualSize: 0, options: .init(clusterBits: 12))
+    try VImage.create(on: zeroSize, virtualSize: 0, options: .init(clusterBits: 12, uuid: fixedUUID))
     out.append(("zero-size.vimg", zeroSize.snapshotBytes()))
     return out
 }
