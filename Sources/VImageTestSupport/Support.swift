@@ -179,9 +179,18 @@ public func run(
 
 /// A whole file as UTF-8 text ("" if missing).
 public func readFile(_ path: String) -> String {
-    guard let device = try? FileDevice.open(path: path, readOnly: true) else { return "" }
-    defer { try? device.close() }
-    let bytes = (try? device.read(count: Int(device.size), at: 0)) ?? []
+    // Read to the end rather than trusting the size: /proc files say 0, /sys files 4096.
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return "" }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 65536)
+    while true {
+        let n = read(fd, &chunk, chunk.count)
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { break }
+        bytes += chunk[0..<n]
+    }
     return String(decoding: bytes, as: UTF8.self)
 }
 

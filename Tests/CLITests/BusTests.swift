@@ -732,8 +732,14 @@ struct BusTests {
         }
         // qemu first: an interactive qemu-io keeps the image open until its input ends (its own session, so
         // the whole pipeline goes at once).
+        let holderLog = h.dir + "/qemu-io.err"
         let holder = try #require(
-            spawn("/usr/bin/setsid", ["sh", "-c", "sleep 120 | \(qemuIO) -f \(format) \(image)"])
+            spawn(
+                "/usr/bin/setsid",
+                ["sh", "-c", "sleep 120 | \(qemuIO) -f \(format) \(image)"],
+                stdout: holderLog,
+                stderr: holderLog
+            )
         )
         defer {
             kill(-holder, SIGKILL)
@@ -742,10 +748,12 @@ struct BusTests {
         var inode = stat()
         try #require(stat(image, &inode) == 0)
         let lockLine = ":\(inode.st_ino) 100 101"  // qemu's write permission taken: it has opened the image
-        // (/proc files read as empty through readFile, which trusts their size of 0.)
-        let locks = { run("/bin/cat", ["/proc/locks"]).stdout }
-        for _ in 0..<500 where !locks().contains(lockLine) { usleep(10_000) }
-        #expect(locks().contains(lockLine), "qemu-io did not open \(image)")
+        let deadline = monotonicNow() + 60
+        while !readFile("/proc/locks").contains(lockLine) && monotonicNow() < deadline { usleep(20_000) }
+        try #require(
+            readFile("/proc/locks").contains(lockLine),
+            "qemu-io did not open \(image): \(readFile(holderLog))\n\(readFile("/proc/locks"))"
+        )
         // qcow2 plugs read-only (until qcow2 is writable): a reader of an image qemu writes is refused too.
         let readOnly = kind == "qcow2" ? ["--read-only"] : []
         let refused = h.vd(["plug", "--device", frontEnd.rawValue] + readOnly + [image])
