@@ -7,7 +7,7 @@ packages=(
     qemu-utils      # qemu-img, qemu-io, qemu-nbd: the peers our tests and benchmarks compare against
     libnbd-bin      # nbdinfo, nbdcopy, nbdsh: real NBD clients for the interop tests
     python3-libnbd  # nbdsh's Python binding (Debian's /usr/bin/python3)
-    fio             # benchmarks (its nbd engine)
+    fio             # benchmarks (its nbd engine), the verifying writers of Tools/soak-bus.sh
     liblz4-dev      # LZ4 compressed clusters
     zlib1g-dev libzstd-dev  # reading qcow2 compressed clusters (zlib, zstd)
     libfuse3-dev fuse3  # the FUSE + loop device path of vdisk plug

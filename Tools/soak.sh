@@ -1,20 +1,29 @@
 #!/usr/bin/env bash
-# A randomized soak of `vdisk serve` (issue 19): for MINUTES (default 4) one VIMG image takes random
-# writes (aligned and not, up to 1 MiB), write-zeroes, trims and flushes over NBD, and at random times the
-# server is restarted (SIGTERM, or kill -9 right after a flush), in a random cache mode (writeback or none),
-# and internal snapshots are taken, deleted and reverted to (server stopped; `vimg snapshot`). A flat
-# reference copy in memory follows every step. After every stop `vimg check` must pass (after kill -9,
-# leaked clusters are allowed: exit 3); at the end the disk and every snapshot left must read back exactly
-# as the reference says.
+# A randomized soak (issue 19) in two phases, MINUTES (default 4) split 3:5 between them:
 #
-#   Tools/soak.sh [MINUTES]          VDISK_SEED=N reruns a seed; BIN=DIR picks vdisk and vimg
+# 1. `vdisk serve` (below): one VIMG image takes random writes (aligned and not, up to 1 MiB),
+#    write-zeroes, trims and flushes over NBD, and at random times the server is restarted (SIGTERM, or
+#    kill -9 right after a flush), in a random cache mode (writeback or none), and internal snapshots are
+#    taken, deleted and reverted to (server stopped; `vimg snapshot`). A flat reference copy in memory
+#    follows every step. After every stop `vimg check` must pass (after kill -9, leaked clusters are
+#    allowed: exit 3); at the end the disk and every snapshot left must read back exactly as the reference
+#    says.
+# 2. The bus (Tools/soak-bus.sh): a VIMG image, a clone, a RAM disk and a remote export plugged at once,
+#    ext4 and fio writers on each, under online snapshots, unplug/replug, restarts and kill -9 of the
+#    remote server and kill -9 of the bus; fsck, `vimg check` and every finished file verified.
 #
-# The seed is printed first, so a failure reruns with VDISK_SEED=<seed>. Needs python3 with the libnbd
-# bindings (Debian: python3-libnbd).
+#   Tools/soak.sh [MINUTES]          VDISK_SEED=N reruns a seed (both phases); BIN=DIR picks vdisk and vimg
+#
+# The seed is printed first, so a failure reruns with VDISK_SEED=<seed> (the bus phase also says how to
+# rerun it alone). The first phase needs python3 with the libnbd bindings (Debian: python3-libnbd); the
+# second needs root, /dev/fuse, /dev/loop-control and fio, and is skipped, with a line saying so, where
+# root or the devices are missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MINUTES=${1:-4}
 SEED=${VDISK_SEED:-$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}
+SERVE_MINUTES=$(awk -v m="$MINUTES" 'BEGIN { print m * 3 / 8 }')
+BUS_MINUTES=$(awk -v m="$MINUTES" 'BEGIN { print m * 5 / 8 }')
 if [ -z "${BIN:-}" ]; then  # the newest of the debug and release builds
     BIN=.build/debug
     [ .build/release/vdisk -nt .build/debug/vdisk ] && BIN=.build/release
@@ -22,8 +31,9 @@ fi
 BIN=$(cd "$BIN" && pwd)
 WORK=$(mktemp -d /var/tmp/vdisk-soak.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
-echo "soak: seed $SEED, $MINUTES minutes (rerun with VDISK_SEED=$SEED Tools/soak.sh $MINUTES)"
-/usr/bin/python3 - "$BIN" "$WORK" "$SEED" "$MINUTES" <<'EOF'
+echo "soak: seed $SEED, $MINUTES minutes: $SERVE_MINUTES of vdisk serve, then $BUS_MINUTES of the bus" \
+    "(rerun with VDISK_SEED=$SEED Tools/soak.sh $MINUTES)"
+/usr/bin/python3 - "$BIN" "$WORK" "$SEED" "$SERVE_MINUTES" <<'EOF'
 import atexit, random, signal, subprocess, sys, time
 import nbd
 
@@ -38,7 +48,7 @@ def step(name):
     counts[name] = counts.get(name, 0) + 1
 
 def fail(message):
-    print(f"soak: FAILED (seed {seed}): {message}", file=sys.stderr)
+    print(f"soak: vdisk serve FAILED (seed {seed}): {message}", file=sys.stderr)
     sys.exit(1)
 
 def run(args, ok=(0,)):
@@ -170,5 +180,17 @@ for name, expected in sorted(snapshots.items()):
     compare(server.h, expected, f"snapshot {name}")
     server.stop()
 run([vimg, "check", image])
-print("soak: passed;", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+print("soak: vdisk serve passed;", ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 EOF
+
+rm -rf "$WORK"
+trap - EXIT
+
+if [ "$(id -u)" -ne 0 ] || [ ! -e /dev/fuse ] || [ ! -e /dev/loop-control ]; then
+    echo "soak: the bus phase skipped: it needs root, /dev/fuse and /dev/loop-control"
+    exit 0
+fi
+# exec: a timeout's SIGTERM then reaches a process that cleans up (unmounts...) before it exits, and the
+# timeout waits for that.
+export VDISK_SEED=$SEED BIN
+exec Tools/soak-bus.sh "$BUS_MINUTES"
