@@ -483,6 +483,41 @@ public final class Bus: Sendable {
         }
     }
 
+    /// How long an unplug waits for a remote disk's lost server to take the final flush (at most the disk's
+    /// reconnect timeout). Without a bound, unplugging a disk whose server is gone would wait the whole
+    /// reconnect timeout, up to a day.
+    static let unplugFlushGrace = 10.0
+
+    /// The flush before a disk leaves. For a remote disk it waits at most `unplugFlushGrace` for a lost
+    /// server, then closes the connection, which ends the wait: the writes that server had acknowledged but
+    /// not flushed are lost, as they would be if it had crashed for good, and the unplug says so.
+    private func finalFlush(_ disk: PluggedDisk) throws {
+        let remotes = disk.backend.owned.filter { $0 is any ConnectionStatusReporting }
+        guard !remotes.isEmpty else { return try disk.counting.flush() }
+        final class Outcome: @unchecked Sendable {
+            // Written before `finished` is signalled, read after it was waited for.
+            var error: (any Error)?
+            let finished = DispatchSemaphore(value: 0)
+        }
+        let outcome = Outcome()
+        let counting = disk.counting
+        spawnThread {
+            do { try counting.flush() } catch { outcome.error = error }
+            outcome.finished.signal()
+        }
+        let timeouts = remotes.compactMap { ($0 as? any ConnectionStatusReporting)?.connectionStatus.reconnectTimeout }
+        let grace = min(Self.unplugFlushGrace, timeouts.min() ?? Self.unplugFlushGrace)
+        if outcome.finished.wait(timeout: .now() + grace) == .timedOut {
+            for device in remotes { try? device.close() }
+            // The flush ends within a fraction of a second once closed; it is not waited for beyond that.
+            if outcome.finished.wait(timeout: .now() + 5) == .success, outcome.error == nil { return }
+            throw BusError(
+                "the server did not come back within \(Int(grace)) s, so the writes it had not flushed are lost"
+            )
+        }
+        if let error = outcome.error { throw error }
+    }
+
     /// - Parameter forget: drop the disk from the remembered table (not at shutdown, so that a persistent
     ///   bus re-plugs it when it starts again).
     func unplugLocked(_ disk: PluggedDisk, force: Bool, forget: Bool = true) throws -> [String] {
@@ -528,7 +563,7 @@ public final class Bus: Sendable {
         var problems: [String] = []
         let crashed = disk.backend.crashSim?.hasCrashed ?? false
         if !crashed {
-            do { try disk.counting.flush() } catch { problems.append("flush: \(error)") }
+            do { try finalFlush(disk) } catch { problems.append("flush: \(error)") }
         }
         problems += detach(disk)
         problems += disk.backend.close()

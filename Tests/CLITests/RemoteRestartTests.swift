@@ -154,6 +154,30 @@ struct RemoteRestartTests {
         let unplug = h.vd(["unplug", "remote"])
         #expect(unplug.status == 0, "\(unplug.stderr)")
     }
+
+    /// Invariant: unplugging a remote disk whose server is gone does not wait out the reconnect timeout (up
+    /// to a day): the final flush waits about 10 s for the server, then the disk is closed and the unplug
+    /// says that writes the server had not flushed are lost; nothing is left behind.
+    @Test func unplugWithTheServerGoneIsBounded() throws {
+        let h = BusTests.Harness(vdisk: vdisk)
+        defer { h.stopAndCheckClean() }
+        let image = h.dir + "/remote.img"
+        let socket = h.dir + "/remote.sock"
+        #expect(run(vimg, ["create", image, "64M"]).status == 0)
+        let pid = try start(.vdiskServe, image: image, socket: socket, log: h.dir + "/server.err")
+        defer { killIfRunning(pid) }
+        let device = try h.plug(["nbd+unix:///exp?socket=\(socket)", "--name", "remote", "--reconnect-timeout", "300"])
+        let write = run("dd", ["if=/dev/urandom", "of=" + device, "bs=1M", "count=4", "oflag=direct", "status=none"])
+        #expect(write.status == 0, "\(write.stderr)")
+        kill(pid, SIGKILL)
+        waitForExit(pid)
+        let started = monotonicNow()
+        let unplug = h.vd(["unplug", "remote"])
+        let took = monotonicNow() - started
+        #expect(took < 30, "unplug took \(took) s")
+        #expect(unplug.status != 0 && unplug.stderr.contains("did not come back"), "\(unplug.stderr)")
+        #expect(h.vd(["list"]).stdout == "No disks are plugged.\n")
+    }
 }
 
 /// `vdisk plug --reconnect-timeout`, checked before any bus is involved.
