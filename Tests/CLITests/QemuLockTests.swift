@@ -41,17 +41,22 @@ struct QemuLockTests {
         return ({ server.stop() }, "")
     }
 
+    /// A new 64 MiB image of `kind` ("vimg", made by vimg; "qcow2", made by qemu-img) in `dir`.
+    func makeImage(_ kind: String, in dir: String) throws -> String {
+        let image = dir + "/disk." + kind
+        let made =
+            kind == "vimg"
+            ? run(vimg, ["create", image, "64M"]) : qemu("qemu-img", ["create", "-f", "qcow2", image, "64M"])
+        try #require(made.status == 0, "\(made.stderr)")
+        return image
+    }
+
     /// Invariant: while qemu writes an image, vdisk refuses to write it or read it (as `qemu-img info`
     /// does), naming the reason; once qemu is gone, it opens.
     @Test(arguments: ["vimg", "qcow2"]) func qemuFirstThenVdisk(_ kind: String) throws {
         let dir = TestEnvironment.temporaryDirectory("vdisk-qemulock")
         defer { TestEnvironment.remove(dir) }
-        let image = dir + "/disk." + kind
-        if kind == "vimg" {
-            #expect(run(vimg, ["create", image, "64M"]).status == 0)
-        } else {
-            #expect(qemu("qemu-img", ["create", "-f", "qcow2", image, "64M"]).status == 0)
-        }
+        let image = try makeImage(kind, in: dir)
         // qemu sees a VIMG file as raw bytes: a user who points it there by mistake must be stopped too.
         let stopQemu = try qemuNBD(image, format: kind == "vimg" ? "raw" : "qcow2", dir: dir)
         var stopped = false
@@ -79,12 +84,7 @@ struct QemuLockTests {
     @Test(arguments: ["vimg", "qcow2"]) func vdiskFirstThenQemu(_ kind: String) throws {
         let dir = TestEnvironment.temporaryDirectory("vdisk-qemulock")
         defer { TestEnvironment.remove(dir) }
-        let image = dir + "/disk." + kind
-        if kind == "vimg" {
-            #expect(run(vimg, ["create", image, "64M"]).status == 0)
-        } else {
-            #expect(qemu("qemu-img", ["create", "-f", "qcow2", image, "64M"]).status == 0)
-        }
+        let image = try makeImage(kind, in: dir)
         let format = kind == "vimg" ? "raw" : "qcow2"
         let served = serve(image, dir: dir)
         let stop = try #require(served.stop, "\(served.said)")
