@@ -492,7 +492,7 @@ public final class Bus: Sendable {
     /// server, then closes the connection, which ends the wait: the writes that server had acknowledged but
     /// not flushed are lost, as they would be if it had crashed for good, and the unplug says so.
     private func finalFlush(_ disk: PluggedDisk) throws {
-        let remotes = disk.backend.owned.filter { $0 is any ConnectionStatusReporting }
+        let remotes = disk.backend.owned.compactMap { $0 as? any BlockDevice & ConnectionStatusReporting }
         guard !remotes.isEmpty else { return try disk.counting.flush() }
         final class Outcome: @unchecked Sendable {
             // Written before `finished` is signalled, read after it was waited for.
@@ -505,8 +505,7 @@ public final class Bus: Sendable {
             do { try counting.flush() } catch { outcome.error = error }
             outcome.finished.signal()
         }
-        let timeouts = remotes.compactMap { ($0 as? any ConnectionStatusReporting)?.connectionStatus.reconnectTimeout }
-        let grace = min(Self.unplugFlushGrace, timeouts.min() ?? Self.unplugFlushGrace)
+        let grace = min(Self.unplugFlushGrace, remotes.map(\.connectionStatus.reconnectTimeout).min()!)
         if outcome.finished.wait(timeout: .now() + grace) == .timedOut {
             for device in remotes { try? device.close() }
             // The flush ends within a fraction of a second once closed; it is not waited for beyond that.

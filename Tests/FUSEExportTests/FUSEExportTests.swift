@@ -135,7 +135,7 @@ extension FUSEExportTests {
             #expect(isMounted(dir))
             export.stop()
             #expect(!isMounted(dir))
-            #expect(!readText("/proc/mounts").contains(dir))
+            #expect(!readFile("/proc/mounts").contains(dir))
         }
     }
 

@@ -9,24 +9,9 @@ import Glibc
 /// FUSE and loop tests mount things: they need root and a FUSE-capable kernel.
 let fuseAvailable = geteuid() == 0 && access("/dev/fuse", R_OK | W_OK) == 0
 
-/// A whole file read with read(2) until EOF, which also works for /proc and /sys (st_size 0).
-func readText(_ path: String) -> String {
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return "" }
-    defer { close(fd) }
-    var result: [UInt8] = []
-    var chunk = [UInt8](repeating: 0, count: 65536)
-    while true {
-        let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-        if n <= 0 { break }
-        result += chunk[..<n]
-    }
-    return String(decoding: result, as: UTF8.self)
-}
-
 /// Whether something is mounted exactly at `path` (per /proc/mounts).
 func isMounted(_ path: String) -> Bool {
-    readText("/proc/mounts").split(separator: "\n").contains { line in
+    readFile("/proc/mounts").split(separator: "\n").contains { line in
         let fields = line.split(separator: " ")
         return fields.count > 1 && fields[1] == path
     }
