@@ -39,7 +39,7 @@ let package = Package(
         .target(name: "RBD", dependencies: ["BlockIO", "CRBD"]),
         .target(
             name: "VImage",
-            dependencies: ["BlockIO", "CLZ4"],
+            dependencies: ["BlockIO", "CLZ4", "CZlib", "CZstd"],
             // Metadata state is only touched under the engine's lock; the runtime exclusivity checks cost
             // about a tenth of a small read in release builds (debug builds keep them).
             swiftSettings: [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]

@@ -63,8 +63,8 @@ public enum ImageFormats {
     /// Opens the image at `path`, with its backing chain.
     /// - Parameters:
     ///   - format: the format, or nil to probe it (a file that is not VIMG or qcow2 is raw).
-    ///   - readOnly: open without write access (shared lock instead of an exclusive one). qcow2 images
-    ///     must be opened read-only.
+    ///   - readOnly: open without write access (shared lock instead of an exclusive one). A qcow2 image
+    ///     opened for writing is a `VImage` (the engine writes qcow2 as it writes VIMG).
     ///   - snapshot: read an internal snapshot (by name; qcow2 also by id) instead of the active state
     ///     (read-only).
     ///   - rbd: timeouts for `rbd:` images (the whole chain).
@@ -97,8 +97,13 @@ public enum ImageFormats {
             options.discard = discard
             return try openVImage(path: path, readOnly: readOnly, snapshot: snapshot, options: options, rbd: rbd)
         case .qcow2:
-            guard readOnly else { throw qcow2ReadOnly(path) }
-            return try openQcow2(path: path, snapshot: snapshot, cache: cache)
+            // Writers get the engine (the same one as VIMG's); readers keep the qcow2 reader, which also
+            // takes what the engine refuses to write (extended L2 entries, external data files, bitmaps).
+            if readOnly { return try openQcow2(path: path, snapshot: snapshot, cache: cache) }
+            var options = VImage.OpenOptions()
+            options.cache = cache
+            options.discard = discard
+            return try openVImage(path: path, readOnly: false, snapshot: snapshot, options: options, rbd: rbd)
         }
     }
 
@@ -110,7 +115,6 @@ public enum ImageFormats {
         snapshot: String?,
         rbd: RBDOptions
     ) throws -> any BlockDevice {
-        if format == .qcow2 && !readOnly { throw qcow2ReadOnly(path) }
         let device = try RBDDevice.open(RBDSpec(parsing: path), readOnly: readOnly, options: rbd)
         do {
             switch try format ?? probe(device: device, path: path) {
@@ -124,7 +128,9 @@ public enum ImageFormats {
                     )
                 }
                 return device
-            case .vimg:
+            case .qcow2 where readOnly:
+                return try openQcow2(file: device, path: path, snapshot: snapshot, rbd: rbd)
+            case .vimg, .qcow2:
                 device.allowGrowth()
                 return try VImage.open(
                     owning: device,
@@ -133,22 +139,11 @@ public enum ImageFormats {
                     snapshot: snapshot,
                     backingOpener: { try openBacking($0, rbd: rbd) }
                 )
-            case .qcow2:
-                guard readOnly else { throw qcow2ReadOnly(path) }
-                return try openQcow2(file: device, path: path, snapshot: snapshot, rbd: rbd)
             }
         } catch {
             try? device.close()
             throw error
         }
-    }
-
-    private static func qcow2ReadOnly(_ path: String) -> ImageFormatError {
-        ImageFormatError(
-            .readOnly,
-            path: path,
-            message: "qcow2 images can only be opened read-only (convert them to VIMG to write)"
-        )
     }
 
     /// The storage an image name refers to, without any format on top: the file at `path`, or the RBD image
@@ -539,7 +534,7 @@ public enum ImageFormats {
     /// `backing-chain` finding and a check error (exit code 1). Repair cannot fix it; `vimg rebase`
     /// can. Only headers are read.
     static func checkBackingChain(of path: String, report: inout CheckReport) {
-        guard let reference = try? backingReference(of: path, format: .vimg) else { return }
+        guard let reference = try? backingReference(of: path, format: probe(path: path)) else { return }
         do {
             _ = try backingLevels(from: reference, excluding: [identity(path)])
         } catch let failure as BackingChainError {

@@ -124,7 +124,7 @@ enum Backends {
                     options: options,
                     alongsideWriter: true
                 )
-                (device, format) = (view, "vimg")
+                (device, format) = (view, view.formatName)
             } else {
                 (device, format) = try opener.openImage(
                     path,
@@ -133,12 +133,6 @@ enum Backends {
                     request.snapshot,
                     cache,
                     request.discard ?? .punch
-                )
-            }
-            if format == "qcow2" && !request.readOnly && !request.overlay {
-                try? device.close()
-                throw BusError(
-                    "\(source): qcow2 images plug read-only; add --read-only, or --overlay for a throwaway writable layer"
                 )
             }
             base = OpenedBackend(
@@ -179,11 +173,7 @@ enum Backends {
             snapshot: request.snapshot,
             rbd: options
         )
-        let format = device is VImage ? "vimg" : device is RBDDevice ? "rbd" : "qcow2"
-        if format == "qcow2" && !readOnly {
-            try? device.close()
-            throw BusError("\(source): qcow2 images plug read-only; add --read-only, or --overlay")
-        }
+        let format = (device as? VImage)?.formatName ?? (device is RBDDevice ? "rbd" : "qcow2")
         return OpenedBackend(device: device, format: format, image: device as? VImage, owned: [device], source: source)
     }
 

@@ -609,6 +609,7 @@ extension VImage {
     /// Runs a bitmap change with no request in flight and writes the result (a directory switch).
     private func mutateBitmaps(_ body: (inout Metadata) throws -> Void) throws {
         if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
+        try requireVIMG("persistent dirty bitmaps")
         try drained { m in
             try body(&m)
             try m.switchBitmapDirectory()

@@ -37,6 +37,7 @@ extension VImage {
     @discardableResult
     public func compact(progress: ((UInt64, UInt64) -> Void)? = nil) throws -> CompactionResult {
         if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
+        try requireVIMG("compaction runs")
         return try drained { m in try m.compact(progress: progress) }
     }
 }

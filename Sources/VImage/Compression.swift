@@ -65,6 +65,7 @@ extension VImage {
                 message: "compressed cluster descriptor is invalid"
             )
         }
+        if case .qcow2(let type) = format.compression { return try decompressQcow2(d, type: type) }
         let record = try host.read(count: span, at: d.hostOffset)
         let length = Int(UInt32(record[0]) << 24 | UInt32(record[1]) << 16 | UInt32(record[2]) << 8 | UInt32(record[3]))
         guard length >= 1, length <= span - 4 else {
@@ -92,14 +93,42 @@ extension VImage {
         return output
     }
 
+    /// qcow2's deflate or zstd stream of one cluster; its span may run into the next record, or past the
+    /// end of the file when it is the last.
+    private func decompressQcow2(_ d: CompressedDescriptor, type: Qcow2CompressionType) throws -> [UInt8] {
+        let fileSize = host.size
+        guard d.hostOffset < fileSize else {
+            throw VImageError(.corrupt, path: path, offset: d.hostOffset, message: "compressed cluster is past the end")
+        }
+        let input = try host.read(count: Int(min(d.byteLength, fileSize - d.hostOffset)), at: d.hostOffset)
+        var output = [UInt8](repeating: 0, count: geometry.clusterSize)
+        let ok = input.withUnsafeBytes { i in
+            output.withUnsafeMutableBytes { Qcow2Decompressor.decompress(type, i, into: $0) }
+        }
+        guard ok else {
+            throw VImageError(
+                .corrupt,
+                path: path,
+                offset: d.hostOffset,
+                message: "compressed cluster does not decompress to \(geometry.clusterSize) bytes"
+            )
+        }
+        return output
+    }
+
     /// Writes whole guest cluster `guestCluster` compressed (or uncompressed when LZ4 cannot shrink it by
     /// a sector). Used by `convert -c`; the data must be exactly one cluster. Safe to call from several
-    /// threads for different clusters.
+    /// threads for different clusters. A qcow2 image gets the cluster uncompressed (this engine writes
+    /// only LZ4 records, which qcow2 cannot hold).
     public func writeCompressed(cluster guestCluster: UInt64, data: UnsafeRawBufferPointer) throws {
         let cs = geometry.clusterSize
         precondition(data.count == cs, "writeCompressed takes exactly one cluster")
         let offset = geometry.offset(ofCluster: guestCluster)
         try checkWritable(offset: offset, count: UInt64(cs), operation: .write)
+        guard case .lz4Record = format.compression else {
+            try write(data, at: offset, fua: false)
+            return
+        }
         guard let payload = LZ4.compress(data, limit: cs - 512 - 4) else {
             try write(data, at: offset, fua: false)
             return

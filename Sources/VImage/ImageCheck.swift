@@ -108,12 +108,13 @@ public enum ImageCheck {
     /// What a check learned, kept for repair.
     struct Analysis {
         var header: ImageHeader
+        var format: any OnDiskFormat
         var fileClusters: UInt64
         /// References per host cluster (inside the file) and past its end.
         var expected: [UInt32]
         var beyond: [UInt64: UInt32]
-        var stored: [UInt16]
-        var storedBeyond: [UInt64: UInt16]
+        var stored: [UInt64]
+        var storedBeyond: [UInt64: UInt64]
         /// Existing refcount block per table index.
         var blockOffsets: [UInt64?]
         /// Entries to rewrite for `-r all`: host offset of a big-endian u64 and its trusted value.
@@ -173,6 +174,11 @@ struct CheckRun {
 
     let host: any BlockDevice
     let header: ImageHeader
+    let format: any OnDiskFormat
+    let entries: EntryCodec
+    let refcountWidth: RefcountWidth
+    /// Refcounts per refcount block.
+    let perBlock: UInt64
     let g: ClusterGeometry
     let cs: UInt64
     let fileSize: UInt64
@@ -202,6 +208,8 @@ struct CheckRun {
     var refcountTable: [UInt64] = []
     var blockOffsets: [UInt64?] = []
     var visitedL2 = Set<UInt64>()
+    /// qcow2: the clusters each walked L2 table references, counted again for every L1 table sharing it.
+    var tableReferences: [UInt64: [UInt64]] = [:]
     /// Each distinct L2 table, where it was first reached, and whether its COPIED flags are promises
     /// (reached through an active L1 entry with COPIED).
     var l2Walked: [(offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)] = []
@@ -209,8 +217,8 @@ struct CheckRun {
     /// An active COPIED entry points past the end of the file (its references are known only at the end).
     var copiedBeyond = false
     var lastHost: UInt64? = nil
-    var stored: [UInt16] = []
-    var storedBeyond: [UInt64: UInt16] = [:]
+    var stored: [UInt64] = []
+    var storedBeyond: [UInt64: UInt64] = [:]
     var covered: [Bool] = []
 
     /// Step 1: the header, validated, and the counters sized by the real file (never by a field).
@@ -218,8 +226,10 @@ struct CheckRun {
         self.host = host
         self.report = report
         fileSize = host.size
-        header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
-        try header.validate(fileSize: fileSize)
+        (header, format) = try readEngineHeader(host, fileSize: fileSize, forWriting: false)
+        entries = format.entries
+        refcountWidth = format.refcounts
+        perBlock = UInt64(format.refcounts.entriesPerBlock(clusterSize: header.clusterSize))
         g = header.geometry
         cs = UInt64(g.clusterSize)
         fileClusters = g.clusters(covering: fileSize)
@@ -253,6 +263,7 @@ struct CheckRun {
     var analysis: ImageCheck.Analysis {
         ImageCheck.Analysis(
             header: header,
+            format: format,
             fileClusters: fileClusters,
             expected: expected,
             beyond: beyond,
@@ -474,7 +485,7 @@ struct CheckRun {
         }
         let bytes = try host.read(count: Int(header.snapshotTableSize), at: offset)
         do {
-            let snapshots = try SnapshotTable.decode(
+            let snapshots = try format.decodeSnapshots(
                 bytes,
                 count: Int(header.snapshotCount),
                 geometry: g,
@@ -605,10 +616,15 @@ struct CheckRun {
                     (g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw)
                 )
             }
-            guard visitedL2.insert(l2).inserted else { continue }
+            guard visitedL2.insert(l2).inserted else {
+                // qcow2: every L1 table holds its own references on what a shared table maps.
+                for c in tableReferences[l2] ?? [] { reference(c) }
+                continue
+            }
             let copiedScan = active && entry.isCopied
             l2Walked.append((l2, walkIndex, i, copiedScan))
             let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+            if !format.tablesHoldDataReferences { tableReferences[l2] = dataClusters(of: entries) }
             for (j, raw) in entries.enumerated() where raw != 0 {
                 walkL2Entry(
                     raw,
@@ -631,7 +647,7 @@ struct CheckRun {
             )
             entryFixes.append((entryOffset, raw & ~L2Entry.reservedBits(raw)))
         }
-        let e = L2Entry(raw: raw & ~L2Entry.reservedBits(raw))
+        let e = entries.decode(raw & ~L2Entry.reservedBits(raw))
         if let host = e.hostCluster?.rawValue, host >= fileSize {
             // Past the end: never written (a crash between the metadata and the data). Reads as
             // zeroes; `-r all` drops the reference so the refcounts need not cover it.
@@ -677,6 +693,23 @@ struct CheckRun {
         }
     }
 
+    /// The clusters an L2 table's entries reference (data, preallocated zeroes, compressed records inside
+    /// the file).
+    func dataClusters(of table: [UInt64]) -> [UInt64] {
+        var clusters: [UInt64] = []
+        for raw in table where raw != 0 {
+            let e = entries.decode(raw & ~L2Entry.reservedBits(raw))
+            if let host = e.hostCluster?.rawValue { clusters.append(g.clusterIndex(host)) }
+            if case .compressed(let d) = e {
+                let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
+                if !overflow && end <= fileSize && d.hostOffset != 0 {
+                    clusters += g.clusterIndex(d.hostOffset)...g.clusterIndex(end - 1)
+                }
+            }
+        }
+        return clusters
+    }
+
     /// The entries of a walked L2 table, read again (only when a finding needs naming).
     func rereadTable(_ t: (offset: UInt64, walk: Int32, l1: Int, copiedScan: Bool)) throws -> [UInt64] {
         try host.read(count: Int(cs), at: t.offset).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
@@ -700,7 +733,7 @@ struct CheckRun {
                 let site = Site(walk: t.walk, l1: t.l1, l2: j)
                 let entryOffset = t.offset + UInt64(j * 8)
                 var clusters: [UInt64] = []
-                switch L2Entry(raw: raw & ~L2Entry.reservedBits(raw)) {
+                switch entries.decode(raw & ~L2Entry.reservedBits(raw)) {
                 case .normal(let host, _), .zero(.some(let host), _): clusters = [g.clusterIndex(host.rawValue)]
                 case .compressed(let d):
                     let (end, overflow) = d.hostOffset.addingReportingOverflow(d.byteLength)
@@ -724,19 +757,18 @@ struct CheckRun {
 
     /// Step 8: the stored refcounts against the references found.
     mutating func compareRefcounts() throws {
-        let perBlock = UInt64(g.refcountBlockEntries)
-        stored = [UInt16](repeating: 0, count: Int(fileClusters))
+        stored = [UInt64](repeating: 0, count: Int(fileClusters))
         covered = [Bool](repeating: false, count: refcountTable.count)
         for (i, offset) in blockOffsets.enumerated() {
             guard let offset else { continue }
             covered[i] = true
-            let block = try host.read(count: Int(cs), at: offset).withUnsafeBytes { decodeTable($0, as: UInt16.self) }
+            let block = try host.read(count: Int(cs), at: offset).withUnsafeBytes { refcountWidth.decode($0) }
             for (j, count) in block.enumerated() where count != 0 {
                 let cluster = UInt64(i) * perBlock + UInt64(j)
                 if cluster < fileClusters { stored[Int(cluster)] = count } else { storedBeyond[cluster] = count }
             }
         }
-        for c in 0..<Int(fileClusters) where UInt32(stored[c]) != expected[c] {
+        for c in 0..<Int(fileClusters) where stored[c] != UInt64(expected[c]) {
             compare(UInt64(c), stored: stored[c], expected: expected[c])
         }
         for cluster in Set(beyond.keys).union(storedBeyond.keys).sorted() {
@@ -744,10 +776,10 @@ struct CheckRun {
         }
     }
 
-    mutating func compare(_ cluster: UInt64, stored: UInt16, expected: UInt32) {
-        guard UInt32(stored) != expected else { return }
+    mutating func compare(_ cluster: UInt64, stored: UInt64, expected: UInt32) {
+        guard stored != UInt64(expected) else { return }
         let offset = cluster * cs
-        if UInt32(stored) > expected {
+        if stored > UInt64(expected) {
             report.add(
                 .leak,
                 expected == 0 ? "leaked-cluster" : "refcount-too-high",
@@ -755,7 +787,7 @@ struct CheckRun {
                 at: offset
             )
         } else {
-            let tableIndex = cluster / UInt64(g.refcountBlockEntries)
+            let tableIndex = cluster / perBlock
             let hasBlock = tableIndex < UInt64(covered.count) && covered[Int(tableIndex)]
             report.add(
                 .corruption,
@@ -784,7 +816,7 @@ struct CheckRun {
         guard copiedSuspect else { return }
         for t in l2Walked where t.copiedScan {
             for (j, raw) in try rereadTable(t).enumerated() where raw & copiedFlag != 0 {
-                guard let host = L2Entry(raw: raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else {
+                guard let host = entries.decode(raw & ~L2Entry.reservedBits(raw)).hostCluster?.rawValue else {
                     continue
                 }
                 checkCopied(
@@ -842,28 +874,29 @@ extension ImageCheck {
         }
         var actions: [String] = []
         var header = analysis.header
+        let format = analysis.format
         let g = header.geometry
         let cs = UInt64(g.clusterSize)
         switch mode {
         case .leaks:
-            let perBlock = g.refcountBlockEntries
-            var changes: [Int: [(Int, UInt16)]] = [:]
-            for c in 0..<Int(analysis.fileClusters) where UInt32(analysis.stored[c]) > analysis.expected[c] {
+            let perBlock = format.refcounts.entriesPerBlock(clusterSize: g.clusterSize)
+            var changes: [Int: [(Int, UInt64)]] = [:]
+            for c in 0..<Int(analysis.fileClusters) where analysis.stored[c] > UInt64(analysis.expected[c]) {
                 let tableIndex = c / perBlock
                 guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else {
                     continue
                 }
                 actions.append("cluster \(c): refcount \(analysis.stored[c]) -> \(analysis.expected[c])")
-                changes[tableIndex, default: []].append((c % perBlock, UInt16(analysis.expected[c])))
+                changes[tableIndex, default: []].append((c % perBlock, UInt64(analysis.expected[c])))
             }
-            for (cluster, count) in analysis.storedBeyond where UInt32(count) > analysis.beyond[cluster] ?? 0 {
+            for (cluster, count) in analysis.storedBeyond where count > UInt64(analysis.beyond[cluster] ?? 0) {
                 let tableIndex = Int(cluster / UInt64(perBlock))
                 guard tableIndex < analysis.blockOffsets.count, analysis.blockOffsets[tableIndex] != nil else {
                     continue
                 }
                 actions.append("cluster \(cluster): refcount \(count) -> \(analysis.beyond[cluster] ?? 0)")
                 changes[tableIndex, default: []].append(
-                    (Int(cluster % UInt64(perBlock)), UInt16(analysis.beyond[cluster] ?? 0))
+                    (Int(cluster % UInt64(perBlock)), UInt64(analysis.beyond[cluster] ?? 0))
                 )
             }
             let stale = header.incompatibleFeatures.contains(.checksums) ? analysis.staleChecksumBlocks : []
@@ -872,11 +905,9 @@ extension ImageCheck {
             var rewritten: [UInt64] = []
             for (tableIndex, updates) in changes {
                 let offset = analysis.blockOffsets[tableIndex]!
-                var block = try host.read(count: Int(cs), at: offset).withUnsafeBytes {
-                    decodeTable($0, as: UInt16.self)
-                }
+                var block = try host.read(count: Int(cs), at: offset).withUnsafeBytes { format.refcounts.decode($0) }
                 for (index, value) in updates { block[index] = value }
-                try host.write(encodeTable(block[...]), at: offset)
+                try host.write(format.refcounts.encode(block), at: offset)
                 rewritten.append(offset)
             }
             try host.flush()
@@ -896,7 +927,7 @@ extension ImageCheck {
                 )
             } else if before.corruptions == 0 && header.incompatibleFeatures.contains(.dirty) {
                 header.incompatibleFeatures.remove(.dirty)
-                try host.write(header.encodeFixed(), at: 0)
+                try host.write(format.encodeFixedHeader(header), at: 0)
                 try host.flush()
                 actions.append("cleared the dirty bit")
             }
@@ -945,18 +976,18 @@ extension ImageCheck {
                     header.snapshotCount = 0
                     header.snapshotTableOffset = .zero
                     header.snapshotTableSize = 0
-                    try host.write(header.encodeFixed(), at: 0)
+                    try host.write(format.encodeFixedHeader(header), at: 0)
                 }
                 if analysis.dropBitmapDirectory {
                     header.setBitmapDirectory(.empty)
-                    try host.write(header.encode(), at: 0)
+                    try host.write(format.encodeHeader(header), at: 0)
                 }
                 if analysis.dropChecksums {
                     // Without the bit the old structures are unreferenced (freed by the rebuild below); the
                     // checksums are enabled again once the image checks clean.
                     header.incompatibleFeatures.remove(.checksums)
                     header.extensions.removeAll { $0.type == HeaderExtension.checksumTable }
-                    try host.write(header.encode(), at: 0)
+                    try host.write(format.encodeHeader(header), at: 0)
                     reenableChecksums = true
                 }
                 try host.flush()
@@ -981,7 +1012,7 @@ extension ImageCheck {
                     if !complete && !header.incompatibleFeatures.contains(.dirty) {
                         // Checksums without a block yet: the next open computes them again (FORMAT.md rule 4).
                         header.incompatibleFeatures.insert(.dirty)
-                        try host.write(header.encodeFixed(), at: 0)
+                        try host.write(format.encodeFixedHeader(header), at: 0)
                         try host.flush()
                     }
                 }
@@ -1013,7 +1044,8 @@ extension ImageCheck {
     private static func rebuildRefcounts(host: any BlockDevice, analysis: Analysis, header: inout ImageHeader) throws {
         let g = header.geometry
         let cs = UInt64(g.clusterSize)
-        let perBlock = UInt64(g.refcountBlockEntries)
+        let width = analysis.format.refcounts
+        let perBlock = UInt64(width.entriesPerBlock(clusterSize: g.clusterSize))
         var counts = analysis.expected
         for c in analysis.refcountStructure where c < UInt64(counts.count) && counts[Int(c)] > 0 { counts[Int(c)] -= 1 }
         let start = analysis.fileClusters
@@ -1034,16 +1066,16 @@ extension ImageCheck {
         var table = [UInt64](repeating: 0, count: Int(tableClusters * cs / 8))
         for b in 0..<blocks {
             table[Int(b)] = (start + b) * cs
-            var block = [UInt16](repeating: 0, count: Int(perBlock))
+            var block = [UInt64](repeating: 0, count: Int(perBlock))
             for i in 0..<perBlock {
                 let c = b * perBlock + i
                 if c < start {
-                    block[Int(i)] = UInt16(min(counts[Int(c)], UInt32(UInt16.max)))
+                    block[Int(i)] = min(UInt64(counts[Int(c)]), width.maxValue)
                 } else if c < end {
                     block[Int(i)] = 1
                 }
             }
-            try host.write(encodeTable(block[...]), at: (start + b) * cs)
+            try host.write(width.encode(block), at: (start + b) * cs)
         }
         try host.write(encodeTable(table[...]), at: (start + blocks) * cs)
         try host.flush()
@@ -1051,7 +1083,7 @@ extension ImageCheck {
         header.refcountTableClusters = UInt32(tableClusters)
         header.incompatibleFeatures.remove(.corrupt)
         header.incompatibleFeatures.remove(.dirty)
-        try host.write(header.encodeFixed(), at: 0)
+        try host.write(analysis.format.encodeFixedHeader(header), at: 0)
         try host.flush()
     }
 }

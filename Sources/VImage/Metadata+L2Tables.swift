@@ -7,7 +7,8 @@
 // until the next writer or flush, so a read never syncs under the lock.
 //
 // A table referenced by more than one L1 table (shared with a snapshot; its L1 entry lacks COPIED) is
-// copied before its first change; the copy adds a reference to every cluster it maps.
+// copied before its first change; in VIMG the copy adds a reference to every cluster it maps (qcow2 counts
+// data references per L1 table instead: FormatCodec.swift).
 
 import BlockIO
 
@@ -77,15 +78,12 @@ extension Metadata {
         let entry = L1Entry(rawValue: l1[l1Index])
         if let offset = entry.l2Table {
             if entry.isCopied { return try l2Table(at: offset) }
-            // Shared with a snapshot: copy the table, then every cluster it maps gains a reference.
+            // Shared with a snapshot: copy the table. In VIMG every cluster it maps gains a reference (the
+            // copy holds its own); in qcow2 the active L1's references just move to the copy.
             let old = try l2Table(at: offset)
             let mapped = old.entries
             let newCluster = try allocateCluster()
-            for raw in mapped {
-                let e = entries.decode(raw)
-                if let host = e.hostCluster { try incrementRefcount(geometry.cluster(containing: host)) }
-                if case .compressed(let d) = e { try incrementRefcounts(of: d) }
-            }
+            if format.tablesHoldDataReferences { try addDataReferences(of: mapped) }
             // The copies are shared now: nothing in them is "copied" (refcount one) any more.
             let table = CachedTable(
                 offset: geometry.offset(of: newCluster).rawValue,
@@ -125,21 +123,49 @@ extension Metadata {
         dirtyL1Sectors.removeAll()
     }
 
-    /// Drops one reference to an L2 table; when it was the last, releases the clusters the table maps.
-    /// Only called once the reference is durably gone.
-    mutating func releaseL2Table(_ offset: HostOffset) throws {
+    /// One more reference on every cluster the entries map (data, preallocated zeroes, compressed records).
+    mutating func addDataReferences(of mapped: [UInt64]) throws {
+        for raw in mapped where raw != 0 {
+            let e = entries.decode(raw)
+            if let host = e.hostCluster { try incrementRefcount(geometry.cluster(containing: host)) }
+            if case .compressed(let d) = e { try incrementRefcounts(of: d) }
+        }
+    }
+
+    /// One reference less on every cluster the entries map.
+    mutating func dropDataReferences(of mapped: [UInt64]) throws {
+        for raw in mapped where raw != 0 {
+            let e = entries.decode(raw)
+            if let host = e.hostCluster { try decrementRefcount(geometry.cluster(containing: host)) }
+            if case .compressed(let d) = e { for c in clusters(of: d) { try decrementRefcount(c) } }
+        }
+    }
+
+    /// Drops one L1 table's reference to an L2 table, with the references it held through the table: in
+    /// VIMG those are the table's own (released with its last reference); in qcow2 they belong to the L1
+    /// table and go now, unless they `moved` to a copy of the table. Only called once the reference is
+    /// durably gone.
+    mutating func releaseL2Table(_ offset: HostOffset, moved: Bool = false) throws {
         let cluster = geometry.cluster(containing: offset)
-        if try refcount(cluster) == 1 {
-            let mapped = try l2Table(at: offset).entries
-            for raw in mapped {
-                let entry = entries.decode(raw)
-                if let host = entry.hostCluster { try decrementRefcount(geometry.cluster(containing: host)) }
-                if case .compressed(let d) = entry { for c in clusters(of: d) { try decrementRefcount(c) } }
-            }
+        let last = try refcount(cluster) == 1
+        if format.tablesHoldDataReferences ? last : !moved {
+            try dropDataReferences(of: try l2Table(at: offset).entries)
+        }
+        if last {
             if let table = l2Cache.lookup(offset.rawValue) { table.isDirty = false }
             l2Cache.remove(offset.rawValue)
         }
         try decrementRefcount(cluster)
+    }
+
+    /// Clears COPIED on every entry of an L2 table about to be shared (its clusters gain references).
+    /// qcow2 only: the table is changed in place, flags only, as qemu does.
+    mutating func clearCopiedFlags(inL2Table offset: HostOffset) throws {
+        let table = try l2Table(at: offset)
+        for (i, raw) in table.entries.enumerated() where raw & copiedFlag != 0 {
+            table.entries[i] = raw & ~copiedFlag
+            table.isDirty = true
+        }
     }
 
     /// Sets COPIED again on active L1 and L2 entries whose cluster is referenced exactly once, so writes go
@@ -148,7 +174,12 @@ extension Metadata {
         for (index, raw) in l1.enumerated() {
             let entry = L1Entry(rawValue: raw)
             guard let table = entry.l2Table else { continue }
-            guard try refcount(geometry.cluster(containing: table)) == 1 else { continue }
+            guard try refcount(geometry.cluster(containing: table)) == 1 else {
+                // Shared: nothing in it is owned (qcow2 says so in every entry).
+                if format.exactCopiedFlags { try clearCopiedFlags(inL2Table: table) }
+                if entry.isCopied { setL1(index, L1Entry(l2Table: table, copied: false)) }
+                continue
+            }
             if !entry.isCopied { setL1(index, L1Entry(l2Table: table, copied: true)) }
             let l2 = try l2Table(at: table)
             for (i, raw) in l2.entries.enumerated() {

@@ -69,7 +69,7 @@ extension Metadata {
         var keptTables: [PendingFree] = []
         for free in pendingTableFrees {
             if free.epoch &+ 2 <= safe {
-                try releaseL2Table(geometry.offset(of: free.cluster))
+                try releaseL2Table(geometry.offset(of: free.cluster), moved: true)
             } else {
                 keptTables.append(free)
             }

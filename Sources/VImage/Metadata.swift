@@ -212,22 +212,21 @@ struct Metadata {
     }
 
     /// The autoclear bits this writer keeps when it writes metadata.
-    var keptAutoclearBits: UInt64 { maintainsBitmaps ? AutoclearFeatures.maintained : 0 }
+    var keptAutoclearBits: UInt64 { maintainsBitmaps ? format.maintainedAutoclearBits : 0 }
 
     /// Sets the dirty bit durably before the first metadata write of this session (format rule 4), and
     /// clears autoclear bits this build does not maintain.
     mutating func setDirtyBit() throws {
         guard !dirtyBitOnDisk || header.autoclearFeatures & ~keptAutoclearBits != 0 else { return }
-        header.incompatibleFeatures.insert(.dirty)
+        if format.setsDirtyBit { header.incompatibleFeatures.insert(.dirty) }
         header.autoclearFeatures &= keptAutoclearBits
         try writeFixedHeader()
         try host.flush()
         dirtyBitOnDisk = true
     }
 
-    /// Writes the fixed header fields in place, with the bitmap directory extension when it is the first
-    /// extension: one write inside the first sector (docs/FORMAT.md, "Bitmap directory extension").
+    /// Writes the fixed header fields in place: one write inside the first sector.
     func writeFixedHeader() throws {
-        try host.write(Array(format.encodeHeader(header).prefix(header.switchableHeaderBytes)), at: 0)
+        try host.write(format.encodeFixedHeader(header), at: 0)
     }
 }

@@ -15,6 +15,8 @@ public struct SnapshotEntry: Sendable, Hashable {
     public var name: String
     /// Extra data a later version may add; kept byte for byte.
     public var extra: [UInt8] = []
+    /// qemu's VM-state fields, for a snapshot in a qcow2 image.
+    public var qcow2: Qcow2SnapshotFields? = nil
 
     public static let maxNameLength = 1023
 

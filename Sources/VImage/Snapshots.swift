@@ -4,7 +4,8 @@
 // table; it shares every L2 table and data cluster with the active state, which is why creating one
 // costs metadata only:
 //
-//   create: +1 on each L2 table the active L1 maps, copy L1, clear COPIED in the active L1
+//   create: +1 on each L2 table the active L1 maps (qcow2: and on each cluster they map), copy L1, clear
+//           COPIED in the active L1
 //           (so the next write copies the table, then the cluster), new snapshot table, switch header
 //   delete: new snapshot table without it, switch header, then -1 on each of its L2 tables (a table
 //           that reaches 0 releases its data clusters), then restore COPIED where refcounts are 1 again
@@ -109,6 +110,8 @@ extension Metadata {
             let entry = L1Entry(rawValue: raw)
             guard let table = entry.l2Table else { continue }
             try incrementRefcount(geometry.cluster(containing: table))
+            if !format.tablesHoldDataReferences { try addDataReferences(of: try l2Table(at: table).entries) }
+            if format.exactCopiedFlags { try clearCopiedFlags(inL2Table: table) }
             if entry.isCopied { setL1(index, L1Entry(l2Table: table, copied: false)) }
         }
         let copy = try allocateRun(geometry.clusters(covering: UInt64(l1.count) * 8))
@@ -160,6 +163,7 @@ extension Metadata {
         for raw in newL1 {
             if let table = L1Entry(rawValue: raw).l2Table {
                 try incrementRefcount(geometry.cluster(containing: table))
+                if !format.tablesHoldDataReferences { try addDataReferences(of: try l2Table(at: table).entries) }
             }
         }
         newL1 = newL1.map { $0 & ~copiedFlag }
@@ -214,7 +218,7 @@ extension Metadata {
         to entries: [SnapshotEntry],
         beforeSwitch: (inout Metadata) throws -> Void
     ) throws {
-        let bytes = SnapshotTable.encode(entries)
+        let bytes = format.encodeSnapshots(entries)
         guard bytes.count <= Int(ImageHeader.maxSnapshotTableSize) else {
             throw VImageError(.limitExceeded, path: path, message: "the snapshot table would exceed its size limit")
         }

@@ -38,11 +38,12 @@ public struct L1Entry: RawRepresentable, Hashable, Sendable {
     public var reservedBits: UInt64 { rawValue & ~(hostOffsetMask | copiedFlag) }
 }
 
-/// A compressed cluster's location: a 512-byte aligned record spanning `sectors` sectors.
+/// A compressed cluster's location: a record from `hostOffset` to the end of the `sectors`th 512-byte sector
+/// counted from the one holding `hostOffset` (VIMG records start on a sector; qcow2's need not).
 public struct CompressedDescriptor: Hashable, Sendable {
     public var hostOffset: UInt64
     public var sectors: UInt64
-    public var byteLength: UInt64 { sectors * 512 }
+    public var byteLength: UInt64 { sectors * 512 - hostOffset % 512 }
 
     public static let maxSectors: UInt64 = 1 << 15
 }

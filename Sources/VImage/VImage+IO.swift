@@ -337,6 +337,21 @@ extension VImage {
     /// for discard, which is advisory and leaves them alone.
     func zeroRange(offset: UInt64, count: UInt64, mode: ZeroMode) throws {
         guard count > 0 else { return }
+        var mode = mode
+        if !format.hasZeroEntries {
+            // qcow2 version 2 has no zero entries: over a backing image only written zeroes hide its data;
+            // without one an unallocated cluster reads as zeroes (its storage is not kept).
+            if backing != nil {
+                var position = offset
+                while position < offset + count {
+                    let piece = min(offset + count - position, 1 << 20)
+                    try writeZeroBytes(at: position, count: piece)
+                    position += piece
+                }
+                return
+            }
+            if mode == .keep { mode = .unmap }
+        }
         let end = offset + count
         let cs = UInt64(geometry.clusterSize)
         let alignedStart = (offset + cs - 1) / cs * cs

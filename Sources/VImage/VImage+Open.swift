@@ -88,7 +88,30 @@ extension VImage {
                     "virtual size \(ByteSize.format(size)) needs a larger cluster size (L1 limit at \(ByteSize.format(UInt64(geometry.clusterSize))) clusters)"
             )
         }
-        let format = VIMGFormat()
+        let format: any OnDiskFormat
+        switch options.format {
+        case .vimg:
+            format = VIMGFormat()
+        case .qcow2(let version, let refcountBits):
+            let order = refcountBits.trailingZeroBitCount
+            guard version == 2 || version == 3, refcountBits > 0, refcountBits <= 64, 1 << order == refcountBits,
+                version == 3 || refcountBits == 16
+            else {
+                throw VImageError(
+                    .invalidArgument,
+                    message:
+                        "qcow2 images are version 2 or 3, with refcount bits a power of two up to 64 (16 in version 2)"
+                )
+            }
+            guard !options.checksums else {
+                throw VImageError(.invalidArgument, message: "end-to-end checksums are a VIMG feature, not a qcow2 one")
+            }
+            var q = Qcow2Format.newHeader(clusterBits: UInt32(options.clusterBits), virtualSize: 0)
+            q.version = UInt32(version)
+            q.headerLength = version == 3 ? 112 : 72
+            q.refcountOrder = UInt32(order)
+            format = Qcow2Format(original: q)
+        }
         let perBlock = UInt64(format.refcounts.entriesPerBlock(clusterSize: geometry.clusterSize))
         let cs = UInt64(geometry.clusterSize)
         let l1Clusters = max(1, geometry.clusters(covering: l1Entries * 8))
@@ -116,11 +139,13 @@ extension VImage {
             refcountTableOffset: HostOffset(tableStart * cs),
             refcountTableClusters: UInt32(tableClusters)
         )
-        // The bitmap directory extension first (empty), so that adding bitmaps later switches it with one
-        // write of the first sector; then the informational extensions.
-        header.setBitmapDirectory(.empty)
-        header.featureNames = FeatureName.all
-        header.uuid = options.uuid ?? ImageUUID.random()
+        if case .vimg = options.format {
+            // The bitmap directory extension first (empty), so that adding bitmaps later switches it with
+            // one write of the first sector; then the informational extensions.
+            header.setBitmapDirectory(.empty)
+            header.featureNames = FeatureName.all
+            header.uuid = options.uuid ?? ImageUUID.random()
+        }
         if let backingFile = options.backingFile {
             guard !backingFile.isEmpty, backingFile.utf8.count <= ImageHeader.maxBackingNameLength,
                 !backingFile.utf8.contains(0)
@@ -329,11 +354,11 @@ extension VImage {
     ) throws -> VImage {
         let fileSize = host.size
         var checked: ChecksummedHost? = nil
+        var format: any OnDiskFormat = VIMGFormat()
         let (header, l1, refcountTable) = try wrapIO(path) { () throws -> (ImageHeader, [UInt64], [UInt64]) in
             var header: ImageHeader
             do {
-                header = try ImageHeader.decode(try readHeaderCluster(host, fileSize: fileSize))
-                try header.validate(fileSize: fileSize)
+                (header, format) = try readEngineHeader(host, fileSize: fileSize, forWriting: !readOnly)
                 checked = try ChecksummedHost.open(raw: host, header: header, fileSize: fileSize)
             } catch var error as VImageError {
                 error.path = path
@@ -366,8 +391,10 @@ extension VImage {
         if !readOnly && !repairedDirty && header.incompatibleFeatures.contains(.dirty) {
             // Not closed cleanly: refcounts may be too high. Free the leaks now (refcounts are only ever
             // lowered to what the metadata references), then open the repaired image; if the check finds
-            // a corruption the image is opened anyway and stays dirty, as `vimg check` will report.
-            let result = try wrapIO(path) { try ImageCheck.repair(host: host, mode: .leaks) }
+            // a corruption the image is opened anyway and stays dirty, as `vimg check` will report. A dirty
+            // qcow2 image had lazy refcounts, which may be too low as well: like qemu, rebuild them all.
+            let mode: RepairMode = format.setsDirtyBit ? .leaks : .all
+            let result = try wrapIO(path) { try ImageCheck.repair(host: host, mode: mode) }
             if result.after.corruptions == 0 && result.after.checkErrors == 0 {
                 return try open(
                     host: host,
@@ -403,6 +430,7 @@ extension VImage {
         do {
             let image = try makeImage(
                 host: checked ?? host,
+                format: format,
                 ownsHost: ownsHost,
                 path: path,
                 readOnly: readOnly,
@@ -424,6 +452,7 @@ extension VImage {
 
     private static func makeImage(
         host: any BlockDevice,
+        format: any OnDiskFormat,
         ownsHost: Bool,
         path: String?,
         readOnly: Bool,
@@ -442,7 +471,7 @@ extension VImage {
             snapshots = try wrapIO(path) {
                 let bytes = try host.read(count: Int(header.snapshotTableSize), at: header.snapshotTableOffset.rawValue)
                 do {
-                    return try SnapshotTable.decode(
+                    return try format.decodeSnapshots(
                         bytes,
                         count: Int(header.snapshotCount),
                         geometry: geometry,
@@ -462,7 +491,7 @@ extension VImage {
                 var m = Metadata(
                     host: host,
                     path: path,
-                    format: VIMGFormat(),
+                    format: format,
                     readOnly: readOnly,
                     header: header,
                     l1: l1,

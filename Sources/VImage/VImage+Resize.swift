@@ -45,8 +45,14 @@ extension VImage {
     public func setBacking(name: String?, format: String?) throws {
         if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
         if let name {
-            guard !name.isEmpty, name.utf8.count <= ImageHeader.maxBackingNameLength, !name.utf8.contains(0) else {
-                throw VImageError(.invalidArgument, path: path, message: "backing file name must be 1 to 4095 bytes")
+            let limit =
+                self.format is VIMGFormat ? ImageHeader.maxBackingNameLength : Int(Qcow2Header.maxBackingNameLength)
+            guard !name.isEmpty, name.utf8.count <= limit, !name.utf8.contains(0) else {
+                throw VImageError(
+                    .invalidArgument,
+                    path: path,
+                    message: "backing file name must be 1 to \(limit) bytes"
+                )
             }
         }
         try drained { m in
@@ -215,7 +221,8 @@ extension Metadata {
             }
             let table = try writableL2Table(cluster)
             let replacement: L2Entry =
-                unallocate || !hasBacking ? .unallocated : .zero(preallocated: nil, copied: false)
+                unallocate || !hasBacking || !format.hasZeroEntries
+                ? .unallocated : .zero(preallocated: nil, copied: false)
             for c in cluster..<tableLast {
                 let index = geometry.l2Index(of: c)
                 let old = entries.decode(table.entries[index])

@@ -41,6 +41,16 @@ public final class VImage: BlockDevice, Sendable {
         public var checksums = false
         /// The image's UUID; nil for a new random one (fixtures pin it, so their bytes are reproducible).
         public var uuid: ImageUUID? = nil
+        /// The file format: VIMG, or qcow2 (written and changed by the same engine).
+        public var format: FileFormat = .vimg
+
+        /// An on-disk format the engine writes.
+        public enum FileFormat: Sendable, Hashable {
+            case vimg
+            /// qcow2 version 2 or 3, with refcounts of `refcountBits` (1 to 64, a power of two; 16 in
+            /// version 2), as `qemu-img create -f qcow2 -o compat=...,refcount_bits=...` makes them.
+            case qcow2(version: Int = 3, refcountBits: Int = 16)
+        }
 
         public init(
             clusterBits: Int = 16,
@@ -123,6 +133,8 @@ public final class VImage: BlockDevice, Sendable {
     let backingImage: VImage?
     /// Whether `close()` closes the backing device too.
     let ownsBacking: Bool
+    /// The on-disk format's encodings (VIMG or qcow2).
+    let format: any OnDiskFormat
     /// What discards do with host space (from the open options).
     public let discardPolicy: DiscardPolicy
     /// Whether the image was not closed cleanly before this open (a read-write open then frees the
@@ -146,6 +158,7 @@ public final class VImage: BlockDevice, Sendable {
         self.isReadOnly = metadata.isReadOnly
         self.discardPolicy = metadata.discardPolicy
         self.geometry = metadata.geometry
+        self.format = metadata.format
         self.gate = gate
         self.sharedSize = metadata.sharedSize
         self.sharedSize.value.store(metadata.header.virtualSize, ordering: .relaxed)
@@ -167,6 +180,20 @@ public final class VImage: BlockDevice, Sendable {
         var caps: BlockDeviceCapabilities = [.flush, .discard, .writeZeroes, .fastZero, .extents, .multiConnection]
         if isReadOnly { caps.insert(.readOnly) }
         return caps
+    }
+
+    /// The image's on-disk format: "vimg" or "qcow2".
+    public var formatName: String { format.name }
+
+    /// Refuses a VIMG-only feature on a qcow2 image (its file has no room for VIMG's structures).
+    func requireVIMG(_ feature: String) throws {
+        guard format is VIMGFormat else {
+            throw VImageError(
+                .unsupportedFeature,
+                path: path,
+                message: "\(feature) in a qcow2 image are not supported: convert it to VIMG for that"
+            )
+        }
     }
 
     /// Whether the image has end-to-end checksums (docs/FORMAT.md, "End-to-end checksums").

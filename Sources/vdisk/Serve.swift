@@ -239,11 +239,7 @@ extension Vdisk {
             let crashSettings = crashTesting.settings()
             do {
                 for (path, name) in zip(images, exportNames) {
-                    // qcow2 is read-only in vdisk (for now): serve it read-only rather than refuse it.
-                    let readOnly = try !writable || ImageFormats.probe(path: path) == .qcow2
-                    if readOnly && writable {
-                        printError("vdisk serve: \(path) is qcow2, which vdisk serves read-only")
-                    }
+                    let readOnly = !writable
                     let opened = try ImageFormats.open(
                         path: path,
                         readOnly: readOnly,

@@ -79,7 +79,9 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                guard let reference = try ImageFormats.backingReference(of: file, format: .vimg) else {
+                guard
+                    let reference = try ImageFormats.backingReference(of: file, format: ImageFormats.probe(path: file))
+                else {
                     throw VImageError(.invalidArgument, path: file, message: "image has no backing file to commit into")
                 }
                 let backingPath = reference.resolvedPath

@@ -43,18 +43,11 @@ extension Vimg {
                 var report: CheckReport
                 var repairActions: [String]? = nil
                 let kind = try ImageFormats.probe(path: file)
-                if kind == .qcow2 && repair != nil {
-                    throw VImageError(
-                        .unsupportedFeature,
-                        path: file,
-                        message: "qcow2 images are read-only in vdisk; repair them with 'qemu-img check -r'"
-                    )
-                }
                 var unrepaired = 0
                 if let repairFrom {
                     unrepaired = try repairBlocks(from: repairFrom)
                 }
-                if kind == .qcow2 {
+                if kind == .qcow2 && repair == nil {
                     report = try ImageFormats.check(path: file)
                 } else if let repair {
                     let result = try ImageFormats.repair(path: file, mode: repair, dryRun: dryRun)

@@ -101,8 +101,8 @@ struct MixedChainTests {
         #expect(run(vimg, ["check", top]).status == 0)
     }
 
-    /// Invariant: `vdisk serve` exports a VIMG clone over qcow2, and a qcow2 image itself (read-only),
-    /// with the content qemu-img reads from the same chain.
+    /// Invariant: `vdisk serve` exports a VIMG clone over qcow2, and a qcow2 image itself (read-write, so
+    /// qemu-img reads the file with -U), with the content qemu-img reads from the same chain.
     @Test func serveMixedChainAndQcow2() throws {
         let dir = TestEnvironment.temporaryDirectory("vimg-mixed")
         defer { TestEnvironment.remove(dir) }
@@ -117,7 +117,7 @@ struct MixedChainTests {
                 Issue.record("vdisk serve \(image) did not start: \(readFile(dir + "/serve.err"))")
                 continue
             }
-            let compare = run(qemuImg, ["compare", "nbd+unix:///?socket=\(socket)", reference])
+            let compare = run(qemuImg, ["compare", "-U", "nbd+unix:///?socket=\(socket)", reference])
             #expect(compare.status == 0, "\(image): \(compare.stdout)\(compare.stderr)")
             #expect(server.stop() == 0)
             unlink(socket)

@@ -32,7 +32,24 @@ import VImageTestSupport
         }
     }
 
-    func crashOnce(seed: UInt64, mode: CrashMode, checksums: Bool = false) throws {
+    /// Invariant: the same on qcow2, written by the same engine (versions 2 and 3).
+    @Test(arguments: CrashMode.allCases)
+    func crashOnQcow2KeepsFlushedDataAndMetadataConsistent(mode: CrashMode) throws {
+        for seed in TestSeeds.seeds(0..<80, test: "qcow2 crash test \(mode)") {
+            do {
+                try crashOnce(seed: seed, mode: mode, format: .qcow2(version: seed % 3 == 0 ? 2 : 3))
+            } catch {
+                Issue.record("seed \(seed) \(mode): \(error)")
+            }
+        }
+    }
+
+    func crashOnce(
+        seed: UInt64,
+        mode: CrashMode,
+        checksums: Bool = false,
+        format: VImage.CreateOptions.FileFormat = .vimg
+    ) throws {
         var rng = SeededRandom(seed: seed)
         let clusterBits = Bool.random(using: &rng) ? 12 : 13
         let cs = 1 << clusterBits
@@ -41,7 +58,11 @@ import VImageTestSupport
         try VImage.create(
             on: device,
             virtualSize: UInt64(size),
-            options: .init(clusterBits: clusterBits, checksums: checksums)
+            options: {
+                var o = VImage.CreateOptions(clusterBits: clusterBits, checksums: checksums)
+                o.format = format
+                return o
+            }()
         )
         try device.flush()
         // Small caches so evictions (early metadata writes) happen too.

@@ -19,16 +19,39 @@ import VImageTestSupport
         }
     }
 
-    func runSequence(seed: UInt64, clusterBits: Int, steps: Int) throws {
+    /// The same on qcow2, written by the same engine: versions 2 and 3, and refcount widths from 1 to 64
+    /// bits (qcow2 version 2 has no zero entries; 1-bit refcounts cannot share a cluster).
+    @Test(arguments: [(3, 16), (2, 16), (3, 1), (3, 8), (3, 64)])
+    func randomSequencesMatchReferenceOnQcow2(version: Int, refcountBits: Int) throws {
+        let test = "qcow2 model test, version \(version), refcount_bits \(refcountBits)"
+        for seed in TestSeeds.seeds(0..<120, test: test) {
+            try runSequence(
+                seed: seed,
+                clusterBits: seed % 2 == 0 ? 12 : 16,
+                steps: 30,
+                format: .qcow2(version: version, refcountBits: refcountBits)
+            )
+        }
+    }
+
+    func runSequence(
+        seed: UInt64,
+        clusterBits: Int,
+        steps: Int,
+        format: VImage.CreateOptions.FileFormat = .vimg
+    ) throws {
         var rng = SeededRandom(seed: seed)
         let cs = 1 << clusterBits
         let size =
             cs * Int.random(in: 8...40, using: &rng)
             + (Bool.random(using: &rng) ? 0 : 512 * Int.random(in: 1...7, using: &rng))
         let host = MemoryDevice(size: 0, growable: true)
-        try VImage.create(on: host, virtualSize: UInt64(size), options: .init(clusterBits: clusterBits))
+        var createOptions = VImage.CreateOptions(clusterBits: clusterBits)
+        createOptions.format = format
+        try VImage.create(on: host, virtualSize: UInt64(size), options: createOptions)
         let options = VImage.OpenOptions(l2CacheBytes: cs * 4, refcountCacheBytes: cs * 4)
         var image = try VImage.open(host: host, readOnly: false, options: options)
+        #expect(image.formatName == (format == .vimg ? "vimg" : "qcow2"))
         var model = ReferenceDisk(size: size)
         func randomRange() -> (Int, Int) {
             let offset = Int.random(in: 0..<size, using: &rng)

@@ -13,9 +13,9 @@
 import CZlib
 import CZstd
 
-enum Qcow2Decompressor {
+public enum Qcow2Decompressor {
     /// Decodes `input` into exactly `output.count` bytes; false if the data is malformed or too short.
-    static func decompress(
+    public static func decompress(
         _ type: Qcow2CompressionType,
         _ input: UnsafeRawBufferPointer,
         into output: UnsafeMutableRawBufferPointer

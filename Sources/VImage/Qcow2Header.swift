@@ -18,7 +18,6 @@
 // are refused by name when the image's feature name table names them.
 
 import BlockIO
-import VImage
 
 /// The compression algorithm of an image's compressed clusters (header byte 104).
 public enum Qcow2CompressionType: UInt8, Sendable {
@@ -43,6 +42,10 @@ public struct Qcow2Header: Sendable, Hashable {
     public static let endOfExtensions: UInt32 = 0
     public static let backingFormatExtension: UInt32 = 0xE279_2ACA
     public static let featureTableExtension: UInt32 = 0x6803_F857
+    public static let bitmapsExtension: UInt32 = 0x2385_2875
+    /// The compatible feature bit that lets a writer update refcounts lazily (the dirty bit then means the
+    /// refcounts may be wrong in either direction).
+    public static let lazyRefcountsBit: UInt64 = 1 << 0
 
     /// Limits of this implementation (QEMU's are the same or larger, except as noted).
     public static let minClusterBits: UInt32 = 9
@@ -81,6 +84,12 @@ public struct Qcow2Header: Sendable, Hashable {
     public var backingFormat: String? = nil
     /// Feature names from the feature name table: (type, bit) -> name.
     public var featureNames: [UInt16: String] = [:]
+    /// Every header extension but the backing format, in file order, kept byte for byte so that a header
+    /// rewrite (snapshot, resize, rebase) loses none of them.
+    public var otherExtensions: [HeaderExtension] = []
+    /// Header bytes 104 ..< header_length of a version 3 header (the compression type byte, its padding,
+    /// and any field a later version adds), kept for the same reason.
+    public var headerTail: [UInt8] = []
 
     public init(
         version: UInt32,
@@ -131,17 +140,17 @@ public struct Qcow2Header: Sendable, Hashable {
     public static func read(from file: any BlockDevice, path: String?) throws -> Qcow2Header {
         let fileSize = file.size
         guard fileSize >= 72 else {
-            throw ImageFormatError(
+            throw VImageError(
                 .invalidImage,
                 path: path,
                 message: "file is too short (\(fileSize) bytes) for a qcow2 header"
             )
         }
-        let peek = try withPath(path) { try file.read(count: Int(min(fileSize, 512)), at: 0) }
+        let peek = try wrapIO(path) { try file.read(count: Int(min(fileSize, 512)), at: 0) }
         var cursor = ByteReader(peek, at: 20)
         let bits = cursor.readInteger(as: UInt32.self) ?? 0
         guard bits >= minClusterBits && bits <= maxClusterBits else {
-            throw ImageFormatError(
+            throw VImageError(
                 .unsupportedFeature,
                 path: path,
                 offset: 20,
@@ -149,10 +158,10 @@ public struct Qcow2Header: Sendable, Hashable {
             )
         }
         let clusterBytes = Int(min(fileSize, UInt64(1) << UInt64(bits)))
-        let first = clusterBytes <= peek.count ? peek : try withPath(path) { try file.read(count: clusterBytes, at: 0) }
+        let first = clusterBytes <= peek.count ? peek : try wrapIO(path) { try file.read(count: clusterBytes, at: 0) }
         do {
             return try decode(first, fileSize: fileSize)
-        } catch var error as ImageFormatError {
+        } catch var error as VImageError {
             error.path = path
             throw error
         }
@@ -161,8 +170,8 @@ public struct Qcow2Header: Sendable, Hashable {
     /// Decodes a header from the image's first cluster (or the whole file if shorter) and validates it
     /// against the file's size.
     public static func decode(_ bytes: [UInt8], fileSize: UInt64) throws -> Qcow2Header {
-        func invalid(_ offset: UInt64, _ message: String) -> ImageFormatError {
-            ImageFormatError(.invalidImage, offset: offset, message: message)
+        func invalid(_ offset: UInt64, _ message: String) -> VImageError {
+            VImageError(.invalidImage, offset: offset, message: message)
         }
         var r = ByteReader(bytes)
         guard let magic = r.readBytes(4), magic == Self.magic else { throw invalid(0, "not a qcow2 image (bad magic)") }
@@ -176,14 +185,14 @@ public struct Qcow2Header: Sendable, Hashable {
             let snapshotsOffset = r.readInteger(as: UInt64.self)
         else { throw invalid(0, "header is truncated") }
         guard version == 2 || version == 3 else {
-            throw ImageFormatError(
+            throw VImageError(
                 .unsupportedFeature,
                 offset: 4,
                 message: "qcow2 version \(version) is not supported (only 2 and 3)"
             )
         }
         guard clusterBits >= minClusterBits && clusterBits <= maxClusterBits else {
-            throw ImageFormatError(
+            throw VImageError(
                 .unsupportedFeature,
                 offset: 20,
                 message: "cluster_bits \(clusterBits) is outside 9...21"
@@ -220,9 +229,10 @@ public struct Qcow2Header: Sendable, Hashable {
             }
             guard order <= 6 else { throw invalid(96, "refcount_order \(order) is larger than 6") }
             if length > 104 {
+                h.headerTail = Array(bytes[104..<Int(length)])
                 let raw = bytes[104]
                 guard let type = Qcow2CompressionType(rawValue: raw) else {
-                    throw ImageFormatError(.unsupportedFeature, offset: 104, message: "unknown compression type \(raw)")
+                    throw VImageError(.unsupportedFeature, offset: 104, message: "unknown compression type \(raw)")
                 }
                 h.compressionType = type
             }
@@ -260,6 +270,7 @@ public struct Qcow2Header: Sendable, Hashable {
             default:
                 break  // unknown extensions may be ignored (encryption is refused by crypt_method)
             }
+            if type != backingFormatExtension { h.otherExtensions.append(HeaderExtension(type: type, data: data)) }
             position += 8 + (Int(length) + 7) / 8 * 8
         }
         try h.validate(fileSize: fileSize, firstCluster: bytes)
@@ -267,8 +278,8 @@ public struct Qcow2Header: Sendable, Hashable {
     }
 
     private mutating func validate(fileSize: UInt64, firstCluster bytes: [UInt8]) throws {
-        func invalid(_ offset: UInt64, _ message: String) -> ImageFormatError {
-            ImageFormatError(.invalidImage, offset: offset, message: message)
+        func invalid(_ offset: UInt64, _ message: String) -> VImageError {
+            VImageError(.invalidImage, offset: offset, message: message)
         }
         let cs = UInt64(clusterSize)
         let unknown = incompatibleFeatures & ~Self.handledIncompatible
@@ -280,7 +291,7 @@ public struct Qcow2Header: Sendable, Hashable {
             case Self.extendedL2Bit: name = "extended L2 entries (subclusters)"
             default: name = featureNames[UInt16(bit)].map { "'\($0)'" } ?? "bit \(bit)"
             }
-            throw ImageFormatError(
+            throw VImageError(
                 .unsupportedFeature,
                 offset: 72,
                 message: "unsupported incompatible feature: \(name)"
@@ -294,21 +305,21 @@ public struct Qcow2Header: Sendable, Hashable {
             throw invalid(104, "compression_type \(compressionType.rawValue) needs the compression type feature bit")
         }
         guard cryptMethod == 0 else {
-            throw ImageFormatError(
+            throw VImageError(
                 .unsupportedFeature,
                 offset: 32,
                 message: "encrypted images are not supported (crypt_method \(cryptMethod))"
             )
         }
         guard virtualSize <= Self.maxVirtualSize else {
-            throw ImageFormatError(
+            throw VImageError(
                 .limitExceeded,
                 offset: 24,
                 message: "virtual size \(virtualSize) is larger than 2^62 bytes"
             )
         }
         guard l1Size <= Self.maxL1Entries else {
-            throw ImageFormatError(
+            throw VImageError(
                 .limitExceeded,
                 offset: 36,
                 message: "L1 table of \(l1Size) entries is larger than 32 MiB"
@@ -333,7 +344,7 @@ public struct Qcow2Header: Sendable, Hashable {
             throw invalid(48, "refcount table offset \(refcountTableOffset) is not cluster aligned")
         }
         guard UInt64(refcountTableClusters) * cs <= Self.maxRefcountTableBytes else {
-            throw ImageFormatError(
+            throw VImageError(
                 .limitExceeded,
                 offset: 56,
                 message: "refcount table of \(refcountTableClusters) clusters is larger than 8 MiB"
@@ -347,7 +358,7 @@ public struct Qcow2Header: Sendable, Hashable {
             )
         }
         guard snapshotCount <= Self.maxSnapshots else {
-            throw ImageFormatError(
+            throw VImageError(
                 .limitExceeded,
                 offset: 60,
                 message: "\(snapshotCount) snapshots are more than \(Self.maxSnapshots)"
@@ -371,25 +382,28 @@ public struct Qcow2Header: Sendable, Hashable {
         }
     }
 
-    /// Encodes a version 3 header (112 bytes: header_length includes the compression type byte and
-    /// its padding), then the backing format extension, the end marker and the backing file name.
-    /// The backing file name offset is computed here.
+    /// Encodes the header as its version lays it out: the fields (72 bytes in version 2, `header_length`
+    /// bytes in version 3, with the compression type byte at 104 when the header is that long), the backing
+    /// format extension, every other extension as read, the end marker and the backing file name. The
+    /// backing file name offset is computed here.
     public func encode() -> [UInt8] {
         var extensions = ByteWriter()
-        if let backingFormat {
-            let data = Array(backingFormat.utf8)
-            extensions.write(Self.backingFormatExtension)
+        func write(_ type: UInt32, _ data: [UInt8]) {
+            extensions.write(type)
             extensions.write(UInt32(data.count))
             extensions.write(data)
             extensions.pad(toMultipleOf: 8)
         }
+        if let backingFormat { write(Self.backingFormatExtension, Array(backingFormat.utf8)) }
+        for e in otherExtensions { write(e.type, e.data) }
         extensions.write(UInt32(0))
         extensions.write(UInt32(0))
+        let fieldsLength = version >= 3 ? max(104, Int(headerLength)) : 72
         let name = backingFile.map { Array($0.utf8) } ?? []
-        let nameOffset: UInt64 = name.isEmpty ? 0 : UInt64(112 + extensions.bytes.count)
+        let nameOffset: UInt64 = name.isEmpty ? 0 : UInt64(fieldsLength + extensions.bytes.count)
         var w = ByteWriter()
         w.write(Self.magic)
-        w.write(UInt32(3))
+        w.write(version)
         w.write(nameOffset)
         w.write(UInt32(name.count))
         w.write(clusterBits)
@@ -401,13 +415,18 @@ public struct Qcow2Header: Sendable, Hashable {
         w.write(refcountTableClusters)
         w.write(snapshotCount)
         w.write(snapshotsOffset)
-        w.write(incompatibleFeatures)
-        w.write(compatibleFeatures)
-        w.write(autoclearFeatures)
-        w.write(refcountOrder)
-        w.write(UInt32(112))
-        w.write(compressionType.rawValue)
-        w.pad(toMultipleOf: 8)
+        if version >= 3 {
+            w.write(incompatibleFeatures)
+            w.write(compatibleFeatures)
+            w.write(autoclearFeatures)
+            w.write(refcountOrder)
+            w.write(UInt32(fieldsLength))
+            if fieldsLength > 104 {
+                var tail = headerTail + [UInt8](repeating: 0, count: max(0, fieldsLength - 104 - headerTail.count))
+                tail[0] = compressionType.rawValue
+                w.write(Array(tail.prefix(fieldsLength - 104)))
+            }
+        }
         w.write(extensions.bytes)
         w.write(name)
         return w.bytes

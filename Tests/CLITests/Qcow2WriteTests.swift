@@ -1,0 +1,322 @@
+import BlockIO
+import Glibc
+import ImageFormats
+import Testing
+import VImageTestSupport
+
+@testable import VImage
+
+/// qcow2 written by the engine (Sources/VImage/Qcow2Format.swift), judged by qemu: what vdisk writes,
+/// `qemu-img check` finds clean and `qemu-img compare` matches; what qemu wrote, vdisk reads and changes.
+@Suite(.enabled(if: VimgCLITests.hasQemu, "qemu-img/qemu-io not installed (Tools/setup.sh installs qemu-utils)"))
+struct Qcow2WriteTests {
+    let vimg = TestEnvironment.product("vimg")
+
+    func qemu(_ program: String, _ arguments: [String]) -> ProcessResult {
+        run(TestEnvironment.which(program)!, arguments)
+    }
+
+    func writeFile(_ bytes: [UInt8], to path: String) throws {
+        let file = try FileDevice.open(path: path, readOnly: false, create: true, growable: true)
+        try file.write(bytes, at: 0)
+        try file.close()
+    }
+
+    /// `qemu-img check` of `image`: clean, or only leaks when `leaksAllowed`.
+    func expectQemuClean(_ image: String, leaksAllowed: Bool = false, _ context: String) {
+        let check = qemu("qemu-img", ["check", image])
+        let ok = check.status == 0 || (leaksAllowed && check.status == 3)
+        #expect(ok, "\(context): qemu-img check exit \(check.status): \(check.stdout)\(check.stderr)")
+    }
+
+    /// Invariant: random writes, zeroes, discards and snapshot create/delete/apply by the engine leave a
+    /// qcow2 image (qemu-img made, versions 2 and 3, refcount widths 1 to 64 bits) that `qemu-img check`
+    /// finds clean, whose disk and every snapshot `qemu-img compare` matches with the model.
+    @Test(arguments: ["compat=1.1", "compat=0.10", "refcount_bits=1", "refcount_bits=64,cluster_size=4096"])
+    func engineWritesQemuAgrees(_ createOptions: String) throws {
+        for seed in TestSeeds.seeds(0..<6, test: "qcow2 interop, -o \(createOptions)") {
+            try engineSequence(seed: seed, createOptions: createOptions)
+        }
+    }
+
+    func engineSequence(seed: UInt64, createOptions: String) throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2w")
+        defer { TestEnvironment.remove(dir) }
+        var rng = SeededRandom(seed: seed)
+        let image = dir + "/disk.qcow2"
+        let size = Int.random(in: 2...24, using: &rng) << 20
+        let made = qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-o", createOptions, image, String(size)])
+        try #require(made.status == 0, "\(made.stderr)")
+        // 1-bit refcounts cannot share a cluster: no snapshots there.
+        let snapshotsAllowed = !createOptions.contains("refcount_bits=1")
+        var model = ReferenceDisk(size: size)
+        var snapshots: [String: [UInt8]] = [:]
+        var disk = try ImageFormats.openVImage(path: image, readOnly: false)
+        #expect(disk.formatName == "qcow2")
+        var log: [String] = []
+        for step in 0..<40 {
+            let offset = Int.random(in: 0..<size, using: &rng)
+            let length = Int.random(in: 1...min(size - offset, 300_000), using: &rng)
+            switch Int.random(in: 0..<12, using: &rng) {
+            case 0..<6:
+                let data = Pattern.bytes(count: length, offset: UInt64(offset), seed: seed &+ UInt64(step))
+                try disk.write(data, at: UInt64(offset))
+                model.write(data, at: offset)
+                log.append("write \(offset)+\(length)")
+            case 6:
+                try disk.writeZeroes(
+                    at: UInt64(offset),
+                    count: UInt64(length),
+                    mayUnmap: Bool.random(using: &rng),
+                    fast: false
+                )
+                model.zero(at: offset, count: length)
+                log.append("zero \(offset)+\(length)")
+            case 7:
+                try disk.discard(at: UInt64(offset), count: UInt64(length))
+                // Whatever a discard did, the model follows what the disk now reads.
+                model.write(try disk.read(count: length, at: UInt64(offset)), at: offset)
+                log.append("discard \(offset)+\(length)")
+            case 8 where snapshotsAllowed:
+                let name = "s\(step)"
+                try disk.createSnapshot(named: name)
+                snapshots[name] = model.bytes
+                log.append("snapshot \(name)")
+            case 9 where snapshotsAllowed && !snapshots.isEmpty:
+                let name = snapshots.keys.sorted().randomElement(using: &rng)!
+                try disk.deleteSnapshot(named: name)
+                snapshots[name] = nil
+                log.append("delete \(name)")
+            case 10 where snapshotsAllowed && !snapshots.isEmpty:
+                let name = snapshots.keys.sorted().randomElement(using: &rng)!
+                try disk.applySnapshot(named: name)
+                model = ReferenceDisk(size: size)
+                model.write(snapshots[name]!, at: 0)
+                log.append("apply \(name)")
+            default:
+                try disk.close()
+                expectQemuClean(image, "seed \(seed) step \(step) -o \(createOptions): \(log)")
+                disk = try ImageFormats.openVImage(path: image, readOnly: false)
+                log.append("reopen")
+            }
+        }
+        try disk.close()
+        let context = "seed \(seed) -o \(createOptions): \(log)"
+        expectQemuClean(image, context)
+        try writeFile(model.bytes, to: dir + "/model.raw")
+        let compare = qemu("qemu-img", ["compare", "-f", "qcow2", "-F", "raw", image, dir + "/model.raw"])
+        #expect(compare.status == 0, "\(context): \(compare.stdout)\(compare.stderr)")
+        for (name, bytes) in snapshots {
+            let out = dir + "/\(name).raw"
+            let convert = qemu("qemu-img", ["convert", "-l", "snapshot.name=\(name)", "-O", "raw", image, out])
+            try #require(convert.status == 0, "\(context): \(convert.stderr)")
+            try writeFile(bytes, to: dir + "/\(name).model")
+            let same = qemu("qemu-img", ["compare", "-f", "raw", "-F", "raw", out, dir + "/\(name).model"])
+            #expect(same.status == 0, "\(context): snapshot \(name): \(same.stdout)")
+        }
+    }
+
+    /// Invariant: an image qemu wrote (data, zero writes, compressed clusters, a snapshot with saved VM
+    /// state fields) reads the same through the engine; the engine's writes over compressed and shared
+    /// clusters, a snapshot of its own and the deletion of qemu's leave an image qemu checks clean and
+    /// reads as the model, with qemu's snapshot fields intact until deleted.
+    @Test(arguments: ["zlib", "zstd"]) func qemuWritesEngineChanges(_ compression: String) throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2q")
+        defer { TestEnvironment.remove(dir) }
+        let image = dir + "/vm.qcow2"
+        let made = qemu(
+            "qemu-img",
+            ["create", "-q", "-f", "qcow2", "-o", "compression_type=\(compression)", image, "16M"]
+        )
+        try #require(made.status == 0, "\(made.stderr)")
+        let io = qemu(
+            "qemu-io",
+            [
+                "-c", "write -P 0x11 0 1M", "-c", "write -c -P 0x22 2M 256k", "-c", "write -z 4M 512k",
+                "-c", "write -P 0x33 8M 64k", image,
+            ]
+        )
+        try #require(io.status == 0, "\(io.stderr)")
+        try #require(qemu("qemu-img", ["snapshot", "-c", "qemu-snap", image]).status == 0)
+        var model = ReferenceDisk(size: 16 << 20)
+        model.write([UInt8](repeating: 0x11, count: 1 << 20), at: 0)
+        model.write([UInt8](repeating: 0x22, count: 256 << 10), at: 2 << 20)
+        model.write([UInt8](repeating: 0x33, count: 64 << 10), at: 8 << 20)
+        let atSnapshot = model.bytes
+
+        let disk = try ImageFormats.openVImage(path: image, readOnly: false)
+        #expect(try disk.read(count: 16 << 20, at: 0) == model.bytes)
+        #expect(disk.snapshotList.map(\.name) == ["qemu-snap"])
+        // Over a compressed cluster, a shared one, and the zeroed range.
+        let patch = Pattern.bytes(count: 70_000, offset: 0, seed: 5)
+        for offset in [2 << 20 + 1000, 100, 4 << 20 + 4096] {
+            try disk.write(patch, at: UInt64(offset))
+            model.write(patch, at: offset)
+        }
+        try disk.createSnapshot(named: "vdisk-snap")
+        try disk.write(patch, at: 12 << 20)
+        model.write(patch, at: 12 << 20)
+        try disk.close()
+        expectQemuClean(image, "after vdisk's writes")
+        let list = qemu("qemu-img", ["snapshot", "-l", image])
+        #expect(list.stdout.contains("qemu-snap") && list.stdout.contains("vdisk-snap"), "\(list.stdout)")
+
+        try writeFile(model.bytes, to: dir + "/model.raw")
+        try writeFile(atSnapshot, to: dir + "/snap.raw")
+        #expect(qemu("qemu-img", ["compare", "-F", "raw", image, dir + "/model.raw"]).status == 0)
+        let old = qemu("qemu-img", ["convert", "-l", "snapshot.name=qemu-snap", "-O", "raw", image, dir + "/old.raw"])
+        try #require(old.status == 0, "\(old.stderr)")
+        #expect(
+            qemu("qemu-img", ["compare", "-f", "raw", "-F", "raw", dir + "/old.raw", dir + "/snap.raw"]).status == 0
+        )
+
+        // vimg's own commands on qcow2, each checked by qemu.
+        #expect(run(vimg, ["snapshot", "-d", "qemu-snap", image]).status == 0)
+        expectQemuClean(image, "after vimg snapshot -d")
+        #expect(run(vimg, ["snapshot", "-a", "vdisk-snap", image]).status == 0)
+        expectQemuClean(image, "after vimg snapshot -a")
+        let grown = run(vimg, ["resize", image, "32M"])
+        #expect(grown.status == 0, "\(grown.stderr)")
+        expectQemuClean(image, "after vimg resize")
+        #expect(qemu("qemu-img", ["info", image]).stdout.contains("32 MiB"))
+        let repair = run(vimg, ["check", "-r", "all", image])
+        #expect(repair.status == 0, "\(repair.stdout)\(repair.stderr)")
+        expectQemuClean(image, "after vimg check -r all")
+    }
+
+    /// Invariant: a clone (qcow2 over qcow2) is committed and rebased by vimg as qemu-img would: the data
+    /// lands in the base, both check clean, and the content matches qemu's view of the old chain.
+    @Test func commitAndRebaseOnQcow2Chains() throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2c")
+        defer { TestEnvironment.remove(dir) }
+        let base = dir + "/base.qcow2"
+        let top = dir + "/top.qcow2"
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", base, "8M"]).status == 0)
+        #expect(qemu("qemu-io", ["-c", "write -P 0x44 0 2M", base]).status == 0)
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top]).status == 0)
+        #expect(qemu("qemu-io", ["-c", "write -P 0x55 1M 2M", "-c", "write -z 6M 64k", top]).status == 0)
+        #expect(qemu("qemu-img", ["convert", "-O", "raw", top, dir + "/expected.raw"]).status == 0)
+
+        // Rebase onto nothing: the top becomes whole.
+        #expect(run(vimg, ["rebase", "-b", "", top]).status == 0)
+        expectQemuClean(top, "after rebase")
+        #expect(qemu("qemu-img", ["compare", "-F", "raw", top, dir + "/expected.raw"]).status == 0)
+        #expect(!qemu("qemu-img", ["info", top]).stdout.contains("backing file"))
+
+        // A new clone, written by the engine, committed into its qcow2 base.
+        let clone = dir + "/clone.qcow2"
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-b", "top.qcow2", "-F", "qcow2", clone]).status == 0)
+        let disk = try ImageFormats.openVImage(path: clone, readOnly: false)
+        try disk.write([UInt8](repeating: 0x66, count: 100_000), at: 5 << 20)
+        try disk.close()
+        let committed = run(vimg, ["commit", clone])
+        #expect(committed.status == 0, "\(committed.stderr)")
+        expectQemuClean(top, "after commit (base)")
+        expectQemuClean(clone, "after commit (clone)")
+        var expected = try readBytes(dir + "/expected.raw")
+        expected.replaceSubrange((5 << 20)..<((5 << 20) + 100_000), with: [UInt8](repeating: 0x66, count: 100_000))
+        try writeFile(expected, to: dir + "/expected2.raw")
+        #expect(qemu("qemu-img", ["compare", "-F", "raw", top, dir + "/expected2.raw"]).status == 0)
+    }
+
+    func readBytes(_ path: String) throws -> [UInt8] {
+        let file = try FileDevice.open(path: path, readOnly: true)
+        defer { try? file.close() }
+        return try file.read(count: Int(file.size), at: 0)
+    }
+
+    /// Invariant: a power cut while the engine writes qcow2 leaves an image qemu finds free of corruption
+    /// (leaks and stale COPIED flags allowed) and that `qemu-img check -r all` makes clean.
+    @Test func crashLeavesOnlyLeaksForQemu() throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2x")
+        defer { TestEnvironment.remove(dir) }
+        for seed in TestSeeds.seeds(0..<12, test: "qcow2 crash interop") {
+            var rng = SeededRandom(seed: seed)
+            let device = FaultInjectingDevice()
+            var options = VImage.CreateOptions(clusterBits: 12)
+            options.format = .qcow2()
+            try VImage.create(on: device, virtualSize: 8 << 20, options: options)
+            try device.flush()
+            let disk = try VImage.open(host: device, readOnly: false)
+            device.cutPower(afterOperations: Int.random(in: 5...200, using: &rng))
+            for step in 0..<80 where !device.isOff {
+                let offset = UInt64.random(in: 0..<(8 << 20) - 70_000, using: &rng)
+                do {
+                    switch Int.random(in: 0..<10, using: &rng) {
+                    case 0: try disk.createSnapshot(named: "s\(step)")
+                    case 1: try disk.flush()
+                    case 2: try disk.discard(at: offset, count: 70_000)
+                    default: try disk.write(Pattern.bytes(count: 70_000, offset: offset, seed: seed), at: offset)
+                    }
+                } catch {
+                    break  // the power is off
+                }
+            }
+            device.powerCut()
+            let crashed = device.crashImage(CrashMode.allCases.randomElement(using: &rng)!, using: &rng)
+            let image = dir + "/crash\(seed).qcow2"
+            try writeFile(try crashed.read(count: Int(crashed.size), at: 0), to: image)
+            // Leaks are allowed, and so are COPIED flags a crash in a snapshot change left behind (qemu
+            // reports a stale flag in either direction, where only a set flag on a shared cluster could
+            // harm; the engine's own check proves none is, in CrashTests). Nothing else.
+            let check = qemu("qemu-img", ["check", image])
+            let errors = check.stdout.split(separator: "\n").filter { $0.hasPrefix("ERROR") }
+            #expect(
+                check.status == 0 || check.status == 3
+                    || (check.status == 2 && errors.allSatisfy { $0.contains("OFLAG_COPIED") }),
+                "seed \(seed): qemu-img check exit \(check.status): \(check.stdout)\(check.stderr)"
+            )
+            let repaired = qemu("qemu-img", ["check", "-r", "all", image])
+            #expect(repaired.status == 0, "seed \(seed): \(repaired.stdout)")
+            expectQemuClean(image, "seed \(seed) after qemu-img check -r all")
+        }
+    }
+
+    /// Invariant: what the engine must not write is refused with the reason (persistent bitmaps it would
+    /// invalidate, extended L2 entries), while reading still works; a qcow2 left dirty with lazy
+    /// refcounts is repaired on a writer's open, as qemu does, and checks clean.
+    @Test func refusalsAndLazyRefcounts() throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2r")
+        defer { TestEnvironment.remove(dir) }
+        let withBitmap = dir + "/bitmap.qcow2"
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", withBitmap, "8M"]).status == 0)
+        #expect(qemu("qemu-img", ["bitmap", "--add", withBitmap, "backup"]).status == 0)
+        #expect(throws: VImageError.self) { try ImageFormats.open(path: withBitmap, readOnly: false) }
+        do {
+            _ = try ImageFormats.open(path: withBitmap, readOnly: false)
+        } catch {
+            #expect("\(error)".contains("bitmaps"), "\(error)")
+        }
+        try ImageFormats.open(path: withBitmap, readOnly: true).close()
+
+        let extended = dir + "/extended.qcow2"
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "extended_l2=on", extended, "8M"]).status == 0)
+        do {
+            _ = try ImageFormats.open(path: extended, readOnly: false)
+            Issue.record("extended L2 entries were opened for writing")
+        } catch {
+            #expect("\(error)".contains("extended L2"), "\(error)")
+        }
+
+        // Lazy refcounts, then a "crash": the dirty bit set and a refcount block zeroed (too low).
+        let lazy = dir + "/lazy.qcow2"
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", lazy, "8M"]).status == 0)
+        #expect(qemu("qemu-io", ["-c", "write -P 0x77 0 1M", lazy]).status == 0)
+        let file = try FileDevice.open(path: lazy, readOnly: false)
+        let header = try Qcow2Header.read(from: file, path: lazy)
+        var dirty = header
+        dirty.incompatibleFeatures |= Qcow2Header.dirtyBit
+        try file.write(Array(dirty.encode().prefix(104)), at: 0)
+        let rtBytes = try file.read(count: 8, at: header.refcountTableOffset)
+        let block = rtBytes.reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        try file.write([UInt8](repeating: 0, count: header.clusterSize), at: block)
+        try file.close()
+        #expect(qemu("qemu-img", ["check", lazy]).status != 0)
+        let disk = try ImageFormats.openVImage(path: lazy, readOnly: false)
+        #expect(try disk.read(count: 1 << 20, at: 0) == [UInt8](repeating: 0x77, count: 1 << 20))
+        try disk.write([UInt8](repeating: 0x78, count: 4096), at: 4 << 20)
+        try disk.close()
+        expectQemuClean(lazy, "lazy refcounts after the engine's repair")
+        #expect(!qemu("qemu-img", ["info", lazy]).stdout.contains("corrupt: true"))
+    }
+}
