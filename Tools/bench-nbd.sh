@@ -5,7 +5,8 @@
 #
 #   Tools/bench-nbd.sh [WORKDIR] [SIZE]     (default: a temp dir under /var/tmp, 1G)
 #
-# Environment: ROWS="randread 4k 1;randwrite 4k 1" picks fio rows (rw bs depth; default all six);
+# Environment: OURS=qcow2 serves a copy of qemu-img's qcow2 file with `vdisk serve` instead of the VIMG
+# conversion (issue 18: the same bytes under both servers); ROWS="randread 4k 1;randwrite 4k 1" picks fio rows (rw bs depth; default all six);
 # ROUNDS=N measures each row N times, the four servers in turn each round, and keeps each one's best
 # (default 1); ROWS_ONLY=1 skips nbdcopy and the memory check. With perf installed, a second table gives
 # each server's CPU time and context switches per request at depth 1 (perf stat on the server while fio
@@ -34,6 +35,9 @@ fio --name=fill --filename="$WORK/src.raw" --rw=write --bs=1M --size="$SIZE" --i
 "$BIN/vimg" convert -O vimg "$WORK/src.raw" "$WORK/a.vimg"
 qemu-img convert -O qcow2 -o cluster_size=65536 "$WORK/src.raw" "$WORK/a.qcow2"
 cp --sparse=always "$WORK/src.raw" "$WORK/ours.raw"
+OURS=${OURS:-vimg}
+[ "$OURS" = qcow2 ] && cp --sparse=always "$WORK/a.qcow2" "$WORK/ours.qcow2"
+LABEL=$([ "$OURS" = qcow2 ] && echo qcow2 || echo VIMG)
 cp --sparse=always "$WORK/src.raw" "$WORK/theirs.raw"
 
 serve_ours() {  # image socket
@@ -46,7 +50,7 @@ serve_theirs() {  # image format socket
     PIDS+=($!)
     for _ in $(seq 100); do [ -S "$3" ] && return; sleep 0.05; done
 }
-serve_ours "$WORK/a.vimg" "$WORK/ours-vimg.sock"
+serve_ours "$WORK/$([ "$OURS" = qcow2 ] && echo ours.qcow2 || echo a.vimg)" "$WORK/ours-vimg.sock"
 serve_theirs "$WORK/a.qcow2" qcow2 "$WORK/qemu-qcow2.sock"
 serve_ours "$WORK/ours.raw" "$WORK/ours-raw.sock"
 serve_theirs "$WORK/theirs.raw" raw "$WORK/qemu-raw.sock"
@@ -64,7 +68,7 @@ best() {  # old new -> the larger
 
 ROWS=${ROWS:-"randread 4k 1;randread 4k 32;randwrite 4k 1;randwrite 4k 32;read 1M 8;write 1M 8"}
 ROUNDS=${ROUNDS:-1}
-echo "| workload | vdisk serve VIMG | qemu-nbd qcow2 | ratio | vdisk serve raw | qemu-nbd raw | ratio |"
+echo "| workload | vdisk serve $LABEL | qemu-nbd qcow2 | ratio | vdisk serve raw | qemu-nbd raw | ratio |"
 echo "|---|---|---|---|---|---|---|"
 IFS=';' read -ra SPECS <<<"$ROWS"
 for spec in "${SPECS[@]}"; do
@@ -96,7 +100,7 @@ cost() {  # server-pid socket rw -> "CPU-us-per-request context-switches-per-req
 }
 if command -v perf >/dev/null && perf stat -e task-clock true >/dev/null 2>&1; then
     echo
-    echo "| depth 1, per request | vdisk serve VIMG | qemu-nbd qcow2 | vdisk serve raw | qemu-nbd raw |"
+    echo "| depth 1, per request | vdisk serve $LABEL | qemu-nbd qcow2 | vdisk serve raw | qemu-nbd raw |"
     echo "|---|---|---|---|---|"
     for rw in randread randwrite; do
         row="| $rw 4k: server CPU µs, context switches"
@@ -122,7 +126,7 @@ copy() {  # socket -> seconds for nbdcopy of the whole disk to null:
 echo
 echo "| nbdcopy whole disk to null: | vdisk serve | qemu-nbd | ratio (theirs/ours time) |"
 echo "|---|---|---|---|"
-for pair in "VIMG/qcow2 ours-vimg qemu-qcow2" "raw/raw ours-raw qemu-raw"; do
+for pair in "$LABEL/qcow2 ours-vimg qemu-qcow2" "raw/raw ours-raw qemu-raw"; do
     set -- $pair
     o=$(copy "$WORK/$2.sock"); t=$(copy "$WORK/$3.sock")
     awk -v n="$1" -v o="$o" -v t="$t" 'BEGIN { printf "| %s | %.2f s | %.2f s | %.2fx |\n", n, o, t, t / o }'

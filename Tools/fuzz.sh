@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# libFuzzer target for VIMG open + read + check + repair (Fuzz/FuzzVImage.swift, iteration in
-# Sources/VImageTestSupport/FuzzHarness.swift). Builds the fuzzer with swiftc -sanitize=fuzzer,address
-# straight from the sources of CBlockIO, BlockIO, CLZ4 (system liblz4) and VImage, then runs it for
-# SECONDS (default 60) on a scratch copy of the seed corpus (Fixtures/fuzz/corpus), so the repository
-# corpus only changes on purpose. A crash (trap, ASan report, timeout, out-of-memory) is copied to
+# libFuzzer target for the engine (VIMG and qcow2) open + read + check + repair (Fuzz/FuzzVImage.swift,
+# iteration in Sources/VImageTestSupport/FuzzHarness.swift). Builds the fuzzer with swiftc
+# -sanitize=fuzzer,address straight from the sources of CBlockIO, BlockIO, VImage and the module maps of
+# CLZ4, CZlib and CZstd (system libraries), then runs it for SECONDS (default 60) on a scratch copy of the
+# seed corpus (Fixtures/fuzz/corpus: VIMG images, and qcow2 ones qemu-img made), so the repository corpus
+# only changes on purpose. A crash (trap, ASan report, timeout, out-of-memory) is copied to
 # Fixtures/fuzz/crashers/, where FixtureTests replays it; the script then exits non-zero.
 #
 #   Tools/fuzz.sh [SECONDS] [extra libFuzzer flags...]     (e.g. Tools/fuzz.sh 600 -jobs=2 -workers=2)
@@ -18,7 +19,7 @@ OUT=$ROOT/.build/fuzz
 MODULES=$OUT/modules
 mkdir -p "$MODULES/CBlockIO" "$OUT/artifacts" Fixtures/fuzz/crashers
 SAN=(-sanitize=fuzzer,address)
-SWIFTFLAGS=(-parse-as-library -swift-version 6 -O -g -wmo -I "$MODULES" -I "$MODULES/CBlockIO" -I "$ROOT/Sources/CLZ4" -I /usr/include)
+SWIFTFLAGS=(-parse-as-library -swift-version 6 -O -g -wmo -I "$MODULES" -I "$MODULES/CBlockIO" -I "$ROOT/Sources/CLZ4" -I "$ROOT/Sources/CZlib" -I "$ROOT/Sources/CZstd" -I /usr/include)
 
 # CBlockIO: SwiftPM generates its module map; write the equivalent.
 cat > "$MODULES/CBlockIO/module.modulemap" <<MAP
@@ -36,7 +37,7 @@ swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name VImage -emit-module -emit-mod
 # Linked from inside $OUT: swiftc leaves the executable's module files in the working directory.
 (cd "$OUT" && swiftc "${SWIFTFLAGS[@]}" "${SAN[@]}" -module-name FuzzVImage \
     "$ROOT/Fuzz/FuzzVImage.swift" "$ROOT/Sources/VImageTestSupport/FuzzHarness.swift" "$ROOT/Sources/VImageTestSupport/Support.swift" \
-    CBlockIO.o CBlockIOLinux.o BlockIO.o VImage.o -llz4 -use-ld=lld -o fuzz-vimage)
+    CBlockIO.o CBlockIOLinux.o BlockIO.o VImage.o -llz4 -lz -lzstd -use-ld=lld -o fuzz-vimage)
 echo "built $OUT/fuzz-vimage" >&2
 
 WORK=${FUZZ_WORK:-$OUT/corpus}

@@ -16,6 +16,10 @@
 // Backing files are opened by `ImageFormats.open` (which bounds the chain's depth and detects loops) and
 // handed in; reads of unallocated clusters fall through to them, and past the backing file's end read
 // as zeroes.
+//
+// This is the read-only path: `ImageFormats.open` gives readers this device and writers the engine
+// (`VImage`, which writes qcow2 as it writes VIMG: Sources/VImage/Qcow2Format.swift). It also reads
+// images the engine does not write: clusters of 512 B to 2 KiB, persistent bitmaps.
 
 import BlockIO
 import Synchronization
@@ -393,6 +397,6 @@ public final class Qcow2Image: BlockDevice, @unchecked Sendable {
     }
 
     private func readOnlyError(_ operation: BlockIOError.Operation) -> BlockIOError {
-        BlockIOError(.readOnly, operation: operation, path: path, message: "qcow2 images are read-only in vdisk")
+        BlockIOError(.readOnly, operation: operation, path: path, message: "this qcow2 image was opened read-only")
     }
 }

@@ -76,6 +76,7 @@ extension Vdisk {
                   vdisk plug disk.vimg
                   vdisk plug --ram 1G --name scratch
                   vdisk plug --read-only --snapshot monday disk.vimg
+                  vdisk plug vm.qcow2
                   vdisk plug --overlay base.qcow2
                   vdisk plug nbd+unix:///disk?socket=/run/other.sock
                   vdisk plug 'nbds://server.example/disk?tls-certificates=/etc/vdisk/client-pki'

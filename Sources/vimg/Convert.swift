@@ -8,8 +8,12 @@ struct FormatOptions {
     var clusterBits: Int? = nil
     /// End-to-end checksums (VIMG only).
     var checksums = false
+    /// qcow2 only (`vimg create -f qcow2`): 2 for compat=0.10, 3 for compat=1.1.
+    var qcow2Version: Int? = nil
+    /// qcow2 only: refcount_bits (1 to 64, a power of two).
+    var refcountBits: Int? = nil
 
-    static let supported = "cluster_size=SIZE, checksums=on|off"
+    static let supported = "cluster_size=SIZE, checksums=on|off; qcow2: compat=0.10|1.1, refcount_bits=N"
 
     /// Parses `-o` items (comma separated; others are refused by name).
     init(_ options: [String], format: ImageFormats.Format) throws {
@@ -31,6 +35,16 @@ struct FormatOptions {
                     throw ValidationError("checksums are a VIMG feature (not available for \(format.rawValue))")
                 }
                 checksums = parts[1] == "on"
+            case ("compat", 2) where format == .qcow2:
+                guard let version = ["0.10": 2, "v2": 2, "1.1": 3, "v3": 3][parts[1]] else {
+                    throw ValidationError("compat must be 0.10 or 1.1")
+                }
+                qcow2Version = version
+            case ("refcount_bits", 2) where format == .qcow2:
+                guard let bits = Int(parts[1]), bits > 0, bits <= 64, bits.nonzeroBitCount == 1 else {
+                    throw ValidationError("refcount_bits must be a power of two from 1 to 64")
+                }
+                refcountBits = bits
             default:
                 throw ValidationError("unknown option '\(item)' (supported: \(Self.supported))")
             }
@@ -130,6 +144,11 @@ extension Vimg {
                 opts.compress = compress
                 opts.sparseSize = try parseSize(sparseSize, what: "sparse size")
                 let formatOptions = try FormatOptions(options, format: opts.outputFormat)
+                guard formatOptions.qcow2Version == nil && formatOptions.refcountBits == nil else {
+                    throw ValidationError(
+                        "convert writes qcow2 version 3 with 16-bit refcounts (compat and refcount_bits are for create)"
+                    )
+                }
                 opts.clusterBits = formatOptions.clusterBits
                 opts.checksums = formatOptions.checksums
                 opts.snapshot = snapshot

@@ -18,6 +18,7 @@ extension Vimg {
                   vimg create -o cluster_size=4096 small.vimg 512M
                   vimg create -o checksums=on safe.vimg 10G
                   vimg create -f raw disk.raw 1G
+                  vimg create -f qcow2 -o compat=0.10 vm.qcow2 20G  (qcow2 as qemu-img makes it)
                   vimg create -b base.vimg -F vimg child.vimg
                   vimg create -f raw rbd:pool/disk 10G           (an RBD image in a Ceph cluster)
                   vimg create rbd:pool/disk 10G                  (a VIMG image stored in an RBD image)
@@ -25,7 +26,7 @@ extension Vimg {
                 """.reflowedHelp
         )
 
-        @Option(name: .short, help: "Image format: vimg or raw.")
+        @Option(name: .short, help: "Image format: vimg, qcow2 or raw.")
         var format: String = "vimg"
 
         @Option(name: .short, help: "Format options, comma separated: cluster_size=SIZE, checksums=on.")
@@ -47,8 +48,8 @@ extension Vimg {
         var size: String?
 
         func validate() throws {
-            guard ["vimg", "raw"].contains(format) else {
-                throw ValidationError("unknown format '\(format)' (use vimg or raw)")
+            guard ["vimg", "qcow2", "raw"].contains(format) else {
+                throw ValidationError("unknown format '\(format)' (use vimg, qcow2 or raw)")
             }
             if format == "raw" && backing != nil { throw ValidationError("raw images cannot have a backing file") }
             if size == nil && backing == nil { throw ValidationError("missing SIZE (required without -b)") }
@@ -56,7 +57,10 @@ extension Vimg {
 
         func run() throws {
             try runReportingErrors {
-                let formatOptions = try FormatOptions(options, format: format == "raw" ? .raw : .vimg)
+                let formatOptions = try FormatOptions(options, format: ImageFormats.format(named: format))
+                guard format != "qcow2" || !RBDSpec.isRBD(file) else {
+                    throw ValidationError("qcow2 images are created as files (rbd: names hold raw or VIMG)")
+                }
                 let clusterBits = formatOptions.clusterBits ?? 16
                 var virtualSize: UInt64
                 if let size {
@@ -97,18 +101,27 @@ extension Vimg {
                     try VImage.create(
                         path: file,
                         virtualSize: virtualSize,
-                        options: .init(
-                            clusterBits: clusterBits,
-                            backingFile: backing,
-                            backingFormat: backingFormat,
-                            checksums: formatOptions.checksums
-                        )
+                        options: {
+                            var o = VImage.CreateOptions(
+                                clusterBits: clusterBits,
+                                backingFile: backing,
+                                backingFormat: backingFormat,
+                                checksums: formatOptions.checksums
+                            )
+                            if format == "qcow2" {
+                                o.format = .qcow2(
+                                    version: formatOptions.qcow2Version ?? 3,
+                                    refcountBits: formatOptions.refcountBits ?? 16
+                                )
+                            }
+                            return o
+                        }()
                     )
                     virtualSize = (virtualSize + 511) & ~511
                 }
                 if !quiet {
                     var line = "Formatting '\(file)', fmt=\(format)"
-                    if format == "vimg" { line += " cluster_size=\(1 << clusterBits)" }
+                    if format != "raw" { line += " cluster_size=\(1 << clusterBits)" }
                     if formatOptions.checksums { line += " checksums=on" }
                     if let backing { line += " backing_file=\(backing)" }
                     if let backingFormat { line += " backing_fmt=\(backingFormat)" }

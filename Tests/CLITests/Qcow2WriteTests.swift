@@ -175,13 +175,43 @@ struct Qcow2WriteTests {
         expectQemuClean(image, "after vimg snapshot -d")
         #expect(run(vimg, ["snapshot", "-a", "vdisk-snap", image]).status == 0)
         expectQemuClean(image, "after vimg snapshot -a")
-        let grown = run(vimg, ["resize", image, "32M"])
+        // 2 GiB needs a longer L1 table: a new one, and the header switched to it.
+        let grown = run(vimg, ["resize", image, "2G"])
         #expect(grown.status == 0, "\(grown.stderr)")
         expectQemuClean(image, "after vimg resize")
-        #expect(qemu("qemu-img", ["info", image]).stdout.contains("32 MiB"))
+        #expect(qemu("qemu-img", ["info", image]).stdout.contains("2 GiB"))
         let repair = run(vimg, ["check", "-r", "all", image])
         #expect(repair.status == 0, "\(repair.stdout)\(repair.stderr)")
         expectQemuClean(image, "after vimg check -r all")
+    }
+
+    /// Invariant: `vimg create -f qcow2` makes what qemu-img would (versions 2 and 3, refcount widths,
+    /// cluster sizes, a backing file): qemu checks it clean, reads its options back, writes it, and the
+    /// engine then reads qemu's writes through the backing chain.
+    @Test func vimgCreatesQcow2() throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2n")
+        defer { TestEnvironment.remove(dir) }
+        let base = dir + "/base.qcow2"
+        let made = run(vimg, ["create", "-f", "qcow2", "-o", "compat=0.10,cluster_size=4096", base, "64M"])
+        #expect(made.status == 0 && made.stdout.contains("fmt=qcow2"), "\(made.stdout)\(made.stderr)")
+        expectQemuClean(base, "vimg create -f qcow2 -o compat=0.10")
+        #expect(qemu("qemu-img", ["info", base]).stdout.contains("compat: 0.10"))
+        #expect(qemu("qemu-io", ["-c", "write -P 0x61 0 1M", base]).status == 0)
+        let top = dir + "/top.qcow2"
+        let clone = run(
+            vimg,
+            ["create", "-f", "qcow2", "-o", "refcount_bits=8", "-b", "base.qcow2", "-F", "qcow2", top]
+        )
+        #expect(clone.status == 0, "\(clone.stderr)")
+        expectQemuClean(top, "vimg create -f qcow2 -b")
+        let info = qemu("qemu-img", ["info", top]).stdout
+        #expect(info.contains("refcount bits: 8") && info.contains("backing file: base.qcow2"), "\(info)")
+        #expect(qemu("qemu-io", ["-c", "write -P 0x62 512k 4k", top]).status == 0)
+        let disk = try ImageFormats.open(path: top, readOnly: true)
+        var expected = [UInt8](repeating: 0x61, count: 1 << 20)
+        expected.replaceSubrange((512 << 10)..<((512 << 10) + 4096), with: [UInt8](repeating: 0x62, count: 4096))
+        #expect(try disk.read(count: 1 << 20, at: 0) == expected)
+        try disk.close()
     }
 
     /// Invariant: a clone (qcow2 over qcow2) is committed and rebased by vimg as qemu-img would: the data

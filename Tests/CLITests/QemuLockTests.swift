@@ -79,8 +79,9 @@ struct QemuLockTests {
         again.stop?()
     }
 
-    /// Invariant: while vdisk serves an image (read-write VIMG, read-only qcow2), qemu cannot write it, and
-    /// opens it to read only as it may beside a running VM (a writer's image only with -U, force share).
+    /// Invariant: while vdisk serves an image read-write (VIMG or qcow2), qemu cannot write it, and opens
+    /// it to read only as it may beside a running VM (a writer's image only with -U, force share); beside
+    /// a read-only `vdisk serve`, a read-only qemu-nbd runs.
     @Test(arguments: ["vimg", "qcow2"]) func vdiskFirstThenQemu(_ kind: String) throws {
         let dir = TestEnvironment.temporaryDirectory("vdisk-qemulock")
         defer { TestEnvironment.remove(dir) }
@@ -88,7 +89,8 @@ struct QemuLockTests {
         let format = kind == "vimg" ? "raw" : "qcow2"
         let served = serve(image, dir: dir)
         let stop = try #require(served.stop, "\(served.said)")
-        defer { stop() }
+        var stopped = false
+        defer { if !stopped { stop() } }
 
         let write = qemu("qemu-io", ["-f", format, "-c", "write 0 4k", image])
         #expect(write.status != 0 && write.stderr.contains("lock"), "\(write.stdout)\(write.stderr)")
@@ -98,19 +100,30 @@ struct QemuLockTests {
             "qemu-nbd",
             ["-r", "--fork", "--pid-file=" + dir + "/reader.pid", "-k", dir + "/reader.sock", "-f", format, image]
         )
-        if kind == "vimg" {
-            #expect(reader.status != 0 && reader.stderr.contains("lock"), "\(reader.stdout)\(reader.stderr)")
-        } else {
-            #expect(reader.status == 0, "\(reader.stderr)")
-            if let pid = pid_t(readFile(dir + "/reader.pid").filter(\.isNumber)) { kill(pid, SIGTERM) }
-        }
+        #expect(reader.status != 0 && reader.stderr.contains("lock"), "\(reader.stdout)\(reader.stderr)")
         let forced = qemu("qemu-img", ["info", "-U", "-f", format, image])
         #expect(forced.status == 0, "\(forced.stderr)")
         // And our own info, the same way.
         let info = run(vimg, ["info", image])
         let ourForced = run(vimg, ["info", "-U", image])
         #expect(ourForced.status == 0 && ourForced.stdout.contains("virtual size: 64 MiB"), "\(ourForced.stderr)")
-        if kind == "vimg" { #expect(info.status != 0 && info.stderr.contains("another process"), "\(info.stderr)") }
+        #expect(info.status != 0 && info.stderr.contains("another process"), "\(info.stderr)")
+        stop()
+        stopped = true
+
+        // Served read-only, the image may be read by a read-only qemu-nbd as well.
+        unlink(dir + "/vdisk.sock")
+        let readOnly = try #require(
+            ServeProcess(["--read-only", "--socket", dir + "/vdisk.sock", image], directory: dir),
+            "\(readFile(dir + "/serve.err"))"
+        )
+        defer { _ = readOnly.stop() }
+        let second = qemu(
+            "qemu-nbd",
+            ["-r", "--fork", "--pid-file=" + dir + "/reader.pid", "-k", dir + "/reader.sock", "-f", format, image]
+        )
+        #expect(second.status == 0, "\(second.stderr)")
+        if let pid = pid_t(readFile(dir + "/reader.pid").filter(\.isNumber)) { kill(pid, SIGTERM) }
     }
 
     /// Invariant: the backing file of a served clone is locked as qemu locks a backing file: qemu cannot

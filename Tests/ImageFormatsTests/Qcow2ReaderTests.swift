@@ -188,7 +188,7 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
     }
 }
 
-/// Hostile headers: each is refused with an `ImageFormatError`, never a trap.
+/// Hostile headers: each is refused with a `VImageError`, never a trap.
 @Suite struct Qcow2HeaderTests {
     /// A valid version 3 header of a 1 MiB image with 64 KiB clusters in a 4-cluster file.
     func header() -> [UInt8] {
@@ -322,7 +322,7 @@ func deviceBytes(_ device: any BlockDevice) throws -> [UInt8] {
         )
     }
     @Test func truncatedHeader() {
-        #expect(throws: ImageFormatError.self) { try Qcow2Header.decode(Array(header()[0..<50]), fileSize: 50) }
+        #expect(throws: VImageError.self) { try Qcow2Header.decode(Array(header()[0..<50]), fileSize: 50) }
     }
 }
 

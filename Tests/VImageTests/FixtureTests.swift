@@ -176,7 +176,9 @@ import Glibc
     /// Invariant: the seed corpus's valid images (all but the copies of corrupt fixtures) check clean and survives the fuzz iteration.
     @Test func fuzzCorpusIsValid() throws {
         let dir = Self.fixtures + "/fuzz/corpus"
-        let names = Self.files(in: dir, suffix: ".vimg").filter { !$0.hasPrefix("corrupt-") }
+        // VIMG seeds, and qcow2 ones qemu-img made (the engine opens both).
+        let names = (Self.files(in: dir, suffix: ".vimg") + Self.files(in: dir, suffix: ".qcow2"))
+            .filter { !$0.hasPrefix("corrupt-") }
         #expect(!names.isEmpty)
         for name in names {
             let data = try Self.bytes(dir + "/" + name)

@@ -152,10 +152,13 @@ import VImageTestSupport
         #expect(ImageCheck.check(host: host).isClean)
     }
 
-    /// Invariant: the refcount table grows (relocates) correctly when the file outgrows it.
-    @Test func refcountTableGrows() throws {
+    /// Invariant: the refcount table grows (relocates) correctly when the file outgrows it, in VIMG and in
+    /// qcow2 (whose header then points at the new table).
+    @Test(arguments: [false, true]) func refcountTableGrows(qcow2: Bool) throws {
         let host = MemoryDevice(size: 0, growable: true)
-        try VImage.create(on: host, virtualSize: 64 << 20, options: .init(clusterBits: 12))
+        var createOptions = VImage.CreateOptions(clusterBits: 12)
+        if qcow2 { createOptions.format = .qcow2() }
+        try VImage.create(on: host, virtualSize: 64 << 20, options: createOptions)
         var image = try VImage.open(host: host, readOnly: false)
         let oldTable = image.currentHeader.refcountTableOffset
         // One table cluster covers 512 blocks x 2048 clusters; jump the allocator close to that edge.
