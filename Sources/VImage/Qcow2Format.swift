@@ -84,11 +84,11 @@ struct Qcow2Format: OnDiskFormat {
         return q
     }
 
-    /// The fields only (72 bytes in version 2, header_length in version 3): one write in the first sector.
-    func encodeFixedHeader(_ header: ImageHeader) -> [UInt8] {
-        let q = original
-        return Array(qcow2Header(header).encode().prefix(q.version >= 3 ? max(104, Int(q.headerLength)) : 72))
-    }
+    /// The whole header, extensions and backing name included, as qemu rewrites it on every update: the
+    /// backing name's offset is a field computed from the extensions, so the fields alone could point it
+    /// at the wrong bytes of a file whose creator laid them out differently. After the first rewrite the
+    /// bytes past the fields are the same every time, so only the fields can change in a torn write.
+    func encodeFixedHeader(_ header: ImageHeader) -> [UInt8] { encodeHeader(header) }
 
     func encodeHeader(_ header: ImageHeader) -> [UInt8] { qcow2Header(header).encode() }
 
