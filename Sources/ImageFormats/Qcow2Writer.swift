@@ -204,21 +204,8 @@ public final class Qcow2Writer: @unchecked Sendable {
     }
 
     private func headerTemplate() -> Qcow2Header {
-        var h = Qcow2Header(
-            version: 3,
-            backingFileOffset: 0,
-            backingFileSize: 0,
-            clusterBits: clusterBits,
-            virtualSize: virtualSize,
-            cryptMethod: 0,
-            l1Size: UInt32(l1Entries),
-            l1TableOffset: 0,
-            refcountTableOffset: 0,
-            refcountTableClusters: 0,
-            snapshotCount: 0,
-            snapshotsOffset: 0,
-            headerLength: 112
-        )
+        var h = Qcow2Header.empty(clusterBits: clusterBits, virtualSize: virtualSize)
+        h.l1Size = UInt32(l1Entries)
         h.backingFile = backingFile
         h.backingFormat = backingFormat
         return h

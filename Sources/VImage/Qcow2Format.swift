@@ -147,26 +147,6 @@ struct Qcow2Format: OnDiskFormat {
         }
         return (format, format.engineHeader(snapshotTableSize: tableSize))
     }
-
-    /// A new, empty version 3 header as qemu 7.2 writes it (112 bytes, zlib, 16-bit refcounts); the engine
-    /// fills in the table fields.
-    static func newHeader(clusterBits: UInt32, virtualSize: UInt64) -> Qcow2Header {
-        Qcow2Header(
-            version: 3,
-            backingFileOffset: 0,
-            backingFileSize: 0,
-            clusterBits: clusterBits,
-            virtualSize: virtualSize,
-            cryptMethod: 0,
-            l1Size: 0,
-            l1TableOffset: 0,
-            refcountTableOffset: 0,
-            refcountTableClusters: 0,
-            snapshotCount: 0,
-            snapshotsOffset: 0,
-            headerLength: 112
-        )
-    }
 }
 
 /// qemu's fields of a qcow2 snapshot, kept so that a rewrite of the table (by another snapshot change)

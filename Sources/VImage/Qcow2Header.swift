@@ -121,6 +121,26 @@ public struct Qcow2Header: Sendable, Hashable {
         self.headerLength = headerLength
     }
 
+    /// A new, empty version 3 header as qemu 7.2 writes it (112 bytes, zlib, 16-bit refcounts); the
+    /// writer fills in the table fields.
+    public static func empty(clusterBits: UInt32, virtualSize: UInt64) -> Qcow2Header {
+        Qcow2Header(
+            version: 3,
+            backingFileOffset: 0,
+            backingFileSize: 0,
+            clusterBits: clusterBits,
+            virtualSize: virtualSize,
+            cryptMethod: 0,
+            l1Size: 0,
+            l1TableOffset: 0,
+            refcountTableOffset: 0,
+            refcountTableClusters: 0,
+            snapshotCount: 0,
+            snapshotsOffset: 0,
+            headerLength: 112
+        )
+    }
+
     public var clusterSize: Int { 1 << Int(clusterBits) }
     /// Entries in one L2 table (standard 64-bit entries).
     public var l2Entries: Int { clusterSize / 8 }

@@ -106,7 +106,7 @@ extension VImage {
             guard !options.checksums else {
                 throw VImageError(.invalidArgument, message: "end-to-end checksums are a VIMG feature, not a qcow2 one")
             }
-            var q = Qcow2Format.newHeader(clusterBits: UInt32(options.clusterBits), virtualSize: 0)
+            var q = Qcow2Header.empty(clusterBits: UInt32(options.clusterBits), virtualSize: 0)
             q.version = UInt32(version)
             q.headerLength = version == 3 ? 112 : 72
             q.refcountOrder = UInt32(order)
