@@ -269,12 +269,8 @@ enum Qcow2SnapshotTable {
                 let name = String(validating: nameBytes, as: UTF8.self)
             else { throw fail("name is invalid") }
             guard let idString = String(validating: idBytes, as: UTF8.self) else { throw fail("id is not UTF-8") }
-            guard virtualSize <= ImageHeader.maxVirtualSize, l1Size <= ImageHeader.maxL1Entries,
-                UInt64(l1Size) >= geometry.l1Entries(forVirtualSize: virtualSize)
-            else { throw fail("size fields are invalid") }
-            let (end, overflow) = l1Offset.addingReportingOverflow(UInt64(l1Size) * 8)
-            guard geometry.isAligned(l1Offset), l1Offset != 0 || l1Size == 0, !overflow, end <= fileSize else {
-                throw fail("L1 table at 0x\(String(l1Offset, radix: 16)) is misaligned or outside the file")
+            if let problem = SnapshotTable.mappingProblem(l1Offset, l1Size, virtualSize, geometry, fileSize) {
+                throw fail(problem)
             }
             guard names.insert(name).inserted else { throw fail("duplicate name '\(name)'") }
             // The engine names snapshots by a number; an id qemu would not write gets one past the others.

@@ -39,6 +39,24 @@ public struct SnapshotEntry: Sendable, Hashable {
 
 /// Encoding and decoding of the whole table.
 public enum SnapshotTable {
+    /// What is wrong with a snapshot's size and L1 table fields (the same rules in VIMG and qcow2), if anything.
+    static func mappingProblem(
+        _ l1Offset: UInt64,
+        _ l1Size: UInt32,
+        _ virtualSize: UInt64,
+        _ geometry: ClusterGeometry,
+        _ fileSize: UInt64
+    ) -> String? {
+        guard virtualSize <= ImageHeader.maxVirtualSize, l1Size <= ImageHeader.maxL1Entries,
+            UInt64(l1Size) >= geometry.l1Entries(forVirtualSize: virtualSize)
+        else { return "size fields are invalid" }
+        let (end, overflow) = l1Offset.addingReportingOverflow(UInt64(l1Size) * 8)
+        guard geometry.isAligned(l1Offset), l1Offset != 0 || l1Size == 0, !overflow, end <= fileSize else {
+            return "L1 table at 0x\(String(l1Offset, radix: 16)) is misaligned or outside the file"
+        }
+        return nil
+    }
+
     public static func encode(_ entries: [SnapshotEntry]) -> [UInt8] {
         var w = ByteWriter()
         for e in entries {
@@ -86,12 +104,8 @@ public enum SnapshotTable {
                 throw fail("name length \(nameLength) is invalid")
             }
             guard let name = String(validating: nameBytes, as: UTF8.self) else { throw fail("name is not UTF-8") }
-            guard virtualSize <= ImageHeader.maxVirtualSize, l1Size <= ImageHeader.maxL1Entries,
-                UInt64(l1Size) >= geometry.l1Entries(forVirtualSize: virtualSize)
-            else { throw fail("size fields are invalid") }
-            let (end, overflow) = l1Offset.addingReportingOverflow(UInt64(l1Size) * 8)
-            guard geometry.isAligned(l1Offset), l1Offset != 0 || l1Size == 0, !overflow, end <= fileSize else {
-                throw fail("L1 table at 0x\(String(l1Offset, radix: 16)) is misaligned or outside the file")
+            if let problem = SnapshotTable.mappingProblem(l1Offset, l1Size, virtualSize, geometry, fileSize) {
+                throw fail(problem)
             }
             guard names.insert(name).inserted else { throw fail("duplicate name '\(name)'") }
             guard ids.insert(id).inserted else { throw fail("duplicate id \(id)") }
