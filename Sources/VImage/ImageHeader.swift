@@ -233,7 +233,8 @@ public struct ImageHeader: Sendable, Hashable {
                 refcountTableOffset: .zero,
                 refcountTableClusters: 0
             )
-            named.extensions = (try? parseExtensions(bytes, from: Int(headerSize), clusterSize: clusterSize)) ?? []
+            let parsed = try? parseExtensions(bytes, from: Int(headerSize), clusterSize: clusterSize)
+            named.extensions = parsed?.records ?? []
             let names = (0..<64).filter { unknown.rawValue & (1 << UInt64($0)) != 0 }.map { bit in
                 let name = named.featureNames.first { $0.kind == .incompatible && Int($0.bit) == bit }?.name
                 return "bit \(bit)" + (name.map { " (\($0))" } ?? "")
@@ -262,7 +263,8 @@ public struct ImageHeader: Sendable, Hashable {
         header.snapshotTableOffset = HostOffset(snapshotOffset)
         header.snapshotTableSize = snapshotSize
 
-        header.extensions = try parseExtensions(bytes, from: Int(headerSize), clusterSize: clusterSize)
+        let (extensions, extensionEnd) = try parseExtensions(bytes, from: Int(headerSize), clusterSize: clusterSize)
+        header.extensions = extensions
         if header.incompatibleFeatures.contains(.checksums) {
             guard header.checksumTableData != nil else {
                 throw VImageError(
@@ -272,7 +274,10 @@ public struct ImageHeader: Sendable, Hashable {
                 )
             }
             let stored = UInt32(bytes[92]) << 24 | UInt32(bytes[93]) << 16 | UInt32(bytes[94]) << 8 | UInt32(bytes[95])
-            guard stored == header.checksum(fixed: Array(bytes[0..<96]), extensionArea: header.encodeExtensions())
+            // The bytes as stored, not a re-encoding: a flip in a byte the parser skips (the end marker's
+            // length, padding) must still fail the checksum.
+            let area = Array(bytes[(Int(headerSize) + 7) & ~7..<extensionEnd])
+            guard stored == header.checksum(fixed: Array(bytes[0..<96]), extensionArea: area)
             else {
                 throw VImageError(.corrupt, offset: 92, message: "the header fails its own checksum")
             }
@@ -280,8 +285,13 @@ public struct ImageHeader: Sendable, Hashable {
         return header
     }
 
-    /// Extensions: type-length-value records from `headerSize` (rounded up to 8) to the end marker.
-    static func parseExtensions(_ bytes: [UInt8], from headerSize: Int, clusterSize: Int) throws -> [HeaderExtension] {
+    /// Extensions: type-length-value records from `headerSize` (rounded up to 8) to the end marker; `end` is
+    /// the offset just past the end marker.
+    static func parseExtensions(
+        _ bytes: [UInt8],
+        from headerSize: Int,
+        clusterSize: Int
+    ) throws -> (records: [HeaderExtension], end: Int) {
         var extensions: [HeaderExtension] = []
         let limit = min(bytes.count, clusterSize)
         var position = (headerSize + 7) & ~7
@@ -296,7 +306,7 @@ public struct ImageHeader: Sendable, Hashable {
             var er = ByteReader(bytes, at: position)
             let type = er.readInteger(as: UInt32.self)!
             let length = Int(er.readInteger(as: UInt32.self)!)
-            if type == 0 { break }
+            if type == 0 { return (extensions, position + 8) }
             let padded = (length + 7) & ~7
             guard length <= limit, position + 8 + padded <= limit, let data = er.readBytes(length) else {
                 throw VImageError(
@@ -317,7 +327,6 @@ public struct ImageHeader: Sendable, Hashable {
             extensions.append(HeaderExtension(type: type, data: data))
             position += 8 + padded
         }
-        return extensions
     }
 
     /// Reads, decodes and validates the header of the image stored on `host` (what `vimg info` shows).

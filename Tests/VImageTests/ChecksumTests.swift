@@ -115,6 +115,33 @@ import Glibc
         }
     }
 
+    /// Invariant: the header checksum covers the extension area as stored, so a flip in a byte the parser
+    /// skips (the end marker's length field, padding after an extension's data) is refused like any other.
+    /// Every bit of every covered byte is flipped in turn (CI once drew the end marker's length at random).
+    @Test func everyHeaderBitFlipIsRefused() throws {
+        let (pristine, _) = try populatedImage(seed: 1)
+        let header = try ImageHeader.read(from: pristine)
+        let covered = 96 + header.encodeExtensions().count
+        let original = try pristine.read(count: covered, at: 0)
+        for offset in 0..<covered {
+            for bit in 0..<8 {
+                var bytes = original
+                bytes[offset] ^= UInt8(1 << bit)
+                let damaged = try copy(pristine)
+                try damaged.write(bytes, at: 0)
+                if offset == 31 && bit == 3 {
+                    // Clearing incompatible bit 3 turns the header checksum off; the checksum table left
+                    // without its bit is what gives the flip away.
+                    #expect(detected(damaged), "the checksums bit cleared")
+                    continue
+                }
+                #expect(throws: VImageError.self, "byte \(offset) bit \(bit)") {
+                    _ = try ImageHeader.read(from: damaged)
+                }
+            }
+        }
+    }
+
     /// Invariant: a repair writes only what matches the stored checksum: a replica that differs at the bad
     /// block leaves it bad and says so.
     @Test func repairRefusesAWrongCopy() throws {
