@@ -56,6 +56,14 @@ public enum Qcow2Check {
         reference(0, cs, "header")
         reference(h.refcountTableOffset, UInt64(h.refcountTableClusters) * cs, "refcount table")
         if h.snapshotCount > 0 { reference(h.snapshotsOffset, image.snapshotTableBytes, "snapshot table") }
+        // qemu's persistent bitmaps: their directory, tables and bits are in use, not leaked.
+        if let ext = h.otherExtensions.first(where: { $0.type == Qcow2Header.bitmapsExtension }) {
+            let bitmaps = try withPath(image.path) {
+                try Qcow2BitmapClusters.read(extension: ext.data, host: image.file, clusterSize: Int(cs))
+            }
+            for t in bitmaps.tables { reference(t.offset, t.length, t.what) }
+            for d in bitmaps.data { reference(d.offset, cs, d.what) }
+        }
 
         let rtBytes = try withPath(image.path) {
             try image.file.read(count: Int(UInt64(h.refcountTableClusters) * cs), at: h.refcountTableOffset)
@@ -89,6 +97,7 @@ public enum Qcow2Check {
             for (i, entry) in l1.enumerated() {
                 let l2Offset = entry & qcow2OffsetMask
                 if l2Offset == 0 { continue }
+                lastHost = nil  // qemu-img counts fragmentation within each L2 table
                 guard l2Offset % cs == 0, l2Offset < fileSize, fileSize - l2Offset >= cs else {
                     report.add(
                         .corruption,
@@ -109,6 +118,11 @@ public enum Qcow2Check {
                     case .zero:
                         let host = raw & qcow2OffsetMask
                         if host != 0 { reference(host, cs, "preallocated zero cluster") }
+                        if host != 0 && isActive {  // allocated, as qemu counts it
+                            if dataSeen.insert(guestCluster).inserted { report.allocatedClusters += 1 }
+                            if let lastHost, host != lastHost + cs { report.fragmentedClusters += 1 }
+                            lastHost = host
+                        }
                     case .normal(let host):
                         if host % cs != 0 {
                             report.add(
@@ -130,6 +144,7 @@ public enum Qcow2Check {
                         if isActive {
                             if dataSeen.insert(guestCluster).inserted { report.allocatedClusters += 1 }
                             report.compressedClusters += 1
+                            report.fragmentedClusters += 1  // re-read sectors: fragmented, as qemu counts it
                         }
                     }
                 }
@@ -140,6 +155,7 @@ public enum Qcow2Check {
         let bits = UInt64(1) << UInt64(h.refcountOrder)
         let perBlock = cs * 8 / bits
         var checked: UInt64 = 0
+        var highest: UInt64? = nil
         for (i, entry) in refcountTable.enumerated() {
             let first = UInt64(i) * perBlock
             if first >= fileClusters { break }
@@ -161,6 +177,7 @@ public enum Qcow2Check {
                     }
                 }
                 let want = UInt64(expected[Int(cluster)])
+                if stored > 0 || want > 0 { highest = cluster }
                 if stored < want {
                     report.add(
                         .corruption,
@@ -182,6 +199,7 @@ public enum Qcow2Check {
         // Clusters no refcount block covers.
         if checked < fileClusters {
             for cluster in checked..<fileClusters where expected[Int(cluster)] > 0 {
+                highest = cluster
                 report.add(
                     .corruption,
                     "refcount-too-low",
@@ -190,6 +208,8 @@ public enum Qcow2Check {
                 )
             }
         }
+        // As qemu-img reports it: the end of the last cluster that is counted or referenced.
+        report.imageEndOffset = highest.map { ($0 + 1) * cs } ?? 0
         return report
     }
 }

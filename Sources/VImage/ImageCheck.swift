@@ -216,6 +216,8 @@ struct CheckRun {
     var l1CopiedChecks: [(cluster: UInt64, site: Site, entry: UInt64, raw: UInt64)] = []
     /// An active COPIED entry points past the end of the file (its references are known only at the end).
     var copiedBeyond = false
+    /// qcow2 (exact COPIED flags): every active L1 entry naming an L2 table, for the check of clear flags.
+    var activeTables: [(l1: Int, entry: UInt64, raw: UInt64, l2: UInt64)] = []
     var lastHost: UInt64? = nil
     var stored: [UInt64] = []
     var storedBeyond: [UInt64: UInt64] = [:]
@@ -286,7 +288,19 @@ struct CheckRun {
         try walkActiveL1()
         try walkSnapshots()
         try walkBitmaps()
+        try walkQcow2Bitmaps()
         try walkChecksums()
+    }
+
+    /// qcow2: the clusters of qemu's persistent bitmaps, kept but not maintained by vdisk (Qcow2Bitmaps.swift).
+    /// A directory that cannot be read stops the check: a repair must not free clusters it cannot account for.
+    mutating func walkQcow2Bitmaps() throws {
+        guard let q = format as? Qcow2Format,
+            let ext = q.original.otherExtensions.first(where: { $0.type == Qcow2Header.bitmapsExtension })
+        else { return }
+        let clusters = try Qcow2BitmapClusters.read(extension: ext.data, host: host, clusterSize: g.clusterSize)
+        for t in clusters.tables { _ = referenceMetadata(t.offset, bytes: t.length, t.what) }
+        for d in clusters.data { _ = referenceMetadata(d.offset, bytes: cs, d.what) }
     }
 
     /// Metadata clusters (structural and L2 marks) but cluster 0 and the checksum structures.
@@ -611,6 +625,7 @@ struct CheckRun {
                 continue
             }
             l2References.append((entryOffset, g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.l1Entry)))
+            if active && format.exactCopiedFlags { activeTables.append((i, entryOffset, raw, l2)) }
             if active && entry.isCopied {
                 l1CopiedChecks.append(
                     (g.clusterIndex(l2), Site(walk: walkIndex, l1: i, l2: Site.activeL1Entry), entryOffset, raw)
@@ -623,6 +638,7 @@ struct CheckRun {
             }
             let copiedScan = active && entry.isCopied
             l2Walked.append((l2, walkIndex, i, copiedScan))
+            lastHost = nil  // qemu-img counts fragmentation within each L2 table
             let entries = try host.read(count: Int(cs), at: l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
             if !format.tablesHoldDataReferences { tableReferences[l2] = dataClusters(of: entries) }
             for (j, raw) in entries.enumerated() where raw != 0 {
@@ -683,14 +699,17 @@ struct CheckRun {
             }
         }
         guard active else { return }
+        // qemu-img check's statistics: a preallocated zero cluster is allocated, and a compressed one is
+        // always fragmented (neighbours share sectors that are read again).
         switch e {
-        case .normal(let host, _):
+        case .normal(let host, _), .zero(.some(let host), _):
             report.allocatedClusters += 1
             if let lastHost, host.rawValue != lastHost + cs { report.fragmentedClusters += 1 }
             lastHost = host.rawValue
         case .compressed:
             report.allocatedClusters += 1
             report.compressedClusters += 1
+            report.fragmentedClusters += 1
         default: break
         }
     }
@@ -770,12 +789,16 @@ struct CheckRun {
                 if cluster < fileClusters { stored[Int(cluster)] = count } else { storedBeyond[cluster] = count }
             }
         }
-        for c in 0..<Int(fileClusters) where stored[c] != UInt64(expected[c]) {
+        var highest: UInt64? = nil
+        for c in 0..<Int(fileClusters) where stored[c] != UInt64(expected[c]) || stored[c] > 0 {
+            highest = UInt64(c)
             compare(UInt64(c), stored: stored[c], expected: expected[c])
         }
         for cluster in Set(beyond.keys).union(storedBeyond.keys).sorted() {
             compare(cluster, stored: storedBeyond[cluster] ?? 0, expected: beyond[cluster] ?? 0)
         }
+        // As qemu-img reports it: the end of the last cluster of the file that is counted or referenced.
+        report.imageEndOffset = highest.map { ($0 + 1) * cs } ?? 0
     }
 
     mutating func compare(_ cluster: UInt64, stored: UInt64, expected: UInt32) {
@@ -807,6 +830,7 @@ struct CheckRun {
     /// flag on an owned cluster only costs a needless copy later (a crash between the refcount and flag
     /// updates of a snapshot operation can leave one), so it is not reported.
     mutating func checkCopiedFlags() throws {
+        try checkExactCopiedFlags()
         for check in l1CopiedChecks {
             checkCopied(cluster: check.cluster, site: check.site, entry: check.entry, raw: check.raw)
         }
@@ -827,6 +851,54 @@ struct CheckRun {
                     entry: t.offset + UInt64(j * 8),
                     raw: raw
                 )
+            }
+        }
+    }
+
+    /// qcow2 promises more: COPIED is set exactly where the refcount is one, on every active L1 entry and on
+    /// every entry of the L2 tables they name (as `qemu-img check` requires, reporting either direction as
+    /// an error). A clear flag on an owned cluster is found here, and a set flag in a table the active L1
+    /// names without COPIED (the scan above covers only tables named with it). `-r all` sets or clears it.
+    mutating func checkExactCopiedFlags() throws {
+        guard format.exactCopiedFlags else { return }
+        var scanned = Set<UInt64>()
+        for t in activeTables {
+            let tableCluster = g.clusterIndex(t.l2)
+            let tableReferences = tableCluster < fileClusters ? expected[Int(tableCluster)] : 0
+            let l1Copied = L1Entry(rawValue: t.raw).isCopied
+            if !l1Copied && tableReferences == 1 {
+                report.add(
+                    .corruption,
+                    "copied-flag-clear",
+                    "active L1 entry \(t.l1): COPIED flag is clear but the L2 table has 1 reference",
+                    at: t.l2
+                )
+                entryFixes.append((t.entry, t.raw | copiedFlag))
+            }
+            guard scanned.insert(t.l2).inserted else { continue }
+            let table = try host.read(count: Int(cs), at: t.l2).withUnsafeBytes { decodeTable($0, as: UInt64.self) }
+            for (j, raw) in table.enumerated() where raw != 0 {
+                let e = entries.decode(raw & ~L2Entry.reservedBits(raw))
+                if case .compressed = e { continue }
+                guard let host = e.hostCluster?.rawValue, g.clusterIndex(host) < fileClusters else { continue }
+                let cluster = g.clusterIndex(host)
+                let flagged = raw & copiedFlag != 0
+                if !flagged && expected[Int(cluster)] == 1 {
+                    report.add(
+                        .corruption,
+                        "copied-flag-clear",
+                        "active L1 entry \(t.l1), L2 entry \(j): COPIED flag is clear but the cluster has 1 reference",
+                        at: cluster * cs
+                    )
+                    entryFixes.append((t.l2 + UInt64(j * 8), raw | copiedFlag))
+                } else if flagged && !l1Copied {
+                    checkCopied(
+                        cluster: cluster,
+                        site: Site(walk: 0, l1: t.l1, l2: j),
+                        entry: t.l2 + UInt64(j * 8),
+                        raw: raw
+                    )
+                }
             }
         }
     }

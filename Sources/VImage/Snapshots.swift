@@ -79,7 +79,7 @@ extension VImage {
 
     /// Runs a snapshot-table change with no request in flight: makes everything durable first, and again
     /// after (so refcount decrements and restored COPIED flags reach disk in order).
-    private func mutateSnapshots(_ body: (inout Metadata) throws -> Void) throws {
+    func mutateSnapshots(_ body: (inout Metadata) throws -> Void) throws {
         if isReadOnly { throw VImageError(.readOnly, path: path, message: "image is read-only") }
         try drained { m in
             try m.writeBack()
@@ -129,7 +129,15 @@ extension Metadata {
         if !l1.isEmpty {
             try host.write(encodeTable(l1.map { $0 & ~copiedFlag }[...]), at: entry.l1TableOffset.rawValue)
         }
-        try switchSnapshotTable(to: snapshots + [entry], beforeSwitch: { try $0.writeL1Sectors() })
+        try switchSnapshotTable(
+            to: snapshots + [entry],
+            beforeSwitch: { m in
+                try m.writeL1Sectors()
+                // qcow2: the cleared flags land before the header names the snapshot, so a crash leaves at
+                // worst a clear flag on an owned cluster (copied once more), never a set flag on a shared one.
+                if m.format.exactCopiedFlags { for table in m.l2Cache.dirtyTables() { try m.writeTable(table) } }
+            }
+        )
     }
 
     mutating func deleteSnapshot(named name: String) throws {

@@ -173,16 +173,22 @@ extension Vimg {
                 print("This means waste of disk space, but no harm to data.")
             }
             if r.corruptions == 0 && r.leaks == 0 { print("No errors were found on the image.") }
-            func pct(_ n: UInt64) -> String {
-                guard r.totalClusters > 0 else { return "0.00" }
-                let hundredths = (n * 10000 + r.totalClusters / 2) / r.totalClusters
+            // As qemu-img prints them: fragmented and compressed are shares of the allocated clusters.
+            func pct(_ n: UInt64, of total: UInt64) -> String {
+                guard total > 0 else { return "0.00" }
+                let hundredths = (n * 10000 + total / 2) / total
                 let frac = hundredths % 100
                 return "\(hundredths / 100).\(frac < 10 ? "0" : "")\(frac)"
             }
-            print(
-                "\(r.allocatedClusters)/\(r.totalClusters) = \(pct(r.allocatedClusters))% allocated, \(pct(r.fragmentedClusters))% fragmented, \(pct(r.compressedClusters))% compressed clusters"
-            )
-            print("Image end offset: \(r.imageEndOffset)")
+            let allocated = pct(r.allocatedClusters, of: r.totalClusters)
+            let fragmented = pct(r.fragmentedClusters, of: r.allocatedClusters)
+            let compressed = pct(r.compressedClusters, of: r.allocatedClusters)
+            if r.totalClusters > 0 && r.allocatedClusters > 0 {
+                print(
+                    "\(r.allocatedClusters)/\(r.totalClusters) = \(allocated)% allocated, \(fragmented)% fragmented, \(compressed)% compressed clusters"
+                )
+            }
+            if r.imageEndOffset > 0 { print("Image end offset: \(r.imageEndOffset)") }
         }
     }
 }

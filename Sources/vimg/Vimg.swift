@@ -18,7 +18,7 @@ struct Vimg: ParsableCommand {
         version: "0.1.0",
         subcommands: [
             Create.self, Info.self, Map.self, Check.self, Snapshot.self, Clone.self, Commit.self, Rebase.self,
-            Resize.self, Compare.self, Convert.self, Measure.self, Bitmap.self, Diff.self, ExportDiff.self,
+            Resize.self, Amend.self, Compare.self, Convert.self, Measure.self, Bitmap.self, Diff.self, ExportDiff.self,
             ImportDiff.self, Sparsify.self, Compact.self, Scrub.self, RBDBreakLock.self, Replay.self,
         ]
     )

@@ -349,4 +349,124 @@ struct Qcow2WriteTests {
         expectQemuClean(lazy, "lazy refcounts after the engine's repair")
         #expect(!qemu("qemu-img", ["info", lazy]).stdout.contains("corrupt: true"))
     }
+
+    /// Invariant: `vimg amend` changes the compat level and lazy refcounts of a qcow2 image in place, as
+    /// `qemu-img amend` does, without changing the disk or its snapshots (qemu checks each step clean and
+    /// compares the content); what it would have to rewrite (zero clusters for a downgrade, the refcount
+    /// width, the cluster size, a shrink) is refused with exit 1 and leaves the image as it was.
+    @Test func amendInPlace() throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2a")
+        defer { TestEnvironment.remove(dir) }
+        let image = dir + "/vm.qcow2"
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", "-o", "compat=0.10", image, "64M"]).status == 0)
+        #expect(qemu("qemu-io", ["-c", "write -P 0x31 0 1M", image]).status == 0)
+        #expect(qemu("qemu-img", ["snapshot", "-c", "s1", image]).status == 0)
+        #expect(qemu("qemu-io", ["-c", "write -P 0x32 512k 1M", image]).status == 0)
+        #expect(qemu("qemu-img", ["convert", "-O", "raw", image, dir + "/disk.raw"]).status == 0)
+        #expect(
+            qemu("qemu-img", ["convert", "-l", "snapshot.name=s1", "-O", "raw", image, dir + "/s1.raw"]).status == 0
+        )
+        func expectUnchanged(_ context: String) {
+            expectQemuClean(image, context)
+            #expect(qemu("qemu-img", ["compare", "-F", "raw", image, dir + "/disk.raw"]).status == 0, "\(context)")
+            let out = dir + "/s1-now.raw"
+            TestEnvironment.remove(out)
+            let converted = qemu("qemu-img", ["convert", "-l", "snapshot.name=s1", "-O", "raw", image, out])
+            #expect(converted.status == 0, "\(context): \(converted.stderr)")
+            #expect(
+                qemu("qemu-img", ["compare", "-f", "raw", "-F", "raw", out, dir + "/s1.raw"]).status == 0,
+                "\(context)"
+            )
+        }
+        func info() -> String { qemu("qemu-img", ["info", image]).stdout }
+
+        var amended = run(vimg, ["amend", "-o", "compat=1.1,lazy_refcounts=on", image])
+        #expect(amended.status == 0, "\(amended.stderr)")
+        #expect(info().contains("compat: 1.1") && info().contains("lazy refcounts: true"), "\(info())")
+        expectUnchanged("upgraded to 1.1 with lazy refcounts")
+
+        // qemu writes with lazy refcounts; vimg turns them off and downgrades.
+        #expect(qemu("qemu-io", ["-c", "write -P 0x33 8M 64k", image]).status == 0)
+        #expect(qemu("qemu-img", ["convert", "-O", "raw", image, dir + "/disk.raw"]).status == 0)
+        amended = run(vimg, ["amend", "-o", "lazy_refcounts=off", image])
+        #expect(amended.status == 0 && info().contains("lazy refcounts: false"), "\(amended.stderr)")
+        amended = run(vimg, ["amend", "-o", "compat=0.10", image])
+        #expect(amended.status == 0 && info().contains("compat: 0.10"), "\(amended.stderr)\(info())")
+        expectUnchanged("downgraded to 0.10")
+
+        // Refusals: exit 1, the reason, the image as it was.
+        #expect(run(vimg, ["amend", "-o", "compat=1.1", image]).status == 0)
+        #expect(qemu("qemu-io", ["-c", "write -z 16M 64k", image]).status == 0)
+        #expect(qemu("qemu-img", ["convert", "-O", "raw", image, dir + "/disk.raw"]).status == 0)
+        let before = try readBytes(image)
+        for (options, reason) in [
+            ("compat=0.10", "zero clusters"), ("compat=0.10,lazy_refcounts=on", "lazy refcounts"),
+            ("refcount_bits=8", "refcount"), ("cluster_size=4k", "cluster size"), ("size=1M", "shrink"),
+            ("preallocation=full", "cannot be amended"),
+        ] {
+            let refused = run(vimg, ["amend", "-o", options, image])
+            #expect(refused.status == 1 && refused.stderr.contains(reason), "\(options): \(refused.stderr)")
+        }
+        #expect(try readBytes(image) == before)
+        expectUnchanged("after the refusals")
+
+        // Size and backing name, on qcow2 and on VIMG.
+        amended = run(vimg, ["amend", "-o", "size=128M,backing_file=base.qcow2,backing_fmt=qcow2", image])
+        #expect(amended.status == 0, "\(amended.stderr)")
+        #expect(info().contains("virtual size: 128 MiB") && info().contains("backing file: base.qcow2"), "\(info())")
+        let vimgImage = dir + "/disk.vimg"
+        #expect(run(vimg, ["create", "-q", vimgImage, "8M"]).status == 0)
+        #expect(run(vimg, ["amend", "-o", "size=16M", vimgImage]).status == 0)
+        #expect(try ImageFormats.open(path: vimgImage, readOnly: true).size == 16 << 20)
+        #expect(run(vimg, ["amend", "-o", "compat=1.1", vimgImage]).status == 1)
+        let raw = dir + "/disk.raw"
+        #expect(run(vimg, ["amend", "-f", "raw", "-o", "size=1G", raw]).status == 1)
+    }
+
+    /// Invariant: `vimg check` on qcow2 agrees with `qemu-img check`: the same summary lines (allocated,
+    /// fragmented and compressed shares, image end offset), persistent bitmaps counted as in use (not
+    /// leaked, and kept by `-r all`), and a COPIED flag cleared on an owned cluster an error that `-r all`
+    /// repairs.
+    @Test func checkAgreesWithQemu() throws {
+        let dir = TestEnvironment.temporaryDirectory("vdisk-qcow2k")
+        defer { TestEnvironment.remove(dir) }
+        let image = dir + "/vm.qcow2"
+        #expect(qemu("qemu-img", ["create", "-q", "-f", "qcow2", image, "64M"]).status == 0)
+        #expect(qemu("qemu-img", ["bitmap", "--add", image, "backup"]).status == 0)
+        let written = qemu(
+            "qemu-io",
+            [
+                "-c", "write -P 1 0 3M", "-c", "write -c -P 2 8M 64k", "-c", "write -P 3 20M 128k",
+                "-c", "write -z 20M 64k", "-c", "write -P 4 4M 64k", image,
+            ]
+        )
+        #expect(written.status == 0, "\(written.stderr)")
+        func summary(_ output: String) -> [String] {
+            output.split(separator: "\n").map(String.init).filter {
+                $0.contains("allocated,") || $0.hasPrefix("Image end offset") || $0.contains("errors were found")
+            }
+        }
+        let ours = run(vimg, ["check", image])
+        let theirs = qemu("qemu-img", ["check", image])
+        #expect(ours.status == 0 && theirs.status == 0, "\(ours.stdout)")
+        #expect(summary(ours.stdout) == summary(theirs.stdout), "\(ours.stdout) vs \(theirs.stdout)")
+
+        // A COPIED flag cleared on the first L2 entry (an owned data cluster).
+        let file = try FileDevice.open(path: image, readOnly: false)
+        let header = try Qcow2Header.read(from: file, path: image)
+        let l1 = try file.read(count: 8, at: header.l1TableOffset).reduce(UInt64(0)) { $0 << 8 | UInt64($1) }
+        let l2 = l1 & 0x00FF_FFFF_FFFF_FE00
+        var entry = try file.read(count: 8, at: l2)
+        entry[0] &= 0x7F
+        try file.write(entry, at: l2)
+        try file.close()
+        #expect(qemu("qemu-img", ["check", image]).status == 2)
+        let found = run(vimg, ["check", "--output=json", image])
+        #expect(found.status == 2 && found.stdout.contains("copied-flag-clear"), "\(found.stdout)")
+        let repaired = run(vimg, ["check", "-r", "all", image])
+        #expect(repaired.status == 0, "\(repaired.stdout)")
+        expectQemuClean(image, "after vimg check -r all")
+        let info = qemu("qemu-img", ["info", image]).stdout
+        #expect(info.contains("name: backup"), "the bitmap was lost: \(info)")
+    }
 }

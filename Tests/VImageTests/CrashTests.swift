@@ -44,6 +44,70 @@ import VImageTestSupport
         }
     }
 
+    /// Invariant: a power cut anywhere in a qcow2 amend (`vimg amend -o compat=...,lazy_refcounts=...`)
+    /// leaves an image that opens at the old or the new version, checks free of corruption, and reads the
+    /// disk and every snapshot as before.
+    @Test(arguments: CrashMode.allCases)
+    func crashDuringQcow2AmendKeepsTheImage(mode: CrashMode) throws {
+        for seed in TestSeeds.seeds(0..<40, test: "qcow2 amend crash \(mode)") {
+            var rng = SeededRandom(seed: seed)
+            let cs = 4096
+            let size = cs * Int.random(in: 16...300, using: &rng)
+            let from: UInt32 = Bool.random(using: &rng) ? 2 : 3
+            let device = FaultInjectingDevice()
+            var options = VImage.CreateOptions(clusterBits: 12)
+            options.format = .qcow2(version: Int(from), refcountBits: 16)
+            try VImage.create(on: device, virtualSize: UInt64(size), options: options)
+            let image = try VImage.open(host: device, readOnly: false)
+            var snapshots: [String: [UInt8]] = [:]
+            for i in 0..<Int.random(in: 0...3, using: &rng) {
+                let offset = Int.random(in: 0..<size - cs, using: &rng)
+                try image.write(
+                    Pattern.bytes(count: cs, offset: UInt64(offset), seed: seed &+ UInt64(i)),
+                    at: UInt64(offset)
+                )
+                try image.createSnapshot(named: "s\(i)")
+                snapshots["s\(i)"] = try image.read(count: size, at: 0)
+            }
+            try image.write(Pattern.bytes(count: 2 * cs, offset: 0, seed: seed), at: 0)
+            let content = try image.read(count: size, at: 0)
+            try image.close()
+            try device.flush()
+
+            device.cutPower(afterOperations: Int.random(in: 0...40, using: &rng))
+            let amendment = Qcow2Amendment(version: 5 - from, lazyRefcounts: from == 2 && Bool.random(using: &rng))
+            do {
+                try VImage.amendQcow2(host: device, path: nil, amendment)
+            } catch  where device.isOff {}
+            device.powerCut()
+            let crashed = device.crashImage(mode, using: &rng)
+            let report = ImageCheck.check(host: crashed)
+            #expect(
+                report.corruptions == 0 && report.checkErrors == 0,
+                "seed \(seed) \(mode): \(report.findings) \(report.incompleteReason ?? "")"
+            )
+            let version = try Qcow2Header.read(from: crashed, path: nil).version
+            #expect(version == from || version == 5 - from, "seed \(seed) \(mode): version \(version)")
+            let after = try VImage.open(host: crashed, readOnly: true)
+            #expect(try after.read(count: size, at: 0) == content, "seed \(seed) \(mode): the disk changed")
+            #expect(Set(after.snapshotList.map(\.name)) == Set(snapshots.keys), "seed \(seed) \(mode)")
+            try after.close()
+            for (name, bytes) in snapshots {
+                let view = try VImage.open(host: crashed, readOnly: true)
+                try view.selectSnapshot(named: name)
+                #expect(try view.read(count: size, at: 0) == bytes, "seed \(seed) \(mode): snapshot \(name) changed")
+                try view.close()
+            }
+        }
+    }
+
+    /// Corruptions other than a clear COPIED flag on an owned qcow2 cluster, which a crash in the middle of
+    /// a snapshot change may leave (harmless: the cluster is copied on its next write; docs/FORMAT.md,
+    /// "qcow2 written by the same engine").
+    static func harmfulCorruptions(_ report: CheckReport) -> Int {
+        report.corruptions - report.findings.filter { $0.kind == "copied-flag-clear" }.count
+    }
+
     func crashOnce(
         seed: UInt64,
         mode: CrashMode,
@@ -156,7 +220,7 @@ import VImageTestSupport
         let crashed = device.crashImage(mode, using: &rng)
         let report = ImageCheck.check(host: crashed)
         try #require(
-            report.corruptions == 0 && report.checkErrors == 0,
+            Self.harmfulCorruptions(report) == 0 && report.checkErrors == 0,
             "seed \(seed) \(mode): \(report.findings) \(report.incompleteReason ?? "")"
         )
         withExtendedLifetime(image) {}
