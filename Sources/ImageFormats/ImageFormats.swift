@@ -500,36 +500,21 @@ public enum ImageFormats {
 
     // MARK: Checking
 
-    /// Checks the image at `path` (VIMG or qcow2), including whether its backing chain can be opened.
+    /// Checks the image at `path` (VIMG or qcow2), including whether its backing chain can be opened. qcow2
+    /// layouts the engine does not open (clusters under 4 KiB) go to the read-only qcow2 checker.
     public static func check(path: String) throws -> CheckReport {
-        switch try probe(path: path) {
-        case .qcow2 where try engineChecksQcow2(path: path):
-            let file = try openStorage(path: path, readOnly: true, growable: true, lock: .shared)
-            defer { try? file.close() }
-            var report = ImageCheck.check(host: file)
-            checkBackingChain(of: path, report: &report)
-            return report
-        case .qcow2:
-            return try Qcow2Check.check(path: path)
-        case .raw:
+        let kind = try probe(path: path)
+        guard kind != .raw else {
             throw ImageFormatError(.invalidArgument, path: path, message: "raw images have no metadata to check")
-        case .vimg:
-            let file = try openStorage(path: path, readOnly: true, growable: true, lock: .shared)
-            defer { try? file.close() }
-            var report = ImageCheck.check(host: file)
-            checkBackingChain(of: path, report: &report)
-            return report
         }
-    }
-
-    /// Whether the engine's checker (the one `check -r` repairs with, which also checks COPIED flags) takes
-    /// this qcow2 image: the layouts the engine opens, clusters of at least 4 KiB. Others go to the
-    /// read-only qcow2 checker.
-    static func engineChecksQcow2(path: String) throws -> Bool {
-        let file = try openStorage(path: path, readOnly: true, growable: true, lock: .none)
+        let file = try openStorage(path: path, readOnly: true, growable: true, lock: .shared)
         defer { try? file.close() }
-        guard let header = try? Qcow2Header.read(from: file, path: path) else { return false }
-        return header.clusterBits >= 12 && header.virtualSize % 512 == 0
+        if kind == .qcow2, !((try? Qcow2Header.read(from: file, path: path)).map(ImageCheck.takes) ?? false) {
+            return try Qcow2Check.check(path: path)
+        }
+        var report = ImageCheck.check(host: file)
+        checkBackingChain(of: path, report: &report)
+        return report
     }
 
     /// Checks and repairs the VIMG image at `path` (opened read-write with an exclusive lock).

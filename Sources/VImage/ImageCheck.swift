@@ -93,6 +93,12 @@ public enum ImageCheck {
     /// The largest file (in clusters) we are willing to hold counters for: 4 GiB of counters.
     static let maxClusters: UInt64 = 1 << 30
 
+    /// Whether this checker (the one repairs use) takes a qcow2 image with this header: the layouts the
+    /// engine opens (Qcow2Format.read).
+    public static func takes(_ header: Qcow2Header) -> Bool {
+        header.clusterBits >= Qcow2Format.minClusterBits && header.virtualSize % 512 == 0
+    }
+
     /// Checks the image stored on `host`. Never throws: problems become findings or check errors.
     public static func check(host: any BlockDevice) -> CheckReport {
         var report = CheckReport()
@@ -790,7 +796,7 @@ struct CheckRun {
             }
         }
         var highest: UInt64? = nil
-        for c in 0..<Int(fileClusters) where stored[c] != UInt64(expected[c]) || stored[c] > 0 {
+        for c in 0..<Int(fileClusters) where stored[c] > 0 || expected[c] > 0 {
             highest = UInt64(c)
             compare(UInt64(c), stored: stored[c], expected: expected[c])
         }
